@@ -1,0 +1,86 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
+)
+
+// credentialsFlags declares the flags of `fleetbroker credentials`; the
+// returned function finishes the config after parsing.
+func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func()) {
+	fs := flag.NewFlagSet("credentials", flag.ContinueOnError)
+	cfg := &app.CredentialsConfig{}
+	addServerFlags(fs, &cfg.Server, ":7401")
+	addVaultFlags(fs, &cfg.Vault)
+	redis := addRedisFlags(fs, &cfg.RedisPrefix)
+	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
+	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
+	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation call")
+	logf := addLogFlags(fs, "json")
+	return fs, cfg, logf, func() {
+		vaultTokenFallback(&cfg.Vault)
+		cfg.Redis = redis.config()
+	}
+}
+
+func runCredentials(ctx context.Context, args []string) error {
+	fs, cfg, logf, finish := credentialsFlags()
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	finish()
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return err
+	}
+	return app.RunCredentials(ctx, *cfg, logger)
+}
+
+func runDev(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("dev", flag.ContinueOnError)
+	cfg := app.DevConfig{Out: os.Stdout}
+	fs.StringVar(&cfg.Listen, "listen", "localhost:7400", "gRPC listen address of every service")
+	fs.StringVar(&cfg.SimulatorListen, "simulator-listen", "localhost:7480", "listen address of the simulator")
+	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "extra host[:port] a credential's base_url may name (the simulator is always allowed)")
+	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
+	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
+	logf := addLogFlags(fs, "text") // dev is read by humans
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return err
+	}
+	return app.RunDev(ctx, cfg, logger)
+}
+
+func runRewrap(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("rewrap", flag.ContinueOnError)
+	var cfg app.CredentialsConfig
+	addVaultFlags(fs, &cfg.Vault)
+	redis := addRedisFlags(fs, &cfg.RedisPrefix)
+	logf := addLogFlags(fs, "json")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	vaultTokenFallback(&cfg.Vault)
+	cfg.Redis = redis.config()
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return err
+	}
+	p, err := app.RunRewrap(ctx, cfg, logger, func(p credentials.RewrapProgress) {
+		if p.Seen%100 == 0 {
+			fmt.Fprintf(os.Stderr, "rewrap: %d seen, %d rewrapped, %d skipped\n", p.Seen, p.Rewrapped, p.Skipped)
+		}
+	})
+	fmt.Printf("rewrap: %d seen, %d rewrapped, %d skipped (replaced or deleted meanwhile)\n", p.Seen, p.Rewrapped, p.Skipped)
+	return err
+}

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/compose-spec/compose-go/v2/cli"
+	"github.com/compose-spec/compose-go/v2/types"
+)
+
+// TestComposeWiring loads docker-compose.yml the way `docker compose` does
+// (no Docker engine runs here) and checks that it wires what the services
+// need, with every FLEETBROKER_* variable naming a real flag.
+func TestComposeWiring(t *testing.T) {
+	opts, err := cli.NewProjectOptions([]string{"../../docker-compose.yml"}, cli.WithWorkingDirectory("../.."), cli.WithName("fleetbroker"), cli.WithOsEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	project, err := opts.LoadProject(context.Background())
+	if err != nil {
+		t.Fatalf("docker-compose.yml does not load: %v", err)
+	}
+	svc := func(name string) types.ServiceConfig {
+		s, err := project.GetService(name)
+		if err != nil {
+			t.Fatalf("service %q missing: %v", name, err)
+		}
+		return s
+	}
+
+	redis := svc("redis")
+	if !strings.Contains(strings.Join(redis.Command, " "), "--appendonly yes") {
+		t.Errorf("redis must persist with AOF, command = %v", redis.Command)
+	}
+	if redis.HealthCheck == nil {
+		t.Error("redis needs a health check for depends_on")
+	}
+	if svc("vault").HealthCheck == nil {
+		t.Error("vault needs a health check for depends_on")
+	}
+	init := svc("vault-init")
+	if dep, ok := init.DependsOn["vault"]; !ok || dep.Condition != types.ServiceConditionHealthy {
+		t.Errorf("vault-init must wait for a healthy vault: %v", init.DependsOn)
+	}
+	script, err := os.ReadFile("../../deploy/vault/init.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"secrets enable transit", "derived=true", "disable_upsert=true", "policy write fleetbroker-credentials"} {
+		if !strings.Contains(string(script), want) {
+			t.Errorf("deploy/vault/init.sh does not %q", want)
+		}
+	}
+
+	creds := svc("credentials")
+	wantDeps := map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy}
+	for dep, cond := range wantDeps {
+		if got := creds.DependsOn[dep].Condition; got != cond {
+			t.Errorf("credentials depends_on %s: condition %q, want %q", dep, got, cond)
+		}
+	}
+	env := creds.Environment
+	wantEnv := map[string]string{
+		"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
+		"FLEETBROKER_REDIS_ADDR":        "redis:6379",
+		"FLEETBROKER_VAULT_TRANSIT_KEY": "fleetbroker",
+	}
+	for k, want := range wantEnv {
+		if got := env[k]; got == nil || *got != want {
+			t.Errorf("credentials env %s = %v, want %q", k, got, want)
+		}
+	}
+	fs, _, _, _ := credentialsFlags()
+	assertEnvNamesFlags(t, "credentials", env, fs)
+}
+
+// assertEnvNamesFlags fails for a FLEETBROKER_* variable that no flag reads.
+func assertEnvNamesFlags(t *testing.T, service string, env types.MappingWithEquals, fs *flag.FlagSet) {
+	t.Helper()
+	known := map[string]bool{}
+	fs.VisitAll(func(f *flag.Flag) { known[envName(f.Name)] = true })
+	for k := range env {
+		if strings.HasPrefix(k, "FLEETBROKER_") && !known[k] {
+			t.Errorf("%s: %s matches no flag of its subcommand", service, k)
+		}
+	}
+}

@@ -1,0 +1,98 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/server"
+)
+
+// parse parses args and then fills every flag not given on the command line
+// from FLEETBROKER_<NAME>, so each setting has exactly one name in each form.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || err != nil {
+			return
+		}
+		if v, ok := os.LookupEnv(envName(f.Name)); ok {
+			if setErr := fs.Set(f.Name, v); setErr != nil {
+				err = fmt.Errorf("%s: %w", envName(f.Name), setErr)
+			}
+		}
+	})
+	return err
+}
+
+func envName(flagName string) string {
+	return "FLEETBROKER_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+type logFlags struct{ format, level string }
+
+func addLogFlags(fs *flag.FlagSet, format string) *logFlags {
+	l := &logFlags{}
+	fs.StringVar(&l.format, "log-format", format, "log format: json or text")
+	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn or error")
+	return l
+}
+
+func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
+	fs.StringVar(&cfg.Listen, "listen", listen, "gRPC listen address")
+	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
+	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "how long shutdown waits for in-flight calls")
+}
+
+func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig) {
+	fs.StringVar(&cfg.Addr, "vault-addr", os.Getenv("VAULT_ADDR"), "Vault address (default $VAULT_ADDR)")
+	fs.StringVar(&cfg.Token, "vault-token", "", "Vault token (prefer the environment: FLEETBROKER_VAULT_TOKEN or VAULT_TOKEN)")
+	fs.StringVar(&cfg.Mount, "vault-transit-mount", "transit", "mount path of the transit engine")
+	fs.StringVar(&cfg.Key, "vault-transit-key", "fleetbroker", "transit key name (derived=true)")
+	fs.DurationVar(&cfg.Timeout, "vault-timeout", 5*time.Second, "timeout of each Vault call")
+}
+
+// vaultTokenFallback applies VAULT_TOKEN when neither the flag nor
+// FLEETBROKER_VAULT_TOKEN set a token; the token never appears in --help.
+func vaultTokenFallback(cfg *app.VaultConfig) {
+	if cfg.Token == "" {
+		cfg.Token = os.Getenv("VAULT_TOKEN")
+	}
+}
+
+type redisFlags struct {
+	addrs string
+	cfg   app.RedisConfig
+}
+
+func addRedisFlags(fs *flag.FlagSet, prefix *string) *redisFlags {
+	r := &redisFlags{}
+	fs.StringVar(&r.addrs, "redis-addr", "localhost:6379", "Redis address; several comma-separated addresses mean Cluster (or Sentinels with --redis-master-name)")
+	fs.StringVar(&r.cfg.MasterName, "redis-master-name", "", "Sentinel master name (enables Sentinel)")
+	fs.StringVar(&r.cfg.Username, "redis-username", "", "Redis ACL user name")
+	fs.StringVar(&r.cfg.Password, "redis-password", "", "Redis password (prefer FLEETBROKER_REDIS_PASSWORD)")
+	fs.DurationVar(&r.cfg.Timeout, "redis-timeout", 2*time.Second, "dial/read/write timeout of each Redis call")
+	fs.StringVar(prefix, "redis-prefix", "fb", "prefix of every Redis key")
+	return r
+}
+
+func (r *redisFlags) config() app.RedisConfig {
+	cfg := r.cfg
+	for _, a := range strings.Split(r.addrs, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			cfg.Addrs = append(cfg.Addrs, a)
+		}
+	}
+	return cfg
+}

@@ -1,0 +1,93 @@
+// Package apierr builds the gRPC statuses fleetbroker returns: a code, a
+// message a caller can act on, and google.rpc details (ErrorInfo with a
+// stable reason, BadRequest naming the field, RetryInfo where waiting helps).
+// Statuses are made once, at the service edge; messages never hold secrets.
+package apierr
+
+import (
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// Domain is the ErrorInfo domain of every fleetbroker error.
+const Domain = "fleetbroker.io"
+
+// Stable ErrorInfo reasons. Callers may switch on them; never rename one.
+const (
+	ReasonInvalidArgument      = "INVALID_ARGUMENT"
+	ReasonUpstreamNotAllowed   = "UPSTREAM_NOT_ALLOWED"
+	ReasonCredentialNotFound   = "CREDENTIAL_NOT_FOUND"
+	ReasonCredentialRejected   = "CREDENTIAL_REJECTED"
+	ReasonSessionInvalid       = "SESSION_INVALID"
+	ReasonSessionNotFound      = "SESSION_NOT_FOUND"
+	ReasonScopeMissing         = "SCOPE_MISSING"
+	ReasonTTLTooLong           = "TTL_TOO_LONG"
+	ReasonUpstreamUnavailable  = "UPSTREAM_UNAVAILABLE"
+	ReasonUpstreamRateLimited  = "UPSTREAM_RATE_LIMITED"
+	ReasonUpstreamRefused      = "UPSTREAM_REFUSED"
+	ReasonVaultUnavailable     = "VAULT_UNAVAILABLE"
+	ReasonStoreUnavailable     = "STORE_UNAVAILABLE"
+	ReasonInternal             = "INTERNAL"
+	ReasonConcurrentUpdate     = "CONCURRENT_UPDATE"
+	ReasonPermissionDenied     = "PERMISSION_DENIED"
+	ReasonUnauthenticated      = "UNAUTHENTICATED"
+	ReasonUpstreamAccessDenied = "UPSTREAM_ACCESS_DENIED"
+)
+
+// New returns a status error with an ErrorInfo detail carrying reason and
+// metadata (metadata values must be safe to log).
+func New(code codes.Code, reason, msg string, metadata map[string]string) error {
+	return with(status.New(code, msg), &errdetails.ErrorInfo{Reason: reason, Domain: Domain, Metadata: metadata})
+}
+
+// Field returns INVALID_ARGUMENT naming field (a dotted path) in a
+// BadRequest detail.
+func Field(field, description string) error {
+	return FieldViolations(description, []*errdetails.BadRequest_FieldViolation{{Field: field, Description: description}})
+}
+
+// FieldViolations returns INVALID_ARGUMENT with one BadRequest detail
+// listing every violation, and msg as the status message.
+func FieldViolations(msg string, violations []*errdetails.BadRequest_FieldViolation) error {
+	return with(status.New(codes.InvalidArgument, msg),
+		&errdetails.BadRequest{FieldViolations: violations},
+		&errdetails.ErrorInfo{Reason: ReasonInvalidArgument, Domain: Domain})
+}
+
+// Retryable returns a status error with ErrorInfo and a RetryInfo telling the
+// caller how long to wait.
+func Retryable(code codes.Code, reason, msg string, after time.Duration) error {
+	if after <= 0 {
+		after = time.Second
+	}
+	return with(status.New(code, msg),
+		&errdetails.ErrorInfo{Reason: reason, Domain: Domain},
+		&errdetails.RetryInfo{RetryDelay: durationpb.New(after)})
+}
+
+func with(st *status.Status, details ...protoadapt.MessageV1) error {
+	withDetails, err := st.WithDetails(details...)
+	if err != nil {
+		return st.Err()
+	}
+	return withDetails.Err()
+}
+
+// Reason returns the ErrorInfo reason of err, or "" if it has none.
+func Reason(err error) string {
+	st, ok := status.FromError(err)
+	if !ok {
+		return ""
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok {
+			return info.GetReason()
+		}
+	}
+	return ""
+}

@@ -1,0 +1,102 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/transit"
+)
+
+// RedisConfig selects single node, Sentinel or Cluster through go-redis's
+// UniversalClient: a master name means Sentinel, several addresses Cluster.
+type RedisConfig struct {
+	Addrs      []string
+	MasterName string
+	Username   string
+	Password   string
+	// Timeout bounds dial, read and write of every Redis call.
+	Timeout time.Duration
+}
+
+// NewRedis returns a connected client, or an error if PING fails.
+func NewRedis(ctx context.Context, cfg RedisConfig) (redis.UniversalClient, error) {
+	if len(cfg.Addrs) == 0 {
+		return nil, fmt.Errorf("redis: no address configured (--redis-addr)")
+	}
+	timeout := cfg.Timeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+	client := redis.NewUniversalClient(&redis.UniversalOptions{
+		Addrs:        cfg.Addrs,
+		MasterName:   cfg.MasterName,
+		Username:     cfg.Username,
+		Password:     cfg.Password,
+		DialTimeout:  timeout,
+		ReadTimeout:  timeout,
+		WriteTimeout: timeout,
+		// Without this go-redis ignores the caller's deadline for socket I/O.
+		ContextTimeoutEnabled: true,
+	})
+	pingCtx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := client.Ping(pingCtx).Err(); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("redis: ping %v: %w", cfg.Addrs, err)
+	}
+	return client, nil
+}
+
+// VaultConfig is how a service reaches Vault transit.
+type VaultConfig = transit.VaultConfig
+
+// NewVault connects to Vault transit; the caller must Close it.
+func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*transit.Vault, error) {
+	if cfg.Addr == "" {
+		return nil, fmt.Errorf("vault: no address configured (--vault-addr)")
+	}
+	if cfg.Token == "" {
+		return nil, fmt.Errorf("vault: no token configured (--vault-token or FLEETBROKER_VAULT_TOKEN)")
+	}
+	v, err := transit.NewVault(ctx, cfg, logger)
+	if err != nil {
+		return nil, fmt.Errorf("vault: %w", err)
+	}
+	return v, nil
+}
+
+// ProviderValidator checks secrets against Wialon and FleetUp.
+type ProviderValidator struct {
+	Wialon  *wialon.Client
+	FleetUp *fleetup.Client
+}
+
+// NewProviderValidator returns a validator whose calls time out after timeout.
+func NewProviderValidator(timeout time.Duration) *ProviderValidator {
+	httpClient := &http.Client{Timeout: timeout}
+	return &ProviderValidator{Wialon: wialon.New(httpClient), FleetUp: fleetup.New(httpClient)}
+}
+
+// ValidateWialon logs in with the token and logs out at once, so validation
+// does not leave an upstream session behind.
+func (v *ProviderValidator) ValidateWialon(ctx context.Context, baseURL, token string) (string, error) {
+	sess, err := v.Wialon.Login(ctx, baseURL, token)
+	if err != nil {
+		return "", err
+	}
+	_ = v.Wialon.Logout(ctx, baseURL, sess.SID) // best effort: the session idles out anyway
+	return sess.User, nil
+}
+
+// ValidateFleetUp mints a JWT and forgets it.
+func (v *ProviderValidator) ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error {
+	_, err := v.FleetUp.MintToken(ctx, baseURL, apiKey, accountID, secret)
+	return err
+}

@@ -1,0 +1,188 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials/store"
+	"github.com/fleetbroker/fleetbroker/services/simulator"
+)
+
+// DevConfig configures `fleetbroker dev`.
+type DevConfig struct {
+	// Listen serves every gRPC service (default localhost:7400).
+	Listen string
+	// SimulatorListen serves the Wialon/FleetUp simulator (default localhost:7480).
+	SimulatorListen  string
+	AllowedUpstreams string
+	Reflection       bool
+	MaxSessionTTL    time.Duration
+	// Out receives the printed walkthrough (stdout).
+	Out io.Writer
+}
+
+// Demo tenant and credential ids seeded by `fleetbroker dev`.
+const (
+	DemoTenant            = "demo"
+	DemoWialonCredential  = "wialon-demo"
+	DemoFleetUpCredential = "fleetup-demo"
+)
+
+const devBanner = `
+==========================================================================
+ fleetbroker dev: DEVELOPMENT MODE. NOT FOR PRODUCTION.
+ Secrets are encrypted by an in-memory dev keyring (not Vault), stored in an
+ in-process Redis that forgets everything on exit, and served over plaintext
+ gRPC with no caller authentication.
+==========================================================================`
+
+// RunDev runs every service in one process on embedded defaults: an
+// in-process Redis-protocol server (so the real go-redis code runs), the dev
+// keyring in place of Vault, the simulator, and the gRPC services on one port.
+func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
+	logger.Warn("fleetbroker dev: development mode, not for production: dev keyring instead of Vault, in-memory Redis, no TLS, no caller authentication")
+	fmt.Fprintln(cfg.Out, devBanner)
+
+	mini, err := miniredis.Run()
+	if err != nil {
+		return fmt.Errorf("start in-process redis: %w", err)
+	}
+	defer mini.Close()
+	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mini.Addr()}, ContextTimeoutEnabled: true})
+	defer rdb.Close()
+	keyring, err := transit.NewKeyring()
+	if err != nil {
+		return fmt.Errorf("dev keyring: %w", err)
+	}
+
+	simLis, err := net.Listen("tcp", cfg.SimulatorListen)
+	if err != nil {
+		return fmt.Errorf("simulator: listen on %s: %w", cfg.SimulatorListen, err)
+	}
+	simAddr := displayAddr(cfg.SimulatorListen, simLis) // keep the name the user gave (localhost:7480)
+	simURL := "http://" + simAddr
+	grpcLis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		simLis.Close()
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+
+	credCfg := CredentialsConfig{
+		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
+		MaxSessionTTL:    cfg.MaxSessionTTL,
+	}
+	svc, err := NewCredentialsService(credCfg, store.NewRedis(rdb, store.RedisOptions{}), keyring, logger)
+	if err != nil {
+		return err
+	}
+	srv, err := server.New(server.Config{Reflection: cfg.Reflection, Logger: logger}, svc.Register)
+	if err != nil {
+		return err
+	}
+	sim := simulator.New(simulator.Config{Demo: true})
+	simServer := &http.Server{Handler: sim.Handler(), ReadHeaderTimeout: 5 * time.Second}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return ServeHTTP(gctx, simServer, simLis) })
+	g.Go(func() error { return srv.ServeListener(gctx, grpcLis) })
+	g.Go(func() error {
+		if err := seedDemo(gctx, grpcLis.Addr().String(), simURL); err != nil {
+			return fmt.Errorf("seed demo tenant: %w", err)
+		}
+		printWalkthrough(cfg.Out, displayAddr(cfg.Listen, grpcLis), simURL)
+		return nil
+	})
+	return g.Wait()
+}
+
+// ServeHTTP serves until ctx is done, then shuts down within 5 s.
+func ServeHTTP(ctx context.Context, srv *http.Server, lis net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return err
+	}
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// seedDemo stores the simulator's demo credentials through the public API,
+// so they are validated and encrypted exactly like a customer's.
+func seedDemo(ctx context.Context, grpcAddr, simURL string) error {
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := credentialsv1.NewCredentialServiceClient(conn)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	puts := []*credentialsv1.PutCredentialRequest{
+		{TenantId: DemoTenant, CredentialId: DemoWialonCredential, Labels: map[string]string{"source": "simulator"},
+			Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: simulator.DemoWialonToken, BaseUrl: simURL}}},
+		{TenantId: DemoTenant, CredentialId: DemoFleetUpCredential, Labels: map[string]string{"source": "simulator"},
+			Secret: &credentialsv1.PutCredentialRequest_Fleetup{Fleetup: &credentialsv1.FleetUpSecret{
+				ApiKey: simulator.DemoFleetUpAPIKey, AccountId: simulator.DemoFleetUpAccountID, Secret: simulator.DemoFleetUpSecret, BaseUrl: simURL}}},
+	}
+	for _, req := range puts {
+		if _, err := client.PutCredential(ctx, req, grpc.WaitForReady(true)); err != nil {
+			return fmt.Errorf("put %s: %w", req.GetCredentialId(), err)
+		}
+	}
+	return nil
+}
+
+func printWalkthrough(out io.Writer, grpcAddr, simURL string) {
+	fmt.Fprintf(out, `
+fleetbroker dev is ready.
+  gRPC (credentials, sessions):  %[1]s
+  simulator (Wialon + FleetUp):  %[2]s   (counters: %[2]s/sim/stats)
+  demo tenant %[3]q with credentials %[4]q and %[5]q
+
+Try:
+  grpcurl -plaintext %[1]s list
+  grpcurl -plaintext -d '{"tenant_id":"%[3]s"}' %[1]s fleetbroker.credentials.v1.CredentialService/ListCredentials
+  grpcurl -plaintext -d '{"tenant_id":"%[3]s","credential_id":"%[4]s","ttl":"600s"}' %[1]s fleetbroker.credentials.v1.SessionService/IssueSession
+`, grpcAddr, simURL, DemoTenant, DemoWialonCredential, DemoFleetUpCredential)
+}
+
+func joinList(list, extra string) string {
+	if strings.TrimSpace(list) == "" {
+		return extra
+	}
+	return list + "," + extra
+}
+
+// displayAddr is the address to print for a listener: the configured one if
+// it names a host, else the bound one.
+func displayAddr(configured string, lis net.Listener) string {
+	if host, port, _ := net.SplitHostPort(configured); host != "" && port != "0" {
+		return configured
+	}
+	return lis.Addr().String()
+}

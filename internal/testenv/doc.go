@@ -1,0 +1,19 @@
+// Package testenv starts the real dependencies that fleetbroker's tests run
+// against — a redis-server and a Vault dev server on loopback — once per test
+// binary. A missing dependency is a test failure, never a skip: in CI the
+// dependency must be installed by .ci/run.
+package testenv
+
+import (
+	"os"
+	"testing"
+)
+
+// Main runs a package's tests and then stops the servers they started. Use
+// it from TestMain: func TestMain(m *testing.M) { testenv.Main(m) }.
+func Main(m *testing.M) {
+	code := m.Run()
+	StopRedis()
+	StopVault()
+	os.Exit(code)
+}

@@ -1,0 +1,584 @@
+package transit
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/vault/api"
+)
+
+// Defaults for VaultConfig fields left empty.
+const (
+	DefaultVaultMount   = "transit"
+	DefaultVaultKey     = "fleetbroker"
+	DefaultVaultTimeout = 5 * time.Second
+)
+
+// maxVaultResponse caps how much of a Vault response is read, so a broken
+// proxy cannot make the broker buffer an unbounded body.
+const maxVaultResponse = 64 << 20
+
+// VaultConfig says where Vault is and which transit key to use.
+type VaultConfig struct {
+	// Addr is Vault's address, e.g. "https://vault.internal:8200".
+	Addr string
+	// Token authenticates to Vault. If it is renewable, Vault renews it in
+	// the background until Close.
+	Token string
+	// Mount is the path the transit engine is mounted at; default "transit".
+	Mount string
+	// Key is the transit key's name; default "fleetbroker". It must be an
+	// aes256-gcm96 key with derived=true (see EnsureKey).
+	Key string
+	// Timeout bounds every call to Vault, retries included; default 5s.
+	Timeout time.Duration
+}
+
+func (c VaultConfig) withDefaults() VaultConfig {
+	c.Mount = strings.Trim(c.Mount, "/")
+	if c.Mount == "" {
+		c.Mount = DefaultVaultMount
+	}
+	if c.Key == "" {
+		c.Key = DefaultVaultKey
+	}
+	if c.Timeout <= 0 {
+		c.Timeout = DefaultVaultTimeout
+	}
+	return c
+}
+
+// Vault is the production Transit: HashiCorp Vault's transit engine, one
+// named derived key, the tenant as derivation context and each item's
+// associated data bound into the AES-GCM tag.
+//
+// Errors wrap ErrUnavailable, ErrDecrypt or ErrInvalid. Their text is built
+// here and never includes Vault's response body, because Vault's messages
+// (and partial batch results) can echo input or carry other items'
+// plaintext.
+type Vault struct {
+	client  *api.Client
+	mount   string
+	key     string
+	timeout time.Duration
+	logger  *slog.Logger
+
+	// Token renewal; watcher is nil when the token is not renewable.
+	watcher   *api.LifetimeWatcher
+	stopping  chan struct{}
+	watchDone chan struct{}
+	closeOnce sync.Once
+}
+
+var _ Rotatable = (*Vault)(nil)
+
+// NewVault connects to Vault and checks the token with a lookup-self call,
+// so a wrong address or token fails at startup rather than on first use. If
+// the token is renewable, a background watcher renews it until Close.
+//
+// NewVault does not create the transit key: production creates it out of
+// band (derived=true, type aes256-gcm96), and the service's policy needs no
+// rights on keys/. Dev and test setups call EnsureKey.
+func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*Vault, error) {
+	cfg = cfg.withDefaults()
+	if cfg.Addr == "" || cfg.Token == "" {
+		return nil, fmt.Errorf("vault transit: %w: address and token are required", ErrInvalid)
+	}
+	if logger == nil {
+		logger = slog.Default()
+	}
+	client, err := newVaultClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	v := &Vault{
+		client:   client,
+		mount:    cfg.Mount,
+		key:      cfg.Key,
+		timeout:  cfg.Timeout,
+		logger:   logger.With("component", "vault-transit"),
+		stopping: make(chan struct{}),
+	}
+	self, err := v.lookupSelf(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if self.Renewable {
+		if err := v.startRenewal(cfg.Token, self.TTL); err != nil {
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+func newVaultClient(cfg VaultConfig) (*api.Client, error) {
+	conf := api.DefaultConfig()
+	if conf.Error != nil {
+		return nil, fmt.Errorf("vault transit: client config: %w", conf.Error)
+	}
+	conf.Address = cfg.Addr
+	conf.Timeout = cfg.Timeout
+	// The client retries connection errors, 5xx and 429 (a standby taking
+	// over, a blip). Vault's default 1-1.5s backoff would spend most of a
+	// 5s budget waiting on a sealed server; shorter waits keep failures
+	// fast. Every attempt stays inside the call's timeout.
+	conf.MaxRetries = 2
+	conf.MinRetryWait = 100 * time.Millisecond
+	conf.MaxRetryWait = 500 * time.Millisecond
+	client, err := api.NewClient(conf)
+	if err != nil {
+		return nil, fmt.Errorf("vault transit: new client: %w", err)
+	}
+	// Set explicitly: api.NewClient may have picked up VAULT_TOKEN from the
+	// environment, and the configured token must win.
+	client.SetToken(cfg.Token)
+	return client, nil
+}
+
+// Close stops token renewal. It does not revoke the token. It is safe to
+// call more than once and always returns nil.
+func (v *Vault) Close() error {
+	v.closeOnce.Do(func() {
+		close(v.stopping)
+		if v.watcher != nil {
+			v.watcher.Stop()
+			<-v.watchDone
+		}
+	})
+	return nil
+}
+
+// tokenInfo is the part of auth/token/lookup-self that renewal needs.
+type tokenInfo struct {
+	Renewable bool `json:"renewable"`
+	TTL       int  `json:"ttl"` // seconds; 0 for root tokens
+}
+
+func (v *Vault) lookupSelf(ctx context.Context) (tokenInfo, error) {
+	var info tokenInfo
+	err := v.call(ctx, "token lookup", http.MethodGet, "auth/token/lookup-self", nil, &info)
+	return info, err
+}
+
+// startRenewal runs an api.LifetimeWatcher for the token. Renewals and
+// failures are logged; the token itself never is.
+func (v *Vault) startRenewal(token string, ttl int) error {
+	w, err := v.client.NewLifetimeWatcher(&api.LifetimeWatcherInput{
+		Secret: &api.Secret{Auth: &api.SecretAuth{
+			ClientToken:   token,
+			Renewable:     true,
+			LeaseDuration: ttl,
+		}},
+	})
+	if err != nil {
+		return fmt.Errorf("vault transit: token watcher: %w", err)
+	}
+	v.watcher = w
+	v.watchDone = make(chan struct{})
+	go w.Start()
+	go v.watchRenewals()
+	return nil
+}
+
+func (v *Vault) watchRenewals() {
+	defer close(v.watchDone)
+	for {
+		select {
+		case r := <-v.watcher.RenewCh():
+			ttl := 0
+			if r.Secret != nil && r.Secret.Auth != nil {
+				ttl = r.Secret.Auth.LeaseDuration
+			}
+			v.logger.Info("vault token renewed", "ttl_seconds", ttl)
+		case err := <-v.watcher.DoneCh():
+			select {
+			case <-v.stopping:
+				return // Close asked for this; nothing to report.
+			default:
+			}
+			if err != nil {
+				v.logger.Error("vault token renewal failed; the token will expire", "error", describeRenewError(err))
+			} else {
+				v.logger.Warn("vault token renewal stopped at its maximum TTL; the token will expire")
+			}
+			return
+		}
+	}
+}
+
+// describeRenewError keeps Vault's response body out of logs.
+func describeRenewError(err error) string {
+	var re *api.ResponseError
+	if errors.As(err, &re) {
+		return fmt.Sprintf("status %d", re.StatusCode)
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err.Error()
+	}
+	return "renewal error"
+}
+
+// Encrypt encrypts all items in one batch call.
+func (v *Vault) Encrypt(ctx context.Context, tenant string, items []Item) ([]string, error) {
+	return v.encrypt(ctx, "encrypt", tenant, items)
+}
+
+// Decrypt decrypts all items in one batch call. If any item fails, no
+// plaintext is returned.
+func (v *Vault) Decrypt(ctx context.Context, tenant string, items []Item) ([][]byte, error) {
+	return v.decrypt(ctx, "decrypt", tenant, items)
+}
+
+// Rewrap re-encrypts items under the newest key version.
+//
+// Vault 1.21's transit/rewrap endpoint ignores associated_data: it decrypts
+// without it (failing for every AAD-bound ciphertext) and would re-encrypt
+// without it (dropping the binding). So Rewrap decrypts and re-encrypts in
+// two batch calls instead; the plaintext exists only in this process's
+// memory between the two calls and is zeroed afterwards.
+func (v *Vault) Rewrap(ctx context.Context, tenant string, items []Item) ([]string, error) {
+	const op = "rewrap"
+	plaintexts, err := v.decrypt(ctx, op, tenant, items)
+	if err != nil {
+		return nil, err
+	}
+	defer zeroAll(plaintexts)
+	fresh := make([]Item, len(items))
+	for i, it := range items {
+		fresh[i] = Item{AssociatedData: it.AssociatedData, Plaintext: plaintexts[i]}
+	}
+	return v.encrypt(ctx, op, tenant, fresh)
+}
+
+func (v *Vault) encrypt(ctx context.Context, op, tenant string, items []Item) ([]string, error) {
+	if err := requireTenant("vault transit", op, tenant); err != nil {
+		return nil, err
+	}
+	if len(items) == 0 {
+		return []string{}, nil
+	}
+	tenantCtx := b64(tenant)
+	batch := make([]encryptItem, len(items))
+	for i, it := range items {
+		batch[i] = encryptItem{Plaintext: b64(it.Plaintext), Context: tenantCtx, AssociatedData: b64(it.AssociatedData)}
+	}
+	results, err := v.batch(ctx, op, "encrypt", batch, len(batch))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, len(results))
+	for i, r := range results {
+		if r.Error != "" || r.Ciphertext == "" {
+			// An item-level refusal (e.g. the key is not AEAD) is a
+			// configuration problem, not a bad ciphertext.
+			return nil, fmt.Errorf("vault transit %s: item %d: %w", op, i, ErrInvalid)
+		}
+		out[i] = r.Ciphertext
+	}
+	return out, nil
+}
+
+func (v *Vault) decrypt(ctx context.Context, op, tenant string, items []Item) ([][]byte, error) {
+	if err := requireTenant("vault transit", op, tenant); err != nil {
+		return nil, err
+	}
+	if len(items) == 0 {
+		return [][]byte{}, nil
+	}
+	tenantCtx := b64(tenant)
+	batch := make([]decryptItem, len(items))
+	for i, it := range items {
+		batch[i] = decryptItem{Ciphertext: it.Ciphertext, Context: tenantCtx, AssociatedData: b64(it.AssociatedData)}
+	}
+	results, err := v.batch(ctx, op, "decrypt", batch, len(batch))
+	if err != nil {
+		return nil, err
+	}
+	out := make([][]byte, len(results))
+	for i, r := range results {
+		if r.Error != "" {
+			// Every per-item decrypt error means this ciphertext does not
+			// open under this tenant and AAD: authentication failure,
+			// malformed ciphertext, unknown version. Vault's message is
+			// dropped on purpose: it may quote the input.
+			zeroAll(out)
+			return nil, fmt.Errorf("vault transit %s: item %d: %w", op, i, ErrDecrypt)
+		}
+		pt, err := base64.StdEncoding.DecodeString(r.Plaintext)
+		if err != nil {
+			zeroAll(out)
+			return nil, fmt.Errorf("vault transit %s: item %d: malformed response: %w", op, i, ErrUnavailable)
+		}
+		out[i] = pt
+	}
+	return out, nil
+}
+
+// GenerateDataKey asks Vault for a wrapped 256-bit key bound to tenant
+// (datakey/wrapped, so the policy needs no datakey/plaintext right) and
+// unwraps it once to hand the caller both forms.
+func (v *Vault) GenerateDataKey(ctx context.Context, tenant string) (DataKey, error) {
+	const op = "datakey"
+	if err := requireTenant("vault transit", op, tenant); err != nil {
+		return DataKey{}, err
+	}
+	var resp struct {
+		Ciphertext string `json:"ciphertext"`
+	}
+	body := map[string]any{"context": b64(tenant), "bits": 256}
+	if err := v.call(ctx, op, http.MethodPost, v.path("datakey/wrapped"), body, &resp); err != nil {
+		return DataKey{}, err
+	}
+	if resp.Ciphertext == "" {
+		return DataKey{}, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+	}
+	plain, err := v.UnwrapDataKey(ctx, tenant, resp.Ciphertext)
+	if err != nil {
+		return DataKey{}, err
+	}
+	return DataKey{Plaintext: plain, Wrapped: resp.Ciphertext}, nil
+}
+
+// UnwrapDataKey decrypts a key made by GenerateDataKey. Datakeys carry no
+// associated data; the tenant is the only binding.
+func (v *Vault) UnwrapDataKey(ctx context.Context, tenant string, wrapped string) ([]byte, error) {
+	keys, err := v.decrypt(ctx, "unwrap datakey", tenant, []Item{{Ciphertext: wrapped}})
+	if err != nil {
+		return nil, err
+	}
+	return keys[0], nil
+}
+
+// HMAC returns the raw HMAC-SHA256 of data under the key's newest version.
+// The key's HMAC key is not derived per tenant.
+func (v *Vault) HMAC(ctx context.Context, data []byte) ([]byte, error) {
+	const op = "hmac"
+	var resp struct {
+		HMAC string `json:"hmac"`
+	}
+	body := map[string]any{"input": b64(data)}
+	if err := v.call(ctx, op, http.MethodPost, v.path("hmac")+"/sha2-256", body, &resp); err != nil {
+		return nil, err
+	}
+	mac, err := decodeVaultMAC(resp.HMAC)
+	if err != nil {
+		return nil, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+	}
+	return mac, nil
+}
+
+// decodeVaultMAC turns "vault:v1:<base64>" into the raw MAC.
+func decodeVaultMAC(s string) ([]byte, error) {
+	parts := strings.SplitN(s, ":", 3)
+	if len(parts) != 3 || parts[0] != "vault" || !strings.HasPrefix(parts[1], "v") {
+		return nil, errors.New("not a vault hmac")
+	}
+	return base64.StdEncoding.DecodeString(parts[2])
+}
+
+// RotateKey adds a new key version; new ciphertexts and MACs use it.
+func (v *Vault) RotateKey(ctx context.Context) error {
+	return v.call(ctx, "rotate key", http.MethodPost, v.path("keys")+"/rotate", struct{}{}, nil)
+}
+
+// EnsureKey creates the transit key (aes256-gcm96, derived=true) if it is
+// missing, and fails with ErrInvalid if a key of that name exists but is
+// not derived or not AES-256-GCM. It is for tests and dev setups:
+// production creates the key out of band, and the service's token should
+// have no rights on <mount>/keys.
+func (v *Vault) EnsureKey(ctx context.Context) error {
+	const op = "ensure key"
+	var key struct {
+		Type    string `json:"type"`
+		Derived bool   `json:"derived"`
+	}
+	err := v.call(ctx, op, http.MethodGet, v.path("keys"), nil, &key)
+	var se *statusError
+	switch {
+	case errors.As(err, &se) && se.status == http.StatusNotFound:
+		body := map[string]any{"type": "aes256-gcm96", "derived": true}
+		return v.call(ctx, op, http.MethodPost, v.path("keys"), body, nil)
+	case err != nil:
+		return err
+	case key.Type != "aes256-gcm96" || !key.Derived:
+		return fmt.Errorf("vault transit %s: existing key is %s, derived=%t, want aes256-gcm96, derived=true: %w",
+			op, key.Type, key.Derived, ErrInvalid)
+	}
+	return nil
+}
+
+// path returns "<mount>/<endpoint>/<key>".
+func (v *Vault) path(endpoint string) string {
+	return v.mount + "/" + endpoint + "/" + url.PathEscape(v.key)
+}
+
+type encryptItem struct {
+	Plaintext      string `json:"plaintext"`
+	Context        string `json:"context"`
+	AssociatedData string `json:"associated_data,omitempty"`
+}
+
+type decryptItem struct {
+	Ciphertext     string `json:"ciphertext"`
+	Context        string `json:"context"`
+	AssociatedData string `json:"associated_data,omitempty"`
+}
+
+type batchResult struct {
+	Ciphertext string `json:"ciphertext"`
+	Plaintext  string `json:"plaintext"`
+	Error      string `json:"error"`
+}
+
+// batch posts batch_input to <mount>/<endpoint>/<key> and returns one
+// result per input, in order. Per-item errors are left to the caller,
+// because what they mean depends on the operation.
+//
+// Transit batch endpoints answer 400 when some items failed, with the
+// per-item errors in data.batch_results, and also 400 with no data when
+// the whole request is refused (e.g. "encryption key not found").
+func (v *Vault) batch(ctx context.Context, op, endpoint string, input any, n int) ([]batchResult, error) {
+	status, data, err := v.send(ctx, op, http.MethodPost, v.path(endpoint), map[string]any{"batch_input": input})
+	if err != nil {
+		return nil, err
+	}
+	if status >= 400 && status != http.StatusBadRequest {
+		return nil, &statusError{op: op, status: status, kind: ErrInvalid}
+	}
+	var resp struct {
+		BatchResults []batchResult `json:"batch_results"`
+	}
+	if len(data) > 0 {
+		if err := json.Unmarshal(data, &resp); err != nil {
+			return nil, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+		}
+	}
+	switch {
+	case len(resp.BatchResults) == n:
+		return resp.BatchResults, nil
+	case status >= 400:
+		return nil, &statusError{op: op, status: status, kind: ErrInvalid}
+	default:
+		return nil, fmt.Errorf("vault transit %s: %d results for %d items: %w", op, len(resp.BatchResults), n, ErrUnavailable)
+	}
+}
+
+// call sends one request and decodes the response's data object into out
+// (unless out is nil). Any 4xx is a refusal: ErrInvalid.
+func (v *Vault) call(ctx context.Context, op, method, path string, body, out any) error {
+	status, data, err := v.send(ctx, op, method, path, body)
+	if err != nil {
+		return err
+	}
+	if status >= 400 {
+		return &statusError{op: op, status: status, kind: ErrInvalid}
+	}
+	if out == nil || len(data) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+	}
+	return nil
+}
+
+// send performs one request, bounded by the configured timeout, and returns
+// the HTTP status and the response's "data" object (nil if absent). No
+// response, 5xx, 429 (rate limited) and 503 (sealed, standby) are returned
+// as ErrUnavailable; interpreting 4xx is left to the caller.
+func (v *Vault) send(ctx context.Context, op, method, path string, body any) (int, json.RawMessage, error) {
+	var payload []byte
+	if body != nil {
+		var err error
+		if payload, err = json.Marshal(body); err != nil {
+			return 0, nil, fmt.Errorf("vault transit %s: encode request: %w", op, ErrInvalid)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, v.timeout)
+	defer cancel()
+
+	var resp *api.Response
+	var err error
+	if method == http.MethodGet {
+		resp, err = v.client.Logical().ReadRawWithContext(ctx, path)
+	} else {
+		resp, err = v.client.Logical().WriteRawWithContext(ctx, path, payload)
+	}
+	if resp == nil {
+		return 0, nil, unavailable(ctx, op, err)
+	}
+	defer resp.Body.Close()
+
+	status := resp.StatusCode
+	if status >= 500 || status == http.StatusTooManyRequests {
+		return status, nil, &statusError{op: op, status: status, kind: ErrUnavailable}
+	}
+	var envelope struct {
+		Data json.RawMessage `json:"data"`
+	}
+	err = json.NewDecoder(io.LimitReader(resp.Body, maxVaultResponse)).Decode(&envelope)
+	switch {
+	case err == nil, errors.Is(err, io.EOF): // io.EOF: no body, e.g. 204
+	case status >= 400:
+		return status, nil, nil // an error status says enough
+	default:
+		return status, nil, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+	}
+	if string(envelope.Data) == "null" {
+		envelope.Data = nil
+	}
+	return status, envelope.Data, nil
+}
+
+// statusError is a Vault answer with an error status. Its text is only the
+// operation and the status code.
+type statusError struct {
+	op     string
+	status int
+	kind   error // ErrUnavailable or ErrInvalid
+}
+
+func (e *statusError) Error() string {
+	return fmt.Sprintf("vault transit %s: status %d: %v", e.op, e.status, e.kind)
+}
+
+func (e *statusError) Unwrap() error { return e.kind }
+
+// unavailable describes a request that got no HTTP response. The cause is
+// the context's error or the transport error without its URL wrapper; none
+// of them carries request data.
+func unavailable(ctx context.Context, op string, err error) error {
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		return fmt.Errorf("vault transit %s: %w: %w", op, ErrUnavailable, ctxErr)
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	if err == nil {
+		err = errors.New("no response")
+	}
+	return fmt.Errorf("vault transit %s: %w: %w", op, ErrUnavailable, err)
+}
+
+// b64 encodes b for Vault's JSON API; nil and empty both give "".
+func b64[T ~string | ~[]byte](b T) string {
+	return base64.StdEncoding.EncodeToString([]byte(b))
+}
+
+func zeroAll(bufs [][]byte) {
+	for _, b := range bufs {
+		clear(b)
+	}
+}

@@ -1,0 +1,810 @@
+package store
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Key layout. Every key of one tenant carries the tenant id as its Redis
+// Cluster hash tag, so the tenant's record, index and session-set keys share
+// a slot and one Lua script may touch them all atomically:
+//
+//	<prefix>:{<tenant>}:cred:<id>           HASH  the credential record
+//	<prefix>:{<tenant>}:creds               ZSET  ids, all scores 0 (lexical paging)
+//	<prefix>:{<tenant>}:cred:<id>:sessions  ZSET  session-hash hex, scored by expiry (Unix ms)
+//	<prefix>:sess:<sha256 hex>              STRING session record (JSON), PX until expiry
+//
+// Session keys have no hash tag: handles spread over the cluster and a
+// session is found from its hash alone. Tenant and credential ids may not
+// contain ':', '{' or '}', which keeps the layout unambiguous.
+const (
+	defaultPrefix = "fb"
+	maxPageSize   = 1000
+	scanBatch     = 256
+)
+
+// Record hash fields.
+const (
+	fTenant            = "tenant"
+	fID                = "id"
+	fProvider          = "provider"
+	fVersion           = "version"
+	fCiphertext        = "ciphertext"
+	fFingerprint       = "fingerprint"
+	fBaseURL           = "base_url"
+	fFleetUpAccountID  = "fleetup_account_id"
+	fLabels            = "labels"
+	fCreateTime        = "create_time"
+	fUpdateTime        = "update_time"
+	fValidateTime      = "validate_time"
+	fValidationState   = "validation_state"
+	fValidationMessage = "validation_message"
+	fUpstreamUser      = "upstream_user"
+)
+
+// Script reply status, the first element of every script's reply.
+const (
+	statusOK       = 1
+	statusNotFound = 0
+	statusConflict = -1
+)
+
+// putScript creates or replaces a record in one step, so concurrent puts
+// serialize in Redis and every put gets its own version.
+//
+// KEYS[1] record, KEYS[2] tenant index.
+// ARGV[1] credential id, ARGV[2] create time for a new record,
+// ARGV[3..] the remaining field/value pairs.
+// Reply: {created (0|1), HGETALL of the stored record...}.
+var putScript = redis.NewScript(`
+local created = 0
+local version = 1
+local createTime = ARGV[2]
+local old = redis.call('HMGET', KEYS[1], 'version', 'create_time')
+if old[1] then
+  version = tonumber(old[1]) + 1
+  createTime = old[2] or createTime
+  -- Start from an empty hash so no field of the old record survives.
+  redis.call('DEL', KEYS[1])
+else
+  created = 1
+end
+redis.call('HSET', KEYS[1], 'version', tostring(version), 'create_time', createTime, unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return {created, unpack(redis.call('HGETALL', KEYS[1]))}
+`)
+
+// casFieldsScript sets fields of a record only if it is still at the
+// expected version (optimistic concurrency for validation and rewrap).
+//
+// KEYS[1] record. ARGV[1] expected version, ARGV[2..] field/value pairs.
+// Reply: {1, HGETALL...} | {0} missing | {-1} version changed.
+var casFieldsScript = redis.NewScript(`
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {0} end
+if tonumber(v) ~= tonumber(ARGV[1]) then return {-1} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return {1, unpack(redis.call('HGETALL', KEYS[1]))}
+`)
+
+// deleteScript removes a record, its index entry and its session set, and
+// hands back the session hashes so the caller can delete the session keys,
+// which live in other slots.
+//
+// KEYS[1] record, KEYS[2] tenant index, KEYS[3] session set. ARGV[1] id.
+// Reply: {1, session hex...} | {0} missing.
+var deleteScript = redis.NewScript(`
+if redis.call('DEL', KEYS[1]) == 0 then return {0} end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local members = redis.call('ZRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3])
+return {1, unpack(members)}
+`)
+
+// addSessionScript registers a session with its credential, if the
+// credential exists, and prunes sessions that have expired.
+//
+// KEYS[1] record, KEYS[2] session set.
+// ARGV[1] session hex, ARGV[2] expiry (Unix ms), ARGV[3] now (Unix ms).
+// Reply: {1} | {0} credential missing.
+var addSessionScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return {1}
+`)
+
+// RedisOptions configures NewRedis.
+type RedisOptions struct {
+	// Prefix starts every key; default "fb". It must not contain '{' or
+	// '}', which would break the hash tags.
+	Prefix string
+}
+
+// Redis is the Store on Redis: single node, Sentinel or Cluster.
+//
+// Give it a client with ContextTimeoutEnabled set: without it go-redis
+// bounds socket I/O by its own read/write timeouts instead of the caller's
+// context deadline. Errors reaching Redis wrap ErrUnavailable (and the
+// cause, e.g. context.DeadlineExceeded).
+type Redis struct {
+	client redis.UniversalClient
+	prefix string
+}
+
+var _ Store = (*Redis)(nil)
+
+// NewRedis returns a Store on client. It panics if opts.Prefix contains a
+// brace, a programming error that would break the cluster key layout.
+func NewRedis(client redis.UniversalClient, opts RedisOptions) *Redis {
+	prefix := opts.Prefix
+	if prefix == "" {
+		prefix = defaultPrefix
+	}
+	if strings.ContainsAny(prefix, "{}") {
+		panic(fmt.Sprintf("store: Redis key prefix %q must not contain '{' or '}'", prefix))
+	}
+	return &Redis{client: client, prefix: prefix}
+}
+
+// PutCredential implements Store. A zero CreateTime or UpdateTime is set
+// to the current time.
+func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bool, error) {
+	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
+		return Credential{}, false, err
+	}
+	now := time.Now()
+	if c.CreateTime.IsZero() {
+		c.CreateTime = now
+	}
+	if c.UpdateTime.IsZero() {
+		c.UpdateTime = now
+	}
+	labels, err := encodeLabels(c.Labels)
+	if err != nil {
+		return Credential{}, false, err
+	}
+	args := []any{
+		c.CredentialID, formatTime(c.CreateTime),
+		fTenant, c.TenantID,
+		fID, c.CredentialID,
+		fProvider, c.Provider,
+		fCiphertext, c.Ciphertext,
+		fFingerprint, c.Fingerprint,
+		fBaseURL, c.BaseURL,
+		fFleetUpAccountID, strconv.FormatInt(c.FleetUpAccountID, 10),
+		fLabels, labels,
+		fUpdateTime, formatTime(c.UpdateTime),
+	}
+	args = append(args, validationFields(Validation{
+		State: c.ValidationState, Message: c.ValidationMessage,
+		UpstreamUser: c.UpstreamUser, Time: c.ValidateTime,
+	})...)
+	keys := []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID)}
+	reply, err := putScript.Run(ctx, r.client, keys, args...).Slice()
+	if err != nil {
+		return Credential{}, false, mapErr(err)
+	}
+	created, pairs, err := splitReply(reply)
+	if err != nil {
+		return Credential{}, false, err
+	}
+	fields, err := pairsToMap(pairs)
+	if err != nil {
+		return Credential{}, false, err
+	}
+	stored, err := parseCredential(fields)
+	return stored, created == 1, err
+}
+
+// GetCredential implements Store.
+func (r *Redis) GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error) {
+	if err := checkIDs(tenantID, credentialID); err != nil {
+		return Credential{}, err
+	}
+	fields, err := r.client.HGetAll(ctx, r.credKey(tenantID, credentialID)).Result()
+	if err != nil {
+		return Credential{}, mapErr(err)
+	}
+	if len(fields) == 0 {
+		return Credential{}, ErrNotFound
+	}
+	return parseCredential(fields)
+}
+
+// ListCredentials implements Store. Page sizes above 1000 are served 1000
+// at a time. The token is the last id returned, so a page stays correct
+// when credentials are added or deleted between calls.
+func (r *Redis) ListCredentials(ctx context.Context, tenantID string, pageSize int, pageToken string) ([]Credential, string, error) {
+	if err := checkID("tenant", tenantID); err != nil {
+		return nil, "", err
+	}
+	if pageSize <= 0 {
+		return nil, "", fmt.Errorf("%w: page size %d is not positive", ErrInvalidArgument, pageSize)
+	}
+	pageSize = min(pageSize, maxPageSize)
+	start := "-"
+	if pageToken != "" {
+		after, err := decodePageToken(pageToken)
+		if err != nil {
+			return nil, "", err
+		}
+		start = "(" + after
+	}
+	// One extra id tells whether another page follows, so the last page
+	// carries an empty token rather than leading to an empty page.
+	ids, err := r.client.ZRangeByLex(ctx, r.indexKey(tenantID), &redis.ZRangeBy{
+		Min: start, Max: "+", Count: int64(pageSize) + 1,
+	}).Result()
+	if err != nil {
+		return nil, "", mapErr(err)
+	}
+	next := ""
+	if len(ids) > pageSize {
+		ids = ids[:pageSize]
+		next = base64.RawURLEncoding.EncodeToString([]byte(ids[len(ids)-1]))
+	}
+	keys := make([]string, len(ids))
+	for i, id := range ids {
+		keys[i] = r.credKey(tenantID, id)
+	}
+	// A record deleted since the index was read is left out of the page.
+	creds, err := loadRecords(ctx, r.client, keys)
+	return creds, next, err
+}
+
+// DeleteCredential implements Store.
+//
+// The record and the session set go first, atomically in the tenant's slot;
+// the session keys, in other slots, go after. A failure between the steps
+// leaves session keys whose credential is gone: the service rejects every
+// session whose credential is missing or was re-created after the session's
+// CreateTime, so such leftovers grant nothing and expire by their TTL.
+// The count is of session keys actually deleted, i.e. sessions still live.
+// If deleting them fails, the error wraps ErrUnavailable although the
+// credential is already gone (a retry gets ErrNotFound).
+func (r *Redis) DeleteCredential(ctx context.Context, tenantID, credentialID string) (int64, error) {
+	if err := checkIDs(tenantID, credentialID); err != nil {
+		return 0, err
+	}
+	keys := []string{
+		r.credKey(tenantID, credentialID),
+		r.indexKey(tenantID),
+		r.sessionSetKey(tenantID, credentialID),
+	}
+	reply, err := deleteScript.Run(ctx, r.client, keys, credentialID).Slice()
+	if err != nil {
+		return 0, mapErr(err)
+	}
+	status, members, err := splitReply(reply)
+	if err != nil {
+		return 0, err
+	}
+	if status == statusNotFound {
+		return 0, ErrNotFound
+	}
+	return r.deleteSessionKeys(ctx, members)
+}
+
+// deleteSessionKeys deletes session keys one DEL each (they may live in
+// different cluster slots) in one pipeline and counts those that existed.
+func (r *Redis) deleteSessionKeys(ctx context.Context, members []string) (int64, error) {
+	if len(members) == 0 {
+		return 0, nil
+	}
+	pipe := r.client.Pipeline()
+	dels := make([]*redis.IntCmd, len(members))
+	for i, m := range members {
+		dels[i] = pipe.Del(ctx, r.prefix+":sess:"+m)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return 0, mapErr(err)
+	}
+	var n int64
+	for _, d := range dels {
+		n += d.Val()
+	}
+	return n, nil
+}
+
+// SetValidation implements Store. It leaves Version and UpdateTime alone:
+// a validation describes the stored secret, it does not change it.
+func (r *Redis) SetValidation(ctx context.Context, tenantID, credentialID string, version int64, v Validation) (Credential, error) {
+	fields, err := r.casFields(ctx, tenantID, credentialID, version, validationFields(v)...)
+	if err != nil {
+		return Credential{}, err
+	}
+	return parseCredential(fields)
+}
+
+// UpdateCiphertext implements Store.
+func (r *Redis) UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string) error {
+	_, err := r.casFields(ctx, tenantID, credentialID, version, fCiphertext, ciphertext)
+	return err
+}
+
+// casFields runs casFieldsScript and returns the updated record's fields.
+func (r *Redis) casFields(ctx context.Context, tenantID, credentialID string, version int64, pairs ...any) (map[string]string, error) {
+	if err := checkIDs(tenantID, credentialID); err != nil {
+		return nil, err
+	}
+	args := append([]any{strconv.FormatInt(version, 10)}, pairs...)
+	reply, err := casFieldsScript.Run(ctx, r.client, []string{r.credKey(tenantID, credentialID)}, args...).Slice()
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	status, fields, err := splitReply(reply)
+	if err != nil {
+		return nil, err
+	}
+	switch status {
+	case statusOK:
+		return pairsToMap(fields)
+	case statusNotFound:
+		return nil, ErrNotFound
+	case statusConflict:
+		return nil, ErrVersionConflict
+	default:
+		return nil, fmt.Errorf("store: unexpected script status %d", status)
+	}
+}
+
+// ForEachCredential implements Store. It scans every master (cluster) or
+// shard (ring), one after the other, so fn is never called concurrently; an
+// error from fn stops the walk and is returned as is. A record that moves
+// between cluster nodes during the walk may be missed; rewrap is re-runnable.
+func (r *Redis) ForEachCredential(ctx context.Context, fn func(Credential) error) error {
+	nodes, err := r.scanNodes(ctx)
+	if err != nil {
+		return mapErr(err)
+	}
+	// SCAN may return a key more than once; fn sees each record once.
+	seen := make(map[string]struct{})
+	for _, node := range nodes {
+		if err := r.scanNode(ctx, node, seen, fn); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// scanNodes lists the nodes that together hold every key.
+func (r *Redis) scanNodes(ctx context.Context) ([]redis.Cmdable, error) {
+	var (
+		mu    sync.Mutex
+		nodes []redis.Cmdable
+	)
+	collect := func(_ context.Context, c *redis.Client) error {
+		mu.Lock()
+		defer mu.Unlock()
+		nodes = append(nodes, c)
+		return nil
+	}
+	switch c := r.client.(type) {
+	case *redis.ClusterClient:
+		err := c.ForEachMaster(ctx, collect)
+		return nodes, err
+	case *redis.Ring:
+		err := c.ForEachShard(ctx, collect)
+		return nodes, err
+	default:
+		return []redis.Cmdable{r.client}, nil
+	}
+}
+
+func (r *Redis) scanNode(ctx context.Context, node redis.Cmdable, seen map[string]struct{}, fn func(Credential) error) error {
+	pattern := globEscape(r.prefix) + ":{*}:cred:*"
+	var cursor uint64
+	for {
+		keys, next, err := node.Scan(ctx, cursor, pattern, scanBatch).Result()
+		if err != nil {
+			return mapErr(err)
+		}
+		var batch []string
+		for _, k := range keys {
+			if _, dup := seen[k]; dup || !r.isRecordKey(k) {
+				continue
+			}
+			seen[k] = struct{}{}
+			batch = append(batch, k)
+		}
+		creds, err := loadRecords(ctx, node, batch)
+		if err != nil {
+			return err
+		}
+		for _, c := range creds {
+			if err := fn(c); err != nil {
+				return err
+			}
+		}
+		if next == 0 {
+			return nil
+		}
+		cursor = next
+	}
+}
+
+// isRecordKey tells a record key from the session-set keys the SCAN
+// pattern also matches: after "}:cred:" a record key has a bare id.
+func (r *Redis) isRecordKey(key string) bool {
+	rest, ok := strings.CutPrefix(key, r.prefix+":{")
+	if !ok {
+		return false
+	}
+	_, id, ok := strings.Cut(rest, "}:cred:")
+	return ok && id != "" && !strings.Contains(id, ":")
+}
+
+// loadRecords reads record hashes in one pipeline, skipping missing ones.
+func loadRecords(ctx context.Context, c redis.Cmdable, keys []string) ([]Credential, error) {
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	pipe := c.Pipeline()
+	cmds := make([]*redis.MapStringStringCmd, len(keys))
+	for i, k := range keys {
+		cmds[i] = pipe.HGetAll(ctx, k)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, mapErr(err)
+	}
+	creds := make([]Credential, 0, len(keys))
+	for _, cmd := range cmds {
+		if len(cmd.Val()) == 0 {
+			continue
+		}
+		c, err := parseCredential(cmd.Val())
+		if err != nil {
+			return nil, err
+		}
+		creds = append(creds, c)
+	}
+	return creds, nil
+}
+
+// CreateSession implements Store.
+//
+// The session is registered with its credential (tenant slot) before its
+// own key is written (another slot): a failure in between leaves only a set
+// member without a key, which is harmless. A DeleteCredential running in
+// between can miss the new key; the service's check that the credential
+// still exists, and predates the session, covers that window.
+func (r *Redis) CreateSession(ctx context.Context, s Session) error {
+	if err := checkIDs(s.TenantID, s.CredentialID); err != nil {
+		return err
+	}
+	rec, err := json.Marshal(newSessionRecord(s))
+	if err != nil {
+		return fmt.Errorf("store: encode session: %w", err)
+	}
+	now := time.Now()
+	ttl := ceilMillis(s.ExpireTime.Sub(now))
+	member := hex.EncodeToString(s.HandleHash[:])
+	keys := []string{r.credKey(s.TenantID, s.CredentialID), r.sessionSetKey(s.TenantID, s.CredentialID)}
+	reply, err := addSessionScript.Run(ctx, r.client, keys, member, s.ExpireTime.UnixMilli(), now.UnixMilli()).Slice()
+	if err != nil {
+		return mapErr(err)
+	}
+	status, _, err := splitReply(reply)
+	if err != nil {
+		return err
+	}
+	if status == statusNotFound {
+		return ErrNotFound
+	}
+	return mapErr(r.client.Set(ctx, r.sessionKey(s.HandleHash), rec, ttl).Err())
+}
+
+// ceilMillis rounds a TTL up to whole milliseconds (the key may outlive the
+// session by under a millisecond; reads check ExpireTime) and to at least
+// one, so an already expired session gets a key that expires at once
+// rather than none.
+func ceilMillis(d time.Duration) time.Duration {
+	ms := (d + time.Millisecond - 1) / time.Millisecond
+	return max(ms, 1) * time.Millisecond
+}
+
+// GetSession implements Store.
+func (r *Redis) GetSession(ctx context.Context, handleHash [32]byte) (Session, error) {
+	raw, err := r.client.Get(ctx, r.sessionKey(handleHash)).Bytes()
+	if err != nil {
+		return Session{}, mapErr(err)
+	}
+	return r.liveSession(raw)
+}
+
+// DeleteSession implements Store. The key goes first, so the handle stops
+// working even if removing the set member then fails; a stale member only
+// costs a no-op DEL when the credential is deleted, and is pruned on the
+// credential's next CreateSession, so that failure is not reported.
+func (r *Redis) DeleteSession(ctx context.Context, handleHash [32]byte) (Session, error) {
+	raw, err := r.client.GetDel(ctx, r.sessionKey(handleHash)).Bytes()
+	if err != nil {
+		return Session{}, mapErr(err)
+	}
+	s, err := r.liveSession(raw)
+	if err != nil {
+		return Session{}, err
+	}
+	member := hex.EncodeToString(handleHash[:])
+	_ = r.client.ZRem(ctx, r.sessionSetKey(s.TenantID, s.CredentialID), member).Err()
+	return s, nil
+}
+
+// liveSession decodes a session record; one past its ExpireTime is not
+// found, even if its key has not expired yet.
+func (r *Redis) liveSession(raw []byte) (Session, error) {
+	var rec sessionRecord
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return Session{}, fmt.Errorf("store: decode session: %w", err)
+	}
+	s, err := rec.session()
+	if err != nil {
+		return Session{}, err
+	}
+	if !time.Now().Before(s.ExpireTime) {
+		return Session{}, ErrNotFound
+	}
+	return s, nil
+}
+
+func (r *Redis) tenantTag(tenantID string) string {
+	return r.prefix + ":{" + tenantID + "}"
+}
+
+func (r *Redis) credKey(tenantID, credentialID string) string {
+	return r.tenantTag(tenantID) + ":cred:" + credentialID
+}
+
+func (r *Redis) indexKey(tenantID string) string {
+	return r.tenantTag(tenantID) + ":creds"
+}
+
+func (r *Redis) sessionSetKey(tenantID, credentialID string) string {
+	return r.credKey(tenantID, credentialID) + ":sessions"
+}
+
+func (r *Redis) sessionKey(handleHash [32]byte) string {
+	return r.prefix + ":sess:" + hex.EncodeToString(handleHash[:])
+}
+
+// checkIDs rejects ids that would make keys ambiguous or split a tenant's
+// keys over hash slots.
+func checkIDs(tenantID, credentialID string) error {
+	if err := checkID("tenant", tenantID); err != nil {
+		return err
+	}
+	return checkID("credential", credentialID)
+}
+
+func checkID(kind, id string) error {
+	if id == "" {
+		return fmt.Errorf("%w: empty %s id", ErrInvalidArgument, kind)
+	}
+	if strings.ContainsAny(id, ":{}") {
+		return fmt.Errorf("%w: %s id %q contains ':', '{' or '}'", ErrInvalidArgument, kind, id)
+	}
+	return nil
+}
+
+func decodePageToken(token string) (string, error) {
+	raw, err := base64.RawURLEncoding.DecodeString(token)
+	if err != nil || checkID("credential", string(raw)) != nil {
+		return "", fmt.Errorf("%w: malformed page token", ErrInvalidArgument)
+	}
+	return string(raw), nil
+}
+
+// globEscape quotes SCAN MATCH metacharacters in a literal.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if strings.ContainsRune(`*?[]\`, r) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// mapErr translates go-redis errors into the store's: redis.Nil is
+// ErrNotFound; anything that means Redis could not serve the call (network,
+// timeouts, cancelled context, closed client, a server that is loading,
+// failing over or out of memory) wraps ErrUnavailable together with the
+// cause; other server errors are bugs and are wrapped plainly.
+func mapErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, redis.Nil):
+		return ErrNotFound
+	case unavailable(err):
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	default:
+		return fmt.Errorf("store: redis: %w", err)
+	}
+}
+
+// transientPrefixes are server error codes that mean "not now".
+var transientPrefixes = []string{
+	"LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY",
+	"NOREPLICAS", "OOM", "MOVED", "ASK", "ERR max number of clients",
+}
+
+func unavailable(err error) bool {
+	var rerr redis.Error
+	if !errors.As(err, &rerr) {
+		return true // not a server reply: the call did not get through
+	}
+	for _, p := range transientPrefixes {
+		if strings.HasPrefix(rerr.Error(), p) {
+			return true
+		}
+	}
+	return false
+}
+
+// splitReply splits a script reply into its status and its string payload.
+func splitReply(reply []any) (int64, []string, error) {
+	if len(reply) == 0 {
+		return 0, nil, errors.New("store: empty script reply")
+	}
+	status, ok := reply[0].(int64)
+	if !ok {
+		return 0, nil, fmt.Errorf("store: script status is %T, not an integer", reply[0])
+	}
+	rest := make([]string, len(reply)-1)
+	for i, v := range reply[1:] {
+		s, ok := v.(string)
+		if !ok {
+			return 0, nil, fmt.Errorf("store: script reply element is %T, not a string", v)
+		}
+		rest[i] = s
+	}
+	return status, rest, nil
+}
+
+func pairsToMap(pairs []string) (map[string]string, error) {
+	if len(pairs)%2 != 0 {
+		return nil, errors.New("store: odd number of hash fields in script reply")
+	}
+	m := make(map[string]string, len(pairs)/2)
+	for i := 0; i < len(pairs); i += 2 {
+		m[pairs[i]] = pairs[i+1]
+	}
+	return m, nil
+}
+
+// validationFields are the hash fields a Validation sets. Empty values are
+// written too, so a new outcome clears the old one's message or user.
+func validationFields(v Validation) []any {
+	return []any{
+		fValidateTime, formatTime(v.Time),
+		fValidationState, v.State,
+		fValidationMessage, v.Message,
+		fUpstreamUser, v.UpstreamUser,
+	}
+}
+
+func parseCredential(m map[string]string) (Credential, error) {
+	c := Credential{
+		TenantID:          m[fTenant],
+		CredentialID:      m[fID],
+		Provider:          m[fProvider],
+		Ciphertext:        m[fCiphertext],
+		Fingerprint:       m[fFingerprint],
+		BaseURL:           m[fBaseURL],
+		ValidationState:   m[fValidationState],
+		ValidationMessage: m[fValidationMessage],
+		UpstreamUser:      m[fUpstreamUser],
+	}
+	var errs []error
+	c.Version, errs = parseInt(m[fVersion], errs)
+	c.FleetUpAccountID, errs = parseInt(m[fFleetUpAccountID], errs)
+	c.CreateTime, errs = parseTime(m[fCreateTime], errs)
+	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
+	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
+	if m[fLabels] != "" {
+		if err := json.Unmarshal([]byte(m[fLabels]), &c.Labels); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Credential{}, fmt.Errorf("store: corrupt credential record %s/%s: %w", c.TenantID, c.CredentialID, err)
+	}
+	return c, nil
+}
+
+func parseInt(s string, errs []error) (int64, []error) {
+	if s == "" {
+		return 0, errs
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, append(errs, err)
+	}
+	return n, errs
+}
+
+// encodeLabels stores labels as JSON; no labels is the empty string, and
+// reads back as a nil map.
+func encodeLabels(labels map[string]string) (string, error) {
+	if len(labels) == 0 {
+		return "", nil
+	}
+	b, err := json.Marshal(labels)
+	if err != nil {
+		return "", fmt.Errorf("store: encode labels: %w", err)
+	}
+	return string(b), nil
+}
+
+// Times are stored as UTC RFC 3339 with nanoseconds (exact round trip);
+// the zero time is the empty string.
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func parseTime(s string, errs []error) (time.Time, []error) {
+	if s == "" {
+		return time.Time{}, errs
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, append(errs, err)
+	}
+	return t, errs
+}
+
+// sessionRecord is a Session as stored (JSON).
+type sessionRecord struct {
+	HandleHash   string    `json:"handle_hash"`
+	SessionID    string    `json:"session_id"`
+	TenantID     string    `json:"tenant_id"`
+	CredentialID string    `json:"credential_id"`
+	Scopes       []string  `json:"scopes,omitempty"`
+	CreateTime   time.Time `json:"create_time"`
+	ExpireTime   time.Time `json:"expire_time"`
+}
+
+func newSessionRecord(s Session) sessionRecord {
+	return sessionRecord{
+		HandleHash:   hex.EncodeToString(s.HandleHash[:]),
+		SessionID:    s.SessionID,
+		TenantID:     s.TenantID,
+		CredentialID: s.CredentialID,
+		Scopes:       s.Scopes,
+		CreateTime:   s.CreateTime.UTC(),
+		ExpireTime:   s.ExpireTime.UTC(),
+	}
+}
+
+func (rec sessionRecord) session() (Session, error) {
+	s := Session{
+		SessionID:    rec.SessionID,
+		TenantID:     rec.TenantID,
+		CredentialID: rec.CredentialID,
+		Scopes:       rec.Scopes,
+		CreateTime:   rec.CreateTime,
+		ExpireTime:   rec.ExpireTime,
+	}
+	h, err := hex.DecodeString(rec.HandleHash)
+	if err != nil || len(h) != len(s.HandleHash) {
+		return Session{}, fmt.Errorf("store: corrupt session record %s", rec.SessionID)
+	}
+	copy(s.HandleHash[:], h)
+	return s, nil
+}

@@ -1,0 +1,128 @@
+// Package ratelimit paces requests per upstream account across every gateway
+// replica. The state is one Redis key per account holding a GCRA
+// theoretical arrival time, updated atomically by a Lua script from
+// github.com/go-redis/redis_rate, so all replicas draw on one budget and a
+// replica that restarts loses nothing.
+//
+// FleetUp asks for about one request per second per account; Wialon limits
+// logins per IP and concurrent requests per session. Account names must not
+// be secrets: they appear in Redis key names and errors.
+//
+// Key layout (redis_rate adds its own "rate:" in front):
+//
+//	rate:<prefix>:<account>   GCRA state, expires when the budget is full again
+package ratelimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
+)
+
+// Limit is Rate events per Period, of which up to Burst may come at once.
+type Limit struct {
+	Rate   int
+	Period time.Duration
+	Burst  int
+}
+
+// PerSecond is rate events a second with the given burst.
+func PerSecond(rate, burst int) Limit {
+	return Limit{Rate: rate, Period: time.Second, Burst: burst}
+}
+
+// FleetUp is FleetUp's requested pace: about one request per second per
+// account, with a small burst so a caller's list-then-detail pair is not
+// spread over two seconds.
+var FleetUp = PerSecond(1, 2)
+
+func (l Limit) validate() error {
+	if l.Rate <= 0 || l.Period <= 0 || l.Burst <= 0 {
+		return fmt.Errorf("%w: %d per %s, burst %d", ErrInvalidLimit, l.Rate, l.Period, l.Burst)
+	}
+	return nil
+}
+
+var (
+	// ErrInvalidLimit means a Limit with a non-positive field.
+	ErrInvalidLimit = errors.New("ratelimit: invalid limit")
+	// ErrLimited means no slot is free in time. Errors wrapping it are
+	// *LimitedError and carry how long to wait, for a RetryInfo.
+	ErrLimited = errors.New("ratelimit: rate limit exceeded")
+)
+
+// LimitedError reports that the account's budget is spent.
+type LimitedError struct {
+	Account    string
+	RetryAfter time.Duration
+}
+
+func (e *LimitedError) Error() string {
+	return fmt.Sprintf("ratelimit: account %q is over its rate limit; retry after %s", e.Account, e.RetryAfter)
+}
+
+// Unwrap makes errors.Is(err, ErrLimited) hold.
+func (e *LimitedError) Unwrap() error { return ErrLimited }
+
+// Limiter is a rate limiter shared through Redis. It is safe for concurrent
+// use.
+type Limiter struct {
+	rl     *redis_rate.Limiter
+	prefix string
+}
+
+// New returns a Limiter keeping its state in client under prefix.
+func New(client redis.UniversalClient, prefix string) *Limiter {
+	if prefix == "" {
+		prefix = "fb:gw:rl"
+	}
+	return &Limiter{rl: redis_rate.NewLimiter(client), prefix: prefix}
+}
+
+// Allow takes a slot for account if one is free now. If not, it reports
+// how long until one is, and takes nothing.
+func (l *Limiter) Allow(ctx context.Context, account string, limit Limit) (allowed bool, retryAfter time.Duration, err error) {
+	if account == "" {
+		return false, 0, errors.New("ratelimit: empty account")
+	}
+	if err := limit.validate(); err != nil {
+		return false, 0, err
+	}
+	res, err := l.rl.Allow(ctx, l.prefix+":"+account, redis_rate.Limit{Rate: limit.Rate, Period: limit.Period, Burst: limit.Burst})
+	if err != nil {
+		return false, 0, fmt.Errorf("ratelimit: account %q: %w", account, err)
+	}
+	if res.Allowed > 0 {
+		return true, 0, nil
+	}
+	return false, max(res.RetryAfter, 0), nil
+}
+
+// Wait blocks until account has a slot and takes it. If ctx's deadline
+// comes before the next free slot, Wait returns a *LimitedError at once
+// instead of sleeping in vain; if ctx ends while waiting, its error.
+func (l *Limiter) Wait(ctx context.Context, account string, limit Limit) error {
+	for {
+		allowed, retryAfter, err := l.Allow(ctx, account, limit)
+		if err != nil || allowed {
+			return err
+		}
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < retryAfter {
+			return &LimitedError{Account: account, RetryAfter: retryAfter}
+		}
+		// A little jitter, so waiters on many replicas do not all come
+		// back in the same millisecond and race for one slot.
+		t := time.NewTimer(retryAfter + rand.N(retryAfter/10+time.Millisecond))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("ratelimit: waiting for account %q: %w", account, ctx.Err())
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,43 @@
+// Package tokencache shares upstream session tokens — a Wialon session id
+// (eid) or a FleetUp JWT — between every gateway replica through Redis, so
+// that the whole fleet logs in to an upstream account once per token
+// lifetime, however many callers and replicas ask at the same moment.
+//
+// # How a token is found or made
+//
+// GetOrMint first joins any identical request already running in this
+// process (singleflight), then reads Redis. On a miss it takes a
+// cross-replica lock (SET NX PX); the holder checks Redis again, calls the
+// mint function once, stores the token with the TTL the mint function gave,
+// and releases the lock by compare-and-delete. Replicas that find the lock
+// taken poll Redis until the token appears, or until the lock goes away
+// (the holder failed or died), and then try to take the lock themselves.
+//
+// Invalidate drops a cached token only if Redis still holds the very value
+// that failed upstream, so a replica reporting a stale failure cannot throw
+// away the token another replica has just minted.
+//
+// # Key layout
+//
+//	<prefix>:{<tenant>}:dk                                      the tenant's wrapped data key
+//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>       encrypted token, PX = token TTL
+//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>:lock  mint lock, PX = LockTTL
+//
+// The tenant is the Redis Cluster hash tag, so a token, its lock and the
+// data key share a slot. Each Lua script touches exactly one key.
+//
+// # Encryption at rest
+//
+// Tokens are sealed with AES-256-GCM under a per-tenant data key obtained
+// from transit (datakey/wrapped). The wrapped data key is stored in Redis
+// with SET NX, so all replicas converge on one; each process unwraps it once
+// and keeps the plaintext key only in memory. The GCM associated data is the
+// full Redis key name, so a value copied to another key does not decrypt.
+//
+// # What this package must never do
+//
+// It never writes a plaintext token to Redis, a log, an error, a metric or a
+// trace. Entry hides its token from fmt, slog and encoding/json; only
+// Entry.Token returns it. Mint errors are passed through as the mint function
+// made them, so the mint function must keep secrets out of its own errors.
+package tokencache
