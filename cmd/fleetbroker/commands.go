@@ -9,6 +9,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
+	"github.com/fleetbroker/fleetbroker/services/gateway"
 )
 
 // credentialsFlags declares the flags of `fleetbroker credentials`; the
@@ -17,7 +18,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	fs := flag.NewFlagSet("credentials", flag.ContinueOnError)
 	cfg := &app.CredentialsConfig{}
 	addServerFlags(fs, &cfg.Server, ":7401")
-	addVaultFlags(fs, &cfg.Vault)
+	addVaultFlags(fs, &cfg.Vault, "fleetbroker")
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
@@ -50,6 +51,7 @@ func runDev(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "extra host[:port] a credential's base_url may name (the simulator is always allowed)")
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
+	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 50, "FleetUp requests per second per account (the simulator needs no 1/s limit)")
 	logf := addLogFlags(fs, "text") // dev is read by humans
 	if err := parse(fs, args); err != nil {
 		return err
@@ -64,7 +66,7 @@ func runDev(ctx context.Context, args []string) error {
 func runRewrap(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("rewrap", flag.ContinueOnError)
 	var cfg app.CredentialsConfig
-	addVaultFlags(fs, &cfg.Vault)
+	addVaultFlags(fs, &cfg.Vault, "fleetbroker")
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
 	logf := addLogFlags(fs, "json")
 	if err := parse(fs, args); err != nil {
@@ -83,4 +85,40 @@ func runRewrap(ctx context.Context, args []string) error {
 	})
 	fmt.Printf("rewrap: %d seen, %d rewrapped, %d skipped (replaced or deleted meanwhile)\n", p.Seen, p.Rewrapped, p.Skipped)
 	return err
+}
+
+// gatewayFlags declares the flags of `fleetbroker gateway`; the returned
+// function finishes the config after parsing.
+func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
+	fs := flag.NewFlagSet("gateway", flag.ContinueOnError)
+	cfg := &app.GatewayConfig{}
+	addServerFlags(fs, &cfg.Server, ":7402")
+	fs.StringVar(&cfg.CredentialsAddr, "credentials-addr", "localhost:7401", "address of the credentials service")
+	addVaultFlags(fs, &cfg.Vault, "fleetbroker-gateway")
+	redis := addRedisFlags(fs, &cfg.RedisPrefix)
+	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
+	fs.DurationVar(&cfg.HandleCacheTTL, "handle-cache-ttl", gateway.DefaultHandleCacheTTL, "how long a handle resolution is reused (at most 5s; revocation takes effect within it)")
+	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 1, "FleetUp requests per second per account, shared by all replicas")
+	fs.IntVar(&cfg.FleetUpBurst, "fleetup-burst", 2, "FleetUp requests allowed in a burst above --fleetup-rate")
+	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
+	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
+	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")
+	logf := addLogFlags(fs, "json")
+	return fs, cfg, logf, func() {
+		vaultTokenFallback(&cfg.Vault)
+		cfg.Redis = redis.config()
+	}
+}
+
+func runGateway(ctx context.Context, args []string) error {
+	fs, cfg, logf, finish := gatewayFlags()
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	finish()
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return err
+	}
+	return app.RunGateway(ctx, *cfg, logger)
 }

@@ -55,11 +55,11 @@ func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
 	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "how long shutdown waits for in-flight calls")
 }
 
-func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig) {
+func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {
 	fs.StringVar(&cfg.Addr, "vault-addr", os.Getenv("VAULT_ADDR"), "Vault address (default $VAULT_ADDR)")
 	fs.StringVar(&cfg.Token, "vault-token", "", "Vault token (prefer the environment: FLEETBROKER_VAULT_TOKEN or VAULT_TOKEN)")
 	fs.StringVar(&cfg.Mount, "vault-transit-mount", "transit", "mount path of the transit engine")
-	fs.StringVar(&cfg.Key, "vault-transit-key", "fleetbroker", "transit key name (derived=true)")
+	fs.StringVar(&cfg.Key, "vault-transit-key", key, "transit key name (derived=true)")
 	fs.DurationVar(&cfg.Timeout, "vault-timeout", 5*time.Second, "timeout of each Vault call")
 }
 

@@ -1,6 +1,7 @@
 // Command fleetbroker is the one binary of fleetbroker. Subcommands:
 //
 //	fleetbroker credentials   the credentials service (Vault transit + Redis)
+//	fleetbroker gateway       the telematics gateway (shared upstream sessions in Redis)
 //	fleetbroker simulator     Wialon- and FleetUp-compatible test servers
 //	fleetbroker dev           everything in one process on embedded defaults
 //	fleetbroker rewrap        rewrap stored ciphertexts after a transit key rotation
@@ -31,6 +32,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"credentials", "run the credentials service", runCredentials},
+		{"gateway", "run the telematics gateway", runGateway},
 		{"simulator", "run the Wialon/FleetUp simulator", runSimulator},
 		{"dev", "run everything in one process on embedded defaults (development only)", runDev},
 		{"rewrap", "rewrap every stored ciphertext under the newest transit key version", runRewrap},

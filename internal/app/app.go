@@ -77,11 +77,7 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 // serve runs one gRPC server with the given registrations until ctx is done.
 func serve(ctx context.Context, cfg server.Config, logger *slog.Logger, register ...func(*grpc.Server)) error {
 	cfg.Logger = logger
-	srv, err := server.New(cfg, func(g *grpc.Server) {
-		for _, r := range register {
-			r(g)
-		}
-	})
+	srv, err := server.New(cfg, register...)
 	if err != nil {
 		return err
 	}

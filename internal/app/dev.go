@@ -21,6 +21,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
+	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
 
@@ -33,6 +34,9 @@ type DevConfig struct {
 	AllowedUpstreams string
 	Reflection       bool
 	MaxSessionTTL    time.Duration
+	// FleetUpRate is FleetUp requests per second per account (the
+	// simulator does not need FleetUp's 1/s guidance).
+	FleetUpRate int
 	// Out receives the printed walkthrough (stdout).
 	Out io.Writer
 }
@@ -91,7 +95,23 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	srv, err := server.New(server.Config{Reflection: cfg.Reflection, Logger: logger}, svc.Register)
+	// The gateway reaches the credentials service over gRPC on the same
+	// port, exactly as it does when the two run apart.
+	selfConn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer selfConn.Close()
+	gw, err := NewGatewayService(GatewayConfig{
+		AllowedUpstreams: credCfg.AllowedUpstreams,
+		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
+		FleetUpRate:      cfg.FleetUpRate,
+		FleetUpBurst:     cfg.FleetUpRate,
+	}, credentialsv1.NewSessionServiceClient(selfConn), rdb, keyring, logger)
+	if err != nil {
+		return err
+	}
+	srv, err := server.New(server.Config{Reflection: cfg.Reflection, Logger: logger}, svc.Register, gw.Register)
 	if err != nil {
 		return err
 	}
@@ -160,14 +180,21 @@ func seedDemo(ctx context.Context, grpcAddr, simURL string) error {
 func printWalkthrough(out io.Writer, grpcAddr, simURL string) {
 	fmt.Fprintf(out, `
 fleetbroker dev is ready.
-  gRPC (credentials, sessions):  %[1]s
-  simulator (Wialon + FleetUp):  %[2]s   (counters: %[2]s/sim/stats)
+  gRPC (credentials, sessions, telematics):  %[1]s
+  simulator (Wialon + FleetUp):              %[2]s   (login/mint counters: %[2]s/sim/stats)
   demo tenant %[3]q with credentials %[4]q and %[5]q
 
-Try:
+Try (grpcurl: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3):
   grpcurl -plaintext %[1]s list
   grpcurl -plaintext -d '{"tenant_id":"%[3]s"}' %[1]s fleetbroker.credentials.v1.CredentialService/ListCredentials
-  grpcurl -plaintext -d '{"tenant_id":"%[3]s","credential_id":"%[4]s","ttl":"600s"}' %[1]s fleetbroker.credentials.v1.SessionService/IssueSession
+
+  # a 10-minute session handle for the Wialon demo credential (use %[5]q for FleetUp)
+  HANDLE=$(grpcurl -plaintext -d '{"tenant_id":"%[3]s","credential_id":"%[4]s","ttl":"600s"}' %[1]s fleetbroker.credentials.v1.SessionService/IssueSession | grep -o 'fbs_[A-Za-z0-9]*')
+
+  grpcurl -plaintext -H "authorization: Bearer $HANDLE" -d '{"page_size":5}' %[1]s fleetbroker.telematics.v1.TelematicsService/ListUnits
+  grpcurl -plaintext -H "authorization: Bearer $HANDLE" %[1]s fleetbroker.telematics.v1.TelematicsService/GetLatestPositions
+  grpcurl -plaintext -H "authorization: Bearer $HANDLE" -d '{"min_interval":"2s"}' %[1]s fleetbroker.telematics.v1.TelematicsService/WatchPositions
+  grpcurl -plaintext -d "{\"handle\":\"$HANDLE\"}" %[1]s fleetbroker.credentials.v1.SessionService/RevokeSession
 `, grpcAddr, simURL, DemoTenant, DemoWialonCredential, DemoFleetUpCredential)
 }
 

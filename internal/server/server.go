@@ -44,8 +44,8 @@ type Server struct {
 	health *health.Server
 }
 
-// New builds a server and lets register add the fleetbroker services.
-func New(cfg Config, register func(*grpc.Server)) (*Server, error) {
+// New builds a server and lets each register func add its services.
+func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -58,7 +58,9 @@ func New(cfg Config, register func(*grpc.Server)) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, health: health.NewServer()}
 	s.grpc = grpc.NewServer(append(s.interceptors(validator), cfg.Options...)...)
-	register(s.grpc)
+	for _, r := range register {
+		r(s.grpc)
+	}
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	if cfg.Reflection {
 		reflection.Register(s.grpc)

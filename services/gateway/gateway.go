@@ -1,0 +1,126 @@
+// Package gateway is the telematics gateway: it serves normalized telematics
+// calls (units, positions, history, trips, a position stream, a raw
+// pass-through) for a session handle, calling Wialon and FleetUp for it.
+//
+// Upstream sessions (Wialon eid, FleetUp JWT) are shared by every replica
+// through tokencache, so any number of callers causes one upstream login per
+// account per token lifetime. The gateway never logs a handle, a secret, an
+// eid or a JWT, and never returns a stored secret to a caller.
+package gateway
+
+import (
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/sync/singleflight"
+	"google.golang.org/grpc"
+
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/upstream"
+	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
+	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
+)
+
+// Defaults of the upstream behaviour.
+const (
+	// DefaultJWTSafetyMargin: a cached FleetUp JWT is dropped this long
+	// before its exp, so it is re-minted ahead of expiry, never used stale.
+	DefaultJWTSafetyMargin = 2 * time.Minute
+	// DefaultWialonSessionTTL bounds how long a shared Wialon eid is reused.
+	// Wialon idles a session out after ~5 minutes without calls; that case
+	// is handled by error 1 → one re-login.
+	DefaultWialonSessionTTL = 30 * time.Minute
+	// DefaultWialonConcurrency is Wialon's limit of concurrent requests per session.
+	DefaultWialonConcurrency = 10
+	// loaderLockTTL bounds how long a crashed replica can hold a session's
+	// message loader: longer than any one load (upstream timeout) takes.
+	loaderLockTTL = 60 * time.Second
+	// DefaultWatchInterval is the poll interval of a watcher that names none.
+	DefaultWatchInterval = 5 * time.Second
+)
+
+// Config wires the gateway to its dependencies.
+type Config struct {
+	// Sessions is the credentials service's SessionService, reached with the
+	// gateway's own identity.
+	Sessions credentialsv1.SessionServiceClient
+	Cache    *tokencache.Cache
+	Limiter  *ratelimit.Limiter
+	// Redis holds the cross-replica lock of Wialon's per-session message
+	// loader; RedisPrefix prefixes its keys.
+	Redis       redis.UniversalClient
+	RedisPrefix string
+	Wialon      *wialon.Client
+	FleetUp     *fleetup.Client
+	// AllowList is checked again before every upstream call: the gateway
+	// does not trust that a base URL was checked when it was stored.
+	AllowList *upstream.AllowList
+	// HandleCacheTTL is how long a handle resolution is reused (≤ 5 s).
+	HandleCacheTTL    time.Duration
+	FleetUpRate       ratelimit.Limit
+	JWTSafetyMargin   time.Duration
+	WialonSessionTTL  time.Duration
+	WialonConcurrency int
+	Logger            *slog.Logger
+}
+
+// Service implements TelematicsService.
+type Service struct {
+	telematicsv1.UnimplementedTelematicsServiceServer
+	cfg      Config
+	resolver *resolver
+	// wialonSlots bounds concurrent requests per shared Wialon session in
+	// this replica (Wialon allows ~10 per session).
+	wialonSlots sync.Map // tokencache.Key → chan struct{}
+	hubs        *hubs
+	loader      *loaderLock
+	// reads coalesces equal concurrent upstream reads (see shared).
+	reads singleflight.Group
+}
+
+// New checks cfg and returns the gateway.
+func New(cfg Config) (*Service, error) {
+	if cfg.Sessions == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.Wialon == nil || cfg.FleetUp == nil {
+		return nil, fmt.Errorf("gateway: sessions client, token cache, limiter, redis and provider clients are required")
+	}
+	if cfg.AllowList == nil {
+		allow, err := upstream.ParseAllowList("")
+		if err != nil {
+			return nil, err
+		}
+		cfg.AllowList = allow
+	}
+	if cfg.HandleCacheTTL < 0 || cfg.HandleCacheTTL > maxHandleCacheTTL {
+		return nil, fmt.Errorf("gateway: handle cache TTL must be between 0 and %s", maxHandleCacheTTL)
+	}
+	if cfg.FleetUpRate.Rate <= 0 {
+		cfg.FleetUpRate = ratelimit.FleetUp
+	}
+	if cfg.JWTSafetyMargin <= 0 {
+		cfg.JWTSafetyMargin = DefaultJWTSafetyMargin
+	}
+	if cfg.WialonSessionTTL <= 0 {
+		cfg.WialonSessionTTL = DefaultWialonSessionTTL
+	}
+	if cfg.WialonConcurrency <= 0 {
+		cfg.WialonConcurrency = DefaultWialonConcurrency
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, cfg.HandleCacheTTL),
+		loader: &loaderLock{client: cfg.Redis, prefix: cfg.RedisPrefix + ":gw", ttl: loaderLockTTL}}
+	s.hubs = newHubs(s)
+	return s, nil
+}
+
+// Register adds TelematicsService to g.
+func (s *Service) Register(g *grpc.Server) {
+	telematicsv1.RegisterTelematicsServiceServer(g, s)
+}

@@ -1,0 +1,62 @@
+package gateway
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv"
+	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
+)
+
+func TestLoaderLockSerializesAcrossReplicas(t *testing.T) {
+	rs := testenv.Redis(t)
+	prefix := testenv.RedisPrefix(t)
+	replicas := []*loaderLock{
+		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
+		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
+	}
+	key := tokencache.Key{Tenant: "t", Credential: "c", Version: 1, Kind: tokencache.KindWialonEID}
+	var inside, maxInside atomic.Int32
+	done := make(chan struct{})
+	for i := range 6 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			release, err := replicas[i%2].lock(context.Background(), key)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			n := inside.Add(1)
+			for m := maxInside.Load(); n > m && !maxInside.CompareAndSwap(m, n); m = maxInside.Load() {
+			}
+			time.Sleep(30 * time.Millisecond)
+			inside.Add(-1)
+			release()
+		}()
+	}
+	for range 6 {
+		<-done
+	}
+	if maxInside.Load() != 1 {
+		t.Fatalf("%d loads ran at once on one session, want 1", maxInside.Load())
+	}
+
+	// A holder that never releases blocks others only until the lock's TTL.
+	short := &loaderLock{client: rs.Client(t), prefix: prefix, ttl: 300 * time.Millisecond}
+	if _, err := short.lock(context.Background(), key); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	start := time.Now()
+	release, err := short.lock(ctx, key)
+	if err != nil {
+		t.Fatalf("lock of a crashed holder never expired: %v", err)
+	}
+	release()
+	if waited := time.Since(start); waited < 200*time.Millisecond {
+		t.Fatalf("took a held lock after %v", waited)
+	}
+}

@@ -1,0 +1,219 @@
+package gateway
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+)
+
+// minWatchInterval is the shortest poll interval a watcher may ask for (the
+// contract refuses less); it keeps one account's polling within FleetUp's
+// one-request-per-second guidance.
+const minWatchInterval = time.Second
+
+// hubs runs one upstream poll per credential version, shared by every
+// watcher of that credential in this replica.
+type hubs struct {
+	s     *Service
+	mu    sync.Mutex
+	byKey map[string]*hub
+}
+
+// hub polls one credential for its watchers and fans each result out.
+type hub struct {
+	key      string
+	stop     context.CancelFunc
+	mu       sync.Mutex
+	watchers map[*watcher]struct{}
+	// last is the newest successful poll, handed to a watcher that joins
+	// between polls so its first message does not wait a whole interval.
+	last *pollResult
+}
+
+// watcher is one WatchPositions stream.
+type watcher struct {
+	sess     *session
+	interval time.Duration
+	// updates holds the newest poll result; an older one not yet taken is
+	// replaced, so a slow stream never holds up the poll or the others.
+	updates chan pollResult
+}
+
+type pollResult struct {
+	positions []*telematicsv1.Position
+	err       error
+}
+
+func newHubs(s *Service) *hubs { return &hubs{s: s, byKey: map[string]*hub{}} }
+
+// join adds w to the hub of its credential, starting the poll if needed.
+func (hs *hubs) join(w *watcher) *hub {
+	key := w.sess.tenantID + "\x00" + w.sess.credentialID + "\x00" + strconv.FormatInt(w.sess.version, 10)
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	h, ok := hs.byKey[key]
+	if !ok {
+		ctx, cancel := context.WithCancel(context.Background())
+		h = &hub{key: key, stop: cancel, watchers: map[*watcher]struct{}{}}
+		hs.byKey[key] = h
+		go hs.poll(ctx, h)
+	}
+	h.mu.Lock()
+	h.watchers[w] = struct{}{}
+	if h.last != nil {
+		w.updates <- *h.last
+	}
+	h.mu.Unlock()
+	return h
+}
+
+// leave removes w; the last watcher to leave stops the poll.
+func (hs *hubs) leave(h *hub, w *watcher) {
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	h.mu.Lock()
+	delete(h.watchers, w)
+	empty := len(h.watchers) == 0
+	h.mu.Unlock()
+	if empty {
+		h.stop()
+		delete(hs.byKey, h.key)
+	}
+}
+
+// snapshot returns a watcher's session to poll with and the shortest
+// interval any watcher asked for.
+func (h *hub) snapshot() (*session, time.Duration, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var sess *session
+	interval := time.Duration(0)
+	for w := range h.watchers {
+		if sess == nil || w.sess.expireTime.After(sess.expireTime) {
+			sess = w.sess
+		}
+		if interval == 0 || w.interval < interval {
+			interval = w.interval
+		}
+	}
+	return sess, interval, sess != nil
+}
+
+func (h *hub) broadcast(r pollResult) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if r.err == nil {
+		h.last = &r
+	}
+	for w := range h.watchers {
+		select {
+		case <-w.updates: // drop the stale result nobody took yet
+		default:
+		}
+		w.updates <- r
+	}
+}
+
+// poll fetches the credential's latest positions every interval until the
+// last watcher leaves. It polls with the longest-lived watcher's session;
+// each watcher re-checks its own session (see WatchPositions).
+func (hs *hubs) poll(ctx context.Context, h *hub) {
+	for {
+		sess, interval, ok := h.snapshot()
+		if !ok {
+			return
+		}
+		positions, err := hs.s.latestPositions(ctx, sess)
+		if ctx.Err() != nil {
+			return
+		}
+		h.broadcast(pollResult{positions: positions, err: err})
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+	}
+}
+
+// WatchPositions streams position changes of the named units (all if none).
+// The first message holds every position; later ones only those that moved
+// or have a newer fix. Many watchers of one credential share one poll.
+func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream telematicsv1.TelematicsService_WatchPositionsServer) error {
+	ctx := stream.Context()
+	sess, err := s.authorize(ctx, credentialsv1.Scope_SCOPE_READ)
+	if err != nil {
+		return err
+	}
+	w := &watcher{sess: sess, interval: DefaultWatchInterval, updates: make(chan pollResult, 1)}
+	if req.GetMinInterval() != nil {
+		w.interval = max(req.GetMinInterval().AsDuration(), minWatchInterval)
+	}
+	h := s.hubs.join(w)
+	defer s.hubs.leave(h, w)
+
+	// Re-resolve the handle as often as the resolution cache expires, so a
+	// revoked or expired handle ends its streams within the same bound as
+	// its unary calls.
+	recheck := time.NewTicker(max(s.cfg.HandleCacheTTL, 500*time.Millisecond))
+	defer recheck.Stop()
+	sent := map[string]*telematicsv1.Position{}
+	first := true
+	for {
+		select {
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		case <-recheck.C:
+			if _, err := s.resolver.resolve(ctx, sess.handle); err != nil {
+				return s.toStatus(ctx, "watch positions", err)
+			}
+		case r := <-w.updates:
+			if r.err != nil {
+				if st := s.toStatus(ctx, "watch positions", r.err); endsWatch(st) {
+					return st
+				}
+				continue // transient: the next poll may succeed
+			}
+			changed := changedPositions(filterPositions(r.positions, req.GetUnitIds()), sent)
+			if len(changed) == 0 && !first {
+				continue
+			}
+			first = false
+			if err := stream.Send(&telematicsv1.WatchPositionsResponse{Positions: changed}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// endsWatch says whether a poll error ends the stream: only errors that the
+// next poll cannot fix.
+func endsWatch(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.ResourceExhausted, codes.DeadlineExceeded, codes.Internal:
+		return false
+	}
+	return true
+}
+
+// changedPositions returns the positions that differ from the last ones
+// sent, and records them as sent.
+func changedPositions(positions []*telematicsv1.Position, sent map[string]*telematicsv1.Position) []*telematicsv1.Position {
+	var out []*telematicsv1.Position
+	for _, p := range positions {
+		prev, ok := sent[p.GetUnitId()]
+		if ok && prev.GetTime().AsTime().Equal(p.GetTime().AsTime()) && prev.GetLatitude() == p.GetLatitude() && prev.GetLongitude() == p.GetLongitude() {
+			continue
+		}
+		sent[p.GetUnitId()] = p
+		out = append(out, p)
+	}
+	return out
+}
