@@ -49,32 +49,71 @@ func TestComposeWiring(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"secrets enable transit", "derived=true", "disable_upsert=true", "policy write fleetbroker-credentials"} {
+	for _, want := range []string{"secrets enable transit", "derived=true", "disable_upsert=true", "for key in fleetbroker fleetbroker-gateway",
+		"policy write fleetbroker-credentials /policies/credentials.hcl", "policy write fleetbroker-gateway /policies/gateway.hcl"} {
 		if !strings.Contains(string(script), want) {
 			t.Errorf("deploy/vault/init.sh does not %q", want)
 		}
 	}
 
-	creds := svc("credentials")
-	wantDeps := map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy}
-	for dep, cond := range wantDeps {
-		if got := creds.DependsOn[dep].Condition; got != cond {
-			t.Errorf("credentials depends_on %s: condition %q, want %q", dep, got, cond)
+	tests := []struct {
+		service string
+		command string
+		deps    map[string]string
+		env     map[string]string
+		flags   func() *flag.FlagSet
+	}{
+		{
+			service: "credentials", command: "credentials",
+			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy},
+			env: map[string]string{
+				"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
+				"FLEETBROKER_REDIS_ADDR":        "redis:6379",
+				"FLEETBROKER_VAULT_TRANSIT_KEY": "fleetbroker",
+				"FLEETBROKER_ALLOWED_UPSTREAMS": "simulator:7480",
+			},
+			flags: func() *flag.FlagSet { fs, _, _, _ := credentialsFlags(); return fs },
+		},
+		{
+			service: "gateway", command: "gateway",
+			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy, "credentials": types.ServiceConditionStarted},
+			env: map[string]string{
+				"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
+				"FLEETBROKER_REDIS_ADDR":        "redis:6379",
+				"FLEETBROKER_VAULT_TRANSIT_KEY": "fleetbroker-gateway",
+				"FLEETBROKER_CREDENTIALS_ADDR":  "credentials:7401",
+				"FLEETBROKER_ALLOWED_UPSTREAMS": "simulator:7480",
+			},
+			flags: func() *flag.FlagSet { fs, _, _, _ := gatewayFlags(); return fs },
+		},
+		{service: "simulator", command: "simulator"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.service, func(t *testing.T) {
+			s := svc(tt.service)
+			if s.Build == nil || len(s.Command) == 0 || s.Command[0] != tt.command {
+				t.Errorf("%s must build this repo and run %q, got build %v command %v", tt.service, tt.command, s.Build, s.Command)
+			}
+			for dep, cond := range tt.deps {
+				if got := s.DependsOn[dep].Condition; got != cond {
+					t.Errorf("%s depends_on %s: condition %q, want %q", tt.service, dep, got, cond)
+				}
+			}
+			for k, want := range tt.env {
+				if got := s.Environment[k]; got == nil || *got != want {
+					t.Errorf("%s env %s = %v, want %q", tt.service, k, got, want)
+				}
+			}
+			if tt.flags != nil {
+				assertEnvNamesFlags(t, tt.service, s.Environment, tt.flags())
+			}
+		})
+	}
+	for _, policy := range []string{"credentials.hcl", "gateway.hcl"} {
+		if _, err := os.Stat("../../deploy/vault/" + policy); err != nil {
+			t.Errorf("vault-init writes a policy that does not exist: %v", err)
 		}
 	}
-	env := creds.Environment
-	wantEnv := map[string]string{
-		"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
-		"FLEETBROKER_REDIS_ADDR":        "redis:6379",
-		"FLEETBROKER_VAULT_TRANSIT_KEY": "fleetbroker",
-	}
-	for k, want := range wantEnv {
-		if got := env[k]; got == nil || *got != want {
-			t.Errorf("credentials env %s = %v, want %q", k, got, want)
-		}
-	}
-	fs, _, _, _ := credentialsFlags()
-	assertEnvNamesFlags(t, "credentials", env, fs)
 }
 
 // assertEnvNamesFlags fails for a FLEETBROKER_* variable that no flag reads.

@@ -1,11 +1,15 @@
 #!/bin/sh
 # One-shot Vault setup for docker-compose: enable transit, create the derived
-# key, forbid implicit key creation, and write the credentials service policy.
+# keys (customer secrets; the gateway's token-cache data keys), forbid implicit
+# key creation, and write each service's least-privilege policy.
 set -eu
 export VAULT_ADDR="${VAULT_ADDR:-http://vault:8200}"
 until vault status >/dev/null 2>&1; do sleep 1; done
 vault secrets list | grep -q '^transit/' || vault secrets enable transit
-vault read transit/keys/fleetbroker >/dev/null 2>&1 || vault write -f transit/keys/fleetbroker derived=true type=aes256-gcm96
+for key in fleetbroker fleetbroker-gateway; do
+  vault read "transit/keys/$key" >/dev/null 2>&1 || vault write -f "transit/keys/$key" derived=true type=aes256-gcm96
+done
 vault write transit/config/keys disable_upsert=true
 vault policy write fleetbroker-credentials /policies/credentials.hcl
-echo "vault-init: transit key fleetbroker (derived) ready"
+vault policy write fleetbroker-gateway /policies/gateway.hcl
+echo "vault-init: transit keys fleetbroker and fleetbroker-gateway (derived) ready"

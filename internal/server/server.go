@@ -71,9 +71,10 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	return s, nil
 }
 
-// interceptors is the one interceptor chain, outermost first: recovery turns
-// panics into INTERNAL, logging records each call's outcome (never its
-// payload), validation rejects bad input before any handler runs.
+// interceptors is the one interceptor chain, outermost first: logging records
+// each call's outcome (never its payload), recovery turns panics into
+// INTERNAL (inside logging, so a panicked call is logged like any other),
+// validation rejects bad input before any handler runs.
 func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
 		s.cfg.Logger.Log(ctx, slog.Level(lvl), msg, fields...)
@@ -85,13 +86,13 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 	})}
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(
-			recovery.UnaryServerInterceptor(recoverOpts...),
 			logging.UnaryServerInterceptor(logger, logOpts...),
+			recovery.UnaryServerInterceptor(recoverOpts...),
 			validateUnary(v),
 		),
 		grpc.ChainStreamInterceptor(
-			recovery.StreamServerInterceptor(recoverOpts...),
 			logging.StreamServerInterceptor(logger, logOpts...),
+			recovery.StreamServerInterceptor(recoverOpts...),
 			validateStream(v),
 		),
 	}

@@ -80,12 +80,18 @@ type stack struct {
 type stackOptions struct {
 	replicas       int
 	handleCacheTTL time.Duration
+	// fleetupRate is FleetUp requests per second per account (default 1000,
+	// so tests that are not about the rate budget do not wait for it).
+	fleetupRate int
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
 	t.Helper()
 	if opts.replicas == 0 {
 		opts.replicas = 1
+	}
+	if opts.fleetupRate == 0 {
+		opts.fleetupRate = 1000
 	}
 	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}}
 	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
@@ -118,8 +124,8 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			RedisPrefix:      st.prefix,
 			AllowedUpstreams: allowed,
 			HandleCacheTTL:   opts.handleCacheTTL,
-			FleetUpRate:      1000,
-			FleetUpBurst:     1000,
+			FleetUpRate:      opts.fleetupRate,
+			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
 		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {
@@ -569,5 +575,36 @@ func TestWatchersShareOnePoll(t *testing.T) {
 	}
 	if polls == 0 {
 		t.Fatal("no polls at all")
+	}
+}
+
+func TestFleetUpRateBudgetIsSharedByReplicas(t *testing.T) {
+	st := newStack(t, stackOptions{replicas: 2, fleetupRate: 2})
+	st.putFleetUp(t, "f")
+	ctx, _ := st.issue(t, "f")
+	before := st.sim.Stats().FleetUpCallsByAccount[canaryAccount] + st.sim.Stats().FleetUpMintsByAccount[canaryAccount]
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < 2*time.Second {
+				if _, err := st.gateways[i].GetLatestPositions(ctx, &telematicsv1.GetLatestPositionsRequest{}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	calls := st.sim.Stats().FleetUpCallsByAccount[canaryAccount] + st.sim.Stats().FleetUpMintsByAccount[canaryAccount] - before
+	// 2 requests/s shared by both replicas, plus a burst of 1.
+	if allowed := int64(elapsed.Seconds()*2) + 2; calls > allowed {
+		t.Fatalf("two replicas sent %d FleetUp requests in %v; the shared budget allows %d", calls, elapsed, allowed)
+	}
+	if calls < 2 {
+		t.Fatalf("only %d FleetUp requests in %v: the budget is not being used", calls, elapsed)
 	}
 }

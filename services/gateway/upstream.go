@@ -14,6 +14,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
+	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
@@ -197,9 +198,15 @@ func (s *Service) jwtCacheTTL(expiry time.Time) time.Duration {
 
 // fleetupRate takes a slot of the account's shared rate budget.
 func (s *Service) fleetupRate(ctx context.Context, accountID int64) error {
-	ctx, cancel := context.WithTimeout(ctx, maxRateWait)
+	account := "fleetup:" + strconv.FormatInt(accountID, 10)
+	waitCtx, cancel := context.WithTimeout(ctx, maxRateWait)
 	defer cancel()
-	return s.cfg.Limiter.Wait(ctx, "fleetup:"+strconv.FormatInt(accountID, 10), s.cfg.FleetUpRate)
+	err := s.cfg.Limiter.Wait(waitCtx, account, s.cfg.FleetUpRate)
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		// Our own bound ran out, not the caller's: the account is busy.
+		return &ratelimit.LimitedError{Account: account, RetryAfter: time.Second}
+	}
+	return err
 }
 
 // upstreamFailed reports a provider's rejection of the stored credential to

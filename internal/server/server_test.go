@@ -1,0 +1,731 @@
+package server_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/server"
+)
+
+// canary marks values that must never reach a log line, a status message or
+// a status detail. It is alphanumeric so it fits every string rule it is
+// put into (a Wialon token is ^[A-Za-z0-9]*$).
+const canary = "CanaryQ7vXk2"
+
+// canaryString is an alphanumeric string of exactly n characters starting
+// with the canary.
+func canaryString(n int) string {
+	return (canary + strings.Repeat("z", n))[:n]
+}
+
+var (
+	credentialService = credentialsv1.CredentialService_ServiceDesc.ServiceName
+	sessionService    = credentialsv1.SessionService_ServiceDesc.ServiceName
+	telematicsService = telematicsv1.TelematicsService_ServiceDesc.ServiceName
+	healthService     = healthpb.Health_ServiceDesc.ServiceName
+)
+
+// hook decides what a fake RPC does: nil lets it succeed, a returned error is
+// the RPC's error, and it may block or panic.
+type hook func(ctx context.Context, method string) error
+
+// fakes implements a few RPCs of the real contracts, so requests carry real
+// protovalidate rules. Every call is counted and passed to hook.
+type fakes struct {
+	calls atomic.Int32
+	hook  hook
+}
+
+func (f *fakes) call(ctx context.Context, method string) error {
+	f.calls.Add(1)
+	if f.hook == nil {
+		return nil
+	}
+	return f.hook(ctx, method)
+}
+
+func (f *fakes) register(s *grpc.Server) {
+	credentialsv1.RegisterCredentialServiceServer(s, &fakeCredentials{f: f})
+	credentialsv1.RegisterSessionServiceServer(s, &fakeSessions{f: f})
+	telematicsv1.RegisterTelematicsServiceServer(s, &fakeTelematics{f: f})
+}
+
+type fakeCredentials struct {
+	credentialsv1.UnimplementedCredentialServiceServer
+	f *fakes
+}
+
+func (c *fakeCredentials) PutCredential(ctx context.Context, req *credentialsv1.PutCredentialRequest) (*credentialsv1.PutCredentialResponse, error) {
+	if err := c.f.call(ctx, "PutCredential"); err != nil {
+		return nil, err
+	}
+	return &credentialsv1.PutCredentialResponse{Credential: &credentialsv1.Credential{TenantId: req.GetTenantId(), CredentialId: req.GetCredentialId()}}, nil
+}
+
+func (c *fakeCredentials) GetCredential(ctx context.Context, req *credentialsv1.GetCredentialRequest) (*credentialsv1.GetCredentialResponse, error) {
+	if err := c.f.call(ctx, "GetCredential"); err != nil {
+		return nil, err
+	}
+	return &credentialsv1.GetCredentialResponse{Credential: &credentialsv1.Credential{TenantId: req.GetTenantId(), CredentialId: req.GetCredentialId()}}, nil
+}
+
+type fakeSessions struct {
+	credentialsv1.UnimplementedSessionServiceServer
+	f *fakes
+}
+
+func (s *fakeSessions) IssueSession(ctx context.Context, _ *credentialsv1.IssueSessionRequest) (*credentialsv1.IssueSessionResponse, error) {
+	if err := s.f.call(ctx, "IssueSession"); err != nil {
+		return nil, err
+	}
+	return &credentialsv1.IssueSessionResponse{SessionId: "ses_test"}, nil
+}
+
+type fakeTelematics struct {
+	telematicsv1.UnimplementedTelematicsServiceServer
+	f *fakes
+}
+
+// WatchPositions sends one message, then ends the stream.
+func (t *fakeTelematics) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream grpc.ServerStreamingServer[telematicsv1.WatchPositionsResponse]) error {
+	if err := t.f.call(stream.Context(), "WatchPositions"); err != nil {
+		return err
+	}
+	return stream.Send(&telematicsv1.WatchPositionsResponse{Positions: []*telematicsv1.Position{{UnitId: "unit-1"}}})
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testServer is a server.Server serving the fakes on a bufconn listener.
+type testServer struct {
+	lis    *bufconn.Listener
+	fakes  *fakes
+	logs   *syncBuffer
+	conn   *grpc.ClientConn
+	cancel context.CancelFunc
+	// stopped is closed when ServeListener has returned serveErr.
+	stopped  chan struct{}
+	serveErr error
+}
+
+// startServer serves cfg (its Logger replaced by one writing JSON at debug
+// level into ts.logs, so anything logged at any level is captured) until the
+// test ends.
+func startServer(t *testing.T, cfg server.Config, h hook) *testServer {
+	t.Helper()
+	ts := &testServer{
+		lis:     bufconn.Listen(1 << 20),
+		fakes:   &fakes{hook: h},
+		logs:    &syncBuffer{},
+		stopped: make(chan struct{}),
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(ts.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	srv, err := server.New(cfg, ts.fakes.register)
+	if err != nil {
+		t.Fatalf("server.New: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ts.cancel = cancel
+	go func() {
+		defer close(ts.stopped)
+		ts.serveErr = srv.ServeListener(ctx, ts.lis)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-ts.stopped:
+		case <-time.After(cfg.GracePeriod + 10*time.Second):
+			t.Errorf("ServeListener did not return after the test")
+		}
+	})
+	ts.conn = ts.dial(t)
+	return ts
+}
+
+// dial returns a new client connection to the server.
+func (ts *testServer) dial(t *testing.T) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ts.lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatalf("grpc.NewClient: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// waitStopped waits up to d for ServeListener to return and returns its error.
+func (ts *testServer) waitStopped(t *testing.T, d time.Duration) error {
+	t.Helper()
+	select {
+	case <-ts.stopped:
+		return ts.serveErr
+	case <-time.After(d):
+		t.Fatalf("ServeListener did not return within %s", d)
+		return nil
+	}
+}
+
+// logLines parses the captured JSON log lines.
+func (ts *testServer) logLines(t *testing.T) []map[string]any {
+	t.Helper()
+	var lines []map[string]any
+	for line := range strings.SplitSeq(strings.TrimSpace(ts.logs.String()), "\n") {
+		if line == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("log line is not JSON: %q: %v", line, err)
+		}
+		lines = append(lines, m)
+	}
+	return lines
+}
+
+// assertCallLogged fails unless exactly one log line records a finished
+// call of service/method, with code. The interceptor logs before the status
+// reaches the client, so no waiting is needed.
+func (ts *testServer) assertCallLogged(t *testing.T, service, method string, code codes.Code) {
+	t.Helper()
+	var found int
+	for _, line := range ts.logLines(t) {
+		if line["grpc.service"] == service && line["grpc.method"] == method {
+			found++
+			if line["grpc.code"] != code.String() {
+				t.Errorf("logged grpc.code = %v, want %v: %v", line["grpc.code"], code, line)
+			}
+		}
+	}
+	if found != 1 {
+		t.Errorf("%d log lines for %s/%s, want 1:\n%s", found, service, method, ts.logs.String())
+	}
+}
+
+// assertNoCanary fails if the canary was logged.
+func (ts *testServer) assertNoCanary(t *testing.T) {
+	t.Helper()
+	if strings.Contains(ts.logs.String(), canary) {
+		t.Errorf("canary value found in the logs:\n%s", ts.logs.String())
+	}
+}
+
+func callCtx(t *testing.T) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// recvErr receives from a stream until it ends and returns its error (nil
+// for a clean end).
+func recvErr[T any](stream grpc.ServerStreamingClient[T]) error {
+	for {
+		if _, err := stream.Recv(); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+func watchOnce(ctx context.Context, conn *grpc.ClientConn, req *telematicsv1.WatchPositionsRequest) error {
+	stream, err := telematicsv1.NewTelematicsServiceClient(conn).WatchPositions(ctx, req)
+	if err != nil {
+		return err
+	}
+	return recvErr(stream)
+}
+
+func validPut() *credentialsv1.PutCredentialRequest {
+	return &credentialsv1.PutCredentialRequest{
+		TenantId: "acme", CredentialId: "wialon-main",
+		Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryString(72)}},
+	}
+}
+
+func TestHealthServingForEveryService(t *testing.T) {
+	ts := startServer(t, server.Config{Reflection: true}, nil)
+	client := healthpb.NewHealthClient(ts.conn)
+	tests := []struct {
+		service string
+		want    healthpb.HealthCheckResponse_ServingStatus
+	}{
+		{"", healthpb.HealthCheckResponse_SERVING},
+		{credentialService, healthpb.HealthCheckResponse_SERVING},
+		{sessionService, healthpb.HealthCheckResponse_SERVING},
+		{telematicsService, healthpb.HealthCheckResponse_SERVING},
+		{healthService, healthpb.HealthCheckResponse_SERVING},
+		{reflectionpb.ServerReflection_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("service=%q", tt.service), func(t *testing.T) {
+			resp, err := client.Check(callCtx(t), &healthpb.HealthCheckRequest{Service: tt.service})
+			if err != nil {
+				t.Fatalf("Check: %v", err)
+			}
+			if resp.GetStatus() != tt.want {
+				t.Errorf("status = %v, want %v", resp.GetStatus(), tt.want)
+			}
+		})
+	}
+	t.Run("unknown service", func(t *testing.T) {
+		_, err := client.Check(callCtx(t), &healthpb.HealthCheckRequest{Service: "no.such.Service"})
+		if status.Code(err) != codes.NotFound {
+			t.Errorf("Check(unknown) = %v, want NotFound", err)
+		}
+	})
+}
+
+// TestShutdownDrains: cancelling the serve context turns health to
+// NOT_SERVING, refuses new calls, lets a call already in flight finish
+// successfully, and then returns nil without waiting for the grace period.
+func TestShutdownDrains(t *testing.T) {
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	ts := startServer(t, server.Config{GracePeriod: time.Minute}, func(ctx context.Context, method string) error {
+		if method != "GetCredential" {
+			return nil
+		}
+		close(entered)
+		select {
+		case <-release:
+			return nil
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		}
+	})
+
+	// A health watcher, as a load balancer would hold.
+	watchCtx, stopWatch := context.WithTimeout(context.Background(), 30*time.Second)
+	defer stopWatch()
+	watch, err := healthpb.NewHealthClient(ts.conn).Watch(watchCtx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatalf("Watch: %v", err)
+	}
+	if msg, err := watch.Recv(); err != nil || msg.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("first health status = %v, %v; want SERVING", msg.GetStatus(), err)
+	}
+
+	type result struct {
+		resp *credentialsv1.GetCredentialResponse
+		err  error
+	}
+	inflight := make(chan result, 1)
+	go func() {
+		resp, err := credentialsv1.NewCredentialServiceClient(ts.conn).GetCredential(callCtx(t),
+			&credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: "in-flight"})
+		inflight <- result{resp, err}
+	}()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the in-flight call never reached its handler")
+	}
+
+	ts.cancel()
+
+	if msg, err := watch.Recv(); err != nil || msg.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health status after cancel = %v, %v; want NOT_SERVING", msg.GetStatus(), err)
+	}
+	// The watcher lets go, as a load balancer does once told NOT_SERVING;
+	// a stream left open would hold the drain like any other call.
+	stopWatch()
+
+	// New calls are refused, on the existing connection and on a new one.
+	fresh := ts.dial(t)
+	for name, conn := range map[string]*grpc.ClientConn{"existing connection": ts.conn, "new connection": fresh} {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+			cancel()
+			if status.Code(err) == codes.Unavailable {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: a new call during the drain got %v, want Unavailable", name, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+
+	select {
+	case r := <-inflight:
+		t.Fatalf("the in-flight call ended before its handler was released: %v", r.err)
+	case <-ts.stopped:
+		t.Fatalf("ServeListener returned (%v) while a call was in flight", ts.serveErr)
+	default:
+	}
+
+	close(release)
+	select {
+	case r := <-inflight:
+		if r.err != nil {
+			t.Fatalf("in-flight call failed: %v", r.err)
+		}
+		if got := r.resp.GetCredential().GetCredentialId(); got != "in-flight" {
+			t.Errorf("in-flight response credential_id = %q, want %q", got, "in-flight")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the in-flight call did not finish after release")
+	}
+	if err := ts.waitStopped(t, 10*time.Second); err != nil {
+		t.Errorf("ServeListener = %v, want nil", err)
+	}
+	if strings.Contains(ts.logs.String(), "grace period over") {
+		t.Errorf("a drain that finished in time logged the grace-period cut-off:\n%s", ts.logs.String())
+	}
+}
+
+// TestShutdownGracePeriod: a call that outlives the grace period is cut off
+// and ServeListener returns about one grace period after cancellation.
+func TestShutdownGracePeriod(t *testing.T) {
+	const grace = 300 * time.Millisecond
+	tests := []struct {
+		name  string
+		block func(ctx context.Context, release <-chan struct{})
+	}{
+		{"handler ignores its context", func(_ context.Context, release <-chan struct{}) { <-release }},
+		{"handler waits for its context", func(ctx context.Context, release <-chan struct{}) {
+			select {
+			case <-ctx.Done():
+			case <-release:
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			entered := make(chan struct{}, 1)
+			release := make(chan struct{})
+			t.Cleanup(func() { close(release) }) // after the server's cleanup: let the handler goroutine end
+			ts := startServer(t, server.Config{GracePeriod: grace}, func(ctx context.Context, _ string) error {
+				entered <- struct{}{}
+				tt.block(ctx, release)
+				return nil
+			})
+			inflight := make(chan error, 1)
+			go func() {
+				_, err := credentialsv1.NewCredentialServiceClient(ts.conn).GetCredential(callCtx(t),
+					&credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: "slow"})
+				inflight <- err
+			}()
+			select {
+			case <-entered:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the call never reached its handler")
+			}
+
+			start := time.Now()
+			ts.cancel()
+			if err := ts.waitStopped(t, grace+5*time.Second); err != nil {
+				t.Errorf("ServeListener = %v, want nil", err)
+			}
+			if elapsed := time.Since(start); elapsed < grace {
+				t.Errorf("ServeListener returned after %s, before the %s grace period", elapsed, grace)
+			}
+			select {
+			case err := <-inflight:
+				if status.Code(err) != codes.Unavailable {
+					t.Errorf("cut-off call = %v, want Unavailable", err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Error("the cut-off call did not end")
+			}
+			if !strings.Contains(ts.logs.String(), "grace period over") {
+				t.Errorf("no grace-period warning logged:\n%s", ts.logs.String())
+			}
+		})
+	}
+}
+
+func TestReflection(t *testing.T) {
+	tests := []struct {
+		reflection bool
+		wantCode   codes.Code
+	}{
+		{reflection: true, wantCode: codes.OK},
+		{reflection: false, wantCode: codes.Unimplemented},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("reflection=%v", tt.reflection), func(t *testing.T) {
+			ts := startServer(t, server.Config{Reflection: tt.reflection}, nil)
+			services, err := listServices(callCtx(t), ts.conn)
+			if status.Code(err) != tt.wantCode {
+				t.Fatalf("ListServices = %v, %v; want code %v", services, err, tt.wantCode)
+			}
+			if err != nil {
+				return
+			}
+			for _, want := range []string{credentialService, sessionService, telematicsService, healthService,
+				reflectionpb.ServerReflection_ServiceDesc.ServiceName} {
+				if !slices.Contains(services, want) {
+					t.Errorf("ListServices = %v, missing %s", services, want)
+				}
+			}
+		})
+	}
+}
+
+// listServices asks the grpc.reflection.v1 service for the service names.
+func listServices(ctx context.Context, conn *grpc.ClientConn) ([]string, error) {
+	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer stream.CloseSend()
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{
+		MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{ListServices: "*"},
+	}); err != nil && !errors.Is(err, io.EOF) { // io.EOF: the status comes from Recv
+		return nil, err
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	if e := resp.GetErrorResponse(); e != nil {
+		return nil, status.Error(codes.Code(e.GetErrorCode()), e.GetErrorMessage())
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	return names, nil
+}
+
+func TestValidation(t *testing.T) {
+	ts := startServer(t, server.Config{}, nil)
+	creds := credentialsv1.NewCredentialServiceClient(ts.conn)
+	sessions := credentialsv1.NewSessionServiceClient(ts.conn)
+	tests := []struct {
+		name      string
+		call      func(ctx context.Context) error
+		wantField string
+	}{
+		{"71-character wialon token", func(ctx context.Context) error {
+			req := validPut()
+			req.GetWialon().Token = canaryString(71)
+			_, err := creds.PutCredential(ctx, req)
+			return err
+		}, "wialon.token"},
+		{"empty tenant", func(ctx context.Context) error {
+			req := validPut() // the token is valid and carries the canary
+			req.TenantId = ""
+			_, err := creds.PutCredential(ctx, req)
+			return err
+		}, "tenant_id"},
+		{"tenant breaking the pattern", func(ctx context.Context) error {
+			req := validPut()
+			req.TenantId = "-" + canary
+			_, err := creds.PutCredential(ctx, req)
+			return err
+		}, "tenant_id"},
+		{"fleetup secret too long", func(ctx context.Context) error {
+			_, err := creds.PutCredential(ctx, &credentialsv1.PutCredentialRequest{
+				TenantId: "acme", CredentialId: "fleetup-main",
+				Secret: &credentialsv1.PutCredentialRequest_Fleetup{Fleetup: &credentialsv1.FleetUpSecret{
+					ApiKey: canary + "-key", AccountId: 12345, Secret: canaryString(1025)}},
+			})
+			return err
+		}, "fleetup.secret"},
+		{"session ttl below one second", func(ctx context.Context) error {
+			_, err := sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{
+				TenantId: "acme", CredentialId: canary, Ttl: durationpb.New(500 * time.Millisecond)})
+			return err
+		}, "ttl"},
+		{"stream: unit id too long", func(ctx context.Context) error {
+			return watchOnce(ctx, ts.conn, &telematicsv1.WatchPositionsRequest{UnitIds: []string{canaryString(65)}})
+		}, "unit_ids[0]"},
+		{"stream: min interval below one second", func(ctx context.Context) error {
+			return watchOnce(ctx, ts.conn, &telematicsv1.WatchPositionsRequest{
+				UnitIds: []string{canary}, MinInterval: durationpb.New(500 * time.Millisecond)})
+		}, "min_interval"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := ts.fakes.calls.Load()
+			err := tt.call(callCtx(t))
+			st := status.Convert(err)
+			if st.Code() != codes.InvalidArgument {
+				t.Fatalf("code = %v (%v), want InvalidArgument", st.Code(), err)
+			}
+			if got := ts.fakes.calls.Load(); got != before {
+				t.Errorf("the handler ran for an invalid request")
+			}
+			var fields []string
+			var info *errdetails.ErrorInfo
+			for _, d := range st.Details() {
+				switch d := d.(type) {
+				case *errdetails.BadRequest:
+					for _, v := range d.GetFieldViolations() {
+						fields = append(fields, v.GetField())
+					}
+				case *errdetails.ErrorInfo:
+					info = d
+				}
+			}
+			if !slices.Contains(fields, tt.wantField) {
+				t.Errorf("BadRequest field violations = %q, want %q", fields, tt.wantField)
+			}
+			if !strings.Contains(st.Message(), tt.wantField) {
+				t.Errorf("status message %q does not name %q", st.Message(), tt.wantField)
+			}
+			if info.GetReason() != apierr.ReasonInvalidArgument || info.GetDomain() != apierr.Domain {
+				t.Errorf("ErrorInfo = %v, want reason %s in domain %s", info, apierr.ReasonInvalidArgument, apierr.Domain)
+			}
+			// Message and details, exactly as sent on the wire.
+			wire, mErr := proto.Marshal(st.Proto())
+			if mErr != nil {
+				t.Fatal(mErr)
+			}
+			if strings.Contains(st.Message(), canary) || bytes.Contains(wire, []byte(canary)) {
+				t.Errorf("the rejected value is echoed in the status: %v", st.Proto())
+			}
+			ts.assertNoCanary(t)
+		})
+	}
+}
+
+func TestRecovery(t *testing.T) {
+	ts := startServer(t, server.Config{}, func(_ context.Context, method string) error {
+		switch method {
+		case "PutCredential":
+			panic("boom: " + canary)
+		case "IssueSession":
+			panic(fmt.Errorf("wrapped: %w", errors.New(canary)))
+		case "WatchPositions":
+			panic(canary)
+		}
+		return nil
+	})
+	creds := credentialsv1.NewCredentialServiceClient(ts.conn)
+	sessions := credentialsv1.NewSessionServiceClient(ts.conn)
+	tests := []struct {
+		name    string
+		call    func(ctx context.Context) error
+		service string
+		method  string
+	}{
+		{"unary, string panic", func(ctx context.Context) error {
+			_, err := creds.PutCredential(ctx, validPut())
+			return err
+		}, credentialService, "PutCredential"},
+		{"unary, error panic", func(ctx context.Context) error {
+			_, err := sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "c"})
+			return err
+		}, sessionService, "IssueSession"},
+		{"server stream", func(ctx context.Context) error {
+			return watchOnce(ctx, ts.conn, &telematicsv1.WatchPositionsRequest{})
+		}, telematicsService, "WatchPositions"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.call(callCtx(t))
+			st := status.Convert(err)
+			if st.Code() != codes.Internal {
+				t.Fatalf("code = %v (%v), want Internal", st.Code(), err)
+			}
+			if wire, _ := proto.Marshal(st.Proto()); bytes.Contains(wire, []byte(canary)) {
+				t.Errorf("the panic value is in the status: %v", st.Proto())
+			}
+			// The server keeps serving.
+			resp, err := creds.GetCredential(callCtx(t), &credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: "after-panic"})
+			if err != nil || resp.GetCredential().GetCredentialId() != "after-panic" {
+				t.Fatalf("call after the panic = %v, %v; want success", resp, err)
+			}
+			if !strings.Contains(ts.logs.String(), "panic in handler") {
+				t.Errorf("the panic was not logged:\n%s", ts.logs.String())
+			}
+			// Like every call, the panicked one is logged with its method and code.
+			ts.assertCallLogged(t, tt.service, tt.method, codes.Internal)
+			ts.assertNoCanary(t)
+		})
+	}
+}
+
+// TestLogging: every finished call is logged once with its method and code,
+// and no request payload is.
+func TestLogging(t *testing.T) {
+	ts := startServer(t, server.Config{}, func(_ context.Context, method string) error {
+		if method == "GetCredential" {
+			return apierr.New(codes.NotFound, apierr.ReasonCredentialNotFound, "credential not found", nil)
+		}
+		return nil
+	})
+	creds := credentialsv1.NewCredentialServiceClient(ts.conn)
+	tests := []struct {
+		name     string
+		call     func(ctx context.Context) error
+		service  string
+		method   string
+		wantCode codes.Code
+	}{
+		{"unary success", func(ctx context.Context) error {
+			_, err := creds.PutCredential(ctx, validPut())
+			return err
+		}, credentialService, "PutCredential", codes.OK},
+		{"unary error", func(ctx context.Context) error {
+			_, err := creds.GetCredential(ctx, &credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: canary})
+			return err
+		}, credentialService, "GetCredential", codes.NotFound},
+		{"invalid request", func(ctx context.Context) error {
+			_, err := credentialsv1.NewSessionServiceClient(ts.conn).IssueSession(ctx, &credentialsv1.IssueSessionRequest{CredentialId: canary})
+			return err
+		}, sessionService, "IssueSession", codes.InvalidArgument},
+		{"server stream", func(ctx context.Context) error {
+			return watchOnce(ctx, ts.conn, &telematicsv1.WatchPositionsRequest{UnitIds: []string{canary}})
+		}, telematicsService, "WatchPositions", codes.OK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if err := tt.call(callCtx(t)); status.Code(err) != tt.wantCode {
+				t.Fatalf("call = %v, want code %v", err, tt.wantCode)
+			}
+			ts.assertCallLogged(t, tt.service, tt.method, tt.wantCode)
+			ts.assertNoCanary(t)
+		})
+	}
+}
