@@ -38,9 +38,9 @@ test: tools
 	@command -v redis-server >/dev/null || { echo 'redis-server missing: apt-get install -y redis-server'; exit 1; }
 	go test -race -count=1 ./...
 
-## test-fuzz: run each fuzz target briefly
+## test-fuzz: run every fuzz target briefly (seed corpora under */testdata/fuzz)
 FUZZTIME ?= 10s
 test-fuzz:
-	go test ./internal/handle -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 check: lint check-generated

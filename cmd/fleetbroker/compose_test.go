@@ -9,6 +9,8 @@ import (
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
+
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 )
 
 // TestComposeWiring loads docker-compose.yml the way `docker compose` does
@@ -113,6 +115,35 @@ func TestComposeWiring(t *testing.T) {
 		if _, err := os.Stat("../../deploy/vault/" + policy); err != nil {
 			t.Errorf("vault-init writes a policy that does not exist: %v", err)
 		}
+	}
+	assertComposePolicy(t, svc("credentials"), svc("gateway"))
+}
+
+// assertComposePolicy checks that the policy mounted into the credentials
+// service loads and lets the gateway, with the API key compose gives it,
+// resolve sessions.
+func assertComposePolicy(t *testing.T, creds, gateway types.ServiceConfig) {
+	t.Helper()
+	var source string
+	for _, v := range creds.Volumes {
+		if v.Target == *creds.Environment["FLEETBROKER_POLICY"] {
+			source = v.Source
+		}
+	}
+	if source == "" {
+		t.Fatal("FLEETBROKER_POLICY names no mounted file")
+	}
+	pol, err := policy.Load(source)
+	if err != nil {
+		t.Fatalf("compose policy does not load: %v", err)
+	}
+	key := gateway.Environment["FLEETBROKER_CREDENTIALS_API_KEY"]
+	if key == nil {
+		t.Fatal("the gateway has no API key towards the credentials service")
+	}
+	principal, ok := pol.PrincipalForAPIKey(*key)
+	if !ok || !pol.Allowed(principal, policy.SessionsResolve, "demo") {
+		t.Fatalf("the gateway's key (principal %q) may not resolve sessions", principal)
 	}
 }
 

@@ -96,3 +96,22 @@ func (r *redisFlags) config() app.RedisConfig {
 	}
 	return cfg
 }
+
+func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp string) {
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "server certificate (PEM); re-read when the file changes")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "server private key (PEM); re-read when the file changes")
+	fs.StringVar(&cfg.TLSClientCA, "tls-client-ca", "", "CA bundle for client certificates: when set, clients must present one (mTLS)")
+	fs.BoolVar(&cfg.ClientCertOptional, "tls-client-cert-optional", false, "with --tls-client-ca: let clients without a certificate connect (API-key callers, probes); calls without an identity are still refused")
+	fs.BoolVar(&cfg.Insecure, "insecure", false, "serve plaintext (only behind a sidecar that terminates mTLS)")
+	fs.StringVar(&cfg.PolicyFile, "policy", "", policyHelp)
+	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file, appended to and synced before each reply; - for stderr")
+	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only)")
+	fs.StringVar(&cfg.TrustedProxies, "trusted-proxies", "", "comma-separated CIDRs whose --trusted-header is believed")
+	fs.IntVar(&cfg.RateLimitPrincipal, "rate-limit-principal", 0, "requests per second per principal, across replicas (0: off)")
+	fs.IntVar(&cfg.RateLimitTenant, "rate-limit-tenant", 0, "requests per second per tenant, across replicas (0: off)")
+}
+
+func addDeadlineFlags(fs *flag.FlagSet, cfg *server.Config) {
+	fs.DurationVar(&cfg.DefaultDeadline, "default-deadline", 30*time.Second, "deadline of a unary call whose caller set none")
+	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest inbound message in bytes")
+}

@@ -37,6 +37,7 @@ const (
 	ReasonPermissionDenied     = "PERMISSION_DENIED"
 	ReasonUnauthenticated      = "UNAUTHENTICATED"
 	ReasonUpstreamAccessDenied = "UPSTREAM_ACCESS_DENIED"
+	ReasonRateLimited          = "RATE_LIMITED"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and

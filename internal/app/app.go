@@ -10,8 +10,7 @@ import (
 	"log/slog"
 	"time"
 
-	"google.golang.org/grpc"
-
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -22,6 +21,7 @@ import (
 // CredentialsConfig configures `fleetbroker credentials`.
 type CredentialsConfig struct {
 	Server           server.Config
+	Security         SecurityConfig
 	Vault            VaultConfig
 	Redis            RedisConfig
 	RedisPrefix      string
@@ -29,25 +29,69 @@ type CredentialsConfig struct {
 	MaxSessionTTL    time.Duration
 	// UpstreamTimeout bounds each validation call to a provider.
 	UpstreamTimeout time.Duration
+	// Authorizer is set by RunCredentials from Security; when nil (tests,
+	// dev) every caller may do everything.
+	Authorizer credentials.Authorizer
 }
 
 // RunCredentials serves the credentials service until ctx is done.
 func RunCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) error {
+	srv, closeAll, err := BuildCredentials(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	return srv.Serve(ctx)
+}
+
+// BuildCredentials builds the credentials service's server and everything
+// under it, in order: Vault, Redis, security (TLS, policy, audit), the
+// service. The returned func releases them after serving.
+func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) (*server.Server, func(), error) {
+	var closers closeStack
 	vault, err := NewVault(ctx, cfg.Vault, logger)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer vault.Close()
+	closers.push(func() { vault.Close() })
 	rdb, err := NewRedis(ctx, cfg.Redis)
 	if err != nil {
-		return err
+		return closers.fail(err)
 	}
-	defer rdb.Close()
+	closers.push(func() { rdb.Close() })
+	sec, srvCfg, err := buildSecurity(cfg.Security, cfg.Server, credentials.Actions, true, nil, rdb, logger)
+	if err != nil {
+		return closers.fail(err)
+	}
+	closers.push(sec.Close)
+	cfg.Authorizer = sec.authorizer
 	svc, err := NewCredentialsService(cfg, store.NewRedis(rdb, store.RedisOptions{Prefix: cfg.RedisPrefix}), vault, logger)
 	if err != nil {
-		return err
+		return closers.fail(err)
 	}
-	return serve(ctx, cfg.Server, logger, svc.Register)
+	srvCfg.Logger = logger
+	srv, err := server.New(srvCfg, svc.Register)
+	if err != nil {
+		return closers.fail(err)
+	}
+	return srv, closers.closeAll, nil
+}
+
+// closeStack releases what a Build function opened, last opened first.
+type closeStack []func()
+
+func (c *closeStack) push(f func()) { *c = append(*c, f) }
+
+func (c *closeStack) closeAll() {
+	for i := len(*c) - 1; i >= 0; i-- {
+		(*c)[i]()
+	}
+}
+
+// fail releases everything opened so far and returns err.
+func (c *closeStack) fail(err error) (*server.Server, func(), error) {
+	c.closeAll()
+	return nil, nil, err
 }
 
 // NewCredentialsService builds the credentials service on a store and a transit.
@@ -60,10 +104,15 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
+	authorizer := cfg.Authorizer
+	if authorizer == nil {
+		authorizer = allowAll{}
+	}
 	svc, err := credentials.New(credentials.Config{
+		Authorizer:    authorizer,
 		Store:         st,
 		Transit:       tr,
-		Validator:     NewProviderValidator(timeout),
+		Validator:     NewProviderValidator(timeout, allow),
 		AllowList:     allow,
 		MaxSessionTTL: cfg.MaxSessionTTL,
 		Logger:        logger,
@@ -72,16 +121,6 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 		return nil, fmt.Errorf("credentials service: %w", err)
 	}
 	return svc, nil
-}
-
-// serve runs one gRPC server with the given registrations until ctx is done.
-func serve(ctx context.Context, cfg server.Config, logger *slog.Logger, register ...func(*grpc.Server)) error {
-	cfg.Logger = logger
-	srv, err := server.New(cfg, register...)
-	if err != nil {
-		return err
-	}
-	return srv.Serve(ctx)
 }
 
 // RunRewrap rewraps every stored ciphertext under the newest transit key
@@ -102,4 +141,15 @@ func RunRewrap(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger, 
 		return credentials.RewrapProgress{}, err
 	}
 	return svc.Rewrap(ctx, progress)
+}
+
+// allowAll lets every caller do everything: the authorizer of a service
+// built without one (in-process tests). RunCredentials and dev always pass
+// a real one.
+type allowAll struct{}
+
+func (allowAll) Require(context.Context, policy.Action, string) error { return nil }
+
+func (allowAll) GrantableScopes(context.Context, string) []string {
+	return []string{policy.ScopeRead, policy.ScopeRaw}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
 // RedisConfig selects single node, Sentinel or Cluster through go-redis's
@@ -78,9 +79,10 @@ type ProviderValidator struct {
 	FleetUp *fleetup.Client
 }
 
-// NewProviderValidator returns a validator whose calls time out after timeout.
-func NewProviderValidator(timeout time.Duration) *ProviderValidator {
-	httpClient := &http.Client{Timeout: timeout}
+// NewProviderValidator returns a validator whose calls time out after
+// timeout and connect only to addresses allow permits.
+func NewProviderValidator(timeout time.Duration, allow *upstream.AllowList) *ProviderValidator {
+	httpClient := newUpstreamClient(timeout, allow)
 	return &ProviderValidator{Wialon: wialon.New(httpClient), FleetUp: fleetup.New(httpClient)}
 }
 
@@ -99,4 +101,13 @@ func (v *ProviderValidator) ValidateWialon(ctx context.Context, baseURL, token s
 func (v *ProviderValidator) ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error {
 	_, err := v.FleetUp.MintToken(ctx, baseURL, apiKey, accountID, secret)
 	return err
+}
+
+// newUpstreamClient is the one HTTP client shape for provider calls: a
+// timeout on every request, and a transport that dials only addresses the
+// allow-list permits (checked on the address actually dialed, so DNS cannot
+// aim it at internal services). Egress proxies are not supported: through
+// one, the check would see the proxy, not the upstream.
+func newUpstreamClient(timeout time.Duration, allow *upstream.AllowList) *http.Client {
+	return &http.Client{Timeout: timeout, Transport: upstream.NewTransport(allow)}
 }

@@ -18,8 +18,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -91,6 +93,15 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
 		MaxSessionTTL:    cfg.MaxSessionTTL,
 	}
+	// Dev runs without TLS and lets every caller do everything, as its
+	// banner says; the audit trail still runs, to stderr.
+	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
+		server.Config{Reflection: cfg.Reflection, Logger: logger}, credentials.Actions, false, policy.Static(policy.AllowAll()), rdb, logger)
+	if err != nil {
+		return err
+	}
+	defer sec.Close()
+	credCfg.Authorizer = sec.authorizer
 	svc, err := NewCredentialsService(credCfg, store.NewRedis(rdb, store.RedisOptions{}), keyring, logger)
 	if err != nil {
 		return err
@@ -111,7 +122,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	srv, err := server.New(server.Config{Reflection: cfg.Reflection, Logger: logger}, svc.Register, gw.Register)
+	srv, err := server.New(srvCfg, svc.Register, gw.Register)
 	if err != nil {
 		return err
 	}

@@ -4,17 +4,20 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
@@ -24,7 +27,21 @@ import (
 
 // GatewayConfig configures `fleetbroker gateway`.
 type GatewayConfig struct {
-	Server server.Config
+	Server   server.Config
+	Security SecurityConfig
+	// CredentialsTLS is the gateway's own identity towards the credentials
+	// service (client cert and key) and the CA that signed its certificate;
+	// CredentialsServerName overrides the name checked in it.
+	CredentialsTLS        tlsutil.Files
+	CredentialsServerName string
+	// CredentialsInsecure dials the credentials service in plaintext
+	// (behind a mesh sidecar).
+	CredentialsInsecure bool
+	// CredentialsAPIKey identifies the gateway to the credentials service
+	// where mTLS is not possible (sent as x-api-key).
+	CredentialsAPIKey string
+	// tenantLimit is the per-tenant request budget, set by RunGateway.
+	tenantLimit func(ctx context.Context, tenant string) error
 	// CredentialsAddr is the credentials service the gateway resolves handles with.
 	CredentialsAddr string
 	// Vault is used only for the token cache's data keys (datakey/wrapped
@@ -45,26 +62,82 @@ type GatewayConfig struct {
 
 // RunGateway serves the telematics gateway until ctx is done.
 func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) error {
+	srv, closeAll, err := BuildGateway(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	return srv.Serve(ctx)
+}
+
+// BuildGateway builds the gateway's server and everything under it, in
+// order: Vault (data keys), Redis, the credentials client, security, the
+// service. The returned func releases them after serving.
+func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
+	var closers closeStack
 	vault, err := NewVault(ctx, cfg.Vault, logger)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer vault.Close()
+	closers.push(func() { vault.Close() })
 	rdb, err := NewRedis(ctx, cfg.Redis)
 	if err != nil {
-		return err
+		return closers.fail(err)
 	}
-	defer rdb.Close()
-	conn, err := grpc.NewClient(cfg.CredentialsAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	closers.push(func() { rdb.Close() })
+	creds, closeCreds, err := credentialsTransport(cfg, logger)
 	if err != nil {
-		return fmt.Errorf("credentials service client for %s: %w", cfg.CredentialsAddr, err)
+		return closers.fail(err)
 	}
-	defer conn.Close()
+	closers.push(closeCreds)
+	opts := []grpc.DialOption{creds}
+	if cfg.CredentialsAPIKey != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(apiKeyCredentials{key: cfg.CredentialsAPIKey, secure: !cfg.CredentialsInsecure}))
+	}
+	conn, err := grpc.NewClient(cfg.CredentialsAddr, opts...)
+	if err != nil {
+		return closers.fail(fmt.Errorf("credentials service client for %s: %w", cfg.CredentialsAddr, err))
+	}
+	closers.push(func() { conn.Close() })
+	// The gateway's own callers are authenticated by their handle; a policy
+	// is optional and only names API keys (for per-principal rate limits).
+	var src policy.Source = policy.Static(&policy.Policy{})
+	if cfg.Security.PolicyFile != "" {
+		src = nil
+	}
+	sec, srvCfg, err := buildSecurity(cfg.Security, cfg.Server, nil, cfg.Security.TLSClientCA != "", src, rdb, logger)
+	if err != nil {
+		return closers.fail(err)
+	}
+	closers.push(sec.Close)
+	cfg.tenantLimit = sec.limits.LimitTenant
 	svc, err := NewGatewayService(cfg, credentialsv1.NewSessionServiceClient(conn), rdb, vault, logger)
 	if err != nil {
-		return err
+		return closers.fail(err)
 	}
-	return serve(ctx, cfg.Server, logger, svc.Register)
+	srvCfg.Logger = logger
+	srv, err := server.New(srvCfg, svc.Register)
+	if err != nil {
+		return closers.fail(err)
+	}
+	return srv, closers.closeAll, nil
+}
+
+// credentialsTransport is how the gateway dials the credentials service:
+// TLS 1.3 with its own client certificate, or plaintext only if asked.
+func credentialsTransport(cfg GatewayConfig, logger *slog.Logger) (grpc.DialOption, func(), error) {
+	if cfg.CredentialsInsecure {
+		logger.Warn("dialing the credentials service in plaintext (--credentials-insecure): only safe behind a sidecar that originates mTLS")
+		return grpc.WithTransportCredentials(insecure.NewCredentials()), func() {}, nil
+	}
+	if cfg.CredentialsTLS.CAFile == "" {
+		return nil, nil, fmt.Errorf("--credentials-ca is required (or --credentials-insecure behind a mesh sidecar)")
+	}
+	reloader, tlsCfg, err := tlsutil.NewClientConfig(cfg.CredentialsTLS, cfg.CredentialsServerName, logger)
+	if err != nil {
+		return nil, nil, fmt.Errorf("credentials client TLS: %w", err)
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)), func() { _ = reloader.Close() }, nil
 }
 
 // NewGatewayService builds the gateway on a credentials client, a Redis
@@ -82,7 +155,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if prefix == "" {
 		prefix = "fb"
 	}
-	httpClient := &http.Client{Timeout: timeout}
+	httpClient := newUpstreamClient(timeout, allow)
 	rate := ratelimit.FleetUp
 	if cfg.FleetUpRate > 0 {
 		rate = ratelimit.PerSecond(cfg.FleetUpRate, max(cfg.FleetUpBurst, 1))
@@ -100,6 +173,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 		FleetUpRate:      rate,
 		JWTSafetyMargin:  cfg.JWTSafetyMargin,
 		WialonSessionTTL: cfg.WialonSessionTTL,
+		TenantLimit:      cfg.tenantLimit,
 		Logger:           logger,
 	})
 	if err != nil {
@@ -107,3 +181,17 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	}
 	return svc, nil
 }
+
+// apiKeyCredentials sends the gateway's API key with every call to the
+// credentials service. It refuses to travel in plaintext unless the
+// operator said a sidecar secures the hop.
+type apiKeyCredentials struct {
+	key    string
+	secure bool
+}
+
+func (c apiKeyCredentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{authz.APIKeyHeader: c.key}, nil
+}
+
+func (c apiKeyCredentials) RequireTransportSecurity() bool { return c.secure }

@@ -6,10 +6,12 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"time"
 
 	"buf.build/go/protovalidate"
@@ -17,10 +19,14 @@ import (
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+
+	"github.com/fleetbroker/fleetbroker/internal/authn"
+	"github.com/fleetbroker/fleetbroker/internal/requestid"
 )
 
 // Config is what every fleetbroker gRPC server shares.
@@ -32,7 +38,20 @@ type Config struct {
 	// GracePeriod bounds how long shutdown waits for in-flight calls.
 	GracePeriod time.Duration
 	Logger      *slog.Logger
-	// Options are appended to the server options (e.g. credentials).
+	// TLS serves TLS 1.3 (mTLS when it requires client certificates).
+	TLS *tls.Config
+	// Insecure allows plaintext when TLS is nil: for a mesh sidecar that
+	// terminates mTLS, or dev. Without it a server without TLS refuses to start.
+	Insecure bool
+	// DefaultDeadline bounds unary calls whose caller set no deadline.
+	DefaultDeadline time.Duration
+	// MaxRecvMsgSize caps inbound messages (default 1 MiB).
+	MaxRecvMsgSize int
+	// Unary and Stream run after recovery and before validation: identity,
+	// authorization, audit and rate limits.
+	Unary  []grpc.UnaryServerInterceptor
+	Stream []grpc.StreamServerInterceptor
+	// Options are appended to the server options.
 	Options []grpc.ServerOption
 }
 
@@ -52,12 +71,28 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	if cfg.GracePeriod <= 0 {
 		cfg.GracePeriod = 10 * time.Second
 	}
+	if cfg.DefaultDeadline <= 0 {
+		cfg.DefaultDeadline = 30 * time.Second
+	}
+	if cfg.MaxRecvMsgSize <= 0 {
+		cfg.MaxRecvMsgSize = 1 << 20
+	}
+	if cfg.TLS == nil && !cfg.Insecure {
+		return nil, fmt.Errorf("refusing to serve plaintext: set --tls-cert and --tls-key, or --insecure behind a sidecar that terminates mTLS")
+	}
+	if cfg.TLS == nil {
+		cfg.Logger.Warn("serving plaintext gRPC without TLS: only safe behind a sidecar that terminates mTLS, or in dev")
+	}
 	validator, err := protovalidate.New()
 	if err != nil {
 		return nil, fmt.Errorf("build request validator: %w", err)
 	}
 	s := &Server{cfg: cfg, health: health.NewServer()}
-	s.grpc = grpc.NewServer(append(s.interceptors(validator), cfg.Options...)...)
+	opts := append(s.interceptors(validator), grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize))
+	if cfg.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
+	}
+	s.grpc = grpc.NewServer(append(opts, cfg.Options...)...)
 	for _, r := range register {
 		r(s.grpc)
 	}
@@ -71,30 +106,64 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	return s, nil
 }
 
-// interceptors is the one interceptor chain, outermost first: logging records
+// interceptors is the one interceptor chain, outermost first: the request id
+// (so every log line and audit event of a call carries it), logging records
 // each call's outcome (never its payload), recovery turns panics into
-// INTERNAL (inside logging, so a panicked call is logged like any other),
-// validation rejects bad input before any handler runs.
+// INTERNAL (inside logging, so a panicked call is logged like any other), a
+// default deadline, then the caller-specific interceptors (identity,
+// authorization, audit, rate limits), and validation rejects bad input
+// before any handler runs.
 func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
 		s.cfg.Logger.Log(ctx, slog.Level(lvl), msg, fields...)
 	})
-	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall)}
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
+			fields := logging.Fields{"request_id", requestid.FromContext(ctx)}
+			if p, ok := authn.FromContext(ctx); ok {
+				fields = append(fields, "principal", p.Name)
+			}
+			return fields
+		}),
+	}
 	recoverOpts := []recovery.Option{recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
 		s.cfg.Logger.ErrorContext(ctx, "panic in handler", "panic_type", fmt.Sprintf("%T", p))
 		return status.Error(codes.Internal, "internal error")
 	})}
 	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(
-			logging.UnaryServerInterceptor(logger, logOpts...),
-			recovery.UnaryServerInterceptor(recoverOpts...),
-			validateUnary(v),
-		),
-		grpc.ChainStreamInterceptor(
-			logging.StreamServerInterceptor(logger, logOpts...),
-			recovery.StreamServerInterceptor(recoverOpts...),
-			validateStream(v),
-		),
+		grpc.ChainUnaryInterceptor(slices.Concat(
+			[]grpc.UnaryServerInterceptor{
+				requestid.UnaryServerInterceptor(),
+				logging.UnaryServerInterceptor(logger, logOpts...),
+				recovery.UnaryServerInterceptor(recoverOpts...),
+				defaultDeadline(s.cfg.DefaultDeadline),
+			},
+			s.cfg.Unary,
+			[]grpc.UnaryServerInterceptor{validateUnary(v)},
+		)...),
+		grpc.ChainStreamInterceptor(slices.Concat(
+			[]grpc.StreamServerInterceptor{
+				requestid.StreamServerInterceptor(),
+				logging.StreamServerInterceptor(logger, logOpts...),
+				recovery.StreamServerInterceptor(recoverOpts...),
+			},
+			s.cfg.Stream,
+			[]grpc.StreamServerInterceptor{validateStream(v)},
+		)...),
+	}
+}
+
+// defaultDeadline gives a unary call without a deadline one, so no call can
+// hold resources forever. Streams (WatchPositions) are long-lived on purpose.
+func defaultDeadline(d time.Duration) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+		return handler(ctx, req)
 	}
 }
 

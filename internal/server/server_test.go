@@ -160,6 +160,7 @@ func startServer(t *testing.T, cfg server.Config, h hook) *testServer {
 		logs:    &syncBuffer{},
 		stopped: make(chan struct{}),
 	}
+	cfg.Insecure = true // bufconn: no TLS to terminate
 	cfg.Logger = slog.New(slog.NewJSONHandler(ts.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	srv, err := server.New(cfg, ts.fakes.register)
 	if err != nil {

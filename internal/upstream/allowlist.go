@@ -119,8 +119,10 @@ func normalizeHost(h string) string {
 // its user info or query. Only the scheme and host, once known to be free of
 // user info, are named.
 //
-// Check does not resolve names: a listed host whose DNS points at an
-// internal address is the operator's decision.
+// Check does not resolve names. The addresses a name resolves to are
+// checked when a connection is made, by DialContext (NewTransport): an
+// internal address is refused unless an explicit entry names the host,
+// whose DNS is then the operator's decision.
 func (a *AllowList) Check(baseURL string) error {
 	u, err := url.Parse(baseURL)
 	if err != nil {

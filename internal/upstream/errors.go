@@ -4,8 +4,10 @@
 package upstream
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 )
 
@@ -31,6 +33,9 @@ const (
 	KindAccessDenied
 	// KindNotFound: no such item (FleetUp 404).
 	KindNotFound
+	// KindNotAllowed: the upstream address is not allowed (allow-list or an
+	// internal address at dial time). Retrying cannot help.
+	KindNotAllowed
 )
 
 func (k Kind) String() string {
@@ -49,6 +54,8 @@ func (k Kind) String() string {
 		return "access_denied"
 	case KindNotFound:
 		return "not_found"
+	case KindNotAllowed:
+		return "not_allowed"
 	default:
 		return "internal"
 	}
@@ -92,4 +99,21 @@ func KindOf(err error) Kind {
 		return ue.Kind
 	}
 	return KindInternal
+}
+
+// TransportError classifies a failure to get any HTTP answer: the caller's
+// own cancellation or deadline (wrapped, so errors.Is works), a refused
+// upstream address (KindNotAllowed), or else KindUnavailable.
+func TransportError(ctx context.Context, provider, op string, err error) *Error {
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		return &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: ctxErr}
+	}
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err // the URL adds nothing the caller does not know
+	}
+	if errors.Is(err, ErrNotAllowed) {
+		return &Error{Kind: KindNotAllowed, Provider: provider, Op: op, Err: err}
+	}
+	return &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: err}
 }

@@ -55,6 +55,9 @@ func upstreamStatus(ue *upstream.Error) error {
 	case upstream.KindRejected, upstream.KindAccessDenied:
 		return apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialRejected,
 			ue.Provider+" rejected the credential: "+reasonOr(ue, "bad credentials")+"; nothing was stored", meta)
+	case upstream.KindNotAllowed:
+		return apierr.New(codes.InvalidArgument, apierr.ReasonUpstreamNotAllowed,
+			"the base URL's host resolves to an address that is not allowed (loopback, private or link-local); nothing was stored", meta)
 	case upstream.KindRateLimited:
 		return apierr.Retryable(codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited, ue.Provider+" rate limit reached; retry later", ue.RetryAfter)
 	case upstream.KindUnavailable:

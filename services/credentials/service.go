@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
@@ -39,11 +40,25 @@ type Validator interface {
 	ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error
 }
 
+// Authorizer is the per-handler half of authorization: the interceptor
+// already checked the method's action on the request's tenant; handlers
+// check requests that name no tenant once they know it, and cap scopes.
+type Authorizer interface {
+	// Require fails with PERMISSION_DENIED unless the caller may do action
+	// for tenant.
+	Require(ctx context.Context, action policy.Action, tenant string) error
+	// GrantableScopes lists the session scopes ("read", "raw") the caller
+	// may put on a session of tenant.
+	GrantableScopes(ctx context.Context, tenant string) []string
+}
+
 // Config wires the service to its dependencies.
 type Config struct {
 	Store     store.Store
 	Transit   transit.Transit
 	Validator Validator
+	// Authorizer checks what the interceptor could not (see Authorizer).
+	Authorizer Authorizer
 	// AllowList decides which self-hosted base URLs a credential may name.
 	AllowList *upstream.AllowList
 	// MaxSessionTTL caps IssueSession's ttl (default 1 h).
@@ -60,8 +75,8 @@ type Service struct {
 
 // New checks cfg and returns the service.
 func New(cfg Config) (*Service, error) {
-	if cfg.Store == nil || cfg.Transit == nil || cfg.Validator == nil {
-		return nil, fmt.Errorf("credentials service: store, transit and validator are required")
+	if cfg.Store == nil || cfg.Transit == nil || cfg.Validator == nil || cfg.Authorizer == nil {
+		return nil, fmt.Errorf("credentials service: store, transit, validator and authorizer are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -80,6 +95,21 @@ func New(cfg Config) (*Service, error) {
 		cfg.Now = time.Now
 	}
 	return &Service{cfg: cfg}, nil
+}
+
+// Actions maps each method of the service to the policy action it needs;
+// the authorization interceptor enforces it and audits every call.
+var Actions = map[string]policy.Action{
+	credentialsv1.CredentialService_PutCredential_FullMethodName:      policy.CredentialsWrite,
+	credentialsv1.CredentialService_GetCredential_FullMethodName:      policy.CredentialsRead,
+	credentialsv1.CredentialService_ListCredentials_FullMethodName:    policy.CredentialsRead,
+	credentialsv1.CredentialService_DeleteCredential_FullMethodName:   policy.CredentialsWrite,
+	credentialsv1.CredentialService_ValidateCredential_FullMethodName: policy.CredentialsWrite,
+	credentialsv1.SessionService_IssueSession_FullMethodName:          policy.SessionsIssue,
+	credentialsv1.SessionService_RevokeSession_FullMethodName:         policy.SessionsRevoke,
+	credentialsv1.SessionService_ResolveSession_FullMethodName:        policy.SessionsResolve,
+	credentialsv1.SessionService_ResolveSecret_FullMethodName:         policy.SessionsResolve,
+	credentialsv1.SessionService_ReportRejection_FullMethodName:       policy.SessionsResolve,
 }
 
 // Register adds both gRPC services to g.

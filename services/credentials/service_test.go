@@ -154,7 +154,7 @@ func newHarness(t *testing.T, be backend) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(server.Config{Logger: logger, Reflection: true}, svc.Register)
+	srv, err := server.New(server.Config{Logger: logger, Reflection: true, Insecure: true}, svc.Register)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,13 +3,16 @@ package credentials
 import (
 	"context"
 	"errors"
+	"slices"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
 
@@ -36,6 +39,13 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 		return nil, apierr.Field("ttl", "ttl "+ttl.String()+" is above the maximum "+s.cfg.MaxSessionTTL.String())
 	}
 	scopes := scopesFromProto(req.GetScopes())
+	grantable := s.cfg.Authorizer.GrantableScopes(ctx, req.GetTenantId())
+	for _, sc := range scopes {
+		if !slices.Contains(grantable, sc) {
+			return nil, apierr.New(codes.PermissionDenied, apierr.ReasonPermissionDenied,
+				"the policy does not let this caller grant scope "+sc+" on tenant "+req.GetTenantId(), map[string]string{"scope": sc})
+		}
+	}
 	rec, err := s.cfg.Store.GetCredential(ctx, req.GetTenantId(), req.GetCredentialId())
 	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
@@ -82,9 +92,21 @@ func (c *sessionServer) RevokeSession(ctx context.Context, req *credentialsv1.Re
 	if err != nil {
 		return nil, apierr.Field("handle", "not a session handle (expected fbs_...)")
 	}
+	errNoSession := apierr.New(codes.NotFound, apierr.ReasonSessionNotFound, "no live session for this handle", nil)
+	live, err := s.cfg.Store.GetSession(ctx, hash)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, errNoSession
+	}
+	if err != nil {
+		return nil, s.toStatus(ctx, "revoke session", err)
+	}
+	authz.SetSubject(ctx, live.TenantID, live.CredentialID, live.SessionID)
+	if err := s.cfg.Authorizer.Require(ctx, policy.SessionsRevoke, live.TenantID); err != nil {
+		return nil, err
+	}
 	sess, err := s.cfg.Store.DeleteSession(ctx, hash)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, apierr.New(codes.NotFound, apierr.ReasonSessionNotFound, "no live session for this handle", nil)
+		return nil, errNoSession
 	}
 	if err != nil {
 		return nil, s.toStatus(ctx, "revoke session", err)
@@ -174,6 +196,10 @@ func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.C
 	}
 	if !s.cfg.Now().Before(sess.ExpireTime) {
 		return store.Session{}, store.Credential{}, errSessionInvalid
+	}
+	authz.SetSubject(ctx, sess.TenantID, sess.CredentialID, sess.SessionID)
+	if err := s.cfg.Authorizer.Require(ctx, policy.SessionsResolve, sess.TenantID); err != nil {
+		return store.Session{}, store.Credential{}, err
 	}
 	rec, err := s.cfg.Store.GetCredential(ctx, sess.TenantID, sess.CredentialID)
 	if errors.Is(err, store.ErrNotFound) || (err == nil && sess.CreateTime.Before(rec.CreateTime)) {

@@ -36,6 +36,11 @@ func (s *Service) authorize(ctx context.Context, scope credentialsv1.Scope) (*se
 	if err != nil {
 		return nil, s.toStatus(ctx, "resolve session", err)
 	}
+	if s.cfg.TenantLimit != nil {
+		if err := s.cfg.TenantLimit(ctx, sess.tenantID); err != nil {
+			return nil, err
+		}
+	}
 	if !sess.hasScope(scope) {
 		return nil, apierr.New(codes.PermissionDenied, apierr.ReasonScopeMissing,
 			"this session lacks "+scope.String()+"; issue one with that scope", map[string]string{"session_id": sess.sessionID})

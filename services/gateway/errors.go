@@ -73,6 +73,9 @@ func upstreamStatus(op string, ue *upstream.Error) error {
 		return apierr.New(codes.PermissionDenied, apierr.ReasonUpstreamAccessDenied, msg, meta)
 	case upstream.KindNotFound:
 		return apierr.New(codes.NotFound, apierr.ReasonUpstreamRefused, msg, meta)
+	case upstream.KindNotAllowed:
+		return apierr.New(codes.FailedPrecondition, apierr.ReasonUpstreamNotAllowed,
+			"the credential's upstream address is not allowed (allow-list or an internal address)", meta)
 	}
 	return apierr.New(codes.Unavailable, apierr.ReasonUpstreamRefused, msg, meta)
 }

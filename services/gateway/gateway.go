@@ -9,6 +9,7 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -67,7 +68,10 @@ type Config struct {
 	JWTSafetyMargin   time.Duration
 	WialonSessionTTL  time.Duration
 	WialonConcurrency int
-	Logger            *slog.Logger
+	// TenantLimit, if set, takes one request of the tenant's budget once
+	// the handle has told which tenant a call is for.
+	TenantLimit func(ctx context.Context, tenant string) error
+	Logger      *slog.Logger
 }
 
 // Service implements TelematicsService.

@@ -152,7 +152,7 @@ func newVault(t *testing.T, vs testenv.VaultServer, key string) transit.Transit 
 // serve runs services on a bufconn server and returns a client connection.
 func serve(t *testing.T, logger *slog.Logger, register ...func(*grpc.Server)) *grpc.ClientConn {
 	t.Helper()
-	srv, err := server.New(server.Config{Logger: logger}, register...)
+	srv, err := server.New(server.Config{Logger: logger, Insecure: true}, register...)
 	if err != nil {
 		t.Fatal(err)
 	}

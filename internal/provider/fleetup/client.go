@@ -447,14 +447,7 @@ func retryAfter(v string) time.Duration {
 // transportError classifies a failed round trip. The *url.Error wrapper is
 // dropped because its text repeats the request URL.
 func transportError(ctx context.Context, op string, err error) *upstream.Error {
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		return ctxError(op, ctxErr)
-	}
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err
-	}
-	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: provider, Op: op, Err: err}
+	return upstream.TransportError(ctx, provider, op, err)
 }
 
 // ctxError reports the caller's cancellation or deadline as KindUnavailable

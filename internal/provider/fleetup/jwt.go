@@ -46,7 +46,7 @@ func JWTExpiry(jwt string) (time.Time, error) {
 	// exp is seconds, possibly fractional. The upper bound keeps the
 	// conversion to int64 exact and the result sane.
 	f := *claims.Exp
-	if math.IsNaN(f) || f <= 0 || f >= 253402300800 { // 10000-01-01
+	if math.IsNaN(f) || f < 1 || f >= 253402300800 { // [1970-01-01T00:00:01, 10000-01-01)
 		return time.Time{}, errors.New("fleetup: JWT exp is out of range")
 	}
 	sec, frac := math.Modf(f)

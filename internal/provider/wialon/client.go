@@ -390,14 +390,7 @@ func retryAfter(v string) time.Duration {
 // transportError classifies a failed round trip. The *url.Error wrapper is
 // dropped because its text repeats the request URL.
 func transportError(ctx context.Context, svc string, err error) *upstream.Error {
-	if ctxErr := ctx.Err(); ctxErr != nil {
-		return ctxError(svc, ctxErr)
-	}
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err
-	}
-	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: provider, Op: svc, Err: err}
+	return upstream.TransportError(ctx, provider, svc, err)
 }
 
 // ctxError reports the caller's cancellation or deadline. It is

@@ -1,0 +1,148 @@
+package app
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+
+	grpcratelimit "github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/ratelimit"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
+	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
+)
+
+// SecurityConfig is how a service authenticates and limits its callers.
+// The same flags serve every subcommand.
+type SecurityConfig struct {
+	// TLSCert and TLSKey serve TLS 1.3; TLSClientCA makes it mTLS.
+	TLSCert, TLSKey, TLSClientCA string
+	// ClientCertOptional lets clients without a certificate connect (API-key
+	// callers, probes); calls without an identity are still refused.
+	ClientCertOptional bool
+	// Insecure allows plaintext (behind a sidecar that terminates mTLS).
+	Insecure bool
+	// PolicyFile grants principals actions on tenants (YAML or JSON).
+	PolicyFile string
+	// AuditLog is the audit trail file; "-" means stderr.
+	AuditLog string
+	// TrustedHeader carries a principal set by a proxy in TrustedProxies
+	// (comma-separated CIDRs); only honoured with Insecure.
+	TrustedHeader  string
+	TrustedProxies string
+	// RateLimitPrincipal and RateLimitTenant are requests per second (0: off).
+	RateLimitPrincipal int
+	RateLimitTenant    int
+}
+
+// security is what SecurityConfig builds: the server settings and the
+// authorizer handlers use. Close releases watchers and files.
+type security struct {
+	authorizer *authz.Authorizer
+	limits     authz.RateLimits
+	closers    []io.Closer
+}
+
+func (s *security) Close() {
+	for _, c := range s.closers {
+		_ = c.Close()
+	}
+}
+
+// buildSecurity loads TLS material, the policy and the audit log, and
+// returns the security wiring plus cfg completed with TLS and interceptors.
+// A nil policy source means the caller supplies one (dev: allow-all).
+func buildSecurity(sec SecurityConfig, cfg server.Config, actions map[string]policy.Action, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
+	out := &security{}
+	fail := func(err error) (*security, server.Config, error) {
+		out.Close()
+		return nil, cfg, err
+	}
+	if sec.TLSCert != "" || sec.TLSKey != "" {
+		reloader, tlsCfg, err := tlsutil.NewServerConfig(tlsutil.Files{CertFile: sec.TLSCert, KeyFile: sec.TLSKey, CAFile: sec.TLSClientCA, ClientCertOptional: sec.ClientCertOptional}, logger)
+		if err != nil {
+			return fail(fmt.Errorf("--tls-cert/--tls-key/--tls-client-ca: %w", err))
+		}
+		out.closers = append(out.closers, reloader)
+		cfg.TLS = tlsCfg
+	} else if sec.TLSClientCA != "" {
+		return fail(fmt.Errorf("--tls-client-ca needs --tls-cert and --tls-key"))
+	}
+	cfg.Insecure = sec.Insecure
+	if src == nil {
+		if sec.PolicyFile == "" {
+			return fail(fmt.Errorf("--policy is required: it says which principal may do what for which tenant (see docs/security.md)"))
+		}
+		watcher, err := policy.Watch(sec.PolicyFile, logger)
+		if err != nil {
+			return fail(fmt.Errorf("--policy: %w", err))
+		}
+		out.closers = append(out.closers, watcher)
+		src = watcher
+	}
+	auditLog, err := openAudit(sec.AuditLog)
+	if err != nil {
+		return fail(err)
+	}
+	out.closers = append(out.closers, auditLog)
+	proxies, err := parsePrefixes(sec.TrustedProxies)
+	if err != nil {
+		return fail(fmt.Errorf("--trusted-proxies: %w", err))
+	}
+	if sec.TrustedHeader != "" && !sec.Insecure {
+		return fail(fmt.Errorf("--trusted-header is only for --insecure behind a mesh sidecar"))
+	}
+	out.authorizer = authz.New(authz.Config{
+		Policy: src, Audit: auditLog, Logger: logger, Actions: actions,
+		RequirePrincipal: requirePrincipal, TrustedHeader: sec.TrustedHeader, TrustedProxies: proxies,
+	})
+	out.limits = authz.RateLimits{
+		Limiter:      ratelimit.New(rdb, "fb:api:rl"),
+		PerPrincipal: perSecond(sec.RateLimitPrincipal),
+		PerTenant:    perSecond(sec.RateLimitTenant),
+	}
+	cfg.Unary = append(cfg.Unary, out.authorizer.UnaryServerInterceptor(), grpcratelimit.UnaryServerInterceptor(out.limits))
+	cfg.Stream = append(cfg.Stream, out.authorizer.StreamServerInterceptor(), grpcratelimit.StreamServerInterceptor(out.limits))
+	return out, cfg, nil
+}
+
+func perSecond(n int) ratelimit.Limit {
+	if n <= 0 {
+		return ratelimit.Limit{}
+	}
+	return ratelimit.PerSecond(n, n)
+}
+
+func openAudit(path string) (*audit.Logger, error) {
+	switch path {
+	case "", "-":
+		return audit.New(os.Stderr), nil
+	}
+	l, err := audit.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("--audit-log: %w", err)
+	}
+	return l, nil
+}
+
+func parsePrefixes(list string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range strings.Split(list, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}

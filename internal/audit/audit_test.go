@@ -1,0 +1,303 @@
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var fullEvent = Event{
+	Time:         time.Date(2026, 3, 1, 12, 0, 0, 500, time.FixedZone("CET", 3600)),
+	RequestID:    "req-1",
+	Principal:    "spiffe://example.org/ns/billing/sa/api",
+	Method:       "/fleetbroker.credentials.v1.SessionService/IssueSession",
+	Action:       "sessions.issue",
+	TenantID:     "acme",
+	CredentialID: "wialon-main",
+	SessionID:    "s-123",
+	Result:       ResultDenied,
+	Code:         "PermissionDenied",
+	Reason:       "SCOPE_NOT_GRANTED <raw> & more",
+}
+
+func decodeLine(t *testing.T, line []byte) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(line, &m); err != nil {
+		t.Fatalf("not a JSON line: %q: %v", line, err)
+	}
+	return m
+}
+
+func TestRecordFields(t *testing.T) {
+	var buf bytes.Buffer
+	if err := New(&buf).Record(context.Background(), fullEvent); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if strings.Count(out, "\n") != 1 || !strings.HasSuffix(out, "\n") {
+		t.Fatalf("want exactly one line, got %q", out)
+	}
+	got := decodeLine(t, buf.Bytes())
+	want := map[string]any{
+		"time":          "2026-03-01T11:00:00.0000005Z", // UTC
+		"request_id":    "req-1",
+		"principal":     "spiffe://example.org/ns/billing/sa/api",
+		"method":        "/fleetbroker.credentials.v1.SessionService/IssueSession",
+		"action":        "sessions.issue",
+		"tenant_id":     "acme",
+		"credential_id": "wialon-main",
+		"session_id":    "s-123",
+		"result":        "denied",
+		"code":          "PermissionDenied",
+		"reason":        "SCOPE_NOT_GRANTED <raw> & more",
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("got  %v\nwant %v", got, want)
+	}
+	if strings.Contains(out, `\u003c`) {
+		t.Errorf("HTML-escaped output: %s", out)
+	}
+}
+
+func TestRecordOmitsEmptyFields(t *testing.T) {
+	var buf bytes.Buffer
+	before := time.Now()
+	if err := New(&buf).Record(context.Background(), Event{Principal: "p", Result: ResultOK}); err != nil {
+		t.Fatal(err)
+	}
+	got := decodeLine(t, buf.Bytes())
+	if len(got) != 3 {
+		t.Errorf("want time, principal and result only, got %v", got)
+	}
+	ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(got["time"]))
+	if err != nil || ts.Before(before.Add(-time.Second)) || ts.After(time.Now()) {
+		t.Errorf("a zero Time is not replaced by now: %v (%v)", got["time"], err)
+	}
+}
+
+func TestNewlineInFieldStaysInLine(t *testing.T) {
+	var buf bytes.Buffer
+	if err := New(&buf).Record(context.Background(), Event{Reason: "line one\nline two"}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(buf.String(), "\n") != 1 {
+		t.Fatalf("a newline in a field split the line: %q", buf.String())
+	}
+	if got := decodeLine(t, buf.Bytes())["reason"]; got != "line one\nline two" {
+		t.Errorf("reason = %q", got)
+	}
+}
+
+func TestRecordRedactsHandlesAndJWTs(t *testing.T) {
+	const handle = "fbs_4Zz1xY8wV7uT6sR5qP4oN3mL2kJ1iH0gF9eD8cB7aA6abc123"
+	const jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+	var buf bytes.Buffer
+	e := Event{SessionID: handle, Reason: "upstream said Bearer " + jwt + " is bad"}
+	if err := New(&buf).Record(context.Background(), e); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if strings.Contains(out, "4Zz1xY8wV7uT6sR5") || strings.Contains(out, "eyJhbGciOiJIUzI1NiJ9") {
+		t.Errorf("a handle or JWT reached the trail: %s", out)
+	}
+	got := decodeLine(t, buf.Bytes())
+	if got["session_id"] != "[redacted]" || got["reason"] != "upstream said Bearer [redacted] is bad" {
+		t.Errorf("unexpected redaction: %v", got)
+	}
+}
+
+// slowWriter hands each Write on in small pieces, yielding in between, the
+// way a pipe or socket may: unserialized Records would interleave there even
+// where a regular file's O_APPEND writes would not.
+type slowWriter struct {
+	mu     sync.Mutex
+	buf    bytes.Buffer
+	writes int
+}
+
+func (w *slowWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.writes++
+	w.mu.Unlock()
+	for i := 0; i < len(p); i += 64 {
+		w.mu.Lock()
+		w.buf.Write(p[i:min(i+64, len(p))])
+		w.mu.Unlock()
+		runtime.Gosched()
+	}
+	return len(p), nil
+}
+
+func TestConcurrentRecordsDoNotInterleave(t *testing.T) {
+	const n = 50
+	long := strings.Repeat("x", 8<<10) // long lines make tearing likely
+	recordAll := func(l *Logger) {
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				e := Event{RequestID: fmt.Sprintf("req-%d", i), Result: ResultOK, Reason: long}
+				if err := l.Record(context.Background(), e); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	checkLines := func(name string, data []byte) {
+		seen := map[string]bool{}
+		sc := bufio.NewScanner(bytes.NewReader(data))
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			m := decodeLine(t, sc.Bytes())
+			if m["reason"] != long {
+				t.Errorf("%s: line %v has a damaged reason", name, m["request_id"])
+			}
+			seen[fmt.Sprint(m["request_id"])] = true
+		}
+		if len(seen) != n {
+			t.Errorf("%s: want %d distinct lines, got %d", name, n, len(seen))
+		}
+	}
+
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recordAll(l)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkLines("file", data)
+
+	var w slowWriter
+	recordAll(New(&w))
+	checkLines("writer", w.buf.Bytes())
+	if w.writes != n {
+		t.Errorf("%d events took %d Write calls; want one each", n, w.writes)
+	}
+}
+
+// TestRecordReportsSyncFailure checks that Record syncs a file before it
+// returns, and fails if the sync does: the event may not be on disk.
+func TestRecordReportsSyncFailure(t *testing.T) {
+	syncErr := errors.New("disk full")
+	syncs := 0
+	l := &Logger{w: io.Discard, sync: func() error { syncs++; return syncErr }}
+	if err := l.Record(context.Background(), Event{}); !errors.Is(err, syncErr) {
+		t.Errorf("Record = %v, want the sync error", err)
+	}
+	if syncs != 1 {
+		t.Errorf("%d syncs, want 1", syncs)
+	}
+	f, err := Open(filepath.Join(t.TempDir(), "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if f.sync == nil {
+		t.Error("Open does not sync its file")
+	}
+}
+
+func TestOpenAppendsWithMode0600(t *testing.T) {
+	dir := t.TempDir()
+	fresh := filepath.Join(dir, "fresh.log")
+	l, err := Open(fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	fi, err := os.Stat(fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mode := fi.Mode().Perm(); mode != 0o600 {
+		t.Errorf("new audit file has mode %o, want 600", mode)
+	}
+
+	existing := filepath.Join(dir, "existing.log")
+	const old = `{"time":"2026-01-01T00:00:00Z","result":"ok"}` + "\n"
+	if err := os.WriteFile(existing, []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 { // twice: reopening must append too
+		l, err := Open(existing)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Record(context.Background(), Event{RequestID: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+	}
+	data, err := os.ReadFile(existing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitAfter(string(data), "\n")
+	if len(lines) != 4 || lines[0] != old || !strings.Contains(lines[1], `"request_id":"0"`) || !strings.Contains(lines[2], `"request_id":"1"`) {
+		t.Errorf("pre-existing content not kept, or not appended:\n%s", data)
+	}
+}
+
+// TestRecordIsReadableAtOnce reads the file through a separate descriptor
+// right after Record returns: nothing may be left in a buffer.
+func TestRecordIsReadableAtOnce(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for i := range 3 {
+		if err := l.Record(context.Background(), Event{RequestID: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Count(string(data), "\n"); got != i+1 {
+			t.Fatalf("after %d Records the file has %d lines", i+1, got)
+		}
+	}
+}
+
+func TestRecordAfterClose(t *testing.T) {
+	l, err := Open(filepath.Join(t.TempDir(), "audit.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Record(context.Background(), Event{}); err != ErrClosed {
+		t.Errorf("Record after Close = %v, want ErrClosed", err)
+	}
+	if err := l.Close(); err != nil {
+		t.Errorf("second Close = %v", err)
+	}
+}
+
+func TestDiscard(t *testing.T) {
+	if err := Discard().Record(context.Background(), fullEvent); err != nil {
+		t.Error(err)
+	}
+}
