@@ -286,7 +286,10 @@ func TestTenantIsolationGatewayOnlyRPCsAndAudit(t *testing.T) {
 			_, err := globexCreds.ListCredentials(ctx, &credentialsv1.ListCredentialsRequest{TenantId: secTenantA})
 			return err
 		}},
-		{"globex writes acme", func() error { _, err := globexCreds.PutCredential(ctx, wialonPut(secTenantA, "evil", st.simURL)); return err }},
+		{"globex writes acme", func() error {
+			_, err := globexCreds.PutCredential(ctx, wialonPut(secTenantA, "evil", st.simURL))
+			return err
+		}},
 		{"globex issues for acme", func() error {
 			_, err := globexSessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: secTenantA, CredentialId: "w"})
 			return err
