@@ -34,6 +34,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 
 func runCredentials(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := credentialsFlags()
+	checkOnly := addCheckConfigFlag(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -41,6 +42,12 @@ func runCredentials(ctx context.Context, args []string) error {
 	logger, err := newLogger(logf.format, logf.level)
 	if err != nil {
 		return err
+	}
+	if *checkOnly {
+		return checkConfig(ctx, "credentials", func(ctx context.Context) (func(), error) {
+			_, closeAll, err := app.BuildCredentials(ctx, *cfg, logger)
+			return closeAll, err
+		})
 	}
 	return app.RunCredentials(ctx, *cfg, logger)
 }
@@ -122,6 +129,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 
 func runGateway(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := gatewayFlags()
+	checkOnly := addCheckConfigFlag(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -130,5 +138,30 @@ func runGateway(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	if *checkOnly {
+		return checkConfig(ctx, "gateway", func(ctx context.Context) (func(), error) {
+			_, closeAll, err := app.BuildGateway(ctx, *cfg, logger)
+			return closeAll, err
+		})
+	}
 	return app.RunGateway(ctx, *cfg, logger)
+}
+
+// addCheckConfigFlag adds --check-config: build everything a server needs
+// (flags, TLS files, policy, audit log, Vault login, Redis ping) and exit
+// without serving, so a deployment can be checked before it takes traffic.
+func addCheckConfigFlag(fs *flag.FlagSet) *bool {
+	return fs.Bool("check-config", false, "check the configuration (files, Vault, Redis) and exit without serving")
+}
+
+func checkConfig(ctx context.Context, name string, build func(context.Context) (func(), error)) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	closeAll, err := build(ctx)
+	if err != nil {
+		return fmt.Errorf("%s configuration: %w", name, err)
+	}
+	closeAll()
+	fmt.Printf("%s configuration OK\n", name)
+	return nil
 }

@@ -19,7 +19,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"path"
@@ -27,7 +26,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode"
 
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
@@ -460,48 +458,10 @@ func malformed(op string, err error) *upstream.Error {
 	return &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: op, Reason: "malformed reply", Err: err}
 }
 
-// retry runs f up to c.attempts times while it fails with KindUnavailable,
-// pausing a jittered delay between tries. Only idempotent reads use it.
+// retry runs f with the client's bounded, jittered retries (reads only).
 func (c *Client) retry(ctx context.Context, op string, f func() error) error {
-	var err error
-	for i := range c.attempts {
-		if i > 0 {
-			d := c.minDelay
-			if span := c.maxDelay - c.minDelay; span > 0 {
-				d += rand.N(span)
-			}
-			t := time.NewTimer(d)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return ctxError(op, ctx.Err())
-			}
-		}
-		err = f()
-		if err == nil || upstream.KindOf(err) != upstream.KindUnavailable || ctx.Err() != nil {
-			return err
-		}
-	}
-	return err
+	return upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}.Do(ctx, provider, op, f)
 }
 
-// scrub makes provider text safe to put in an error: secrets the request
-// carried are cut out, control characters dropped, length bounded.
-func scrub(s string, secrets []string) string {
-	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
-		}
-	}
-	s = strings.Map(func(r rune) rune {
-		if unicode.IsControl(r) {
-			return ' '
-		}
-		return r
-	}, s)
-	if r := []rune(s); len(r) > 200 {
-		s = string(r[:200]) + "…"
-	}
-	return strings.TrimSpace(s)
-}
+// scrub makes provider text safe to put in an error (see upstream.Scrub).
+func scrub(s string, secrets []string) string { return upstream.Scrub(s, secrets) }
