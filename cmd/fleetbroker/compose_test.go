@@ -78,7 +78,7 @@ func TestComposeWiring(t *testing.T) {
 		},
 		{
 			service: "gateway", command: "gateway",
-			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy, "credentials": types.ServiceConditionStarted},
+			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy, "credentials": types.ServiceConditionHealthy},
 			env: map[string]string{
 				"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
 				"FLEETBROKER_REDIS_ADDR":        "redis:6379",

@@ -36,6 +36,7 @@ func commands() []command {
 		{"simulator", "run the Wialon/FleetUp simulator", runSimulator},
 		{"dev", "run everything in one process on embedded defaults (development only)", runDev},
 		{"rewrap", "rewrap every stored ciphertext under the newest transit key version", runRewrap},
+		{"probe", "check a server's grpc.health.v1 status (container health checks)", runProbe},
 		{"version", "print version and build information", runVersion},
 	}
 }
