@@ -84,6 +84,11 @@ func addRedisFlags(fs *flag.FlagSet, prefix *string) *redisFlags {
 	fs.StringVar(&r.cfg.Password, "redis-password", "", "Redis password (prefer FLEETBROKER_REDIS_PASSWORD)")
 	fs.DurationVar(&r.cfg.Timeout, "redis-timeout", 2*time.Second, "dial/read/write timeout of each Redis call")
 	fs.StringVar(prefix, "redis-prefix", "fb", "prefix of every Redis key")
+	fs.BoolVar(&r.cfg.TLS, "redis-tls", false, "connect to Redis over TLS 1.2+ (every Cluster node, or the Sentinels and the master)")
+	fs.StringVar(&r.cfg.TLSCAFile, "redis-tls-ca", "", "PEM CA bundle that verifies Redis server certificates (default: system roots)")
+	fs.StringVar(&r.cfg.TLSCertFile, "redis-tls-cert", "", "PEM client certificate for Redis servers that check clients")
+	fs.StringVar(&r.cfg.TLSKeyFile, "redis-tls-key", "", "PEM key of --redis-tls-cert")
+	fs.StringVar(&r.cfg.TLSServerName, "redis-tls-server-name", "", "name expected in Redis server certificates (default: the host dialled)")
 	return r
 }
 

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,20 +56,65 @@ func (s RedisServer) Client(t testing.TB) redis.UniversalClient {
 	return c
 }
 
-// redisInstance is one lazily started server; the test binary shares it.
-type redisInstance struct {
-	cluster bool
+// RedisDeployment is a Redis deployment of several processes on loopback,
+// started once per test binary: a sharded Cluster (RedisShardedCluster) or
+// a master and replica watched by Sentinels (RedisSentinel). Tests share
+// it: keep to RedisPrefix keys, and never stop, fail over or reconfigure
+// its nodes.
+type RedisDeployment struct {
+	// Addrs are the addresses a client is given: every master of a
+	// Cluster, or every Sentinel.
+	Addrs []string
+	// MasterName is the name the Sentinels know the master by; empty for
+	// a Cluster.
+	MasterName string
+	// Nodes are the data nodes: the masters of a Cluster; the master, then
+	// the replica, of a Sentinel deployment.
+	Nodes []string
+}
+
+// Options returns new options for the deployment, as production passes
+// them to redis.NewUniversalClient: several Addrs without a MasterName
+// give a *redis.ClusterClient, a MasterName a Sentinel-backed
+// *redis.Client. ContextTimeoutEnabled is on, as in Client.
+func (d RedisDeployment) Options() *redis.UniversalOptions {
+	return &redis.UniversalOptions{
+		Addrs:                 slices.Clone(d.Addrs),
+		MasterName:            d.MasterName,
+		ContextTimeoutEnabled: true,
+	}
+}
+
+// Client returns a client for the deployment, closed when t ends.
+func (d RedisDeployment) Client(t testing.TB) redis.UniversalClient {
+	t.Helper()
+	c := redis.NewUniversalClient(d.Options())
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// redisShared is one lazily started deployment; the test binary shares it.
+type redisShared[T any] struct {
+	start func() (T, redisGroup, error)
 
 	mu      sync.Mutex
-	started bool // a start was attempted; proc and err hold its outcome
-	proc    *redisProc
+	started bool // a start was attempted; val, procs and err hold its outcome
+	val     T
+	procs   redisGroup
 	err     error
 }
 
 var (
-	redisStandalone = &redisInstance{}
-	redisCluster    = &redisInstance{cluster: true}
-	redisPrefixSeq  atomic.Int64
+	redisStandalone = &redisShared[RedisServer]{start: func() (RedisServer, redisGroup, error) {
+		return startRedisServer(false)
+	}}
+	redisCluster = &redisShared[RedisServer]{start: func() (RedisServer, redisGroup, error) {
+		return startRedisServer(true)
+	}}
+	redisShardedCluster = &redisShared[RedisDeployment]{start: startRedisShardedCluster}
+	redisSentinel       = &redisShared[RedisDeployment]{start: startRedisSentinel}
+
+	redisPrefixSeq atomic.Int64
 )
 
 // Redis returns the test binary's standalone redis-server, starting it on
@@ -83,7 +129,8 @@ func Redis(t testing.TB) RedisServer {
 // master owning all 16384 slots), starting it on first use. Clients must use
 // cluster mode, and the server rejects every multi-key command or script
 // whose keys span hash slots (CROSSSLOT), so running code against it proves
-// the code's key layout is cluster-safe.
+// the code's key layout is cluster-safe. RedisShardedCluster is the
+// deployed shape, with keys spread over several processes.
 func RedisCluster(t testing.TB) RedisServer {
 	t.Helper()
 	return redisCluster.get(t)
@@ -108,37 +155,39 @@ func RedisPrefix(t testing.TB) string {
 	return fmt.Sprintf("t%d-%s", redisPrefixSeq.Add(1), name)
 }
 
-// StopRedis stops the servers this binary started and removes their
-// directories. The package's Main calls it after the tests; without it the
-// servers still die with the binary (see launchRedis).
+// StopRedis stops the servers and deployments this binary started and
+// removes their directories. The package's Main calls it after the tests;
+// without it the servers still die with the binary (see redisProc.start).
 func StopRedis() {
-	for _, inst := range []*redisInstance{redisStandalone, redisCluster} {
-		inst.stop()
+	var wg sync.WaitGroup
+	for _, s := range []interface{ stop() }{redisStandalone, redisCluster, redisShardedCluster, redisSentinel} {
+		wg.Go(s.stop)
 	}
+	wg.Wait()
 }
 
-func (inst *redisInstance) get(t testing.TB) RedisServer {
+func (s *redisShared[T]) get(t testing.TB) T {
 	t.Helper()
-	inst.mu.Lock()
-	defer inst.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	// A failed start is remembered, not retried: every later test fails
 	// at once with the same message instead of waiting out the timeout.
-	if !inst.started {
-		inst.started = true
-		inst.proc, inst.err = startRedis(inst.cluster)
+	if !s.started {
+		s.started = true
+		s.val, s.procs, s.err = s.start()
 	}
-	if inst.err != nil {
-		t.Fatalf("testenv: %v", inst.err)
+	if s.err != nil {
+		t.Fatalf("testenv: %v", s.err)
 	}
-	return RedisServer{Addr: inst.proc.addr, Cluster: inst.cluster}
+	return s.val
 }
 
-func (inst *redisInstance) stop() {
-	inst.mu.Lock()
-	defer inst.mu.Unlock()
-	if inst.proc != nil {
-		inst.proc.stop()
-		inst.proc, inst.err = nil, errors.New("redis-server already stopped by StopRedis")
+func (s *redisShared[T]) stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.procs != nil {
+		s.procs.stop()
+		s.procs, s.err = nil, errors.New("redis already stopped by StopRedis")
 	}
 }
 
@@ -158,21 +207,82 @@ func redisBinary() (string, error) {
 	return bin, nil
 }
 
-// startRedis launches a server on a free loopback port. The port is picked
-// by binding :0 and releasing it, so another process may grab it before
-// redis-server binds; an early exit is therefore retried on a new port.
-func startRedis(cluster bool) (*redisProc, error) {
+// startRedisServer starts the standalone server or, with cluster, the
+// single-node cluster.
+func startRedisServer(cluster bool) (RedisServer, redisGroup, error) {
 	bin, err := redisBinary()
 	if err != nil {
-		return nil, err
+		return RedisServer{}, nil, err
 	}
+	deadline := time.Now().Add(redisReadyTimeout)
+	p, err := startRedisProc(bin, redisSpec{
+		role: "redis-server",
+		args: func(dir string, ports []int) ([]string, error) {
+			args := append(redisBaseArgs(dir), "--port", strconv.Itoa(ports[0]))
+			if cluster {
+				args = append(args,
+					"--cluster-enabled", "yes",
+					"--cluster-config-file", filepath.Join(dir, "nodes.conf"),
+					// Without an announced address the lone node reports an
+					// empty IP in CLUSTER SLOTS.
+					"--cluster-announce-ip", "127.0.0.1",
+				)
+			}
+			return args, nil
+		},
+	}, deadline)
+	if err != nil {
+		return RedisServer{}, nil, err
+	}
+	if cluster {
+		if err := redisClaimAllSlots(p.addr, deadline); err != nil {
+			p.stop()
+			return RedisServer{}, nil, fmt.Errorf("%w; its output:\n%s", err, p.log)
+		}
+	}
+	return RedisServer{Addr: p.addr, Cluster: cluster}, redisGroup{p}, nil
+}
+
+// redisBaseArgs are the settings every data node shares: loopback only, no
+// persistence (the data dies with the test binary anyway) and a log of
+// warnings only, the part worth showing when a start fails.
+func redisBaseArgs(dir string) []string {
+	return []string{
+		"--bind", "127.0.0.1",
+		"--save", "",
+		"--appendonly", "no",
+		"--dir", dir,
+		"--loglevel", "warning",
+	}
+}
+
+// redisSpec says how to start one redis-server process.
+type redisSpec struct {
+	// role names the process in errors, e.g. "cluster node 2".
+	role string
+	// ports is how many free loopback ports args needs (a cluster node
+	// also needs a bus port); the first is the client address. Default 1.
+	ports int
+	// args returns the command line. It may write files into dir, the
+	// process's own directory, removed when the process is stopped.
+	args func(dir string, ports []int) ([]string, error)
+	// probe tells whether the server at addr serves; nil means PING.
+	probe func(addr string) error
+}
+
+// startRedisProc launches a server on free loopback ports and waits until
+// it answers, at most until deadline. A port is picked by binding :0 and
+// releasing it, so another process may grab it before redis-server binds;
+// an early exit is therefore retried on new ports.
+func startRedisProc(bin string, spec redisSpec, deadline time.Time) (*redisProc, error) {
+	n := max(spec.ports, 1)
 	var lastErr error
 	for range redisStartAttempts {
-		port, err := freePort()
+		ports, err := freePorts(n)
 		if err != nil {
 			return nil, err
 		}
-		p, err := launchRedis(bin, port, cluster)
+		p, err := launchRedis(bin, spec, ports, deadline)
 		if err == nil {
 			return p, nil
 		}
@@ -181,22 +291,29 @@ func startRedis(cluster bool) (*redisProc, error) {
 			break
 		}
 	}
-	return nil, fmt.Errorf("start redis-server: %w", lastErr)
+	return nil, fmt.Errorf("start %s: %w", spec.role, lastErr)
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
+// freePorts returns n distinct free loopback ports: all n listeners are
+// open at once, so the kernel cannot hand out one port twice.
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return ports, nil
 }
 
 var errRedisExited = errors.New("redis-server exited during startup")
 
 // redisProc is a running redis-server child process.
 type redisProc struct {
+	role     string
 	addr     string
 	dir      string
 	cmd      *exec.Cmd
@@ -205,30 +322,19 @@ type redisProc struct {
 	stopOnce sync.Once
 }
 
-func launchRedis(bin string, port int, cluster bool) (*redisProc, error) {
+func launchRedis(bin string, spec redisSpec, ports []int, deadline time.Time) (*redisProc, error) {
 	dir, err := os.MkdirTemp("", "fleetbroker-redis-")
 	if err != nil {
 		return nil, err
 	}
-	args := []string{
-		"--port", strconv.Itoa(port),
-		"--bind", "127.0.0.1",
-		"--save", "",
-		"--appendonly", "no",
-		"--dir", dir,
-		"--loglevel", "warning",
-	}
-	if cluster {
-		args = append(args,
-			"--cluster-enabled", "yes",
-			"--cluster-config-file", filepath.Join(dir, "nodes.conf"),
-			// Without an announced address the lone node reports an empty
-			// IP in CLUSTER SLOTS.
-			"--cluster-announce-ip", "127.0.0.1",
-		)
+	args, err := spec.args(dir, ports)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("%s: %w", spec.role, err)
 	}
 	p := &redisProc{
-		addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
+		role: spec.role,
+		addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
 		dir:  dir,
 		log:  &tailBuffer{max: redisLogTail},
 		done: make(chan struct{}),
@@ -243,7 +349,11 @@ func launchRedis(bin string, port int, cluster bool) (*redisProc, error) {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("run %s: %w", bin, err)
 	}
-	if err := p.waitReady(cluster); err != nil {
+	probe := spec.probe
+	if probe == nil {
+		probe = redisPing
+	}
+	if err := p.waitReady(deadline, probe); err != nil {
 		p.stop()
 		return nil, err
 	}
@@ -272,56 +382,72 @@ func (p *redisProc) start() error {
 	return <-started
 }
 
-func (p *redisProc) waitReady(cluster bool) error {
-	deadline := time.Now().Add(redisReadyTimeout)
-	if err := p.waitPing(deadline); err != nil {
-		return err
-	}
-	if cluster {
-		return redisClaimAllSlots(p.addr, deadline)
-	}
-	return nil
-}
-
-func (p *redisProc) waitPing(deadline time.Time) error {
+func (p *redisProc) waitReady(deadline time.Time, probe func(addr string) error) error {
 	for {
-		err := redisPing(p.addr)
+		err := probe(p.addr)
 		if err == nil {
 			return nil
 		}
 		select {
 		case <-p.done:
-			return fmt.Errorf("%w on %s; its output:\n%s", errRedisExited, p.addr, p.log)
+			return fmt.Errorf("%w: %s on %s; its output:\n%s", errRedisExited, p.role, p.addr, p.log)
 		default:
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("redis-server on %s did not answer PING within %s: %v; its output:\n%s",
-				p.addr, redisReadyTimeout, err, p.log)
+			return fmt.Errorf("%s on %s did not answer PING in time: %v; its output:\n%s",
+				p.role, p.addr, err, p.log)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// redisPing speaks raw RESP rather than go-redis, whose pool would log every
-// refused dial while the server is still starting.
 func redisPing(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	return redisProbe(func() (net.Conn, error) { return net.DialTimeout("tcp", addr, time.Second) })
+}
+
+// redisProbe dials, sends AUTH if auth (user, password) is given, then
+// PING. It speaks raw RESP rather than go-redis, whose pool would log every
+// refused dial while the server is still starting.
+func redisProbe(dial func() (net.Conn, error), auth ...string) error {
+	conn, err := dial()
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return err
+	var cmds [][]string
+	if len(auth) > 0 {
+		cmds = append(cmds, append([]string{"AUTH"}, auth...))
 	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if strings.TrimSpace(line) != "+PONG" {
-		return fmt.Errorf("PING answered %q", strings.TrimSpace(line))
+	cmds = append(cmds, []string{"PING"})
+	r := bufio.NewReader(conn)
+	for _, cmd := range cmds {
+		if _, err := conn.Write(respCommand(cmd...)); err != nil {
+			return err
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		want := "+OK"
+		if cmd[0] == "PING" {
+			want = "+PONG"
+		}
+		if got := strings.TrimSpace(line); got != want {
+			return fmt.Errorf("%s answered %q", cmd[0], got)
+		}
 	}
 	return nil
+}
+
+// respCommand encodes a command as a RESP array of bulk strings, which,
+// unlike an inline command, carries any byte in an argument.
+func respCommand(args ...string) []byte {
+	b := fmt.Appendf(nil, "*%d\r\n", len(args))
+	for _, a := range args {
+		b = fmt.Appendf(b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	return b
 }
 
 // redisClaimAllSlots makes the lone cluster node own every slot and waits
@@ -334,17 +460,69 @@ func redisClaimAllSlots(addr string, deadline time.Time) error {
 	if err := c.ClusterAddSlotsRange(ctx, 0, 16383).Err(); err != nil {
 		return fmt.Errorf("redis cluster on %s: assign slots: %w", addr, err)
 	}
+	return redisWaitFor(deadline, "redis cluster on "+addr+" to reach cluster_state:ok", func(ctx context.Context) error {
+		return redisClusterHealthy(ctx, c, 1)
+	})
+}
+
+// redisClusterHealthy tells whether node sees a healthy cluster of nodes
+// nodes covering every slot.
+func redisClusterHealthy(ctx context.Context, node *redis.Client, nodes int) error {
+	info, err := node.ClusterInfo(ctx).Result()
+	if err != nil {
+		return err
+	}
+	for _, want := range []string{
+		"cluster_state:ok",
+		"cluster_slots_ok:16384",
+		"cluster_known_nodes:" + strconv.Itoa(nodes),
+	} {
+		if !strings.Contains(info, want+"\r\n") {
+			return fmt.Errorf("CLUSTER INFO lacks %s:\n%s", want, info)
+		}
+	}
+	return nil
+}
+
+// redisWaitFor calls check until it returns nil, and fails with its last
+// error once deadline has passed. Each call gets a context that ends at
+// the deadline.
+func redisWaitFor(deadline time.Time, what string, check func(ctx context.Context) error) error {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
 	for {
-		info, err := c.ClusterInfo(ctx).Result()
-		if err == nil && strings.Contains(info, "cluster_state:ok") {
+		err := check(ctx)
+		if err == nil {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("redis cluster on %s never reached cluster_state:ok (last error: %v)", addr, err)
+			return fmt.Errorf("timed out waiting for %s; last error: %w", what, err)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// redisGroup is the processes of one deployment.
+type redisGroup []*redisProc
+
+// stop stops every process of g at once, so a deployment goes down in one
+// stop timeout, not one per process.
+func (g redisGroup) stop() {
+	var wg sync.WaitGroup
+	for _, p := range g {
+		wg.Go(p.stop)
+	}
+	wg.Wait()
+}
+
+// logs is the log tail of every process, for a failed start.
+func (g redisGroup) logs() string {
+	var b strings.Builder
+	for _, p := range g {
+		fmt.Fprintf(&b, "--- %s on %s ---\n%s", p.role, p.addr, p.log)
+	}
+	return b.String()
 }
 
 // stop terminates the server, waits for it and removes its directory.

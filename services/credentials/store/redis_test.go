@@ -5,11 +5,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
+	"maps"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,24 +24,125 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/credentials/store/storetest"
 )
 
-// redisHarness gives each test its own key prefix on a shared server. The
-// clock is the real one, so Advance (nil) sleeps.
-func redisHarness(srv testenv.RedisServer) func(t *testing.T) storetest.Harness {
+// TestMain stops the Redis deployments after the tests and removes their
+// directories; without it they would die with the binary but leave their
+// directories behind.
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// redisTarget is a Redis deployment from testenv.
+type redisTarget interface {
+	Client(t testing.TB) redis.UniversalClient
+}
+
+// redisHarness gives each test its own key prefix on a shared deployment.
+// The clock is the real one, so Advance (nil) sleeps.
+func redisHarness(srv redisTarget) func(t *testing.T) storetest.Harness {
 	return func(t *testing.T) storetest.Harness {
 		st := store.NewRedis(srv.Client(t), store.RedisOptions{Prefix: testenv.RedisPrefix(t)})
 		return storetest.Harness{Store: st}
 	}
 }
 
+// The suites on the three Redis shapes run in parallel with each other:
+// most of their time is spent waiting for sessions to expire.
 func TestRedisConformance(t *testing.T) {
+	t.Parallel()
 	storetest.Run(t, redisHarness(testenv.Redis(t)))
 }
 
-// TestRedisClusterConformance runs the suite through a ClusterClient on a
-// cluster node, which rejects any script or multi-key command whose keys
-// span slots (CROSSSLOT) and any script touching a key it did not declare.
+// TestRedisClusterConformance runs the suite on a Cluster of three masters,
+// as deployed. Each node rejects any script or multi-key command whose keys
+// span slots (CROSSSLOT) and any script touching a key it did not declare;
+// the ClusterClient follows MOVED redirections, each script runs on the
+// master owning its tenant, and ForEachCredential must walk every master.
 func TestRedisClusterConformance(t *testing.T) {
-	storetest.Run(t, redisHarness(testenv.RedisCluster(t)))
+	t.Parallel()
+	storetest.Run(t, redisHarness(testenv.RedisShardedCluster(t)))
+}
+
+// TestRedisSentinelConformance runs the suite through a client that finds
+// the master by asking the Sentinels.
+func TestRedisSentinelConformance(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, redisHarness(testenv.RedisSentinel(t)))
+}
+
+// TestRedisShardedClusterSpreadsTenants drives every Store method for
+// several tenants on the three-master cluster. The tenants' slots lie on
+// different masters, so a script or multi-key command whose keys strayed
+// from its tenant's slot fails with CROSSSLOT (and the test with it), and
+// ForEachCredential only finds every record if it visits every master.
+func TestRedisShardedClusterSpreadsTenants(t *testing.T) {
+	prefix := testenv.RedisPrefix(t)
+	client, ok := testenv.RedisShardedCluster(t).Client(t).(*redis.ClusterClient)
+	if !ok {
+		t.Fatal("the sharded cluster's client is not a *redis.ClusterClient")
+	}
+	st := store.NewRedis(client, store.RedisOptions{Prefix: prefix})
+	ctx := t.Context()
+	tenants := map[string]bool{}
+	for i := range 12 {
+		tenant := fmt.Sprintf("tenant-%02d", i)
+		tenants[tenant] = true
+		exerciseStore(t, st, tenant)
+		// exerciseStore deletes its credential; leave one behind, with a
+		// session, for the walk and the key census below.
+		c := store.Credential{TenantID: tenant, CredentialID: "kept", Provider: store.ProviderFleetUp, Ciphertext: "vault:v1:x"}
+		if _, _, err := st.PutCredential(ctx, c); err != nil {
+			t.Fatalf("PutCredential: %v", err)
+		}
+		s := store.Session{
+			HandleHash: sha256.Sum256([]byte(tenant + "/kept")), SessionID: "kept",
+			TenantID: tenant, CredentialID: c.CredentialID,
+			CreateTime: time.Now(), ExpireTime: time.Now().Add(time.Minute),
+		}
+		if err := st.CreateSession(ctx, s); err != nil {
+			t.Fatalf("CreateSession: %v", err)
+		}
+	}
+
+	walked := map[string]bool{}
+	if err := st.ForEachCredential(ctx, func(c store.Credential) error {
+		walked[c.TenantID] = true
+		return nil
+	}); err != nil {
+		t.Fatalf("ForEachCredential: %v", err)
+	}
+	if !maps.Equal(walked, tenants) {
+		t.Errorf("ForEachCredential saw tenants %v, want %v", slices.Sorted(maps.Keys(walked)), slices.Sorted(maps.Keys(tenants)))
+	}
+
+	// Which master holds each tenant's keys (those with a hash tag).
+	var mu sync.Mutex
+	masterOf := map[string]map[string]bool{} // tenant -> master addresses
+	err := client.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+		iter := node.Scan(ctx, 0, prefix+":{*", 1000).Iterator()
+		for iter.Next(ctx) {
+			tag := strings.TrimPrefix(iter.Val(), prefix+":{")
+			tenant, _, _ := strings.Cut(tag, "}")
+			mu.Lock()
+			if masterOf[tenant] == nil {
+				masterOf[tenant] = map[string]bool{}
+			}
+			masterOf[tenant][node.Options().Addr] = true
+			mu.Unlock()
+		}
+		return iter.Err()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	masters := map[string]bool{}
+	for tenant := range tenants {
+		if len(masterOf[tenant]) != 1 {
+			t.Errorf("tenant %s has keys on masters %v, want exactly one", tenant, masterOf[tenant])
+		}
+		maps.Copy(masters, masterOf[tenant])
+	}
+	t.Logf("%d tenants on %d masters", len(tenants), len(masters))
+	if len(masters) < 2 {
+		t.Errorf("all %d tenants landed on masters %v; the test needs at least two", len(tenants), masters)
+	}
 }
 
 // TestRedisKeysStayInOneSlot watches every command the store sends (and
@@ -49,7 +154,7 @@ func TestRedisKeysStayInOneSlot(t *testing.T) {
 	prefix := testenv.RedisPrefix(t)
 	lines := monitor(t, srv.Addr)
 	client := srv.Client(t)
-	exerciseStore(t, store.NewRedis(client, store.RedisOptions{Prefix: prefix}))
+	exerciseStore(t, store.NewRedis(client, store.RedisOptions{Prefix: prefix}), "tenant-a")
 	done := prefix + ":monitor-done"
 	if err := client.Get(t.Context(), done).Err(); !errors.Is(err, redis.Nil) {
 		t.Fatalf("GET %s: %v", done, err)
@@ -91,11 +196,11 @@ func TestRedisKeysStayInOneSlot(t *testing.T) {
 	assertSlotsMatchServer(t, keys)
 }
 
-// exerciseStore calls every Store method once or more.
-func exerciseStore(t *testing.T, st store.Store) {
+// exerciseStore calls every Store method once or more, for one tenant.
+func exerciseStore(t *testing.T, st store.Store, tenant string) {
 	t.Helper()
 	ctx := t.Context()
-	c := store.Credential{TenantID: "tenant-a", CredentialID: "cred-1", Provider: store.ProviderWialon, Ciphertext: "vault:v1:x"}
+	c := store.Credential{TenantID: tenant, CredentialID: "cred-1", Provider: store.ProviderWialon, Ciphertext: "vault:v1:x"}
 	must := func(what string, err error) {
 		t.Helper()
 		if err != nil {
@@ -117,7 +222,7 @@ func exerciseStore(t *testing.T, st store.Store) {
 	var sessions []store.Session
 	for i := range 3 {
 		s := store.Session{
-			HandleHash: sha256.Sum256([]byte{byte(i)}), SessionID: "s" + strconv.Itoa(i),
+			HandleHash: sha256.Sum256([]byte(tenant + "/" + strconv.Itoa(i))), SessionID: "s" + strconv.Itoa(i),
 			TenantID: c.TenantID, CredentialID: c.CredentialID,
 			CreateTime: time.Now(), ExpireTime: time.Now().Add(time.Minute),
 		}
@@ -136,13 +241,14 @@ func exerciseStore(t *testing.T, st store.Store) {
 }
 
 // assertSlotsMatchServer checks keySlot against CLUSTER KEYSLOT of a real
-// cluster node, so the slot test above does not rest on our CRC16 alone.
+// cluster node (any node answers for every key), so the slot test above
+// does not rest on our CRC16 alone.
 func assertSlotsMatchServer(t *testing.T, keys map[string]bool) {
 	t.Helper()
 	if got := crc16([]byte("123456789")); got != 0x31c3 {
 		t.Fatalf("crc16(123456789) = %#x, want 0x31c3 (CRC-16/XMODEM)", got)
 	}
-	node := redis.NewClient(&redis.Options{Addr: testenv.RedisCluster(t).Addr})
+	node := redis.NewClient(&redis.Options{Addr: testenv.RedisShardedCluster(t).Nodes[0]})
 	t.Cleanup(func() { _ = node.Close() })
 	for k := range keys {
 		want, err := node.ClusterKeySlot(t.Context(), k).Result()

@@ -37,9 +37,13 @@ var backends = []struct {
 	setup func(t *testing.T) *backend
 }{
 	{"redis", func(t *testing.T) *backend { return realBackend(t, testenv.Redis(t)) }},
-	// The single-node cluster rejects any command or script whose keys
-	// span slots, proving the key layout is Cluster-safe.
-	{"cluster", func(t *testing.T) *backend { return realBackend(t, testenv.RedisCluster(t)) }},
+	// A Cluster of three masters, as deployed. Its nodes reject any command
+	// or script whose keys span slots, proving the key layout is
+	// Cluster-safe, and the client follows MOVED redirections to the master
+	// owning each tenant's slot.
+	{"cluster", func(t *testing.T) *backend { return realBackend(t, testenv.RedisShardedCluster(t)) }},
+	// The master found through Sentinels.
+	{"sentinel", func(t *testing.T) *backend { return realBackend(t, testenv.RedisSentinel(t)) }},
 	{"miniredis", func(t *testing.T) *backend {
 		m := miniredis.RunT(t)
 		return &backend{
@@ -54,7 +58,12 @@ var backends = []struct {
 	}},
 }
 
-func realBackend(t *testing.T, srv testenv.RedisServer) *backend {
+// redisTarget is a Redis deployment from testenv.
+type redisTarget interface {
+	Client(t testing.TB) redis.UniversalClient
+}
+
+func realBackend(t *testing.T, srv redisTarget) *backend {
 	return &backend{
 		prefix:    testenv.RedisPrefix(t),
 		realTime:  true,

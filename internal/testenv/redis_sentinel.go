@@ -1,0 +1,160 @@
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+const (
+	// RedisSentinelMasterName is the name RedisSentinel's Sentinels monitor
+	// the master under.
+	RedisSentinelMasterName = "mymaster"
+	// redisSentinels and redisSentinelQuorum are the smallest Sentinel
+	// setup that survives losing a Sentinel: three, two of which must agree.
+	redisSentinels      = 3
+	redisSentinelQuorum = 2
+)
+
+// RedisSentinel returns the test binary's Sentinel deployment, starting it
+// on first use: a master, one replica of it, and three Sentinels
+// monitoring the master as RedisSentinelMasterName. Addrs lists the
+// Sentinels and MasterName is set, so Options and Client give a
+// Sentinel-backed *redis.Client that asks the Sentinels where the master
+// is; Nodes are the master and the replica. It is ready once the replica
+// has synced and every Sentinel reports the master and knows the replica.
+// Tests must not fail the master over: the deployment is shared.
+func RedisSentinel(t testing.TB) RedisDeployment {
+	t.Helper()
+	return redisSentinel.get(t)
+}
+
+func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
+	bin, err := redisBinary()
+	if err != nil {
+		return RedisDeployment{}, nil, err
+	}
+	deadline := time.Now().Add(redisDeployTimeout)
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("redis sentinel: %w; output of its servers:\n%s", err, g.logs())
+			g.stop()
+			g = nil
+		}
+	}()
+	start := func(spec redisSpec) (*redisProc, error) {
+		p, err := startRedisProc(bin, spec, deadline)
+		if err == nil {
+			g = append(g, p)
+		}
+		return p, err
+	}
+
+	master, err := start(redisSpec{
+		role: "master",
+		args: func(dir string, ports []int) ([]string, error) {
+			return append(redisBaseArgs(dir),
+				"--port", strconv.Itoa(ports[0]),
+				// Sync a replica at once, not after the default 5 s
+				// wait for more replicas to share the transfer.
+				"--repl-diskless-sync-delay", "0",
+			), nil
+		},
+	})
+	if err != nil {
+		return RedisDeployment{}, g, err
+	}
+	masterHost, masterPort, _ := net.SplitHostPort(master.addr)
+	replica, err := start(redisSpec{
+		role: "replica",
+		args: func(dir string, ports []int) ([]string, error) {
+			return append(redisBaseArgs(dir),
+				"--port", strconv.Itoa(ports[0]),
+				"--replicaof", masterHost, masterPort,
+			), nil
+		},
+	})
+	if err != nil {
+		return RedisDeployment{}, g, err
+	}
+	for i := range redisSentinels {
+		s, err := start(redisSpec{
+			role: "sentinel " + strconv.Itoa(i+1),
+			// A Sentinel takes its settings from a file it can rewrite:
+			// it records what it learns (replicas, peers, epochs) there.
+			args: func(dir string, ports []int) ([]string, error) {
+				conf := filepath.Join(dir, "sentinel.conf")
+				text := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %q\nsentinel monitor %s %s %s %d\n",
+					ports[0], dir, RedisSentinelMasterName, masterHost, masterPort, redisSentinelQuorum)
+				if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+					return nil, err
+				}
+				return []string{conf, "--sentinel"}, nil
+			},
+		})
+		if err != nil {
+			return RedisDeployment{}, g, err
+		}
+		d.Addrs = append(d.Addrs, s.addr)
+	}
+	d.MasterName = RedisSentinelMasterName
+	d.Nodes = []string{master.addr, replica.addr}
+
+	// A replica still syncing answers reads with an error, and Sentinels
+	// learn the replica from the master's INFO a moment after they start.
+	rc := redis.NewClient(&redis.Options{Addr: replica.addr, ContextTimeoutEnabled: true})
+	defer rc.Close()
+	if err := redisWaitFor(deadline, "the replica to sync", func(ctx context.Context) error {
+		info, err := rc.Info(ctx, "replication").Result()
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(info, "master_link_status:up\r\n") {
+			return fmt.Errorf("replica not in sync:\n%s", info)
+		}
+		return nil
+	}); err != nil {
+		return RedisDeployment{}, g, err
+	}
+	for _, addr := range d.Addrs {
+		sc := redis.NewSentinelClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
+		err := redisWaitFor(deadline, "sentinel "+addr+" to know the master and its replica", func(ctx context.Context) error {
+			return redisSentinelReady(ctx, sc, master.addr, replica.addr)
+		})
+		_ = sc.Close()
+		if err != nil {
+			return RedisDeployment{}, g, err
+		}
+	}
+	return d, g, nil
+}
+
+// redisSentinelReady tells whether the Sentinel reports master as the
+// master and lists replica as a healthy replica of it.
+func redisSentinelReady(ctx context.Context, sc *redis.SentinelClient, master, replica string) error {
+	addr, err := sc.GetMasterAddrByName(ctx, RedisSentinelMasterName).Result()
+	if err != nil {
+		return err
+	}
+	if len(addr) != 2 || net.JoinHostPort(addr[0], addr[1]) != master {
+		return fmt.Errorf("sentinel reports master %v, want %s", addr, master)
+	}
+	replicas, err := sc.Replicas(ctx, RedisSentinelMasterName).Result()
+	if err != nil {
+		return err
+	}
+	for _, r := range replicas {
+		if r["name"] == replica && r["flags"] == "slave" {
+			return nil
+		}
+	}
+	return fmt.Errorf("sentinel lists replicas %v, want %s with flags slave", replicas, replica)
+}
