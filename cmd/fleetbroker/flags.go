@@ -9,6 +9,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
 
 // parse parses args and then fills every flag not given on the command line
@@ -61,12 +62,25 @@ func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {
 	fs.StringVar(&cfg.Mount, "vault-transit-mount", "transit", "mount path of the transit engine")
 	fs.StringVar(&cfg.Key, "vault-transit-key", key, "transit key name (derived=true)")
 	fs.DurationVar(&cfg.Timeout, "vault-timeout", 5*time.Second, "timeout of each Vault call")
+	fs.StringVar(&cfg.Namespace, "vault-namespace", os.Getenv("VAULT_NAMESPACE"), "Vault Enterprise namespace (default $VAULT_NAMESPACE)")
+	fs.StringVar(&cfg.CACert, "vault-ca-cert", "", "CA bundle for TLS to Vault (default $VAULT_CACERT, else system roots)")
+	fs.StringVar(&cfg.TLSServerName, "vault-tls-server-name", "", "name expected in Vault's certificate (default: the host of --vault-addr)")
+	fs.StringVar(&cfg.Auth.Method, "vault-auth-method", "token", "how to log in to Vault: token, approle or kubernetes (renewed, and logged in again when renewal ends)")
+	fs.StringVar(&cfg.Auth.RoleIDFile, "vault-approle-role-id-file", "", "approle: file holding the role_id")
+	fs.StringVar(&cfg.Auth.SecretIDFile, "vault-approle-secret-id-file", "", "approle: file holding the secret_id (or a wrapping token for it)")
+	fs.BoolVar(&cfg.Auth.SecretIDWrapped, "vault-approle-secret-id-wrapped", false, "approle: the secret_id file holds a response-wrapping token")
+	fs.StringVar(&cfg.Auth.KubernetesRole, "vault-k8s-role", "", "kubernetes: the Vault role to log in as")
+	fs.StringVar(&cfg.Auth.KubernetesTokenPath, "vault-k8s-token-path", "", "kubernetes: service-account token file (default "+transit.DefaultKubernetesTokenPath+")")
+	fs.StringVar(&cfg.Auth.MountPath, "vault-auth-mount", "", "mount path of the auth method (default approle / kubernetes)")
 }
 
 // vaultTokenFallback applies VAULT_TOKEN when neither the flag nor
 // FLEETBROKER_VAULT_TOKEN set a token; the token never appears in --help.
 func vaultTokenFallback(cfg *app.VaultConfig) {
-	if cfg.Token == "" {
+	if cfg.Auth.Method == "token" {
+		cfg.Auth.Method = "" // transit's default; keeps its check that no other method's settings are given
+	}
+	if cfg.Token == "" && cfg.Auth.Method == "" {
 		cfg.Token = os.Getenv("VAULT_TOKEN")
 	}
 }

@@ -128,8 +128,8 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*trans
 	if cfg.Addr == "" {
 		return nil, fmt.Errorf("vault: no address configured (--vault-addr)")
 	}
-	if cfg.Token == "" {
-		return nil, fmt.Errorf("vault: no token configured (--vault-token or FLEETBROKER_VAULT_TOKEN)")
+	if cfg.Token == "" && (cfg.Auth.Method == "" || cfg.Auth.Method == transit.AuthToken) {
+		return nil, fmt.Errorf("vault: no token configured (--vault-token or FLEETBROKER_VAULT_TOKEN), and no --vault-auth-method to log in with")
 	}
 	v, err := transit.NewVault(ctx, cfg, logger)
 	if err != nil {

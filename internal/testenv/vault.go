@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -32,8 +34,11 @@ const vaultStartTimeout = 60 * time.Second
 // at "transit/". It is shared by every test in the binary: use a fresh key
 // name per test (NewKeyName) so tests stay independent.
 type VaultServer struct {
-	Addr      string // e.g. "http://127.0.0.1:41234"
+	Addr      string // e.g. "http://127.0.0.1:41234"; https for VaultTLS
 	RootToken string
+	// CACert is the PEM file of the CA that signed the server's
+	// certificate (for 127.0.0.1 and localhost); VaultTLS only.
+	CACert string
 }
 
 // vaultState is the one dev server of this test binary.
@@ -70,8 +75,7 @@ func StopVault() {
 	if vaultState.cmd == nil {
 		return
 	}
-	_ = vaultState.cmd.Process.Kill()
-	<-vaultState.exited
+	(&vaultProc{cmd: vaultState.cmd, exited: vaultState.exited}).stop()
 	vaultState.cmd = nil
 	_ = os.Remove(vaultState.logPath)
 }
@@ -89,6 +93,38 @@ func (VaultServer) NewKeyName(t testing.TB) string {
 	return "t-" + strings.Trim(name, "-") + "-" + vaultRandomHex(4)
 }
 
+// VaultTLS starts a Vault dev server that serves only TLS (vault server
+// -dev -dev-tls), with transit mounted, for t; it is stopped when t ends.
+// Unlike Vault it is not shared, and its CA (CACert) lives in t's temporary
+// directory. It takes a second or two to start.
+func VaultTLS(t testing.TB) VaultServer {
+	t.Helper()
+	bin, err := findVaultBinary()
+	if err != nil {
+		t.Fatalf("testenv: vault TLS dev server: %v", err)
+	}
+	dir := t.TempDir()
+	logFile, err := os.Create(filepath.Join(dir, "vault.log"))
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	defer logFile.Close()
+	for attempt := 1; ; attempt++ {
+		certDir, err := os.MkdirTemp(dir, "tls-") // fresh for each attempt
+		if err != nil {
+			t.Fatalf("testenv: %v", err)
+		}
+		p, err := startVaultProc(bin, logFile, certDir)
+		if err == nil {
+			t.Cleanup(p.stop)
+			return p.server
+		}
+		if attempt == 3 {
+			t.Fatalf("testenv: vault TLS dev server: %v\n--- tail of %s ---\n%s", err, logFile.Name(), vaultLogTail(logFile.Name()))
+		}
+	}
+}
+
 func startVault() (VaultServer, error) {
 	bin, err := findVaultBinary()
 	if err != nil {
@@ -104,9 +140,10 @@ func startVault() (VaultServer, error) {
 	// The free port can be taken between probing and Vault binding it, so
 	// retry a few times on a fresh port before giving up.
 	for attempt := 1; ; attempt++ {
-		srv, err := startVaultOnce(bin, logFile)
+		p, err := startVaultProc(bin, logFile, "")
 		if err == nil {
-			return srv, nil
+			vaultState.cmd, vaultState.exited = p.cmd, p.exited
+			return p.server, nil
 		}
 		if attempt == 3 {
 			return VaultServer{}, fmt.Errorf("%w\n--- tail of %s ---\n%s", err, logFile.Name(), vaultLogTail(logFile.Name()))
@@ -114,42 +151,61 @@ func startVault() (VaultServer, error) {
 	}
 }
 
-func startVaultOnce(bin string, logFile *os.File) (VaultServer, error) {
+// vaultProc is a started and ready dev server.
+type vaultProc struct {
+	server VaultServer
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has been waited for
+}
+
+func (p *vaultProc) stop() {
+	_ = p.cmd.Process.Kill()
+	<-p.exited
+}
+
+// startVaultProc starts a dev server on a free loopback port, waits until
+// it is ready and mounts transit. A non-empty tlsDir makes it a -dev-tls
+// server writing its CA and certificate there.
+func startVaultProc(bin string, logFile *os.File, tlsDir string) (*vaultProc, error) {
 	port, err := vaultFreePort()
 	if err != nil {
-		return VaultServer{}, err
+		return nil, err
 	}
 	hostPort := net.JoinHostPort("127.0.0.1", port)
 	srv := VaultServer{Addr: "http://" + hostPort, RootToken: "root-" + vaultRandomHex(16)}
-
-	cmd := exec.Command(bin, "server", "-dev",
-		"-dev-root-token-id="+srv.RootToken,
-		"-dev-listen-address="+hostPort,
+	args := []string{"server", "-dev",
+		"-dev-root-token-id=" + srv.RootToken,
+		"-dev-listen-address=" + hostPort,
 		"-dev-no-store-token", // never overwrite the developer's ~/.vault-token
-	)
+	}
+	if tlsDir != "" {
+		srv.Addr = "https://" + hostPort
+		srv.CACert = filepath.Join(tlsDir, "vault-ca.pem")
+		args = append(args, "-dev-tls", "-dev-tls-cert-dir="+tlsDir)
+	}
+
+	cmd := exec.Command(bin, args...)
 	cmd.Env = vaultChildEnv()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	// Kill the server if the test binary dies without calling StopVault.
+	// Kill the server if the test binary dies without stopping it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	fmt.Fprintf(logFile, "--- %s (attempt on %s) ---\n", bin, hostPort)
 	if err := cmd.Start(); err != nil {
-		return VaultServer{}, fmt.Errorf("start %s: %w", bin, err)
+		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
+	p := &vaultProc{server: srv, cmd: cmd, exited: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.exited) }()
 
-	if err := waitVaultReady(srv, exited); err != nil {
-		_ = cmd.Process.Kill()
-		<-exited
-		return VaultServer{}, err
+	client, err := waitVaultReady(srv, p.exited)
+	if err != nil {
+		p.stop()
+		return nil, err
 	}
-	if err := vaultRequest(srv, http.MethodPost, "sys/mounts/transit", `{"type":"transit"}`); err != nil {
-		_ = cmd.Process.Kill()
-		<-exited
-		return VaultServer{}, fmt.Errorf("enable transit: %w", err)
+	if err := vaultRequest(srv, client, http.MethodPost, "sys/mounts/transit", `{"type":"transit"}`); err != nil {
+		p.stop()
+		return nil, fmt.Errorf("enable transit: %w", err)
 	}
-	vaultState.cmd, vaultState.exited = cmd, exited
-	return srv, nil
+	return p, nil
 }
 
 // findVaultBinary looks in $FLEETBROKER_VAULT_BIN, then PATH, then the
@@ -188,31 +244,64 @@ func vaultChildEnv() []string {
 }
 
 // waitVaultReady polls sys/health until the server is initialized and
-// unsealed, the process exits, or vaultStartTimeout passes.
-func waitVaultReady(srv VaultServer, exited <-chan struct{}) error {
+// unsealed, the process exits, or vaultStartTimeout passes. It returns a
+// client that trusts the server.
+func waitVaultReady(srv VaultServer, exited <-chan struct{}) (*http.Client, error) {
 	deadline := time.Now().Add(vaultStartTimeout)
-	client := &http.Client{Timeout: time.Second}
+	var client *http.Client
 	for {
-		resp, err := client.Get(srv.Addr + "/v1/sys/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
+		if client == nil {
+			client, _ = vaultHTTPClient(srv) // a TLS server writes its CA as it starts
+		}
+		if client != nil && vaultHealthy(client, srv) {
+			return client, nil
 		}
 		select {
 		case <-exited:
-			return errors.New("vault exited before it became ready")
+			return nil, errors.New("vault exited before it became ready")
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("vault not ready after %s", vaultStartTimeout)
+			return nil, fmt.Errorf("vault not ready after %s", vaultStartTimeout)
 		}
 	}
 }
 
+// vaultHTTPClient returns a client for srv, trusting its CA if it has one.
+func vaultHTTPClient(srv VaultServer) (*http.Client, error) {
+	if srv.CACert == "" {
+		return &http.Client{}, nil
+	}
+	pem, err := os.ReadFile(srv.CACert)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("no certificate in %s", srv.CACert)
+	}
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	return &http.Client{Transport: transport}, nil
+}
+
+func vaultHealthy(client *http.Client, srv VaultServer) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.Addr+"/v1/sys/health", nil)
+	if err != nil {
+		return false
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}
+
 // vaultRequest sends one authenticated request with a JSON body.
-func vaultRequest(srv VaultServer, method, path, body string) error {
+func vaultRequest(srv VaultServer, client *http.Client, method, path, body string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, method, srv.Addr+"/v1/"+path, strings.NewReader(body))
@@ -220,7 +309,7 @@ func vaultRequest(srv VaultServer, method, path, body string) error {
 		return err
 	}
 	req.Header.Set("X-Vault-Token", srv.RootToken)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}

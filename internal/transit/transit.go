@@ -7,6 +7,14 @@
 // Two implementations share one conformance suite (transittest): Vault, for
 // production, and Keyring, a local AES-256-GCM keyring for `fleetbroker dev`
 // only. Nothing in this package ever logs or returns plaintext in an error.
+//
+// Vault logs in with a token, AppRole (role_id and secret_id files, the
+// secret_id optionally response-wrapped) or Kubernetes (the pod's service
+// account JWT), as VaultConfig.Auth says, over TLS with VaultConfig.CACert
+// and in VaultConfig.Namespace if set. One goroutine per Vault keeps the
+// token alive: it renews it, and logs in again when it can no longer be
+// renewed or Vault has revoked it. No token, secret_id or JWT is ever
+// logged or put in an error.
 package transit
 
 import (

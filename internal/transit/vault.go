@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/vault/api"
@@ -28,20 +29,43 @@ const (
 // proxy cannot make the broker buffer an unbounded body.
 const maxVaultResponse = 64 << 20
 
-// VaultConfig says where Vault is and which transit key to use.
+// VaultConfig says where Vault is, how to log in and which transit key to
+// use.
 type VaultConfig struct {
 	// Addr is Vault's address, e.g. "https://vault.internal:8200".
 	Addr string
-	// Token authenticates to Vault. If it is renewable, Vault renews it in
-	// the background until Close.
+	// CACert is a PEM file with the CA certificate(s) that Vault's TLS
+	// certificate must chain to, instead of the system's roots; empty
+	// means the system's roots (or $VAULT_CACERT).
+	CACert string
+	// TLSServerName, if set, is the name Vault's certificate is checked
+	// against instead of the host in Addr.
+	TLSServerName string
+	// Namespace is the Vault Enterprise namespace (X-Vault-Namespace) of
+	// every request, the login included; empty means none, whatever
+	// $VAULT_NAMESPACE says.
+	Namespace string
+	// Auth says how to log in; the default is the token method with Token.
+	Auth Auth
+	// Token authenticates to Vault with the token auth method. If it is
+	// renewable, it is renewed in the background until Close. Other auth
+	// methods ignore it.
 	Token string
 	// Mount is the path the transit engine is mounted at; default "transit".
 	Mount string
 	// Key is the transit key's name; default "fleetbroker". It must be an
 	// aes256-gcm96 key with derived=true (see EnsureKey).
 	Key string
-	// Timeout bounds every call to Vault, retries included; default 5s.
+	// Timeout bounds every call to Vault, retries included; default 5s. A
+	// login (unwrap, login) gets one Timeout in all.
 	Timeout time.Duration
+}
+
+func (c VaultConfig) validate() error {
+	if c.Addr == "" {
+		return fmt.Errorf("vault transit: %w: address is required", ErrInvalid)
+	}
+	return c.Auth.validate(c.Token)
 }
 
 func (c VaultConfig) withDefaults() VaultConfig {
@@ -55,6 +79,7 @@ func (c VaultConfig) withDefaults() VaultConfig {
 	if c.Timeout <= 0 {
 		c.Timeout = DefaultVaultTimeout
 	}
+	c.Auth = c.Auth.withDefaults()
 	return c
 }
 
@@ -73,27 +98,40 @@ type Vault struct {
 	timeout time.Duration
 	logger  *slog.Logger
 
-	// Token renewal; watcher is nil when the token is not renewable.
-	watcher   *api.LifetimeWatcher
-	stopping  chan struct{}
-	watchDone chan struct{}
+	method string    // Auth.Method
+	login  loginFunc // nil for the token method
+	logins atomic.Int64
+
+	// The lifecycle goroutine (run): ctx ends it, done is closed when it
+	// has returned, recheck asks it to check the token (noteRefusal).
+	ctx       context.Context
+	cancel    context.CancelFunc
+	done      chan struct{}
+	recheck   chan struct{}
+	lastCheck time.Time // of the token, by the lifecycle goroutine only
 	closeOnce sync.Once
 }
 
 var _ Rotatable = (*Vault)(nil)
 
-// NewVault connects to Vault and checks the token with a lookup-self call,
-// so a wrong address or token fails at startup rather than on first use. If
-// the token is renewable, a background watcher renews it until Close.
+// NewVault connects to Vault and authenticates as cfg.Auth says: it logs
+// in (approle, kubernetes) or checks the token with a lookup-self call
+// (token), so a wrong address, CA, role or token fails at startup rather
+// than on first use. A background goroutine then keeps the token alive
+// until Close: it renews it while Vault allows, and logs in again when it
+// can no longer be renewed or Vault no longer accepts it (see Auth).
+//
+// Invalid settings, credentials Vault refuses and unreadable credential
+// files are ErrInvalid; an unreachable Vault is ErrUnavailable.
 //
 // NewVault does not create the transit key: production creates it out of
 // band (derived=true, type aes256-gcm96), and the service's policy needs no
 // rights on keys/. Dev and test setups call EnsureKey.
 func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*Vault, error) {
-	cfg = cfg.withDefaults()
-	if cfg.Addr == "" || cfg.Token == "" {
-		return nil, fmt.Errorf("vault transit: %w: address and token are required", ErrInvalid)
+	if err := cfg.validate(); err != nil {
+		return nil, err
 	}
+	cfg = cfg.withDefaults()
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -101,23 +139,26 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*Vault
 	if err != nil {
 		return nil, err
 	}
+	loopCtx, cancel := context.WithCancel(context.Background())
 	v := &Vault{
-		client:   client,
-		mount:    cfg.Mount,
-		key:      cfg.Key,
-		timeout:  cfg.Timeout,
-		logger:   logger.With("component", "vault-transit"),
-		stopping: make(chan struct{}),
+		client:  client,
+		mount:   cfg.Mount,
+		key:     cfg.Key,
+		timeout: cfg.Timeout,
+		logger:  logger.With("component", "vault-transit"),
+		method:  cfg.Auth.Method,
+		login:   newLogin(cfg.Auth),
+		ctx:     loopCtx,
+		cancel:  cancel,
+		done:    make(chan struct{}),
+		recheck: make(chan struct{}, 1),
 	}
-	self, err := v.lookupSelf(ctx)
+	secret, err := v.authenticate(ctx, cfg.Token)
 	if err != nil {
+		cancel()
 		return nil, err
 	}
-	if self.Renewable {
-		if err := v.startRenewal(cfg.Token, self.TTL); err != nil {
-			return nil, err
-		}
-	}
+	go v.run(secret)
 	return v, nil
 }
 
@@ -135,28 +176,64 @@ func newVaultClient(cfg VaultConfig) (*api.Client, error) {
 	conf.MaxRetries = 2
 	conf.MinRetryWait = 100 * time.Millisecond
 	conf.MaxRetryWait = 500 * time.Millisecond
+	if cfg.CACert != "" || cfg.TLSServerName != "" {
+		err := conf.ConfigureTLS(&api.TLSConfig{CACert: cfg.CACert, TLSServerName: cfg.TLSServerName})
+		if err != nil {
+			return nil, fmt.Errorf("vault transit: CA certificate: %w: %v", ErrInvalid, err)
+		}
+	}
 	client, err := api.NewClient(conf)
 	if err != nil {
 		return nil, fmt.Errorf("vault transit: new client: %w", err)
 	}
-	// Set explicitly: api.NewClient may have picked up VAULT_TOKEN from the
-	// environment, and the configured token must win.
+	// Set explicitly: api.NewClient may have picked up VAULT_TOKEN and
+	// VAULT_NAMESPACE from the environment, and the configuration must win.
 	client.SetToken(cfg.Token)
+	if cfg.Namespace != "" {
+		client.SetNamespace(cfg.Namespace)
+	} else {
+		client.ClearNamespace()
+	}
 	return client, nil
 }
 
-// Close stops token renewal. It does not revoke the token. It is safe to
-// call more than once and always returns nil.
+// authenticate logs in with the configured method, or checks token, and
+// returns the auth secret for the lifecycle goroutine.
+func (v *Vault) authenticate(ctx context.Context, token string) (*api.Secret, error) {
+	if v.login != nil {
+		if token != "" {
+			v.logger.Warn("a vault token is configured but not used", "method", v.method)
+		}
+		return v.logIn(ctx)
+	}
+	self, err := v.lookupSelf(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !self.Renewable && self.TTL > 0 {
+		v.logger.Warn("vault token is not renewable; Vault calls fail once it expires", "ttl_seconds", self.TTL)
+	}
+	return &api.Secret{Auth: &api.SecretAuth{
+		ClientToken:   token,
+		Renewable:     self.Renewable,
+		LeaseDuration: self.TTL,
+	}}, nil
+}
+
+// Close stops the token's renewal and re-logins. It does not revoke the
+// token. It is safe to call more than once and always returns nil.
 func (v *Vault) Close() error {
 	v.closeOnce.Do(func() {
-		close(v.stopping)
-		if v.watcher != nil {
-			v.watcher.Stop()
-			<-v.watchDone
-		}
+		v.cancel()
+		<-v.done
 	})
 	return nil
 }
+
+// Logins is the number of successful logins with the configured auth
+// method so far, the one in NewVault included; always 0 for the token
+// method.
+func (v *Vault) Logins() int64 { return v.logins.Load() }
 
 // tokenInfo is the part of auth/token/lookup-self that renewal needs.
 type tokenInfo struct {
@@ -168,65 +245,6 @@ func (v *Vault) lookupSelf(ctx context.Context) (tokenInfo, error) {
 	var info tokenInfo
 	err := v.call(ctx, "token lookup", http.MethodGet, "auth/token/lookup-self", nil, &info)
 	return info, err
-}
-
-// startRenewal runs an api.LifetimeWatcher for the token. Renewals and
-// failures are logged; the token itself never is.
-func (v *Vault) startRenewal(token string, ttl int) error {
-	w, err := v.client.NewLifetimeWatcher(&api.LifetimeWatcherInput{
-		Secret: &api.Secret{Auth: &api.SecretAuth{
-			ClientToken:   token,
-			Renewable:     true,
-			LeaseDuration: ttl,
-		}},
-	})
-	if err != nil {
-		return fmt.Errorf("vault transit: token watcher: %w", err)
-	}
-	v.watcher = w
-	v.watchDone = make(chan struct{})
-	go w.Start()
-	go v.watchRenewals()
-	return nil
-}
-
-func (v *Vault) watchRenewals() {
-	defer close(v.watchDone)
-	for {
-		select {
-		case r := <-v.watcher.RenewCh():
-			ttl := 0
-			if r.Secret != nil && r.Secret.Auth != nil {
-				ttl = r.Secret.Auth.LeaseDuration
-			}
-			v.logger.Info("vault token renewed", "ttl_seconds", ttl)
-		case err := <-v.watcher.DoneCh():
-			select {
-			case <-v.stopping:
-				return // Close asked for this; nothing to report.
-			default:
-			}
-			if err != nil {
-				v.logger.Error("vault token renewal failed; the token will expire", "error", describeRenewError(err))
-			} else {
-				v.logger.Warn("vault token renewal stopped at its maximum TTL; the token will expire")
-			}
-			return
-		}
-	}
-}
-
-// describeRenewError keeps Vault's response body out of logs.
-func describeRenewError(err error) string {
-	var re *api.ResponseError
-	if errors.As(err, &re) {
-		return fmt.Sprintf("status %d", re.StatusCode)
-	}
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		return ue.Err.Error()
-	}
-	return "renewal error"
 }
 
 // Encrypt encrypts all items in one batch call.
@@ -508,19 +526,23 @@ func (v *Vault) send(ctx context.Context, op, method, path string, body any) (in
 	ctx, cancel := context.WithTimeout(ctx, v.timeout)
 	defer cancel()
 
-	var resp *api.Response
-	var err error
-	if method == http.MethodGet {
-		resp, err = v.client.Logical().ReadRawWithContext(ctx, path)
-	} else {
-		resp, err = v.client.Logical().WriteRawWithContext(ctx, path, payload)
+	// RawRequestWithContext, not Logical().WriteRawWithContext: the latter
+	// cancels its context when it returns, before the body is read, which
+	// loses the body of HTTP/2 responses (Vault over TLS) at random.
+	req := v.client.NewRequest(http.MethodGet, "/v1/"+path)
+	if method != http.MethodGet {
+		req.Method, req.BodyBytes = http.MethodPut, payload
 	}
+	resp, err := v.client.RawRequestWithContext(ctx, req)
 	if resp == nil {
 		return 0, nil, unavailable(ctx, op, err)
 	}
 	defer resp.Body.Close()
 
 	status := resp.StatusCode
+	if status == http.StatusForbidden {
+		v.noteRefusal()
+	}
 	if status >= 500 || status == http.StatusTooManyRequests {
 		return status, nil, &statusError{op: op, status: status, kind: ErrUnavailable}
 	}

@@ -61,6 +61,11 @@ func rootClient(t *testing.T, srv testenv.VaultServer) *api.Client {
 	t.Helper()
 	conf := api.DefaultConfig()
 	conf.Address = srv.Addr
+	if srv.CACert != "" {
+		if err := conf.ConfigureTLS(&api.TLSConfig{CACert: srv.CACert}); err != nil {
+			t.Fatalf("vault CA: %v", err)
+		}
+	}
 	c, err := api.NewClient(conf)
 	if err != nil {
 		t.Fatalf("api.NewClient: %v", err)
@@ -284,6 +289,7 @@ func (b *syncBuffer) String() string {
 // watcher renews it; an identical token nobody renews has expired by then,
 // which shows the TTL really is that short.
 func TestVaultTokenRenewal(t *testing.T) {
+	t.Parallel()
 	srv := testenv.Vault(t)
 	_, key := newKeyedVault(t, srv)
 	root := rootClient(t, srv)
