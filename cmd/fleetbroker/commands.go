@@ -19,6 +19,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	cfg := &app.CredentialsConfig{}
 	addServerFlags(fs, &cfg.Server, ":7401")
 	addDeadlineFlags(fs, &cfg.Server)
+	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, ":9401")
 	addSecurityFlags(fs, &cfg.Security, "policy file (YAML or JSON) granting principals actions on tenants; required; reloaded on change")
 	addVaultFlags(fs, &cfg.Vault, "fleetbroker")
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
@@ -61,6 +62,7 @@ func runDev(ctx context.Context, args []string) error {
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 50, "FleetUp requests per second per account (the simulator needs no 1/s limit)")
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "localhost:7490", "HTTP address serving Prometheus metrics at /metrics (empty: off)")
 	logf := addLogFlags(fs, "text") // dev is read by humans
 	if err := parse(fs, args); err != nil {
 		return err
@@ -103,6 +105,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	cfg := &app.GatewayConfig{}
 	addServerFlags(fs, &cfg.Server, ":7402")
 	addDeadlineFlags(fs, &cfg.Server)
+	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, ":9402")
 	addSecurityFlags(fs, &cfg.Security, "optional policy file; the gateway uses only its api_keys (callers are authorized by their handle)")
 	fs.StringVar(&cfg.CredentialsAddr, "credentials-addr", "localhost:7401", "address of the credentials service")
 	fs.StringVar(&cfg.CredentialsTLS.CAFile, "credentials-ca", "", "CA bundle that signed the credentials service's certificate")

@@ -134,3 +134,15 @@ func addDeadlineFlags(fs *flag.FlagSet, cfg *server.Config) {
 	fs.DurationVar(&cfg.DefaultDeadline, "default-deadline", 30*time.Second, "deadline of a unary call whose caller set none")
 	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest inbound message in bytes")
 }
+
+// addMeshFlags are the connection settings a mesh or L4 balancer needs.
+func addMeshFlags(fs *flag.FlagSet, cfg *server.Config, metricsListen *string, metricsDefault string) {
+	fs.StringVar(metricsListen, "metrics-listen", metricsDefault, "HTTP address serving Prometheus metrics at /metrics (empty: off)")
+	fs.DurationVar(&cfg.MaxConnectionAge, "max-connection-age", server.DefaultMaxConnectionAge, "GOAWAY connections older than this, so clients rebalance across replicas (negative: never; streams are cut too)")
+	fs.DurationVar(&cfg.MaxConnectionAgeGrace, "max-connection-age-grace", server.DefaultMaxConnectionAgeGrace, "time calls get to finish after that GOAWAY (negative: forever)")
+	fs.DurationVar(&cfg.KeepaliveTime, "keepalive-time", server.DefaultKeepaliveTime, "ping a client idle this long")
+	fs.DurationVar(&cfg.KeepaliveTimeout, "keepalive-timeout", server.DefaultKeepaliveTimeout, "close a connection whose ping is not answered within this")
+	fs.DurationVar(&cfg.KeepaliveMinTime, "keepalive-min-time", server.DefaultKeepaliveMinTime, "shortest client ping interval accepted (also without open calls)")
+	fs.DurationVar(&cfg.ReadinessInterval, "readiness-interval", server.DefaultReadinessInterval, "how often Redis (and Vault) reachability is checked for readiness")
+	fs.DurationVar(&cfg.ReadinessTimeout, "readiness-timeout", server.DefaultReadinessTimeout, "bound of one readiness check")
+}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
@@ -32,16 +33,18 @@ type CredentialsConfig struct {
 	// Authorizer is set by RunCredentials from Security; when nil (tests,
 	// dev) every caller may do everything.
 	Authorizer credentials.Authorizer
+	// MetricsListen serves Prometheus metrics on a separate HTTP listener.
+	MetricsListen string
+	// Metrics records the service's metrics (set by RunCredentials; nil: none).
+	Metrics *telemetry.Metrics
 }
 
 // RunCredentials serves the credentials service until ctx is done.
 func RunCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) error {
-	srv, closeAll, err := BuildCredentials(ctx, cfg, logger)
-	if err != nil {
-		return err
-	}
-	defer closeAll()
-	return srv.Serve(ctx)
+	return runServer(ctx, "fleetbroker-credentials", cfg.MetricsListen, logger, func(m *telemetry.Metrics) (*server.Server, func(), error) {
+		cfg.Metrics = m
+		return BuildCredentials(ctx, cfg, logger)
+	})
 }
 
 // BuildCredentials builds the credentials service's server and everything
@@ -49,17 +52,12 @@ func RunCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Log
 // service. The returned func releases them after serving.
 func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
-	vault, err := NewVault(ctx, cfg.Vault, logger)
-	if err != nil {
-		return nil, nil, err
-	}
-	closers.push(func() { vault.Close() })
-	rdb, err := NewRedis(ctx, cfg.Redis)
+	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return closers.fail(err)
 	}
-	closers.push(func() { rdb.Close() })
-	sec, srvCfg, err := buildSecurity(cfg.Security, cfg.Server, credentials.Actions, true, nil, rdb, logger)
+	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, credentials.Actions, true, nil, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -75,23 +73,6 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.L
 		return closers.fail(err)
 	}
 	return srv, closers.closeAll, nil
-}
-
-// closeStack releases what a Build function opened, last opened first.
-type closeStack []func()
-
-func (c *closeStack) push(f func()) { *c = append(*c, f) }
-
-func (c *closeStack) closeAll() {
-	for i := len(*c) - 1; i >= 0; i-- {
-		(*c)[i]()
-	}
-}
-
-// fail releases everything opened so far and returns err.
-func (c *closeStack) fail(err error) (*server.Server, func(), error) {
-	c.closeAll()
-	return nil, nil, err
 }
 
 // NewCredentialsService builds the credentials service on a store and a transit.
@@ -112,7 +93,7 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 		Authorizer:    authorizer,
 		Store:         st,
 		Transit:       tr,
-		Validator:     NewProviderValidator(timeout, allow),
+		Validator:     NewProviderValidator(timeout, allow, cfg.Metrics),
 		AllowList:     allow,
 		MaxSessionTTL: cfg.MaxSessionTTL,
 		Logger:        logger,

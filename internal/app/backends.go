@@ -15,6 +15,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
@@ -145,10 +146,11 @@ type ProviderValidator struct {
 }
 
 // NewProviderValidator returns a validator whose calls time out after
-// timeout and connect only to addresses allow permits.
-func NewProviderValidator(timeout time.Duration, allow *upstream.AllowList) *ProviderValidator {
-	httpClient := newUpstreamClient(timeout, allow)
-	return &ProviderValidator{Wialon: wialon.New(httpClient), FleetUp: fleetup.New(httpClient)}
+// timeout, connect only to addresses allow permits, and are measured in m
+// (nil: not measured).
+func NewProviderValidator(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) *ProviderValidator {
+	clients := newUpstreamClients(timeout, allow, m)
+	return &ProviderValidator{Wialon: wialon.New(clients.wialon), FleetUp: fleetup.New(clients.fleetup)}
 }
 
 // ValidateWialon logs in with the token and logs out at once, so validation
@@ -168,11 +170,19 @@ func (v *ProviderValidator) ValidateFleetUp(ctx context.Context, baseURL, apiKey
 	return err
 }
 
-// newUpstreamClient is the one HTTP client shape for provider calls: a
-// timeout on every request, and a transport that dials only addresses the
+// upstreamClients are the HTTP clients of the two providers.
+type upstreamClients struct{ wialon, fleetup *http.Client }
+
+// newUpstreamClients is the one HTTP client shape for provider calls: a
+// timeout on every request, a transport that dials only addresses the
 // allow-list permits (checked on the address actually dialed, so DNS cannot
-// aim it at internal services). Egress proxies are not supported: through
-// one, the check would see the proxy, not the upstream.
-func newUpstreamClient(timeout time.Duration, allow *upstream.AllowList) *http.Client {
-	return &http.Client{Timeout: timeout, Transport: upstream.NewTransport(allow)}
+// aim it at internal services), and latency/status metrics by provider and
+// endpoint. Egress proxies are not supported: through one, the address
+// check would see the proxy, not the upstream.
+func newUpstreamClients(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) upstreamClients {
+	base := upstream.NewTransport(allow)
+	return upstreamClients{
+		wialon:  &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderWialon, m)},
+		fleetup: &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)},
+	}
 }

@@ -20,6 +20,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
@@ -36,6 +37,8 @@ type DevConfig struct {
 	AllowedUpstreams string
 	Reflection       bool
 	MaxSessionTTL    time.Duration
+	// MetricsListen serves Prometheus metrics ("" to turn off).
+	MetricsListen string
 	// FleetUpRate is FleetUp requests per second per account (the
 	// simulator does not need FleetUp's 1/s guidance).
 	FleetUpRate int
@@ -72,6 +75,10 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	defer mini.Close()
 	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mini.Addr()}, ContextTimeoutEnabled: true})
 	defer rdb.Close()
+	metrics := telemetry.NewMetrics()
+	if err := instrumentRedis(rdb, metrics); err != nil {
+		return err
+	}
 	keyring, err := transit.NewKeyring()
 	if err != nil {
 		return fmt.Errorf("dev keyring: %w", err)
@@ -92,11 +99,12 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	credCfg := CredentialsConfig{
 		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
 		MaxSessionTTL:    cfg.MaxSessionTTL,
+		Metrics:          metrics,
 	}
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
 	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
-		server.Config{Reflection: cfg.Reflection, Logger: logger}, credentials.Actions, false, policy.Static(policy.AllowAll()), rdb, logger)
+		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), credentials.Actions, false, policy.Static(policy.AllowAll()), rdb, logger)
 	if err != nil {
 		return err
 	}
@@ -108,7 +116,8 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	}
 	// The gateway reaches the credentials service over gRPC on the same
 	// port, exactly as it does when the two run apart.
-	selfConn, err := grpc.NewClient(grpcLis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	selfConn, err := grpc.NewClient(grpcLis.Addr().String(),
+		append(metrics.ClientDialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		return err
 	}
@@ -118,6 +127,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
 		FleetUpRate:      cfg.FleetUpRate,
 		FleetUpBurst:     cfg.FleetUpRate,
+		Metrics:          metrics,
 	}, credentialsv1.NewSessionServiceClient(selfConn), rdb, keyring, logger)
 	if err != nil {
 		return err
@@ -132,6 +142,9 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return ServeHTTP(gctx, simServer, simLis) })
 	g.Go(func() error { return srv.ServeListener(gctx, grpcLis) })
+	if cfg.MetricsListen != "" {
+		g.Go(func() error { return telemetry.Serve(gctx, cfg.MetricsListen, metrics.Handler(), logger) })
+	}
 	g.Go(func() error {
 		if err := seedDemo(gctx, grpcLis.Addr().String(), simURL); err != nil {
 			return fmt.Errorf("seed demo tenant: %w", err)

@@ -17,6 +17,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -58,16 +59,18 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
+	// MetricsListen serves Prometheus metrics on a separate HTTP listener.
+	MetricsListen string
+	// Metrics records the gateway's metrics (set by RunGateway; nil: none).
+	Metrics *telemetry.Metrics
 }
 
 // RunGateway serves the telematics gateway until ctx is done.
 func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) error {
-	srv, closeAll, err := BuildGateway(ctx, cfg, logger)
-	if err != nil {
-		return err
-	}
-	defer closeAll()
-	return srv.Serve(ctx)
+	return runServer(ctx, "fleetbroker-gateway", cfg.MetricsListen, logger, func(m *telemetry.Metrics) (*server.Server, func(), error) {
+		cfg.Metrics = m
+		return BuildGateway(ctx, cfg, logger)
+	})
 }
 
 // BuildGateway builds the gateway's server and everything under it, in
@@ -75,22 +78,19 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
-	vault, err := NewVault(ctx, cfg.Vault, logger)
-	if err != nil {
-		return nil, nil, err
-	}
-	closers.push(func() { vault.Close() })
-	rdb, err := NewRedis(ctx, cfg.Redis)
+	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return closers.fail(err)
 	}
-	closers.push(func() { rdb.Close() })
 	creds, closeCreds, err := credentialsTransport(cfg, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
 	closers.push(closeCreds)
-	opts := []grpc.DialOption{creds}
+	opts := append([]grpc.DialOption{creds}, cfg.Metrics.ClientDialOptions()...)
+	if telemetry.TracingEnabled() {
+		opts = append(opts, telemetry.TracingDialOption())
+	}
 	if cfg.CredentialsAPIKey != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(apiKeyCredentials{key: cfg.CredentialsAPIKey, secure: !cfg.CredentialsInsecure}))
 	}
@@ -105,7 +105,10 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	if cfg.Security.PolicyFile != "" {
 		src = nil
 	}
-	sec, srvCfg, err := buildSecurity(cfg.Security, cfg.Server, nil, cfg.Security.TLSClientCA != "", src, rdb, logger)
+	// Readiness is Redis only: with Vault down the gateway still serves
+	// every account whose upstream session is cached.
+	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb))
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, nil, cfg.Security.TLSClientCA != "", src, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -155,19 +158,20 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if prefix == "" {
 		prefix = "fb"
 	}
-	httpClient := newUpstreamClient(timeout, allow)
+	clients := newUpstreamClients(timeout, allow, cfg.Metrics)
 	rate := ratelimit.FleetUp
 	if cfg.FleetUpRate > 0 {
 		rate = ratelimit.PerSecond(cfg.FleetUpRate, max(cfg.FleetUpBurst, 1))
 	}
 	svc, err := gateway.New(gateway.Config{
 		Sessions:         sessions,
-		Cache:            tokencache.New(rdb, tr, tokencache.Options{Prefix: prefix + ":gw", Logger: logger}),
+		Cache:            tokencache.New(rdb, tr, gateway.InstrumentTokenCache(tokencache.Options{Prefix: prefix + ":gw", Logger: logger}, cfg.Metrics)),
 		Limiter:          ratelimit.New(rdb, prefix+":gw:rl"),
 		Redis:            rdb,
 		RedisPrefix:      prefix,
-		Wialon:           wialon.New(httpClient),
-		FleetUp:          fleetup.New(httpClient),
+		Wialon:           wialon.New(clients.wialon),
+		FleetUp:          fleetup.New(clients.fleetup),
+		Metrics:          cfg.Metrics,
 		AllowList:        allow,
 		HandleCacheTTL:   cfg.HandleCacheTTL,
 		FleetUpRate:      rate,

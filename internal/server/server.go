@@ -10,8 +10,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"slices"
+	"sync"
 	"time"
 
 	"buf.build/go/protovalidate"
@@ -22,12 +24,69 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
 	"github.com/fleetbroker/fleetbroker/internal/authn"
 	"github.com/fleetbroker/fleetbroker/internal/requestid"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 )
+
+// Connection management defaults, chosen for a mesh or a Kubernetes Service.
+const (
+	// DefaultMaxConnectionAge: gRPC multiplexes every call of a client over
+	// one long-lived HTTP/2 connection, and an L4 balancer (a ClusterIP
+	// Service, an NLB) balances connections, not calls — so without an age
+	// limit a client stays on the replica it first reached, and replicas
+	// added by a scale-out get no traffic. After this age (±10% jitter, added
+	// by gRPC) the server sends GOAWAY and the client reconnects through the
+	// balancer. Five minutes bounds the imbalance while costing each client
+	// one reconnect (and TLS handshake) per five minutes.
+	DefaultMaxConnectionAge = 5 * time.Minute
+	// DefaultMaxConnectionAgeGrace is how long calls already running may
+	// finish on a connection after its GOAWAY; then it is closed. It is
+	// longer than the default unary deadline (30 s), so no unary call is cut.
+	// A WatchPositions stream older than that ends with UNAVAILABLE and
+	// its client re-subscribes — which moves long streams between replicas
+	// too. A negative --max-connection-age-grace keeps streams forever.
+	DefaultMaxConnectionAgeGrace = time.Minute
+	// DefaultKeepaliveTime: after this long without activity the server pings
+	// the client. Idle connections through NAT and L4 balancers are dropped
+	// silently after a few minutes (AWS NLB: 350 s); a ping every minute keeps
+	// them, and finds dead clients (their streams hold watch subscriptions).
+	DefaultKeepaliveTime = time.Minute
+	// DefaultKeepaliveTimeout is how long the server waits for a ping's
+	// answer before it closes the connection.
+	DefaultKeepaliveTimeout = 20 * time.Second
+	// DefaultKeepaliveMinTime is the shortest interval at which a client may
+	// ping. gRPC's default (5 minutes, and no pings without an active call)
+	// answers a client or sidecar that pings every 30 s with GOAWAY
+	// "too_many_pings" and drops its connection; 10 s (the smallest interval
+	// gRPC clients use) admits them while still bounding ping floods.
+	DefaultKeepaliveMinTime = 10 * time.Second
+	// DefaultReadinessInterval is how often the readiness checks run.
+	DefaultReadinessInterval = 5 * time.Second
+	// DefaultReadinessTimeout bounds one run of one readiness check.
+	DefaultReadinessTimeout = 3 * time.Second
+)
+
+// LivenessService is a grpc.health.v1 service name that reports SERVING
+// for as long as the process serves, whatever the readiness checks say:
+// for a Kubernetes gRPC liveness probe (grpc: {port: …, service: liveness}).
+// Service "" (and every real service name) is readiness, and must not be
+// used for liveness, or an outage of Redis or Vault would restart every pod.
+const LivenessService = "liveness"
+
+// Check is one readiness check, e.g. a Redis PING or Vault's health
+// endpoint. Name is a fixed name chosen by the program ("redis", "vault"):
+// it appears in logs and in the fleetbroker_readiness_check_passing metric.
+// Check must return when its context is done.
+type Check struct {
+	Name  string
+	Check func(ctx context.Context) error
+}
 
 // Config is what every fleetbroker gRPC server shares.
 type Config struct {
@@ -53,6 +112,41 @@ type Config struct {
 	Stream []grpc.StreamServerInterceptor
 	// Options are appended to the server options.
 	Options []grpc.ServerOption
+
+	// Metrics, if set, records grpc_server_* metrics of every call (the
+	// interceptors run right after the request id, so a panic recovered
+	// further in still counts as INTERNAL) and initializes the series of
+	// every registered method at zero.
+	Metrics *telemetry.Metrics
+	// StatsHandler, if set, is installed on the server, e.g.
+	// telemetry.TracingServerHandler() for a span per call.
+	StatsHandler stats.Handler
+
+	// MaxConnectionAge is how long a connection may live before the server
+	// sends GOAWAY (0: DefaultMaxConnectionAge; negative: forever).
+	MaxConnectionAge time.Duration
+	// MaxConnectionAgeGrace is how long calls may finish after that GOAWAY
+	// (0: DefaultMaxConnectionAgeGrace; negative: forever).
+	MaxConnectionAgeGrace time.Duration
+	// KeepaliveTime is the idle time after which the server pings a client
+	// (0: DefaultKeepaliveTime); KeepaliveTimeout how long it waits for the
+	// answer (0: DefaultKeepaliveTimeout).
+	KeepaliveTime    time.Duration
+	KeepaliveTimeout time.Duration
+	// KeepaliveMinTime is the shortest ping interval a client may use,
+	// with or without calls in flight (0: DefaultKeepaliveMinTime).
+	KeepaliveMinTime time.Duration
+
+	// Readiness are the checks of the dependencies the server cannot answer
+	// without (Redis, Vault). grpc.health.v1 is the readiness signal: while
+	// any check fails, every registered service and "" report NOT_SERVING,
+	// and SERVING again once all pass. With checks, the status is
+	// NOT_SERVING from New until the first run passes; Serve runs them at
+	// once and then every ReadinessInterval. Liveness is the process
+	// answering at all: probe LivenessService (or the TCP port), never "".
+	Readiness         []Check
+	ReadinessInterval time.Duration // 0: DefaultReadinessInterval
+	ReadinessTimeout  time.Duration // per check; 0: DefaultReadinessTimeout
 }
 
 // Server is a gRPC server with health, reflection and the standard
@@ -61,6 +155,13 @@ type Server struct {
 	cfg    Config
 	grpc   *grpc.Server
 	health *health.Server
+	// services are the registered service names, health and reflection
+	// included; with "" they are what readiness sets.
+	services []string
+	// ready and failing are the readiness state; only watchReadiness
+	// touches them after New.
+	ready   bool
+	failing map[string]bool
 }
 
 // New builds a server and lets each register func add its services.
@@ -83,14 +184,29 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	if cfg.TLS == nil {
 		cfg.Logger.Warn("serving plaintext gRPC without TLS: only safe behind a sidecar that terminates mTLS, or in dev")
 	}
+	for _, c := range cfg.Readiness {
+		if c.Name == "" || c.Check == nil {
+			return nil, fmt.Errorf("readiness check %q: a name and a check function are required", c.Name)
+		}
+	}
+	if cfg.ReadinessInterval <= 0 {
+		cfg.ReadinessInterval = DefaultReadinessInterval
+	}
+	if cfg.ReadinessTimeout <= 0 {
+		cfg.ReadinessTimeout = DefaultReadinessTimeout
+	}
 	validator, err := protovalidate.New()
 	if err != nil {
 		return nil, fmt.Errorf("build request validator: %w", err)
 	}
 	s := &Server{cfg: cfg, health: health.NewServer()}
 	opts := append(s.interceptors(validator), grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize))
+	opts = append(opts, keepaliveOptions(cfg)...)
 	if cfg.TLS != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
+	}
+	if cfg.StatsHandler != nil {
+		opts = append(opts, grpc.StatsHandler(cfg.StatsHandler))
 	}
 	s.grpc = grpc.NewServer(append(opts, cfg.Options...)...)
 	for _, r := range register {
@@ -100,14 +216,126 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	if cfg.Reflection {
 		reflection.Register(s.grpc)
 	}
-	for name := range s.grpc.GetServiceInfo() {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	if cfg.Metrics != nil {
+		cfg.Metrics.InitializeServer(s.grpc)
 	}
+	for name := range s.grpc.GetServiceInfo() {
+		s.services = append(s.services, name)
+	}
+	// Not ready until the dependencies have been checked once.
+	s.ready = len(cfg.Readiness) == 0
+	s.setServing(s.ready)
+	s.health.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	return s, nil
 }
 
+// keepaliveOptions are the connection management options. A negative age
+// or grace means "forever", gRPC's own default.
+func keepaliveOptions(cfg Config) []grpc.ServerOption {
+	orDefault := func(v, def time.Duration) time.Duration {
+		switch {
+		case v == 0:
+			return def
+		case v < 0:
+			return time.Duration(math.MaxInt64) // gRPC's "infinity"
+		}
+		return v
+	}
+	positive := func(v, def time.Duration) time.Duration {
+		if v <= 0 {
+			return def
+		}
+		return v
+	}
+	return []grpc.ServerOption{
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionAge:      orDefault(cfg.MaxConnectionAge, DefaultMaxConnectionAge),
+			MaxConnectionAgeGrace: orDefault(cfg.MaxConnectionAgeGrace, DefaultMaxConnectionAgeGrace),
+			Time:                  positive(cfg.KeepaliveTime, DefaultKeepaliveTime),
+			Timeout:               positive(cfg.KeepaliveTimeout, DefaultKeepaliveTimeout),
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             positive(cfg.KeepaliveMinTime, DefaultKeepaliveMinTime),
+			PermitWithoutStream: true,
+		}),
+	}
+}
+
+// setServing sets the health status of "" and of every registered service.
+func (s *Server) setServing(ok bool) {
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if ok {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	s.health.SetServingStatus("", st)
+	for _, name := range s.services {
+		s.health.SetServingStatus(name, st)
+	}
+}
+
+// watchReadiness runs the readiness checks at once and then every
+// interval until ctx is done.
+func (s *Server) watchReadiness(ctx context.Context) {
+	t := time.NewTicker(s.cfg.ReadinessInterval)
+	defer t.Stop()
+	for {
+		s.checkReadiness(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// checkReadiness runs every check concurrently, each under its own
+// timeout, and flips the health status when the overall outcome changes.
+// A check's state changes are logged (its error included: checks report
+// reachability, never secrets); steady states are not, to keep logs quiet.
+func (s *Server) checkReadiness(ctx context.Context) {
+	errs := make([]error, len(s.cfg.Readiness))
+	var wg sync.WaitGroup
+	for i, c := range s.cfg.Readiness {
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, s.cfg.ReadinessTimeout)
+			defer cancel()
+			errs[i] = c.Check(cctx)
+		})
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return // shutting down: health already says NOT_SERVING
+	}
+	if s.failing == nil {
+		s.failing = make(map[string]bool, len(errs))
+	}
+	ready := true
+	for i, c := range s.cfg.Readiness {
+		failed := errs[i] != nil
+		ready = ready && !failed
+		s.cfg.Metrics.SetReadiness(c.Name, !failed)
+		if was, seen := s.failing[c.Name]; failed && (!seen || !was) {
+			s.cfg.Logger.Warn("readiness check failing", "check", c.Name, "error", errs[i])
+		} else if !failed && seen && was {
+			s.cfg.Logger.Info("readiness check passing again", "check", c.Name)
+		}
+		s.failing[c.Name] = failed
+	}
+	if ready != s.ready {
+		s.ready = ready
+		s.setServing(ready)
+		if ready {
+			s.cfg.Logger.Info("ready: health reports SERVING")
+		} else {
+			s.cfg.Logger.Warn("not ready: health reports NOT_SERVING")
+		}
+	}
+}
+
 // interceptors is the one interceptor chain, outermost first: the request id
-// (so every log line and audit event of a call carries it), logging records
+// (so every log line and audit event of a call carries it), the metrics
+// (when configured: they see every call's final code and full latency,
+// rejections by authorization and validation included), logging records
 // each call's outcome (never its payload), recovery turns panics into
 // INTERNAL (inside logging, so a panicked call is logged like any other), a
 // default deadline, then the caller-specific interceptors (identity,
@@ -133,8 +361,9 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 	})}
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(slices.Concat(
+			[]grpc.UnaryServerInterceptor{requestid.UnaryServerInterceptor()},
+			s.metricsUnary(),
 			[]grpc.UnaryServerInterceptor{
-				requestid.UnaryServerInterceptor(),
 				logging.UnaryServerInterceptor(logger, logOpts...),
 				recovery.UnaryServerInterceptor(recoverOpts...),
 				defaultDeadline(s.cfg.DefaultDeadline),
@@ -143,8 +372,9 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 			[]grpc.UnaryServerInterceptor{validateUnary(v)},
 		)...),
 		grpc.ChainStreamInterceptor(slices.Concat(
+			[]grpc.StreamServerInterceptor{requestid.StreamServerInterceptor()},
+			s.metricsStream(),
 			[]grpc.StreamServerInterceptor{
-				requestid.StreamServerInterceptor(),
 				logging.StreamServerInterceptor(logger, logOpts...),
 				recovery.StreamServerInterceptor(recoverOpts...),
 			},
@@ -152,6 +382,20 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 			[]grpc.StreamServerInterceptor{validateStream(v)},
 		)...),
 	}
+}
+
+func (s *Server) metricsUnary() []grpc.UnaryServerInterceptor {
+	if s.cfg.Metrics == nil {
+		return nil
+	}
+	return []grpc.UnaryServerInterceptor{s.cfg.Metrics.UnaryServerInterceptor()}
+}
+
+func (s *Server) metricsStream() []grpc.StreamServerInterceptor {
+	if s.cfg.Metrics == nil {
+		return nil
+	}
+	return []grpc.StreamServerInterceptor{s.cfg.Metrics.StreamServerInterceptor()}
 }
 
 // defaultDeadline gives a unary call without a deadline one, so no call can
@@ -182,8 +426,18 @@ func (s *Server) Serve(ctx context.Context) error {
 // ServeListener serves on lis until ctx is done. Shutdown first reports
 // NOT_SERVING on health (so load balancers stop sending), then waits up to
 // the grace period for in-flight calls before cutting the rest.
+//
+// With readiness checks, they run while serving (see Config.Readiness).
 func (s *Server) ServeListener(ctx context.Context, lis net.Listener) error {
 	s.cfg.Logger.Info("grpc server listening", "addr", lis.Addr().String())
+	readinessCtx, stopReadiness := context.WithCancel(ctx)
+	readinessDone := make(chan struct{})
+	if len(s.cfg.Readiness) > 0 {
+		go func() { defer close(readinessDone); s.watchReadiness(readinessCtx) }()
+	} else {
+		close(readinessDone)
+	}
+	defer func() { stopReadiness(); <-readinessDone }()
 	errc := make(chan error, 1)
 	go func() { errc <- s.grpc.Serve(lis) }()
 	select {
@@ -191,6 +445,11 @@ func (s *Server) ServeListener(ctx context.Context, lis net.Listener) error {
 		return fmt.Errorf("grpc serve: %w", err)
 	case <-ctx.Done():
 	}
+	// Stop the checks before health goes NOT_SERVING for good, so a check
+	// finishing late cannot report SERVING during the drain (health.Shutdown
+	// also ignores later updates).
+	stopReadiness()
+	<-readinessDone
 	s.health.Shutdown()
 	stopped := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(stopped) }()

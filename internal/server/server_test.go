@@ -9,6 +9,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -31,6 +33,7 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 )
 
 // canary marks values that must never reach a log line, a status message or
@@ -301,6 +304,7 @@ func TestHealthServingForEveryService(t *testing.T) {
 		{telematicsService, healthpb.HealthCheckResponse_SERVING},
 		{healthService, healthpb.HealthCheckResponse_SERVING},
 		{reflectionpb.ServerReflection_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING},
+		{server.LivenessService, healthpb.HealthCheckResponse_SERVING},
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprintf("service=%q", tt.service), func(t *testing.T) {
@@ -729,4 +733,295 @@ func TestLogging(t *testing.T) {
 			ts.assertNoCanary(t)
 		})
 	}
+}
+
+// waitHealth polls until every service reports want, or fails the test.
+func waitHealth(t *testing.T, conn *grpc.ClientConn, want healthpb.HealthCheckResponse_ServingStatus, services ...string) {
+	t.Helper()
+	client := healthpb.NewHealthClient(conn)
+	deadline := time.Now().Add(10 * time.Second)
+	for _, svc := range services {
+		for {
+			resp, err := client.Check(callCtx(t), &healthpb.HealthCheckRequest{Service: svc})
+			if err == nil && resp.GetStatus() == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("health of %q = %v, %v; want %v", svc, resp.GetStatus(), err, want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// gatherValue returns the value of the one series of name whose labels
+// include want, or fails the test.
+func gatherValue(t *testing.T, m *telemetry.Metrics, name string, want map[string]string) float64 {
+	t.Helper()
+	families, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatalf("Gather: %v", err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	series:
+		for _, s := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range s.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if labels[k] != v {
+					continue series
+				}
+			}
+			switch {
+			case s.GetCounter() != nil:
+				return s.GetCounter().GetValue()
+			case s.GetGauge() != nil:
+				return s.GetGauge().GetValue()
+			case s.GetHistogram() != nil:
+				return float64(s.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	t.Fatalf("no series %s%v", name, want)
+	return 0
+}
+
+// TestReadinessFlipsHealth: with readiness checks, every service and ""
+// report NOT_SERVING until the checks first pass, NOT_SERVING while one
+// fails, and SERVING again once it passes.
+func TestReadinessFlipsHealth(t *testing.T) {
+	var failing atomic.Bool
+	firstRun := make(chan struct{})
+	check := server.Check{Name: "redis", Check: func(ctx context.Context) error {
+		select {
+		case <-firstRun:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if failing.Load() {
+			return errors.New("dial tcp 127.0.0.1:6379: connection refused")
+		}
+		return nil
+	}}
+	m := telemetry.NewMetrics()
+	ts := startServer(t, server.Config{
+		Reflection: true, Metrics: m,
+		Readiness:         []server.Check{{Name: "vault", Check: func(context.Context) error { return nil }}, check},
+		ReadinessInterval: 20 * time.Millisecond, ReadinessTimeout: 10 * time.Second,
+	}, nil)
+	all := []string{"", credentialService, sessionService, telematicsService, healthService}
+
+	// The first run is held: the server has not checked its dependencies yet.
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_NOT_SERVING, all...)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, server.LivenessService)
+
+	close(firstRun)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, all...)
+	if v := gatherValue(t, m, "fleetbroker_readiness_check_passing", map[string]string{"check": "redis"}); v != 1 {
+		t.Errorf("readiness gauge of redis = %v, want 1", v)
+	}
+
+	failing.Store(true)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_NOT_SERVING, all...)
+	// Liveness is not readiness: a Redis outage must not restart the pod.
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, server.LivenessService)
+	if v := gatherValue(t, m, "fleetbroker_readiness_check_passing", map[string]string{"check": "redis"}); v != 0 {
+		t.Errorf("readiness gauge of redis = %v, want 0", v)
+	}
+	if v := gatherValue(t, m, "fleetbroker_readiness_check_passing", map[string]string{"check": "vault"}); v != 1 {
+		t.Errorf("readiness gauge of vault = %v, want 1", v)
+	}
+	// Calls are still served: readiness steers balancers, it refuses nothing.
+	if _, err := credentialsv1.NewCredentialServiceClient(ts.conn).PutCredential(callCtx(t), validPut()); err != nil {
+		t.Errorf("call while not ready: %v", err)
+	}
+
+	failing.Store(false)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, all...)
+
+	var failLogs, recoverLogs int
+	for _, line := range ts.logLines(t) {
+		switch line["msg"] {
+		case "readiness check failing":
+			failLogs++
+			if line["check"] != "redis" {
+				t.Errorf("failing check logged as %v, want redis", line["check"])
+			}
+		case "readiness check passing again":
+			recoverLogs++
+		}
+	}
+	// Logged on each change, not on every run of the 20 ms poll.
+	if failLogs != 1 || recoverLogs != 1 {
+		t.Errorf("logged %d failures and %d recoveries, want 1 and 1:\n%s", failLogs, recoverLogs, ts.logs.String())
+	}
+}
+
+func TestReadinessCheckNeedsNameAndFunc(t *testing.T) {
+	for _, c := range []server.Check{{Name: "redis"}, {Check: func(context.Context) error { return nil }}} {
+		if _, err := server.New(server.Config{Insecure: true, Readiness: []server.Check{c}}); err == nil {
+			t.Errorf("New accepted readiness check %+v", c)
+		}
+	}
+}
+
+// TestMetrics: with Config.Metrics, every call is counted by method and
+// code — failures in validation and handler panics included — series of
+// methods never called exist at zero, and nothing a caller sent (the
+// canary tenant, credential and token) becomes a label.
+func TestMetrics(t *testing.T) {
+	m := telemetry.NewMetrics()
+	ts := startServer(t, server.Config{Metrics: m}, func(_ context.Context, method string) error {
+		switch method {
+		case "GetCredential":
+			return apierr.New(codes.NotFound, apierr.ReasonCredentialNotFound, "credential not found", nil)
+		case "IssueSession":
+			panic(canary)
+		}
+		return nil
+	})
+	creds := credentialsv1.NewCredentialServiceClient(ts.conn)
+	put := validPut()
+	put.TenantId = "tenant-" + canary
+	if _, err := creds.PutCredential(callCtx(t), put); err != nil {
+		t.Fatalf("PutCredential: %v", err)
+	}
+	if _, err := creds.GetCredential(callCtx(t), &credentialsv1.GetCredentialRequest{TenantId: canary, CredentialId: canary}); status.Code(err) != codes.NotFound {
+		t.Fatalf("GetCredential = %v, want NotFound", err)
+	}
+	if _, err := creds.PutCredential(callCtx(t), &credentialsv1.PutCredentialRequest{CredentialId: canary}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("invalid PutCredential = %v, want InvalidArgument", err)
+	}
+	if _, err := credentialsv1.NewSessionServiceClient(ts.conn).IssueSession(callCtx(t), &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "c"}); status.Code(err) != codes.Internal {
+		t.Fatalf("panicking IssueSession = %v, want Internal", err)
+	}
+	if err := watchOnce(callCtx(t), ts.conn, &telematicsv1.WatchPositionsRequest{UnitIds: []string{canary}}); err != nil {
+		t.Fatalf("WatchPositions: %v", err)
+	}
+
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("GET /metrics = %d", rec.Code)
+	}
+	body := rec.Body.String()
+	for _, want := range []string{
+		`grpc_server_handled_total{grpc_code="OK",grpc_method="PutCredential",grpc_service="fleetbroker.credentials.v1.CredentialService",grpc_type="unary"} 1`,
+		`grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="PutCredential",grpc_service="fleetbroker.credentials.v1.CredentialService",grpc_type="unary"} 1`,
+		`grpc_server_handled_total{grpc_code="NotFound",grpc_method="GetCredential",grpc_service="fleetbroker.credentials.v1.CredentialService",grpc_type="unary"} 1`,
+		`grpc_server_handled_total{grpc_code="Internal",grpc_method="IssueSession",grpc_service="fleetbroker.credentials.v1.SessionService",grpc_type="unary"} 1`,
+		`grpc_server_handled_total{grpc_code="OK",grpc_method="WatchPositions",grpc_service="fleetbroker.telematics.v1.TelematicsService",grpc_type="server_stream"} 1`,
+		`grpc_server_msg_sent_total{grpc_method="WatchPositions",grpc_service="fleetbroker.telematics.v1.TelematicsService",grpc_type="server_stream"} 1`,
+		`grpc_server_handling_seconds_count{grpc_method="PutCredential",grpc_service="fleetbroker.credentials.v1.CredentialService",grpc_type="unary"} 2`,
+		// Initialized at zero: never called.
+		`grpc_server_started_total{grpc_method="DeleteCredential",grpc_service="fleetbroker.credentials.v1.CredentialService",grpc_type="unary"} 0`,
+		"go_goroutines ",
+		"process_start_time_seconds ",
+	} {
+		if !strings.Contains(body, want+"\n") && !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if strings.Contains(body, canary) {
+		t.Errorf("a value sent by the caller is in the metrics:\n%s", body)
+	}
+}
+
+// TestMetricsOff: without Config.Metrics nothing is recorded anywhere.
+func TestMetricsOff(t *testing.T) {
+	m := telemetry.NewMetrics()
+	ts := startServer(t, server.Config{}, nil)
+	if _, err := credentialsv1.NewCredentialServiceClient(ts.conn).PutCredential(callCtx(t), validPut()); err != nil {
+		t.Fatalf("PutCredential: %v", err)
+	}
+	families, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if strings.HasPrefix(f.GetName(), "grpc_server_") && len(f.GetMetric()) > 0 {
+			t.Errorf("%s has series without Config.Metrics", f.GetName())
+		}
+	}
+}
+
+// countingListener counts accepted connections.
+type countingListener struct {
+	net.Listener
+	accepted atomic.Int32
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
+
+// TestMaxConnectionAge: a connection older than MaxConnectionAge gets
+// GOAWAY, the client reconnects (through the balancer, in production)
+// without a failed call, and a call still running MaxConnectionAgeGrace
+// after the GOAWAY is cut.
+func TestMaxConnectionAge(t *testing.T) {
+	const age, grace = 200 * time.Millisecond, 300 * time.Millisecond
+	f := &fakes{hook: func(ctx context.Context, method string) error {
+		if method != "GetCredential" {
+			return nil
+		}
+		<-ctx.Done() // a call that runs until its connection goes
+		return status.FromContextError(ctx.Err()).Err()
+	}}
+	srv, err := server.New(server.Config{
+		Insecure: true, Logger: slog.New(slog.DiscardHandler),
+		MaxConnectionAge: age, MaxConnectionAgeGrace: grace,
+	}, f.register)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lis := &countingListener{Listener: bufconn.Listen(1 << 20)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeListener(ctx, lis) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("ServeListener: %v", err)
+		}
+	})
+	ts := &testServer{lis: lis.Listener.(*bufconn.Listener)}
+	conn := ts.dial(t)
+	creds := credentialsv1.NewCredentialServiceClient(conn)
+
+	t.Run("reconnect", func(t *testing.T) {
+		start := time.Now()
+		for lis.accepted.Load() < 3 {
+			if _, err := creds.PutCredential(callCtx(t), validPut()); err != nil {
+				t.Fatalf("call %s after start: %v", time.Since(start), err)
+			}
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("%d connections in %s with MaxConnectionAge %s; want the client to reconnect", lis.accepted.Load(), time.Since(start), age)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	t.Run("grace", func(t *testing.T) {
+		start := time.Now()
+		_, err := creds.GetCredential(callCtx(t), &credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: "long"})
+		took := time.Since(start)
+		if status.Code(err) != codes.Unavailable {
+			t.Fatalf("long call = %v, want Unavailable when its connection is closed", err)
+		}
+		// One age (+10% jitter), gRPC's GOAWAY handshake (a ping, about
+		// 1 s), one grace, and slack for -race. Without the age, or with an
+		// unbounded grace, the call would run into its 10 s deadline.
+		if limit := age*11/10 + time.Second + grace + 2*time.Second; took > limit {
+			t.Errorf("long call cut after %s, want within %s", took, limit)
+		}
+	})
 }

@@ -56,6 +56,10 @@ type VaultConfig struct {
 	// Key is the transit key's name; default "fleetbroker". It must be an
 	// aes256-gcm96 key with derived=true (see EnsureKey).
 	Key string
+	// OnCall, if set, is told about every transit call when it ends (for
+	// metrics): the operation, how long it took, and an error for a failed
+	// call or an error status. It must not block.
+	OnCall func(op string, took time.Duration, err error)
 	// Timeout bounds every call to Vault, retries included; default 5s. A
 	// login (unwrap, login) gets one Timeout in all.
 	Timeout time.Duration
@@ -92,6 +96,7 @@ func (c VaultConfig) withDefaults() VaultConfig {
 // (and partial batch results) can echo input or carry other items'
 // plaintext.
 type Vault struct {
+	onCall  func(op string, took time.Duration, err error)
 	client  *api.Client
 	mount   string
 	key     string
@@ -145,6 +150,7 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*Vault
 		mount:   cfg.Mount,
 		key:     cfg.Key,
 		timeout: cfg.Timeout,
+		onCall:  cfg.OnCall,
 		logger:  logger.With("component", "vault-transit"),
 		method:  cfg.Auth.Method,
 		login:   newLogin(cfg.Auth),
@@ -516,6 +522,34 @@ func (v *Vault) call(ctx context.Context, op, method, path string, body, out any
 // response, 5xx, 429 (rate limited) and 503 (sealed, standby) are returned
 // as ErrUnavailable; interpreting 4xx is left to the caller.
 func (v *Vault) send(ctx context.Context, op, method, path string, body any) (int, json.RawMessage, error) {
+	start := time.Now()
+	status, data, err := v.sendOnce(ctx, op, method, path, body)
+	if v.onCall != nil {
+		observed := err
+		if observed == nil && status >= 400 {
+			observed = &statusError{op: op, status: status, kind: ErrInvalid}
+		}
+		v.onCall(op, time.Since(start), observed)
+	}
+	return status, data, err
+}
+
+// Health reports whether Vault is reachable, initialized and unsealed (a
+// standby counts as healthy), for readiness checks.
+func (v *Vault) Health(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, v.timeout)
+	defer cancel()
+	h, err := v.client.Sys().HealthWithContext(ctx)
+	if err != nil {
+		return unavailable(ctx, "health", err)
+	}
+	if !h.Initialized || h.Sealed {
+		return fmt.Errorf("vault health: initialized=%t sealed=%t: %w", h.Initialized, h.Sealed, ErrUnavailable)
+	}
+	return nil
+}
+
+func (v *Vault) sendOnce(ctx context.Context, op, method, path string, body any) (int, json.RawMessage, error) {
 	var payload []byte
 	if body != nil {
 		var err error

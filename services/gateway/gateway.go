@@ -23,6 +23,7 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
@@ -72,6 +73,11 @@ type Config struct {
 	// the handle has told which tenant a call is for.
 	TenantLimit func(ctx context.Context, tenant string) error
 	Logger      *slog.Logger
+	// Metrics, if set, counts upstream failures by kind
+	// (fleetbroker_gateway_upstream_errors_total). The upstream HTTP calls
+	// and the token cache are measured where they are built: see
+	// telemetry.InstrumentTransport and InstrumentTokenCache.
+	Metrics *telemetry.Metrics
 }
 
 // Service implements TelematicsService.

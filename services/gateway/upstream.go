@@ -69,9 +69,11 @@ func (s *Service) withWialon(ctx context.Context, sess *session, call func(ctx c
 	for attempt := 0; ; attempt++ {
 		entry, err := s.cfg.Cache.GetOrMint(ctx, key, s.mintWialon(sess))
 		if err != nil {
+			s.observeUpstream(wialonProvider, err)
 			return s.upstreamFailed(sess, err)
 		}
 		err = call(ctx, entry.Token())
+		s.observeUpstream(wialonProvider, err)
 		if upstream.KindOf(err) == upstream.KindSessionInvalid && attempt == 0 {
 			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
 				return err
@@ -139,6 +141,7 @@ func (s *Service) withFleetUp(ctx context.Context, sess *session, call func(ctx 
 	for attempt := 0; ; attempt++ {
 		entry, err := s.cfg.Cache.GetOrMint(ctx, key, s.mintFleetUp(sess))
 		if err != nil {
+			s.observeUpstream(fleetupProvider, err)
 			return s.upstreamFailed(sess, err)
 		}
 		var tok fleetupToken
@@ -146,9 +149,11 @@ func (s *Service) withFleetUp(ctx context.Context, sess *session, call func(ctx 
 			return errors.New("cached fleetup token is malformed")
 		}
 		if err := s.fleetupRate(ctx, tok.AccountID); err != nil {
+			s.observeUpstream(fleetupProvider, err)
 			return err
 		}
 		err = call(ctx, fleetup.Auth{BaseURL: sess.baseURL, APIKey: tok.APIKey, JWT: tok.JWT, AccountID: tok.AccountID})
+		s.observeUpstream(fleetupProvider, err)
 		if upstream.KindOf(err) == upstream.KindSessionInvalid && attempt == 0 {
 			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
 				return err

@@ -59,11 +59,12 @@ func (hs *hubs) join(w *watcher) *hub {
 	hs.mu.Lock()
 	defer hs.mu.Unlock()
 	h, ok := hs.byKey[key]
+	var pollCtx context.Context
 	if !ok {
-		ctx, cancel := context.WithCancel(context.Background())
+		var cancel context.CancelFunc
+		pollCtx, cancel = context.WithCancel(context.Background())
 		h = &hub{key: key, stop: cancel, watchers: map[*watcher]struct{}{}}
 		hs.byKey[key] = h
-		go hs.poll(ctx, h)
 	}
 	h.mu.Lock()
 	h.watchers[w] = struct{}{}
@@ -71,6 +72,11 @@ func (hs *hubs) join(w *watcher) *hub {
 		w.updates <- *h.last
 	}
 	h.mu.Unlock()
+	if pollCtx != nil {
+		// Only now that w is registered: a poll that started first could
+		// find no watcher, end, and leave w waiting forever.
+		go hs.poll(pollCtx, h)
+	}
 	return h
 }
 

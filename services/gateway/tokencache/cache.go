@@ -59,6 +59,11 @@ type Options struct {
 	// OnMint, if set, is called after every call of a mint function, with
 	// its duration and error, e.g. to feed a metric.
 	OnMint func(key Key, took time.Duration, err error)
+	// OnLookup, if set, is called once per flight after its first read of
+	// Redis, with whether the token was there (the Hits and Misses of
+	// Stats, per key), e.g. to feed a metric. Like OnMint it runs on the
+	// flight's goroutine and must not block.
+	OnLookup func(key Key, hit bool)
 }
 
 // Stats counts what a Cache did since New.
@@ -93,6 +98,7 @@ type Cache struct {
 	waitPoll time.Duration
 	log      *slog.Logger
 	onMint   func(Key, time.Duration, error)
+	onLookup func(Key, bool)
 
 	flights singleflight.Group
 	stats   counters
@@ -131,6 +137,7 @@ func New(client redis.UniversalClient, tr transit.Transit, opts Options) *Cache 
 		waitPoll: opts.WaitPoll,
 		log:      opts.Logger,
 		onMint:   opts.OnMint,
+		onLookup: opts.OnLookup,
 	}
 }
 
@@ -192,6 +199,9 @@ func (c *Cache) flight(ctx context.Context, key Key, n names, mint MintFunc) (En
 		e, found, err := c.read(ctx, key, n)
 		if err != nil {
 			return Entry{}, err
+		}
+		if first && c.onLookup != nil {
+			c.onLookup(key, found)
 		}
 		if found {
 			if first {
