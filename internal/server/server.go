@@ -17,8 +17,10 @@ import (
 	"time"
 
 	"buf.build/go/protovalidate"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -364,7 +366,7 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 			[]grpc.UnaryServerInterceptor{requestid.UnaryServerInterceptor()},
 			s.metricsUnary(),
 			[]grpc.UnaryServerInterceptor{
-				logging.UnaryServerInterceptor(logger, logOpts...),
+				selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(logger, logOpts...), notHealth),
 				recovery.UnaryServerInterceptor(recoverOpts...),
 				defaultDeadline(s.cfg.DefaultDeadline),
 			},
@@ -375,7 +377,7 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 			[]grpc.StreamServerInterceptor{requestid.StreamServerInterceptor()},
 			s.metricsStream(),
 			[]grpc.StreamServerInterceptor{
-				logging.StreamServerInterceptor(logger, logOpts...),
+				selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), notHealth),
 				recovery.StreamServerInterceptor(recoverOpts...),
 			},
 			s.cfg.Stream,
@@ -465,3 +467,9 @@ func (s *Server) ServeListener(ctx context.Context, lis net.Listener) error {
 	s.cfg.Logger.Info("grpc server stopped")
 	return nil
 }
+
+// notHealth leaves health checks out of the call log: probes call them
+// every few seconds per pod and would drown the calls that matter.
+var notHealth = selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
+	return c.Service != healthpb.Health_ServiceDesc.ServiceName
+})

@@ -733,6 +733,14 @@ func TestLogging(t *testing.T) {
 			ts.assertNoCanary(t)
 		})
 	}
+	t.Run("health checks are not logged", func(t *testing.T) {
+		if _, err := healthpb.NewHealthClient(ts.conn).Check(callCtx(t), &healthpb.HealthCheckRequest{}); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(ts.logs.String(), healthpb.Health_ServiceDesc.ServiceName) {
+			t.Fatal("a health check was logged; probes would drown the call log")
+		}
+	})
 }
 
 // waitHealth polls until every service reports want, or fails the test.
