@@ -100,7 +100,13 @@ func NewTransport(a *AllowList) *http.Transport {
 		Proxy:                 nil,
 		DialContext:           a.DialContext(&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}),
 		ForceAttemptHTTP2:     true, // a custom DialContext disables HTTP/2 otherwise
-		MaxIdleConns:          100,
+		// Every Wialon account of a hosted deployment talks to one host, and
+		// every FleetUp account to another: with Go's default of 2 idle
+		// connections per host, concurrent calls reconnect (TCP + TLS) on
+		// almost every request. The benchmark measured 0.6–0.9 new
+		// connections per call at 16–256 callers before this.
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   256,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: 1 * time.Second,

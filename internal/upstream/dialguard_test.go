@@ -475,3 +475,13 @@ func TestPartialDeadline(t *testing.T) {
 		}
 	}
 }
+
+// Concurrent calls to one provider host must reuse connections: Go's
+// default of 2 idle connections per host made the gateway reconnect on
+// most calls under load.
+func TestNewTransportKeepsEnoughIdleConnections(t *testing.T) {
+	tr := NewTransport(&AllowList{})
+	if tr.MaxIdleConnsPerHost < 64 || tr.MaxIdleConns < tr.MaxIdleConnsPerHost {
+		t.Fatalf("idle pool %d per host / %d total: too small for one shared provider host", tr.MaxIdleConnsPerHost, tr.MaxIdleConns)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -64,6 +65,13 @@ type Options struct {
 	// Stats, per key), e.g. to feed a metric. Like OnMint it runs on the
 	// flight's goroutine and must not block.
 	OnLookup func(key Key, hit bool)
+	// LocalTTL, if positive, keeps each token read or minted in this
+	// process's memory for that long (at most 1 s), saving the Redis read
+	// and the decryption on the hot path. Invalidate drops it at once, and
+	// a token another replica replaced is used here at most LocalTTL longer
+	// (one failed upstream call, then Invalidate). Keep it well below the
+	// safety margin by which cached TTLs undercut the upstream lifetime.
+	LocalTTL time.Duration
 }
 
 // Stats counts what a Cache did since New.
@@ -103,6 +111,9 @@ type Cache struct {
 	flights singleflight.Group
 	stats   counters
 
+	localTTL time.Duration
+	local    sync.Map // token key name → localEntry
+
 	// testHookMiss, if set, runs after a flight's first read missed.
 	testHookMiss func()
 }
@@ -138,6 +149,39 @@ func New(client redis.UniversalClient, tr transit.Transit, opts Options) *Cache 
 		log:      opts.Logger,
 		onMint:   opts.OnMint,
 		onLookup: opts.OnLookup,
+		localTTL: min(opts.LocalTTL, maxLocalTTL),
+	}
+}
+
+// maxLocalTTL bounds Options.LocalTTL: longer, and a replaced token would
+// linger noticeably.
+const maxLocalTTL = time.Second
+
+// localEntry is a token remembered in memory until until.
+type localEntry struct {
+	e     Entry
+	until time.Time
+}
+
+func (c *Cache) fromLocal(name string) (Entry, bool) {
+	if c.localTTL <= 0 {
+		return Entry{}, false
+	}
+	v, ok := c.local.Load(name)
+	if !ok {
+		return Entry{}, false
+	}
+	le := v.(localEntry)
+	if time.Now().After(le.until) {
+		c.local.CompareAndDelete(name, v)
+		return Entry{}, false
+	}
+	return le.e, true
+}
+
+func (c *Cache) remember(name string, e Entry) {
+	if c.localTTL > 0 {
+		c.local.Store(name, localEntry{e: e, until: time.Now().Add(c.localTTL)})
 	}
 }
 
@@ -176,6 +220,13 @@ func (c *Cache) GetOrMint(ctx context.Context, key Key, mint MintFunc) (Entry, e
 		return Entry{}, fmt.Errorf("tokencache: %w", err)
 	}
 	n := c.names(key)
+	if e, ok := c.fromLocal(n.token); ok {
+		c.stats.hits.Add(1)
+		if c.onLookup != nil {
+			c.onLookup(key, true)
+		}
+		return e, nil
+	}
 	ch := c.flights.DoChan(n.token, func() (any, error) {
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), flightRounds*c.lockTTL)
 		defer cancel()
@@ -188,7 +239,9 @@ func (c *Cache) GetOrMint(ctx context.Context, key Key, mint MintFunc) (Entry, e
 		if r.Err != nil {
 			return Entry{}, r.Err
 		}
-		return r.Val.(Entry), nil
+		e := r.Val.(Entry)
+		c.remember(n.token, e)
+		return e, nil
 	}
 }
 
@@ -344,6 +397,7 @@ func (c *Cache) Invalidate(ctx context.Context, e Entry) error {
 		return ErrZeroEntry
 	}
 	n := c.names(e.key)
+	c.local.Delete(n.token)
 	dropped, err := compareAndDelete.Run(ctx, c.client, []string{n.token}, e.stored).Int()
 	if err != nil {
 		return fmt.Errorf("tokencache: invalidate %s token: %w", e.key.Kind, err)
