@@ -97,9 +97,9 @@ type lookupFunc func(ctx context.Context, network, host string) ([]netip.Addr, e
 // to the host its base URL names.
 func NewTransport(a *AllowList) *http.Transport {
 	return &http.Transport{
-		Proxy:                 nil,
-		DialContext:           a.DialContext(&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}),
-		ForceAttemptHTTP2:     true, // a custom DialContext disables HTTP/2 otherwise
+		Proxy:             nil,
+		DialContext:       a.DialContext(&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}),
+		ForceAttemptHTTP2: true, // a custom DialContext disables HTTP/2 otherwise
 		// Every Wialon account of a hosted deployment talks to one host, and
 		// every FleetUp account to another: with Go's default of 2 idle
 		// connections per host, concurrent calls reconnect (TCP + TLS) on
