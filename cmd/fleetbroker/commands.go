@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"time"
 
@@ -35,6 +36,19 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 
 func runCredentials(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := credentialsFlags()
+	return runService(ctx, "credentials", fs, logf, finish, args,
+		func(ctx context.Context, logger *slog.Logger) (func(), error) {
+			_, closeAll, err := app.BuildCredentials(ctx, *cfg, logger)
+			return closeAll, err
+		},
+		func(ctx context.Context, logger *slog.Logger) error { return app.RunCredentials(ctx, *cfg, logger) })
+}
+
+// runService is the one way a server subcommand starts: parse flags (with
+// FLEETBROKER_* fallbacks), finish the config, make the logger, then either
+// check the configuration (--check-config) or serve.
+func runService(ctx context.Context, name string, fs *flag.FlagSet, logf *logFlags, finish func(), args []string,
+	build func(context.Context, *slog.Logger) (func(), error), serve func(context.Context, *slog.Logger) error) error {
 	checkOnly := addCheckConfigFlag(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -45,12 +59,9 @@ func runCredentials(ctx context.Context, args []string) error {
 		return err
 	}
 	if *checkOnly {
-		return checkConfig(ctx, "credentials", func(ctx context.Context) (func(), error) {
-			_, closeAll, err := app.BuildCredentials(ctx, *cfg, logger)
-			return closeAll, err
-		})
+		return checkConfig(ctx, name, func(ctx context.Context) (func(), error) { return build(ctx, logger) })
 	}
-	return app.RunCredentials(ctx, *cfg, logger)
+	return serve(ctx, logger)
 }
 
 func runDev(ctx context.Context, args []string) error {
@@ -132,22 +143,12 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 
 func runGateway(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := gatewayFlags()
-	checkOnly := addCheckConfigFlag(fs)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	finish()
-	logger, err := newLogger(logf.format, logf.level)
-	if err != nil {
-		return err
-	}
-	if *checkOnly {
-		return checkConfig(ctx, "gateway", func(ctx context.Context) (func(), error) {
+	return runService(ctx, "gateway", fs, logf, finish, args,
+		func(ctx context.Context, logger *slog.Logger) (func(), error) {
 			_, closeAll, err := app.BuildGateway(ctx, *cfg, logger)
 			return closeAll, err
-		})
-	}
-	return app.RunGateway(ctx, *cfg, logger)
+		},
+		func(ctx context.Context, logger *slog.Logger) error { return app.RunGateway(ctx, *cfg, logger) })
 }
 
 // addCheckConfigFlag adds --check-config: build everything a server needs

@@ -1,7 +1,6 @@
 package app_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -14,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -31,22 +32,8 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// syncBuffer collects log output for assertions.
+type syncBuffer = testenv.LogBuffer
 
 // The walkthrough RunDev prints once the demo tenant is seeded names the
 // bound addresses; with port 0 that is the only place they appear.

@@ -1,14 +1,14 @@
 package policy
 
 import (
-	"bytes"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv"
 )
 
 // reloadWait bounds how long a change may take to apply. The watchers under
@@ -21,22 +21,7 @@ func grantYAML(principal string) string {
 }
 
 // syncBuffer is a log sink the watcher goroutine writes while a test reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type syncBuffer = testenv.LogBuffer
 
 // replaceFile writes data next to path and renames it over path, as editors
 // and deployment tools do.

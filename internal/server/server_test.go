@@ -13,10 +13,11 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -123,22 +124,8 @@ func (t *fakeTelematics) WatchPositions(req *telematicsv1.WatchPositionsRequest,
 	return stream.Send(&telematicsv1.WatchPositionsResponse{Positions: []*telematicsv1.Position{{UnitId: "unit-1"}}})
 }
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// syncBuffer collects log output for assertions.
+type syncBuffer = testenv.LogBuffer
 
 // testServer is a server.Server serving the fakes on a bufconn listener.
 type testServer struct {

@@ -1,7 +1,6 @@
 package transit_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -268,22 +267,7 @@ func TestVaultPermissionDenied(t *testing.T) {
 }
 
 // syncBuffer is a bytes.Buffer safe for the watcher goroutine's logging.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type syncBuffer = testenv.LogBuffer
 
 // A renewable token with a 3s TTL still works after 4.5s because the
 // watcher renews it; an identical token nobody renews has expired by then,
