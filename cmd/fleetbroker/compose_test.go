@@ -52,7 +52,8 @@ func TestComposeWiring(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"secrets enable transit", "derived=true", "disable_upsert=true", "for key in fleetbroker fleetbroker-gateway",
-		"policy write fleetbroker-credentials /policies/credentials.hcl", "policy write fleetbroker-gateway /policies/gateway.hcl"} {
+		`POLICY_DIR="${POLICY_DIR:-/policies}"`, // where compose mounts deploy/vault; TestVaultInitScript runs the script
+		`policy write fleetbroker-credentials "$POLICY_DIR/credentials.hcl"`, `policy write fleetbroker-gateway "$POLICY_DIR/gateway.hcl"`} {
 		if !strings.Contains(string(script), want) {
 			t.Errorf("deploy/vault/init.sh does not %q", want)
 		}

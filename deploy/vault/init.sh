@@ -10,6 +10,7 @@ for key in fleetbroker fleetbroker-gateway; do
   vault read "transit/keys/$key" >/dev/null 2>&1 || vault write -f "transit/keys/$key" derived=true type=aes256-gcm96
 done
 vault write transit/config/keys disable_upsert=true
-vault policy write fleetbroker-credentials /policies/credentials.hcl
-vault policy write fleetbroker-gateway /policies/gateway.hcl
+POLICY_DIR="${POLICY_DIR:-/policies}"
+vault policy write fleetbroker-credentials "$POLICY_DIR/credentials.hcl"
+vault policy write fleetbroker-gateway "$POLICY_DIR/gateway.hcl"
 echo "vault-init: transit keys fleetbroker and fleetbroker-gateway (derived) ready"

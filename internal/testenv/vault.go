@@ -208,6 +208,18 @@ func startVaultProc(bin string, logFile *os.File, tlsDir string) (*vaultProc, er
 	return p, nil
 }
 
+// VaultBinary returns the vault binary the dev servers run, for tests that
+// drive the vault CLI itself (deploy/vault/init.sh); it fails the test if
+// there is none.
+func VaultBinary(t testing.TB) string {
+	t.Helper()
+	bin, err := findVaultBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
 // findVaultBinary looks in $FLEETBROKER_VAULT_BIN, then PATH, then the
 // place `make tools` installs to.
 func findVaultBinary() (string, error) {
