@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/go-redis/redis_rate/v10"
@@ -74,6 +75,54 @@ func (e *LimitedError) Unwrap() error { return ErrLimited }
 type Limiter struct {
 	rl     *redis_rate.Limiter
 	prefix string
+	// leases holds, per account, slots this replica took from Redis in one
+	// round trip and has not spent yet (see leaseSize).
+	leases sync.Map // account → *lease
+}
+
+// leaseTTL is how long leased slots stay usable. Slots not spent by then
+// are lost to the shared budget, so it is short.
+const leaseTTL = 50 * time.Millisecond
+
+// lease is a handful of slots taken at once.
+type lease struct {
+	mu      sync.Mutex
+	slots   int
+	expires time.Time
+}
+
+// leaseSize is how many slots to take per Redis round trip: a leaseTTL's
+// worth of the budget, within the burst. For FleetUp's real budget (about
+// 1/s) that is 1 — a round trip per request, exactly as before; only
+// accounts with large budgets lease, and save the round trip per request.
+func leaseSize(limit Limit) int {
+	n := int(float64(limit.Rate) * float64(leaseTTL) / float64(limit.Period))
+	return min(n, limit.Burst)
+}
+
+// fromLease spends a leased slot of account, if one is left.
+func (l *Limiter) fromLease(account string) bool {
+	v, ok := l.leases.Load(account)
+	if !ok {
+		return false
+	}
+	ls := v.(*lease)
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if ls.slots > 0 && time.Now().Before(ls.expires) {
+		ls.slots--
+		return true
+	}
+	return false
+}
+
+// keepLease stores the rest of a lease just taken.
+func (l *Limiter) keepLease(account string, slots int) {
+	v, _ := l.leases.LoadOrStore(account, &lease{})
+	ls := v.(*lease)
+	ls.mu.Lock()
+	ls.slots, ls.expires = slots, time.Now().Add(leaseTTL)
+	ls.mu.Unlock()
 }
 
 // New returns a Limiter keeping its state in client under prefix.
@@ -93,7 +142,22 @@ func (l *Limiter) Allow(ctx context.Context, account string, limit Limit) (allow
 	if err := limit.validate(); err != nil {
 		return false, 0, err
 	}
-	res, err := l.rl.Allow(ctx, l.prefix+":"+account, redis_rate.Limit{Rate: limit.Rate, Period: limit.Period, Burst: limit.Burst})
+	if l.fromLease(account) {
+		return true, 0, nil
+	}
+	rl := redis_rate.Limit{Rate: limit.Rate, Period: limit.Period, Burst: limit.Burst}
+	if n := leaseSize(limit); n > 1 {
+		res, err := l.rl.AllowN(ctx, l.prefix+":"+account, rl, n)
+		if err != nil {
+			return false, 0, fmt.Errorf("ratelimit: account %q: %w", account, err)
+		}
+		if res.Allowed == n {
+			l.keepLease(account, n-1)
+			return true, 0, nil
+		}
+		// Not a whole lease left in the budget: fall back to one slot.
+	}
+	res, err := l.rl.Allow(ctx, l.prefix+":"+account, rl)
 	if err != nil {
 		return false, 0, fmt.Errorf("ratelimit: account %q: %w", account, err)
 	}
