@@ -3,7 +3,7 @@
 # $FLEETBROKER_TOOLS/bin (default ~/.cache/fleetbroker/tools/bin), building
 # each only when its pinned version is missing:
 #   buf, protoc-gen-go, protoc-gen-go-grpc  from the Go module proxy
-#   vault 1.21.0                            built from tools/vault (5-10 min the first time)
+#   vault 1.21.0                            built from tools/vault (10-15 min the first time)
 # redis-server comes from Debian: `apt-get install -y redis-server` (done by .ci/run).
 set -euo pipefail
 
@@ -38,7 +38,7 @@ install_go protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc "$PR
 
 vault_target="$TOOLS/vault-$VAULT_VERSION"
 if [[ ! -x "$vault_target" ]]; then
-  echo "tools: building vault $VAULT_VERSION from tools/vault (takes 5-10 minutes the first time)" >&2
+  echo "tools: building vault $VAULT_VERSION from tools/vault (about 10-15 minutes on 2 cores the first time)" >&2
   (cd "$ROOT/tools/vault" && go build -trimpath -o "$vault_target.tmp" . && mv "$vault_target.tmp" "$vault_target")
 fi
 ln -sf "$vault_target" "$BIN/vault"
