@@ -231,10 +231,7 @@ func (s *Service) ListTrips(ctx context.Context, req *telematicsv1.ListTripsRequ
 		err = s.withWialonLoader(ctx, sess, func(ctx context.Context, sid string) error {
 			trips, err := s.cfg.Wialon.Trips(ctx, sess.baseURL, sid, unitID, from, to)
 			for _, t := range trips {
-				resp.Trips = append(resp.Trips, &telematicsv1.Trip{UnitId: unit,
-					StartTime: timestamppb.New(t.From.Time), EndTime: timestamppb.New(t.To.Time),
-					StartPosition: pointPosition(unit, t.From.Time, t.From.Lat, t.From.Lon), EndPosition: pointPosition(unit, t.To.Time, t.To.Lat, t.To.Lon),
-					DistanceM: t.DistanceMeters})
+				resp.Trips = append(resp.Trips, newTrip(unit, tripEnd(t.From), tripEnd(t.To), t.DistanceMeters))
 			}
 			return err
 		})
@@ -242,10 +239,8 @@ func (s *Service) ListTrips(ctx context.Context, req *telematicsv1.ListTripsRequ
 		err = s.withFleetUp(ctx, sess, func(ctx context.Context, auth fleetup.Auth) error {
 			trips, err := s.cfg.FleetUp.Trips(ctx, auth, unit, from, to)
 			for _, t := range trips {
-				resp.Trips = append(resp.Trips, &telematicsv1.Trip{UnitId: unit,
-					StartTime: timestamppb.New(t.From.Time), EndTime: timestamppb.New(t.To.Time),
-					StartPosition: pointPosition(unit, t.From.Time, t.From.Lat, t.From.Lon), EndPosition: pointPosition(unit, t.To.Time, t.To.Lat, t.To.Lon),
-					DistanceM: t.Mileage * 1000}) // FleetUp reports kilometres (see docs/gateway.md)
+				// FleetUp reports kilometres (see docs/gateway.md).
+				resp.Trips = append(resp.Trips, newTrip(unit, tripEnd(t.From), tripEnd(t.To), t.Mileage*1000))
 			}
 			return err
 		})
@@ -330,9 +325,24 @@ func fleetupPosition(l fleetup.Location) *telematicsv1.Position {
 		SpeedKmh: l.Speed, CourseDeg: l.Heading}
 }
 
-func pointPosition(unitID string, t time.Time, lat, lon float64) *telematicsv1.Position {
-	if lat == 0 && lon == 0 {
+// tripEnd is where and when a trip started or ended; both providers'
+// TripPoint types convert to it.
+type tripEnd struct {
+	Time     time.Time
+	Lat, Lon float64
+}
+
+func newTrip(unitID string, start, end tripEnd, distanceM float64) *telematicsv1.Trip {
+	return &telematicsv1.Trip{UnitId: unitID,
+		StartTime: timestamppb.New(start.Time), EndTime: timestamppb.New(end.Time),
+		StartPosition: start.position(unitID), EndPosition: end.position(unitID),
+		DistanceM: distanceM}
+}
+
+// position is nil when the provider gave no coordinates.
+func (e tripEnd) position(unitID string) *telematicsv1.Position {
+	if e.Lat == 0 && e.Lon == 0 {
 		return nil
 	}
-	return &telematicsv1.Position{UnitId: unitID, Time: timestamppb.New(t), Latitude: lat, Longitude: lon}
+	return &telematicsv1.Position{UnitId: unitID, Time: timestamppb.New(e.Time), Latitude: e.Lat, Longitude: e.Lon}
 }
