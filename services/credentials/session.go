@@ -122,14 +122,15 @@ func (c *sessionServer) ResolveSession(ctx context.Context, req *credentialsv1.R
 		return nil, err
 	}
 	return &credentialsv1.ResolveSessionResponse{
-		SessionId:         sess.SessionID,
-		TenantId:          sess.TenantID,
-		CredentialId:      sess.CredentialID,
-		CredentialVersion: rec.Version,
-		Provider:          providerToProto(rec.Provider),
-		Scopes:            scopesToProto(sess.Scopes),
-		ExpireTime:        timestamppb.New(sess.ExpireTime),
-		BaseUrl:           rec.BaseURL,
+		SessionId:            sess.SessionID,
+		TenantId:             sess.TenantID,
+		CredentialId:         sess.CredentialID,
+		CredentialVersion:    rec.Version,
+		Provider:             providerToProto(rec.Provider),
+		Scopes:               scopesToProto(sess.Scopes),
+		ExpireTime:           timestamppb.New(sess.ExpireTime),
+		BaseUrl:              rec.BaseURL,
+		CredentialGeneration: rec.Generation,
 	}, nil
 }
 

@@ -39,6 +39,7 @@ const (
 	fID                = "id"
 	fProvider          = "provider"
 	fVersion           = "version"
+	fGeneration        = "generation"
 	fCiphertext        = "ciphertext"
 	fFingerprint       = "fingerprint"
 	fBaseURL           = "base_url"
@@ -158,10 +159,17 @@ func NewRedis(client redis.UniversalClient, opts RedisOptions) *Redis {
 }
 
 // PutCredential implements Store. A zero CreateTime or UpdateTime is set
-// to the current time.
+// to the current time; an empty Generation gets a fresh random one.
 func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bool, error) {
 	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
 		return Credential{}, false, err
+	}
+	if c.Generation == "" {
+		gen, err := NewGeneration()
+		if err != nil {
+			return Credential{}, false, err
+		}
+		c.Generation = gen
 	}
 	now := time.Now()
 	if c.CreateTime.IsZero() {
@@ -179,6 +187,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bo
 		fTenant, c.TenantID,
 		fID, c.CredentialID,
 		fProvider, c.Provider,
+		fGeneration, c.Generation,
 		fCiphertext, c.Ciphertext,
 		fFingerprint, c.Fingerprint,
 		fBaseURL, c.BaseURL,
@@ -701,6 +710,7 @@ func parseCredential(m map[string]string) (Credential, error) {
 		TenantID:          m[fTenant],
 		CredentialID:      m[fID],
 		Provider:          m[fProvider],
+		Generation:        m[fGeneration],
 		Ciphertext:        m[fCiphertext],
 		Fingerprint:       m[fFingerprint],
 		BaseURL:           m[fBaseURL],
@@ -714,6 +724,11 @@ func parseCredential(m map[string]string) (Credential, error) {
 	c.CreateTime, errs = parseTime(m[fCreateTime], errs)
 	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
 	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
+	if c.Generation == "" && len(errs) == 0 {
+		// A record written before generations existed: derive one that
+		// still changes when the credential is deleted and created again.
+		c.Generation = "legacy-" + strconv.FormatInt(c.CreateTime.UnixNano(), 36) + "-" + strconv.FormatInt(c.Version, 10)
+	}
 	if m[fLabels] != "" {
 		if err := json.Unmarshal([]byte(m[fLabels]), &c.Labels); err != nil {
 			errs = append(errs, err)

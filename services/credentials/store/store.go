@@ -11,6 +11,8 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"time"
 )
@@ -36,6 +38,11 @@ type Credential struct {
 	// Version starts at 1; Put of an existing credential sets it to the old
 	// version plus 1, whatever the caller put here.
 	Version int64
+	// Generation identifies the exact secret stored: a random id set on
+	// every Put and never reused, so anything derived from a secret (a
+	// cached upstream session) can be bound to it. Unlike Version it does
+	// not restart when a credential is deleted and created again.
+	Generation string
 	// Ciphertext is the transit ciphertext of the secret.
 	Ciphertext string
 	// Fingerprint is a keyed, non-reversible fingerprint of the secret.
@@ -49,6 +56,16 @@ type Credential struct {
 	ValidationState   string
 	ValidationMessage string
 	UpstreamUser      string
+}
+
+// NewGeneration returns a fresh credential generation id: 128 random bits,
+// so two Puts never share one.
+func NewGeneration() (string, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return "g" + hex.EncodeToString(b), nil
 }
 
 // Session is one issued session handle, stored under the handle's SHA-256.
@@ -89,8 +106,9 @@ var (
 type Store interface {
 	// PutCredential creates c or replaces the stored credential with the
 	// same tenant and id, atomically: on replace, Version becomes the old
-	// version + 1 and CreateTime is kept. It returns the stored record and
-	// whether it was created.
+	// version + 1 and CreateTime is kept; every Put stores a new
+	// Generation (a fresh one when c has none). It returns the stored
+	// record and whether it was created.
 	PutCredential(ctx context.Context, c Credential) (Credential, bool, error)
 	GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error)
 	// ListCredentials pages through a tenant's credentials ordered by id.

@@ -55,6 +55,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 	}{
 		{"PutGetRoundTrip", testPutGetRoundTrip},
 		{"PutReplace", testPutReplace},
+		{"GenerationNeverRepeats", testGenerationNeverRepeats},
 		{"GetMissing", testGetMissing},
 		{"InvalidIDs", testInvalidIDs},
 		{"ListPagination", testListPagination},
@@ -142,6 +143,51 @@ func testPutReplace(t *testing.T, h Harness) {
 
 	if got := mustPut(t, h, second); got.Version != 3 {
 		t.Errorf("third put: version %d, want 3", got.Version)
+	}
+}
+
+// testGenerationNeverRepeats: every Put stores a new generation, also when a
+// deleted credential is created again at version 1; validation and rewrap
+// keep it (the secret is the same).
+func testGenerationNeverRepeats(t *testing.T, h Harness) {
+	ctx := testContext(t)
+	c := newCredential("tenant-a", "cred-gen")
+	seen := map[string]string{}
+	record := func(what string, got store.Credential) {
+		t.Helper()
+		if got.Generation == "" {
+			t.Fatalf("%s: empty generation", what)
+		}
+		if prev, ok := seen[got.Generation]; ok {
+			t.Fatalf("%s: generation %q repeats the one of %s", what, got.Generation, prev)
+		}
+		seen[got.Generation] = what
+	}
+	first := mustPut(t, h, c)
+	record("first put", first)
+	record("replace", mustPut(t, h, c))
+	if _, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID); err != nil {
+		t.Fatalf("DeleteCredential: %v", err)
+	}
+	recreated := mustPut(t, h, c)
+	if recreated.Version != 1 {
+		t.Fatalf("recreated version = %d, want 1", recreated.Version)
+	}
+	record("recreate", recreated)
+
+	validated, err := h.Store.SetValidation(ctx, c.TenantID, c.CredentialID, recreated.Version, store.Validation{State: store.ValidationValid, Time: time.Now()})
+	if err != nil {
+		t.Fatalf("SetValidation: %v", err)
+	}
+	if err := h.Store.UpdateCiphertext(ctx, c.TenantID, c.CredentialID, recreated.Version, "vault:v2:rewrapped"); err != nil {
+		t.Fatalf("UpdateCiphertext: %v", err)
+	}
+	got, err := h.Store.GetCredential(ctx, c.TenantID, c.CredentialID)
+	if err != nil {
+		t.Fatalf("GetCredential: %v", err)
+	}
+	if validated.Generation != recreated.Generation || got.Generation != recreated.Generation {
+		t.Errorf("generation changed by validation or rewrap: %q, %q; want %q", validated.Generation, got.Generation, recreated.Generation)
 	}
 }
 
@@ -748,6 +794,13 @@ func assertCredential(t *testing.T, what string, got, want store.Credential) {
 		if !tc.got.Equal(tc.want) {
 			t.Errorf("%s: %s = %v, want %v", what, tc.field, tc.got, tc.want)
 		}
+	}
+	if want.Generation == "" {
+		// A Put without one gets a fresh generation: any non-empty value.
+		if got.Generation == "" {
+			t.Errorf("%s: Generation is empty, want a fresh one", what)
+		}
+		got.Generation = ""
 	}
 	if len(got.Labels) != 0 || len(want.Labels) != 0 {
 		if !maps.Equal(got.Labels, want.Labels) {

@@ -1330,9 +1330,15 @@ type ResolveSessionResponse struct {
 	Scopes            []Scope                `protobuf:"varint,6,rep,packed,name=scopes,proto3,enum=fleetbroker.credentials.v1.Scope" json:"scopes,omitempty"`
 	ExpireTime        *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
 	// The upstream base URL to call.
-	BaseUrl       string `protobuf:"bytes,8,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	BaseUrl string `protobuf:"bytes,8,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// Identifies the exact secret stored: it changes on every PutCredential
+	// and never repeats, even when a credential is deleted and created again
+	// under the same id (when its version starts at 1 again). Anything
+	// derived from the secret, such as a cached upstream session, must be
+	// bound to it.
+	CredentialGeneration string `protobuf:"bytes,9,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *ResolveSessionResponse) Reset() {
@@ -1417,6 +1423,13 @@ func (x *ResolveSessionResponse) GetExpireTime() *timestamppb.Timestamp {
 func (x *ResolveSessionResponse) GetBaseUrl() string {
 	if x != nil {
 		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *ResolveSessionResponse) GetCredentialGeneration() string {
+	if x != nil {
+		return x.CredentialGeneration
 	}
 	return ""
 }
@@ -1765,7 +1778,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\";\n" +
 	"\x15ResolveSessionRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
-	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xfd\x02\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xb2\x03\n" +
 	"\x16ResolveSessionResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n" +
@@ -1776,7 +1789,8 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x06scopes\x18\x06 \x03(\x0e2!.fleetbroker.credentials.v1.ScopeR\x06scopes\x12;\n" +
 	"\vexpire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x19\n" +
-	"\bbase_url\x18\b \x01(\tR\abaseUrl\":\n" +
+	"\bbase_url\x18\b \x01(\tR\abaseUrl\x123\n" +
+	"\x15credential_generation\x18\t \x01(\tR\x14credentialGeneration\":\n" +
 	"\x14ResolveSecretRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xfa\x01\n" +
