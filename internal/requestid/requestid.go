@@ -1,7 +1,10 @@
 // Package requestid gives every inbound call an id that ties its log lines,
 // audit events and the caller's own logs together: the caller's
 // `x-request-id` metadata if it sent a sane one, else a new random id. The id
-// is sent back as response header `x-request-id`.
+// is sent back as `x-request-id`: a response header on success, a trailer on
+// failure — so a failed unary call stays a trailers-only response, which is
+// what lets gRPC retry policies and mesh proxies retry it (a response with
+// headers is committed and never retried).
 package requestid
 
 import (
@@ -51,12 +54,18 @@ func newID() string {
 	return hex.EncodeToString(b)
 }
 
-// UnaryServerInterceptor attaches the request id to the call's context.
+// UnaryServerInterceptor attaches the request id to the call's context and
+// returns it in the response header, or in the trailer when the call fails.
 func UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		id := fromIncoming(ctx)
-		_ = grpc.SetHeader(ctx, metadata.Pairs(Header, id))
-		return handler(NewContext(ctx, id), req)
+		resp, err := handler(NewContext(ctx, id), req)
+		if err != nil {
+			_ = grpc.SetTrailer(ctx, metadata.Pairs(Header, id))
+		} else {
+			_ = grpc.SetHeader(ctx, metadata.Pairs(Header, id))
+		}
+		return resp, err
 	}
 }
 

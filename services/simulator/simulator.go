@@ -176,6 +176,15 @@ func (s *Simulator) AddWialonToken(token string) {
 	}
 }
 
+// RemoveWialonToken forgets token, as when a customer deletes it in Wialon:
+// later logins with it answer error 8. Sessions it opened live on until
+// they expire or idle out, as Wialon's do.
+func (s *Simulator) RemoveWialonToken(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.tokens, token)
+}
+
 // AddFleetUpAccount registers an API key with the account it opens.
 func (s *Simulator) AddFleetUpAccount(apiKey string, accountID int64, secret string) {
 	s.mu.Lock()
