@@ -79,8 +79,8 @@ func TestAllowed(t *testing.T) {
 		{billingAPI, CredentialsWrite, "globex", true},
 		{"key:billing-batch", SessionsRevoke, "acme", true},
 		{"dns:batch.billing.svc", CredentialsWrite, "acme", true}, // DNS names compare in lower case
-		{"billing-batch", SessionsRevoke, "acme", false},         // no prefix: nobody
-		{"dns:billing-batch", SessionsRevoke, "acme", false},     // a DNS SAN is not the API key
+		{"billing-batch", SessionsRevoke, "acme", false},          // no prefix: nobody
+		{"dns:billing-batch", SessionsRevoke, "acme", false},      // a DNS SAN is not the API key
 		{"cn:key:billing-batch", SessionsRevoke, "acme", false},
 		{billingAPI, CredentialsRead, "initech", false}, // tenant not listed
 		{billingAPI, SessionsResolve, "acme", false},    // action not granted
@@ -134,11 +134,11 @@ func TestGrantableScopes(t *testing.T) {
 		principal, tenant string
 		want              []string
 	}{
-		{billingAPI, "acme", []string{ScopeRead}},                  // scopes omitted: [read]
+		{billingAPI, "acme", []string{ScopeRead}},                      // scopes omitted: [read]
 		{"key:billing-batch", "acme", []string{ScopeRead}},             // the raw grant is for globex only
 		{"key:billing-batch", "globex", []string{ScopeRead, ScopeRaw}}, // union of two grants
 		{"key:ops-cli", "initech", []string{ScopeRead, ScopeRaw}},      // "*"
-		{billingAPI, "initech", nil},                               // no sessions.issue there
+		{billingAPI, "initech", nil},                                   // no sessions.issue there
 		{gateway, "acme", nil},
 		{"unknown", "acme", nil},
 	}
