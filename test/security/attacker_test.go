@@ -44,7 +44,9 @@ func credentialsRPCs(simURL string) []credentialsRPC {
 	creds := func(c *grpc.ClientConn) credentialsv1.CredentialServiceClient {
 		return credentialsv1.NewCredentialServiceClient(c)
 	}
-	sess := func(c *grpc.ClientConn) credentialsv1.SessionServiceClient { return credentialsv1.NewSessionServiceClient(c) }
+	sess := func(c *grpc.ClientConn) credentialsv1.SessionServiceClient {
+		return credentialsv1.NewSessionServiceClient(c)
+	}
 	return []credentialsRPC{
 		{credentialsv1.CredentialService_PutCredential_FullMethodName, func(ctx context.Context, c *grpc.ClientConn, _ string) error {
 			_, err := creds(c).PutCredential(ctx, WialonPut(TenantAcme, CredWialon, attackerToken, simURL))

@@ -160,7 +160,7 @@ func TestGatewayCallsAndLoginsAreAudited(t *testing.T) {
 	}{
 		{"wialon", "wialon", "core/search_items", wialonRaw, &telematicsv1.CallProviderRequest{Call: &telematicsv1.CallProviderRequest_Wialon{
 			Wialon: &telematicsv1.WialonCall{Svc: "core/search_items", Params: mustStruct(t, map[string]any{
-				"spec": map[string]any{"itemsType": "avl_unit", "propName": "sys_name", "propValueMask": "*", "sortType": "sys_name"},
+				"spec":  map[string]any{"itemsType": "avl_unit", "propName": "sys_name", "propValueMask": "*", "sortType": "sys_name"},
 				"force": 1, "flags": 1, "from": 0, "to": 0})}}}},
 		{"fleetup", "fleetup", "POST /devices", fleetupRaw, &telematicsv1.CallProviderRequest{Call: &telematicsv1.CallProviderRequest_Fleetup{
 			Fleetup: &telematicsv1.FleetUpCall{Method: "POST", Path: "/devices", Body: mustStruct(t, map[string]any{"acctId": simulator.DemoFleetUpAccountID})}}}},

@@ -118,7 +118,7 @@ type Options struct {
 
 // Stack is a running credentials service and gateway.
 type Stack struct {
-	PKI                   *testenv.PKI
+	PKI                    *testenv.PKI
 	CredsAddr, GatewayAddr string
 	// Credentials and Gateway are the built servers (their services and
 	// methods: GRPC().GetServiceInfo()).
