@@ -2,9 +2,9 @@ package authz_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"context"
 	"errors"
 	"net"
 	"strings"
