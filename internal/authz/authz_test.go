@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -74,13 +75,13 @@ func (w *syncWriter) String() string {
 
 // start serves both test services and health behind an Authorizer whose
 // policy grants the API key everything, with only listed given a rule.
-func start(t *testing.T) (*grpc.ClientConn, *authz.Authorizer, *syncWriter, *atomic.Int64) {
+func start(t *testing.T, adjust ...func(*authz.Config)) (*grpc.ClientConn, *authz.Authorizer, *syncWriter, *atomic.Int64) {
 	t.Helper()
 	pol, err := policy.Parse([]byte(`api_keys:
   - principal: key:tester
     sha256: "`+sha(apiKey)+`"
 grants:
-  - principals: ["key:tester"]
+  - principals: ["key:tester", "spiffe://example.org/ns/mesh/sa/caller"]
     tenants: ["*"]
     actions: [credentials.read, credentials.write, sessions.issue, sessions.revoke, sessions.resolve]
 `), policy.FormatYAML)
@@ -90,8 +91,12 @@ grants:
 	w := &syncWriter{}
 	al := audit.New(w)
 	t.Cleanup(func() { al.Close() })
-	a := authz.New(authz.Config{Policy: policy.Static(pol), Audit: al, RequirePrincipal: true,
-		Methods: authz.Rules(map[string]policy.Action{listed: policy.CredentialsRead}, nil)})
+	cfg := authz.Config{Policy: policy.Static(pol), Audit: al, RequirePrincipal: true,
+		Methods: authz.Rules(map[string]policy.Action{listed: policy.CredentialsRead}, nil)}
+	for _, f := range adjust {
+		f(&cfg)
+	}
+	a := authz.New(cfg)
 	var calls atomic.Int64
 	srv := grpc.NewServer(grpc.UnaryInterceptor(a.UnaryServerInterceptor()))
 	srv.RegisterService(serviceDesc("test.v1.Listed", &calls), nil)
@@ -168,4 +173,30 @@ func TestIntentFailureRefusesTheCall(t *testing.T) {
 func sha(s string) string {
 	sum := sha256.Sum256([]byte(s))
 	return hex.EncodeToString(sum[:])
+}
+
+// TestTrustedHeaderOnlyInURIForm: behind a sidecar, the header names the
+// caller only from a trusted proxy and only as a URI (what the proxy
+// verified); a bare name could pose as an API key's or a DNS SAN's.
+func TestTrustedHeaderOnlyInURIForm(t *testing.T) {
+	conn, _, w, _ := start(t, func(c *authz.Config) {
+		c.TrustedHeader = "x-client-identity"
+		c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	})
+	call := func(identity string) error {
+		ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "x-client-identity", identity), 5*time.Second)
+		defer cancel()
+		return conn.Invoke(ctx, listed, &emptypb.Empty{}, &emptypb.Empty{})
+	}
+	if err := call("spiffe://example.org/ns/mesh/sa/caller"); err != nil {
+		t.Fatalf("URI identity from a trusted proxy: %v", err)
+	}
+	for _, id := range []string{"key:tester", "tester", "dns:caller"} {
+		if err := call(id); status.Code(err) != codes.Unauthenticated {
+			t.Errorf("header %q: %v, want Unauthenticated", id, err)
+		}
+	}
+	if !strings.Contains(w.String(), `"principal":"spiffe://example.org/ns/mesh/sa/caller","via":"header"`) {
+		t.Errorf("the header identity is not on record with its source:\n%s", w.String())
+	}
 }
