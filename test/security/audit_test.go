@@ -224,3 +224,37 @@ func mustStruct(t *testing.T, m map[string]any) *structpb.Struct {
 	}
 	return s
 }
+
+// TestWatchLoginIsAudited: a WatchPositions stream's shared poll runs
+// outside the call, and its upstream login is still on record, in the
+// name of the stream that started it.
+func TestWatchLoginIsAudited(t *testing.T) {
+	s := Start(t, Options{})
+	h := s.Issue(t, TenantAcme, CredWialon, 0)
+	gw := telematicsv1.NewTelematicsServiceClient(s.Dial(t, s.GatewayAddr, Identity{URI: "spiffe://example.org/ns/acme/sa/dashboard"}))
+	id := newRequestID(t)
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(WithHandle(context.Background(), h.GetHandle()), requestid.Header, id), 20*time.Second)
+	defer cancel()
+	st, err := gw.WatchPositions(ctx, &telematicsv1.WatchPositionsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	var intent, outcome bool
+	for _, ev := range ReadAudit(t, s.GatewayAudit) {
+		if ev.Action != authz.ActionUpstreamLogin {
+			continue
+		}
+		if ev.RequestID != id || ev.SessionID != h.GetSessionId() || ev.TenantID != TenantAcme || ev.CredentialID != CredWialon || ev.Provider != "wialon" {
+			t.Errorf("login record not in the stream's name: %+v", ev)
+		}
+		intent = intent || ev.Phase == audit.PhaseIntent
+		outcome = outcome || (ev.Phase == audit.PhaseOutcome && ev.Result == audit.ResultOK)
+	}
+	if !intent || !outcome {
+		t.Errorf("the poll's upstream login: intent %v, outcome %v; want both", intent, outcome)
+	}
+	s.AssertNoLeak(t, simulator.DemoWialonToken, h.GetHandle())
+}
