@@ -20,10 +20,10 @@ func TestCheckConfig(t *testing.T) {
 	dir := t.TempDir()
 	goodPolicy := filepath.Join(dir, "policy.yaml")
 	badPolicy := filepath.Join(dir, "bad.yaml")
-	if err := os.WriteFile(goodPolicy, []byte("grants:\n  - principals: [gw]\n    tenants: [\"*\"]\n    actions: [sessions.resolve]\n"), 0o600); err != nil {
+	if err := os.WriteFile(goodPolicy, []byte("grants:\n  - principals: ['key:gw']\n    tenants: [\"*\"]\n    actions: [sessions.resolve]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(badPolicy, []byte("grants:\n  - principals: [gw]\n    tenants: [\"*\"]\n    actions: [sessions.everything]\n"), 0o600); err != nil {
+	if err := os.WriteFile(badPolicy, []byte("grants:\n  - principals: ['key:gw']\n    tenants: [\"*\"]\n    actions: [sessions.everything]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	base := []string{"credentials", "--check-config", "--insecure", "--vault-addr=" + vs.Addr, "--redis-addr=" + rs.Addr, "--audit-log=" + filepath.Join(dir, "audit.log")}

@@ -20,7 +20,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	cfg := &app.CredentialsConfig{}
 	addServerFlags(fs, &cfg.Server, ":7401")
 	addDeadlineFlags(fs, &cfg.Server)
-	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, ":9401")
+	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, "localhost:9401")
 	addSecurityFlags(fs, &cfg.Security, "policy file (YAML or JSON) granting principals actions on tenants; required; reloaded on change")
 	addVaultFlags(fs, &cfg.Vault, "fleetbroker")
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
@@ -74,6 +74,7 @@ func runDev(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 50, "FleetUp requests per second per account (the simulator needs no 1/s limit)")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "localhost:7490", "HTTP address serving Prometheus metrics at /metrics (empty: off)")
+	fs.BoolVar(&cfg.ListenAnywhere, "dev-listen-anywhere", false, "let --listen and --metrics-listen bind non-loopback addresses (dev has no caller authentication: anyone who reaches the port may read and write every credential)")
 	logf := addLogFlags(fs, "text") // dev is read by humans
 	if err := parse(fs, args); err != nil {
 		return err
@@ -116,7 +117,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	cfg := &app.GatewayConfig{}
 	addServerFlags(fs, &cfg.Server, ":7402")
 	addDeadlineFlags(fs, &cfg.Server)
-	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, ":9402")
+	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, "localhost:9402")
 	addSecurityFlags(fs, &cfg.Security, "optional policy file; the gateway uses only its api_keys (callers are authorized by their handle)")
 	fs.StringVar(&cfg.CredentialsAddr, "credentials-addr", "localhost:7401", "address of the credentials service")
 	fs.StringVar(&cfg.CredentialsTLS.CAFile, "credentials-ca", "", "CA bundle that signed the credentials service's certificate")

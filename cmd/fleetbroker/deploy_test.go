@@ -73,11 +73,23 @@ func (s labelSelector) selects(labels map[string]string) bool {
 	return true
 }
 
+// deployment is a Deployment or a StatefulSet: the workloads that run the
+// servers (StatefulSets where each replica keeps its audit trail on its
+// own PersistentVolumeClaim).
 type deployment struct {
+	Kind     string     `yaml:"kind"`
 	Metadata objectMeta `yaml:"metadata"`
 	Spec     struct {
 		Replicas *int          `yaml:"replicas"`
 		Selector labelSelector `yaml:"selector"`
+		// VolumeClaimTemplates (StatefulSet) give each replica its own
+		// persistent volume.
+		VolumeClaimTemplates []struct {
+			Metadata objectMeta `yaml:"metadata"`
+			Spec     struct {
+				AccessModes []string `yaml:"accessModes"`
+			} `yaml:"spec"`
+		} `yaml:"volumeClaimTemplates"`
 		Template struct {
 			Metadata objectMeta `yaml:"metadata"`
 			Spec     podSpec    `yaml:"spec"`
@@ -353,7 +365,7 @@ func (m *manifests) add(t *testing.T, o object) {
 	switch o.Kind {
 	case "Namespace":
 		m.namespaces = append(m.namespaces, o.Metadata.Name)
-	case "Deployment":
+	case "Deployment", "StatefulSet":
 		var d deployment
 		decodeNode(t, o, &d)
 		m.deployments = append(m.deployments, d)
@@ -770,8 +782,12 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 			checkMountedFile(t, m, pod, c, "--"+name, v)
 		}
 	}
-	if a := get("audit-log"); a != "" && a != "-" {
-		checkWritable(t, pod, c, "--audit-log", a)
+	// The audit trail fails closed only as durably as its sink: a file on
+	// a volume that outlives the pod (docs/security.md, "Audit trail").
+	if a := get("audit-log"); a == "" || a == "-" {
+		t.Errorf("container %s: --audit-log=%q is not durable; write it to a file on a PersistentVolumeClaim", c.Name, a)
+	} else {
+		checkPersistent(t, d, c, "--audit-log", a)
 	}
 
 	// mTLS towards callers, and towards the credentials service.
@@ -897,21 +913,21 @@ func checkMountedFile(t *testing.T, m *manifests, pod *podSpec, c *container, fl
 	}
 }
 
-// checkWritable: with a read-only root file system, a file the container
-// writes must be on a writable emptyDir.
-func checkWritable(t *testing.T, pod *podSpec, c *container, flagName, file string) {
+// checkPersistent: file is on a writable mount of one of d's
+// volumeClaimTemplates, so it survives the pod.
+func checkPersistent(t *testing.T, d *deployment, c *container, flagName, file string) {
 	t.Helper()
 	for _, vm := range c.VolumeMounts {
 		if !strings.HasPrefix(file, strings.TrimSuffix(vm.MountPath, "/")+"/") || vm.ReadOnly {
 			continue
 		}
-		for _, v := range pod.Volumes {
-			if v.Name == vm.Name && v.EmptyDir != nil {
+		for _, claim := range d.Spec.VolumeClaimTemplates {
+			if claim.Metadata.Name == vm.Name {
 				return
 			}
 		}
 	}
-	t.Errorf("container %s: %s=%s is not on a writable emptyDir mount (the root file system is read-only)", c.Name, flagName, file)
+	t.Errorf("container %s: %s=%s is not on a writable mount of a volumeClaimTemplate of %s %s", c.Name, flagName, file, d.Kind, d.Metadata.Name)
 }
 
 // checkCredentialsAddr: the gateway dials a Service of these manifests that

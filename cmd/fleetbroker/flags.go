@@ -123,10 +123,12 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 	fs.BoolVar(&cfg.ClientCertOptional, "tls-client-cert-optional", false, "with --tls-client-ca: let clients without a certificate connect (API-key callers, probes); calls without an identity are still refused")
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "serve plaintext (only behind a sidecar that terminates mTLS)")
 	fs.StringVar(&cfg.PolicyFile, "policy", "", policyHelp)
-	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file, appended to and synced before each reply; - for stderr")
+	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file: an intent record is synced before each call runs (the call is refused with UNAVAILABLE when it cannot be) and an outcome after; - for stderr (written, not synced)")
 	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only)")
 	fs.StringVar(&cfg.TrustedProxies, "trusted-proxies", "", "comma-separated CIDRs whose --trusted-header is believed")
-	fs.IntVar(&cfg.RateLimitPrincipal, "rate-limit-principal", 0, "requests per second per principal, across replicas (0: off)")
+	fs.BoolVar(&cfg.ClientCNPrincipals, "tls-client-cn-principals", false, "name a client certificate without URI or DNS SAN by its subject CN (principal cn:<CN>); off because any CA can put any text in a CN")
+	fs.IntVar(&cfg.RateLimitPrincipal, "rate-limit-principal", 0, "requests per second per authenticated principal, across replicas (0: off; callers without an identity have no principal budget)")
+	fs.IntVar(&cfg.RateLimitSession, "rate-limit-session", 0, "requests per second per session handle on handle-authorized calls (the gateway's), across replicas (0: off)")
 	fs.IntVar(&cfg.RateLimitTenant, "rate-limit-tenant", 0, "requests per second per tenant, across replicas (0: off)")
 }
 

@@ -48,7 +48,7 @@ func TestCredentialsSubcommandServes(t *testing.T) {
 	}
 	dir := t.TempDir()
 	policy := filepath.Join(dir, "policy.yaml")
-	if err := os.WriteFile(policy, []byte("grants:\n  - principals: [gw]\n    tenants: [\"*\"]\n    actions: [sessions.resolve]\n"), 0o600); err != nil {
+	if err := os.WriteFile(policy, []byte("grants:\n  - principals: ['key:gw']\n    tenants: [\"*\"]\n    actions: [sessions.resolve]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	grpcAddr, metricsAddr := freeAddr(t), freeAddr(t)

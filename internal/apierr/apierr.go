@@ -38,6 +38,12 @@ const (
 	ReasonUnauthenticated      = "UNAUTHENTICATED"
 	ReasonUpstreamAccessDenied = "UPSTREAM_ACCESS_DENIED"
 	ReasonRateLimited          = "RATE_LIMITED"
+	// ReasonAuditUnavailable: the call was refused because its audit record
+	// could not be made durable (the audit trail fails closed).
+	ReasonAuditUnavailable = "AUDIT_UNAVAILABLE"
+	// ReasonMethodNotAuthorized: the method has no authorization rule, so
+	// nobody may call it (deny by default).
+	ReasonMethodNotAuthorized = "METHOD_NOT_AUTHORIZED"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and

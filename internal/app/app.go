@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -57,7 +58,7 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.L
 		return closers.fail(err)
 	}
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, credentials.Actions, true, nil, rdb, logger)
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), true, nil, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -72,6 +73,7 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.L
 	if err != nil {
 		return closers.fail(err)
 	}
+	sec.checkRules(srv, logger)
 	return srv, closers.closeAll, nil
 }
 

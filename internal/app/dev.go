@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -42,6 +43,10 @@ type DevConfig struct {
 	// FleetUpRate is FleetUp requests per second per account (the
 	// simulator does not need FleetUp's 1/s guidance).
 	FleetUpRate int
+	// ListenAnywhere lets Listen and MetricsListen bind addresses other
+	// than loopback. Dev lets every caller do everything, so by default it
+	// refuses to be reachable from other machines.
+	ListenAnywhere bool
 	// Out receives the printed walkthrough (stdout).
 	Out io.Writer
 }
@@ -66,6 +71,9 @@ const devBanner = `
 // keyring in place of Vault, the simulator, and the gRPC services on one port.
 func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	logger.Warn("fleetbroker dev: development mode, not for production: dev keyring instead of Vault, in-memory Redis, no TLS, no caller authentication")
+	if cfg.ListenAnywhere {
+		logger.Warn("fleetbroker dev: --dev-listen-anywhere: every machine that reaches these ports may read and write every credential")
+	}
 	fmt.Fprintln(cfg.Out, devBanner)
 
 	mini, err := miniredis.Run()
@@ -90,10 +98,17 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	}
 	simAddr := displayAddr(cfg.SimulatorListen, simLis) // keep the name the user gave (localhost:7480)
 	simURL := "http://" + simAddr
-	grpcLis, err := net.Listen("tcp", cfg.Listen)
+	grpcLis, err := listenDev("--listen", cfg.Listen, cfg.ListenAnywhere)
 	if err != nil {
 		simLis.Close()
-		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+		return err
+	}
+	if cfg.MetricsListen != "" && !cfg.ListenAnywhere {
+		if err := checkLoopbackAddr("--metrics-listen", cfg.MetricsListen); err != nil {
+			simLis.Close()
+			grpcLis.Close()
+			return err
+		}
 	}
 
 	credCfg := CredentialsConfig{
@@ -104,7 +119,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
 	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
-		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), credentials.Actions, false, policy.Static(policy.AllowAll()), rdb, logger)
+		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), false, policy.Static(policy.AllowAll()), rdb, logger)
 	if err != nil {
 		return err
 	}
@@ -136,6 +151,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	sec.checkRules(srv, logger)
 	sim := simulator.New(simulator.Config{Demo: true})
 	simServer := &http.Server{Handler: sim.Handler(), ReadHeaderTimeout: 5 * time.Second}
 
@@ -153,6 +169,49 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		return nil
 	})
 	return g.Wait()
+}
+
+// listenDev listens on addr, and unless anywhere is set refuses any bound
+// address that is not loopback: dev serves every RPC to every caller.
+func listenDev(flagName, addr string, anywhere bool) (net.Listener, error) {
+	if !anywhere {
+		if err := checkLoopbackAddr(flagName, addr); err != nil {
+			return nil, err
+		}
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: listen on %s: %w", flagName, addr, err)
+	}
+	if !anywhere {
+		if ip := lis.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+			lis.Close()
+			return nil, errNotLoopback(flagName, addr)
+		}
+	}
+	return lis, nil
+}
+
+// checkLoopbackAddr accepts host:port addresses whose host is "localhost"
+// or a loopback IP; an empty host (every interface) and other names are
+// refused, since dev has no caller authentication.
+func checkLoopbackAddr(flagName, addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%s %q: %w", flagName, addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return errNotLoopback(flagName, addr)
+}
+
+func errNotLoopback(flagName, addr string) error {
+	return fmt.Errorf("%s %s is not a loopback address: fleetbroker dev lets every caller do everything, without authentication; "+
+		"listen on localhost, or pass --dev-listen-anywhere if every machine that can reach it may read and write every credential", flagName, addr)
 }
 
 // ServeHTTP serves until ctx is done, then shuts down within 5 s.

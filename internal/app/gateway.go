@@ -114,7 +114,7 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	// Readiness is Redis only: with Vault down the gateway still serves
 	// every account whose upstream session is cached.
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, nil, cfg.Security.TLSClientCA != "", src, rdb, logger)
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), cfg.Security.TLSClientCA != "", src, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -129,6 +129,7 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	if err != nil {
 		return closers.fail(err)
 	}
+	sec.checkRules(srv, logger)
 	return srv, closers.closeAll, nil
 }
 

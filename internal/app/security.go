@@ -8,10 +8,10 @@ import (
 	"os"
 	"strings"
 
-	grpcratelimit "github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/ratelimit"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/authn"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
@@ -37,8 +37,15 @@ type SecurityConfig struct {
 	// (comma-separated CIDRs); only honoured with Insecure.
 	TrustedHeader  string
 	TrustedProxies string
-	// RateLimitPrincipal and RateLimitTenant are requests per second (0: off).
+	// ClientCNPrincipals lets a client certificate without SANs be named by
+	// its subject CN ("cn:<CN>"). Off by default: any CA that signs server
+	// certificates can put any text in a CN.
+	ClientCNPrincipals bool
+	// RateLimitPrincipal, RateLimitSession and RateLimitTenant are requests
+	// per second (0: off). Principal budgets apply to authenticated callers
+	// only; session budgets to calls authorized by a session handle.
 	RateLimitPrincipal int
+	RateLimitSession   int
 	RateLimitTenant    int
 }
 
@@ -46,7 +53,7 @@ type SecurityConfig struct {
 // authorizer handlers use. Close releases watchers and files.
 type security struct {
 	authorizer *authz.Authorizer
-	limits     authz.RateLimits
+	limits     *authz.RateLimits
 	closers    []io.Closer
 }
 
@@ -58,8 +65,9 @@ func (s *security) Close() {
 
 // buildSecurity loads TLS material, the policy and the audit log, and
 // returns the security wiring plus cfg completed with TLS and interceptors.
-// A nil policy source means the caller supplies one (dev: allow-all).
-func buildSecurity(sec SecurityConfig, cfg server.Config, actions map[string]policy.Action, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
+// A nil policy source means the caller supplies one (dev: allow-all). rules
+// are the methods the server serves; every other method is refused.
+func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
 	out := &security{}
 	fail := func(err error) (*security, server.Config, error) {
 		out.Close()
@@ -87,7 +95,7 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, actions map[string]pol
 		out.closers = append(out.closers, watcher)
 		src = watcher
 	}
-	auditLog, err := openAudit(sec.AuditLog)
+	auditLog, err := openAudit(sec.AuditLog, logger)
 	if err != nil {
 		return fail(err)
 	}
@@ -99,18 +107,29 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, actions map[string]pol
 	if sec.TrustedHeader != "" && !sec.Insecure {
 		return fail(fmt.Errorf("--trusted-header is only for --insecure behind a mesh sidecar"))
 	}
-	out.authorizer = authz.New(authz.Config{
-		Policy: src, Audit: auditLog, Logger: logger, Actions: actions,
-		RequirePrincipal: requirePrincipal, TrustedHeader: sec.TrustedHeader, TrustedProxies: proxies,
-	})
-	out.limits = authz.RateLimits{
+	out.limits = &authz.RateLimits{
 		Limiter:      ratelimit.New(rdb, "fb:api:rl"),
 		PerPrincipal: perSecond(sec.RateLimitPrincipal),
+		PerSession:   perSecond(sec.RateLimitSession),
 		PerTenant:    perSecond(sec.RateLimitTenant),
 	}
-	cfg.Unary = append(cfg.Unary, out.authorizer.UnaryServerInterceptor(), grpcratelimit.UnaryServerInterceptor(out.limits))
-	cfg.Stream = append(cfg.Stream, out.authorizer.StreamServerInterceptor(), grpcratelimit.StreamServerInterceptor(out.limits))
+	out.authorizer = authz.New(authz.Config{
+		Policy: src, Audit: auditLog, Logger: logger, Methods: rules, Limits: out.limits,
+		RequirePrincipal: requirePrincipal, TrustedHeader: sec.TrustedHeader, TrustedProxies: proxies,
+		Cert: authn.CertOptions{AllowCN: sec.ClientCNPrincipals},
+	})
+	cfg.Unary = append(cfg.Unary, out.authorizer.UnaryServerInterceptor())
+	cfg.Stream = append(cfg.Stream, out.authorizer.StreamServerInterceptor())
 	return out, cfg, nil
+}
+
+// checkRules logs every method srv serves that has no authorization rule:
+// the authorizer refuses them to everyone, which is safe but surely not
+// what their author meant. test/security fails on them.
+func (s *security) checkRules(srv *server.Server, logger *slog.Logger) {
+	for _, m := range s.authorizer.Unlisted(srv.GRPC().GetServiceInfo()) {
+		logger.Error("method has no authorization rule and is refused to every caller; add it to its service's policy actions or session methods", "method", m)
+	}
 }
 
 func perSecond(n int) ratelimit.Limit {
@@ -120,9 +139,13 @@ func perSecond(n int) ratelimit.Limit {
 	return ratelimit.PerSecond(n, n)
 }
 
-func openAudit(path string) (*audit.Logger, error) {
+// openAudit opens the audit trail. A file is synced before each call runs
+// (fail closed on any error); stderr is only written, and is as durable as
+// whatever collects it, so a warning says so.
+func openAudit(path string, logger *slog.Logger) (*audit.Logger, error) {
 	switch path {
 	case "", "-":
+		logger.Warn("audit trail on stderr (--audit-log=-): records are written before each call runs, but not synced; a crash can lose the last ones. Use a file on a persistent volume where the trail must be durable")
 		return audit.New(os.Stderr), nil
 	}
 	l, err := audit.Open(path)

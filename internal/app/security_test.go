@@ -59,7 +59,7 @@ func policyYAML(extraTenantForAcme string) string {
 		tenants = `["acme", "` + extraTenantForAcme + `"]`
 	}
 	return `api_keys:
-  - principal: batch
+  - principal: key:batch
     sha256: "` + sha(batchAPIKey) + `"
 grants:
   - principals: ["` + principalAcme + `"]
@@ -69,7 +69,7 @@ grants:
   - principals: ["` + principalGlobex + `"]
     tenants: ["globex"]
     actions: [credentials.read, credentials.write, sessions.issue, sessions.revoke]
-  - principals: [batch]
+  - principals: ["key:batch"]
     tenants: ["acme"]
     actions: [credentials.read]
   - principals: ["` + principalGateway + `"]

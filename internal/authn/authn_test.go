@@ -24,37 +24,63 @@ import (
 const spiffeID = "spiffe://example.org/ns/billing/sa/api"
 
 func TestFromCertificate(t *testing.T) {
+	cnOn := authn.CertOptions{AllowCN: true}
 	tests := []struct {
 		name   string
 		cert   *x509.Certificate
-		want   string
+		opts   authn.CertOptions
+		want   authn.Principal
 		wantOK bool
 	}{
 		{"URI SAN wins over DNS SAN and CN", &x509.Certificate{
-			URIs:     []*url.URL{mustURL(t, spiffeID), mustURL(t, "spiffe://example.org/other")},
+			URIs:     []*url.URL{mustURL(t, spiffeID)},
 			DNSNames: []string{"api.billing.svc"},
 			Subject:  pkix.Name{CommonName: "api"},
-		}, spiffeID, true},
-		{"DNS SAN wins over CN", &x509.Certificate{
-			DNSNames: []string{"api.billing.svc", "api"},
+		}, cnOn, authn.Principal{Name: spiffeID, Via: authn.ViaURISAN}, true},
+		{"two URI SANs are ambiguous", &x509.Certificate{
+			URIs:     []*url.URL{mustURL(t, spiffeID), mustURL(t, "spiffe://example.org/other")},
+			DNSNames: []string{"api.billing.svc"},
+		}, cnOn, authn.Principal{}, false},
+		{"a URI SAN without authority could pose as another kind", &x509.Certificate{
+			URIs:     []*url.URL{mustURL(t, "key:billing-batch")},
+			DNSNames: []string{"api.billing.svc"},
+		}, cnOn, authn.Principal{}, false},
+		{"DNS SAN, prefixed and in lower case", &x509.Certificate{
+			DNSNames: []string{"API.billing.svc", "api"},
 			Subject:  pkix.Name{CommonName: "cn-api"},
-		}, "api.billing.svc", true},
-		{"CN when there is no SAN", &x509.Certificate{Subject: pkix.Name{CommonName: "cn-api"}}, "cn-api", true},
+		}, cnOn, authn.Principal{Name: "dns:api.billing.svc", Via: authn.ViaDNSSAN}, true},
+		{"DNS SAN named like an API key", &x509.Certificate{DNSNames: []string{"billing-batch"}},
+			authn.CertOptions{}, authn.Principal{Name: "dns:billing-batch", Via: authn.ViaDNSSAN}, true},
+		{"DNS SANs switched off", &x509.Certificate{DNSNames: []string{"api"}}, authn.CertOptions{DisableDNS: true}, authn.Principal{}, false},
+		{"CN only: nobody unless enabled", &x509.Certificate{Subject: pkix.Name{CommonName: spiffeID}}, authn.CertOptions{}, authn.Principal{}, false},
+		{"CN only, enabled: prefixed, never the URI it spells", &x509.Certificate{Subject: pkix.Name{CommonName: spiffeID}},
+			cnOn, authn.Principal{Name: "cn:" + spiffeID, Via: authn.ViaCN}, true},
 		{"empty SANs are skipped", &x509.Certificate{
 			URIs:     []*url.URL{nil, {}},
 			DNSNames: []string{""},
 			Subject:  pkix.Name{CommonName: "cn-api"},
-		}, "cn-api", true},
-		{"no name at all", &x509.Certificate{Subject: pkix.Name{Organization: []string{"fleetbroker"}}}, "", false},
-		{"nil certificate", nil, "", false},
+		}, cnOn, authn.Principal{Name: "cn:cn-api", Via: authn.ViaCN}, true},
+		{"no name at all", &x509.Certificate{Subject: pkix.Name{Organization: []string{"fleetbroker"}}}, cnOn, authn.Principal{}, false},
+		{"nil certificate", nil, cnOn, authn.Principal{}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := authn.FromCertificate(tt.cert)
+			got, ok := authn.FromCertificate(tt.cert, tt.opts)
 			if got != tt.want || ok != tt.wantOK {
-				t.Errorf("FromCertificate = %q, %v; want %q, %v", got, ok, tt.want, tt.wantOK)
+				t.Errorf("FromCertificate = %+v, %v; want %+v, %v", got, ok, tt.want, tt.wantOK)
 			}
 		})
+	}
+}
+
+func TestIsURIName(t *testing.T) {
+	for name, want := range map[string]bool{
+		spiffeID: true, "https://example.org": true, "spiffe://td": true,
+		"key:x": false, "dns:x": false, "cn:spiffe://x": false, "spiffe:///path": false, "://x": false, "1x://y": false, "": false,
+	} {
+		if got := authn.IsURIName(name); got != want {
+			t.Errorf("IsURIName(%q) = %v, want %v", name, got, want)
+		}
 	}
 }
 
@@ -62,7 +88,7 @@ func TestContext(t *testing.T) {
 	if p, ok := authn.FromContext(context.Background()); ok {
 		t.Errorf("FromContext(empty) = %+v, true; want false", p)
 	}
-	want := authn.Principal{Name: spiffeID, Via: authn.ViaMTLS}
+	want := authn.Principal{Name: spiffeID, Via: authn.ViaURISAN}
 	if got, ok := authn.FromContext(authn.NewContext(context.Background(), want)); !ok || got != want {
 		t.Errorf("FromContext(NewContext(p)) = %+v, %v; want %+v, true", got, ok, want)
 	}
@@ -88,7 +114,7 @@ func TestFromPeer(t *testing.T) {
 		{"verified client certificate", tlsPeer(tls.ConnectionState{
 			PeerCertificates: []*x509.Certificate{named},
 			VerifiedChains:   [][]*x509.Certificate{{named}},
-		}), authn.Principal{Name: spiffeID, Via: authn.ViaMTLS}, true},
+		}), authn.Principal{Name: spiffeID, Via: authn.ViaURISAN}, true},
 		{"verified leaf differs from the presented one", tlsPeer(tls.ConnectionState{
 			PeerCertificates: []*x509.Certificate{named},
 			VerifiedChains:   [][]*x509.Certificate{{unnamed}},
@@ -99,7 +125,7 @@ func TestFromPeer(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := authn.FromPeer(tt.ctx)
+			got, ok := authn.FromPeer(tt.ctx, authn.CertOptions{})
 			if got != tt.want || ok != tt.wantOK {
 				t.Errorf("FromPeer = %+v, %v; want %+v, %v", got, ok, tt.want, tt.wantOK)
 			}
@@ -124,9 +150,9 @@ func TestFromPeerOverGRPC(t *testing.T) {
 		wantOK       bool
 	}{
 		{"URI SAN", nil, testenv.IssueOptions{Client: true, URIs: []string{spiffeID}},
-			authn.Principal{Name: spiffeID, Via: authn.ViaMTLS}, true},
+			authn.Principal{Name: spiffeID, Via: authn.ViaURISAN}, true},
 		{"DNS SAN", nil, testenv.IssueOptions{Client: true, DNSNames: []string{"api.billing.svc"}},
-			authn.Principal{Name: "api.billing.svc", Via: authn.ViaMTLS}, true},
+			authn.Principal{Name: "dns:api.billing.svc", Via: authn.ViaDNSSAN}, true},
 		{"certificate requested but not verified", requestOnly, testenv.IssueOptions{Client: true, URIs: []string{spiffeID}},
 			authn.Principal{}, false},
 	}
@@ -172,7 +198,7 @@ func startGRPC(t *testing.T, cfg *tls.Config) (string, <-chan seenPeer) {
 	t.Helper()
 	seen := make(chan seenPeer, 1)
 	capture := func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		p, ok := authn.FromPeer(ctx)
+		p, ok := authn.FromPeer(ctx, authn.CertOptions{})
 		seen <- seenPeer{p, ok}
 		return handler(ctx, req)
 	}

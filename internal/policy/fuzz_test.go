@@ -2,6 +2,7 @@ package policy
 
 import (
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -46,7 +47,9 @@ func checkAgainstFile(t *testing.T, p *Policy, f *file) {
 	principals := []string{"not-in-the-file\x00"}
 	tenants := []string{"not-in-the-file"}
 	for _, g := range f.Grants {
-		principals = append(principals, g.Principals...)
+		for _, raw := range g.Principals {
+			principals = append(principals, raw, canonical(f, raw))
+		}
 		for _, tenant := range g.Tenants {
 			if tenant != "*" {
 				tenants = append(tenants, tenant)
@@ -83,17 +86,36 @@ func capped(s []string) []string {
 func fileAllows(f *file, principal string, a Action, tenant string) bool {
 	for _, g := range f.Grants {
 		tenantOK := tenant == "" || slices.Contains(g.Tenants, "*") || slices.Contains(g.Tenants, tenant)
-		if slices.Contains(g.Principals, principal) && slices.Contains(g.Actions, string(a)) && tenantOK {
+		names := slices.ContainsFunc(g.Principals, func(raw string) bool { return canonical(f, raw) == principal })
+		if names && slices.Contains(g.Actions, string(a)) && tenantOK {
 			return true
 		}
 	}
 	return false
 }
 
+// canonical is the principal a grant's raw name stands for, read by the
+// rules of docs/security.md: dns: names in lower case, an unprefixed name of
+// an API key as key:<name>.
+func canonical(f *file, raw string) string {
+	switch {
+	case strings.HasPrefix(raw, "dns:"):
+		return strings.ToLower(raw)
+	case strings.Contains(raw, "://"), strings.HasPrefix(raw, "cn:"), strings.HasPrefix(raw, "key:"):
+		return raw
+	}
+	for _, k := range f.APIKeys {
+		if k.Principal == raw {
+			return "key:" + raw
+		}
+	}
+	return raw
+}
+
 func fileScopes(f *file, principal, tenant string) []string {
 	union := map[string]bool{}
 	for _, g := range f.Grants {
-		single := file{Grants: []grantEntry{g}}
+		single := file{APIKeys: f.APIKeys, Grants: []grantEntry{g}}
 		if !fileAllows(&single, principal, SessionsIssue, tenant) {
 			continue
 		}

@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/fleetbroker/fleetbroker/internal/authn"
 )
 
 // The file formats Parse understands.
@@ -72,16 +74,21 @@ func Load(path string) (*Policy, error) {
 //
 //	# API keys for callers that cannot use mTLS: only the SHA-256 (hex) of each key.
 //	api_keys:
-//	  - principal: billing-batch
+//	  - principal: key:billing-batch
 //	    sha256: "3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046dea"
 //	grants:
-//	  - principals: ["spiffe://example.org/ns/billing/sa/api", "billing-batch"]
+//	  - principals: ["spiffe://example.org/ns/billing/sa/api", "key:billing-batch", "dns:batch.billing.svc"]
 //	    tenants: ["acme", "globex"]          # or ["*"] for every tenant
 //	    actions: [credentials.read, credentials.write, sessions.issue, sessions.revoke]
 //	    scopes: [read]                        # what sessions.issue may grant; default [read]
 //	  - principals: ["spiffe://example.org/ns/fleetbroker/sa/gateway"]
 //	    tenants: ["*"]
 //	    actions: [sessions.resolve]
+//
+// Every principal says where it comes from (see package authn): a URI SAN
+// as the URI, "dns:" a DNS SAN, "cn:" a subject CN, "key:" an API key. A
+// name without a prefix is refused, except the old form of an API key's
+// name, which is read as key:<name> and reported by Warnings.
 //
 // Decoding is strict (unknown or repeated fields are errors), and every
 // value is checked; an error names the place, e.g.
@@ -241,63 +248,148 @@ func compile(f *file) (*Policy, error) {
 		return nil, errors.New("grants: none given: a policy without grants denies every call")
 	}
 	p := &Policy{byPrincipal: map[string][]*grant{}, grantCount: len(f.Grants)}
-	keys, err := compileAPIKeys(f.APIKeys)
+	keys, legacy, err := compileAPIKeys(f.APIKeys)
 	if err != nil {
 		return nil, err
 	}
 	p.apiKeys = keys
 	for i := range f.Grants {
+		at := fmt.Sprintf("grants[%d]", i)
 		g, err := compileGrant(&f.Grants[i])
 		if err != nil {
-			return nil, fmt.Errorf("grants[%d].%w", i, err)
+			return nil, fmt.Errorf("%s.%w", at, err)
 		}
-		for _, principal := range f.Grants[i].Principals {
-			p.byPrincipal[principal] = append(p.byPrincipal[principal], g)
+		for j, raw := range f.Grants[i].Principals {
+			name, note, err := grantPrincipal(raw, legacy)
+			if err != nil {
+				return nil, fmt.Errorf("%s.principals[%d]: %w", at, j, err)
+			}
+			if note != "" {
+				p.warnings = append(p.warnings, fmt.Sprintf("%s.principals[%d]: %s", at, j, note))
+			}
+			p.byPrincipal[name] = append(p.byPrincipal[name], g)
 		}
 	}
 	return p, nil
 }
 
-func compileAPIKeys(entries []apiKeyEntry) ([]apiKey, error) {
+// grantPrincipal returns the principal a grant names. A name without a
+// source prefix is the old form: it is read as "key:<name>" when an API key
+// of that name exists (safe: it can only narrow who matches, since the old
+// reading also let a certificate's DNS SAN or CN of that name in), and
+// refused otherwise, with the prefixed forms to choose from.
+func grantPrincipal(raw string, legacyKeys map[string]bool) (name, note string, err error) {
+	if err := checkPrincipal(raw); err != nil {
+		return "", "", err
+	}
+	if hasSourcePrefix(raw) {
+		name, err := normalizePrincipal(raw)
+		return name, "", err
+	}
+	if legacyKeys[raw] {
+		return authn.PrefixKey + raw, fmt.Sprintf("%q has no source prefix; read as %q (the API key of that name): write it so", raw, authn.PrefixKey+raw), nil
+	}
+	return "", "", fmt.Errorf("principal %q has no source prefix, so it could be a certificate's DNS SAN, its CN or an API key; "+
+		"write %q for a DNS SAN, %q for a subject CN (needs --tls-client-cn-principals), %q for an API key, or the full URI SAN (spiffe://…)",
+		raw, authn.PrefixDNS+raw, authn.PrefixCN+raw, authn.PrefixKey+raw)
+}
+
+// hasSourcePrefix reports whether name says where it comes from: a URI
+// (scheme://…) or one of the prefixes dns:, cn:, key:.
+func hasSourcePrefix(name string) bool {
+	return strings.Contains(name, "://") || strings.HasPrefix(name, authn.PrefixDNS) ||
+		strings.HasPrefix(name, authn.PrefixCN) || strings.HasPrefix(name, authn.PrefixKey)
+}
+
+// normalizePrincipal checks a prefixed principal and returns it in the form
+// authn produces: DNS names in lower case.
+func normalizePrincipal(name string) (string, error) {
+	switch {
+	case strings.HasPrefix(name, authn.PrefixDNS):
+		host := strings.TrimPrefix(name, authn.PrefixDNS)
+		if host == "" || strings.ContainsAny(host, "/:@") {
+			return "", fmt.Errorf("principal %q: want dns:<DNS name>", name)
+		}
+		return authn.PrefixDNS + strings.ToLower(host), nil
+	case strings.HasPrefix(name, authn.PrefixCN):
+		if name == authn.PrefixCN {
+			return "", fmt.Errorf("principal %q: want cn:<common name>", name)
+		}
+		return name, nil
+	case strings.HasPrefix(name, authn.PrefixKey):
+		if err := checkKeyName(strings.TrimPrefix(name, authn.PrefixKey)); err != nil {
+			return "", fmt.Errorf("principal %q: %w", name, err)
+		}
+		return name, nil
+	case authn.IsURIName(name):
+		return name, nil
+	}
+	return "", fmt.Errorf("principal %q: a URI principal must be scheme://authority/path (e.g. spiffe://example.org/ns/billing/sa/api)", name)
+}
+
+// checkKeyName checks the name of an API key (what follows "key:").
+func checkKeyName(n string) error {
+	if n == "" || strings.ContainsAny(n, ":/") {
+		return errors.New("an API key name must be non-empty, without ':' or '/'")
+	}
+	return nil
+}
+
+// compileAPIKeys validates the API keys. Each names its principal
+// "key:<name>"; the old form "<name>" is accepted and returned in legacy, so
+// grants that name it the old way still match it.
+func compileAPIKeys(entries []apiKeyEntry) ([]apiKey, map[string]bool, error) {
 	keys := make([]apiKey, 0, len(entries))
+	legacy := map[string]bool{}
 	byPrincipal := map[string]int{}
 	byHash := map[[32]byte]int{}
 	for i, e := range entries {
 		at := fmt.Sprintf("api_keys[%d]", i)
 		if err := checkPrincipal(e.Principal); err != nil {
-			return nil, fmt.Errorf("%s.principal: %w", at, err)
+			return nil, nil, fmt.Errorf("%s.principal: %w", at, err)
 		}
 		// A URI is an mTLS identity: a bearer key must not be able to pose
 		// as a workload, such as the gateway, that proves itself by certificate.
 		if strings.Contains(e.Principal, "://") {
-			return nil, fmt.Errorf("%s.principal: %q looks like a certificate URI; API key principals must be plain names", at, e.Principal)
+			return nil, nil, fmt.Errorf("%s.principal: %q looks like a certificate URI; API key principals are key:<name>", at, e.Principal)
 		}
-		if j, dup := byPrincipal[e.Principal]; dup {
-			return nil, fmt.Errorf("%s.principal: %q already has a key at api_keys[%d]", at, e.Principal, j)
+		name := e.Principal
+		if !strings.HasPrefix(name, authn.PrefixKey) {
+			if hasSourcePrefix(name) {
+				return nil, nil, fmt.Errorf("%s.principal: %q: API key principals are key:<name>", at, e.Principal)
+			}
+			legacy[name] = true
+			name = authn.PrefixKey + name
+		}
+		if err := checkKeyName(strings.TrimPrefix(name, authn.PrefixKey)); err != nil {
+			return nil, nil, fmt.Errorf("%s.principal: %w", at, err)
+		}
+		if j, dup := byPrincipal[name]; dup {
+			return nil, nil, fmt.Errorf("%s.principal: %q already has a key at api_keys[%d]", at, e.Principal, j)
 		}
 		// Never echo the value: it may be a key pasted in place of its hash.
 		raw, err := hex.DecodeString(e.SHA256)
 		if err != nil || len(raw) != 32 {
-			return nil, fmt.Errorf("%s.sha256: must be 64 hexadecimal characters (the SHA-256 of the key, not the key)", at)
+			return nil, nil, fmt.Errorf("%s.sha256: must be 64 hexadecimal characters (the SHA-256 of the key, not the key)", at)
 		}
-		k := apiKey{principal: e.Principal, hash: [32]byte(raw)}
+		k := apiKey{principal: name, hash: [32]byte(raw)}
 		if k.hash == emptyKeyHash {
-			return nil, fmt.Errorf("%s.sha256: is the SHA-256 of an empty key", at)
+			return nil, nil, fmt.Errorf("%s.sha256: is the SHA-256 of an empty key", at)
 		}
 		if j, dup := byHash[k.hash]; dup {
-			return nil, fmt.Errorf("%s.sha256: same hash as api_keys[%d].sha256", at, j)
+			return nil, nil, fmt.Errorf("%s.sha256: same hash as api_keys[%d].sha256", at, j)
 		}
-		byPrincipal[e.Principal], byHash[k.hash] = i, i
+		byPrincipal[name], byHash[k.hash] = i, i
 		keys = append(keys, k)
 	}
-	return keys, nil
+	return keys, legacy, nil
 }
 
 // compileGrant validates one grant. Its errors start with the field name, so
 // the caller can prefix "grants[i].".
 func compileGrant(e *grantEntry) (*grant, error) {
-	if err := eachOf("principals", e.Principals, checkPrincipal); err != nil {
-		return nil, err
+	if len(e.Principals) == 0 {
+		return nil, errors.New("principals: empty list")
 	}
 	g := &grant{tenants: map[string]bool{}, actions: map[Action]bool{}, scopes: map[string]bool{}}
 	err := eachOf("tenants", e.Tenants, func(t string) error {

@@ -2,9 +2,11 @@
 // for which tenant, and which session scopes a caller may grant when it
 // issues a session handle.
 //
-// A principal is a caller identity: the URI SAN of an mTLS client
-// certificate (e.g. spiffe://example.org/ns/billing/sa/api), or the name
-// given to a configured API key for callers that cannot use mTLS. The policy
+// A principal is a caller identity with its source prefix (package authn):
+// the URI SAN of an mTLS client certificate (e.g.
+// spiffe://example.org/ns/billing/sa/api), "dns:" + its DNS SAN, "cn:" + its
+// subject CN, or "key:" + the name of a configured API key for callers that
+// cannot use mTLS. The policy
 // holds only the SHA-256 of each API key, never the key itself: a policy file
 // or a dump of a Policy value cannot be used to call the broker.
 //
@@ -55,6 +57,17 @@ type Policy struct {
 	byPrincipal map[string][]*grant
 	grantCount  int
 	apiKeys     []apiKey
+	// warnings are old forms the file still uses (see Warnings).
+	warnings []string
+}
+
+// Warnings lists what the policy file should change although it still
+// loads, e.g. a principal without a source prefix read as an API key's.
+func (p *Policy) Warnings() []string {
+	if p == nil {
+		return nil
+	}
+	return p.warnings
 }
 
 type grant struct {
@@ -149,7 +162,7 @@ func (p *Policy) GrantableScopes(principal, tenant string) []string {
 	return out
 }
 
-// PrincipalForAPIKey returns the principal whose configured hash is the
+// PrincipalForAPIKey returns the principal ("key:<name>") whose configured hash is the
 // SHA-256 of key. Every configured hash is compared, in constant time, so
 // the time taken says nothing about which hash (if any) matched or how much
 // of it did.

@@ -111,6 +111,7 @@ func (w *Watcher) loadInitial() error {
 	w.seen = sha256.Sum256(data)
 	w.current.Store(p)
 	w.logger.Info("policy loaded", "grants", p.grantCount, "api_keys", len(p.apiKeys))
+	w.warn(p)
 	return nil
 }
 
@@ -227,4 +228,12 @@ func (w *Watcher) reload() {
 	}
 	w.current.Store(p)
 	w.logger.Info("policy reloaded", "grants", p.grantCount, "api_keys", len(p.apiKeys))
+	w.warn(p)
+}
+
+// warn logs what the policy in force should change (old principal forms).
+func (w *Watcher) warn(p *Policy) {
+	for _, msg := range p.Warnings() {
+		w.logger.Warn("policy file uses an old form; migrate it (docs/security.md)", "problem", msg)
+	}
 }

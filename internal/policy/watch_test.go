@@ -17,7 +17,7 @@ const reloadWait = 5 * time.Second
 
 // grantYAML is a one-grant policy letting principal read tenant "acme".
 func grantYAML(principal string) string {
-	return "grants:\n  - principals: [" + principal + "]\n    tenants: [acme]\n    actions: [credentials.read]\n"
+	return "grants:\n  - principals: ['dns:" + principal + "']\n    tenants: [acme]\n    actions: [credentials.read]\n"
 }
 
 // syncBuffer is a log sink the watcher goroutine writes while a test reads.
@@ -88,7 +88,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func allows(w *Watcher, principal string) func() bool {
-	return func() bool { return w.Current().Allowed(principal, CredentialsRead, "acme") }
+	return func() bool { return w.Current().Allowed("dns:"+principal, CredentialsRead, "acme") }
 }
 
 // TestWatchReloads runs the same sequence with change notifications (and a
@@ -188,7 +188,7 @@ func TestWatchRejectsInvalidStart(t *testing.T) {
 
 func TestWatchCloseKeepsPolicy(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "policy.json")
-	data := `{"grants": [{"principals": ["alice"], "tenants": ["acme"], "actions": ["credentials.read"]}]}`
+	data := `{"grants": [{"principals": ["dns:alice"], "tenants": ["acme"], "actions": ["credentials.read"]}]}`
 	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,9 @@ type IssueOptions struct {
 	Server, Client bool
 	// NotAfter defaults to an hour from now.
 	NotAfter time.Time
+	// CommonName is the subject CN; default the name given to Issue. Set it
+	// for CNs that are not file names, e.g. "spiffe://…/gateway".
+	CommonName string
 }
 
 // NewPKI makes a new CA in a fresh t.TempDir(). Two PKIs never trust each
@@ -107,9 +110,13 @@ func pkiLeafTemplate(t testing.TB, name string, opts IssueOptions) *x509.Certifi
 	if opts.NotAfter.IsZero() {
 		opts.NotAfter = time.Now().Add(time.Hour)
 	}
+	cn := name
+	if opts.CommonName != "" {
+		cn = opts.CommonName
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: pkiNewSerial(t),
-		Subject:      pkix.Name{CommonName: name},
+		Subject:      pkix.Name{CommonName: cn},
 		NotBefore:    time.Now().Add(-time.Minute),
 		NotAfter:     opts.NotAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,

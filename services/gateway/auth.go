@@ -8,8 +8,23 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 )
+
+// SessionMethods are the gateway's methods: each is authorized by the
+// caller's session handle (authorize), not by a policy grant. The
+// authorization interceptor refuses any method in neither this list nor a
+// policy action map, so a new RPC must be added here (or there).
+var SessionMethods = []string{
+	telematicsv1.TelematicsService_ListUnits_FullMethodName,
+	telematicsv1.TelematicsService_GetLatestPositions_FullMethodName,
+	telematicsv1.TelematicsService_GetPositionHistory_FullMethodName,
+	telematicsv1.TelematicsService_ListTrips_FullMethodName,
+	telematicsv1.TelematicsService_WatchPositions_FullMethodName,
+	telematicsv1.TelematicsService_CallProvider_FullMethodName,
+}
 
 // handleFromContext reads the caller's handle from the metadata
 // `authorization: Bearer <handle>`.
@@ -36,6 +51,7 @@ func (s *Service) authorize(ctx context.Context, scope credentialsv1.Scope) (*se
 	if err != nil {
 		return nil, s.toStatus(ctx, "resolve session", err)
 	}
+	authz.SetSubject(ctx, sess.tenantID, sess.credentialID, sess.sessionID)
 	if s.cfg.TenantLimit != nil {
 		if err := s.cfg.TenantLimit(ctx, sess.tenantID); err != nil {
 			return nil, err

@@ -14,6 +14,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 )
@@ -261,6 +262,7 @@ func (s *Service) CallProvider(ctx context.Context, req *telematicsv1.CallProvid
 		return nil, err
 	}
 	resp := &telematicsv1.CallProviderResponse{}
+	auditRawTarget(ctx, req)
 	switch call := req.GetCall().(type) {
 	case *telematicsv1.CallProviderRequest_Wialon:
 		params, perr := structJSON(call.Wialon.GetParams(), "wialon.params")
@@ -290,6 +292,18 @@ func (s *Service) CallProvider(ctx context.Context, req *telematicsv1.CallProvid
 		return nil, s.toStatus(ctx, "call provider", err)
 	}
 	return resp, nil
+}
+
+// auditRawTarget records what a raw call asks for in its audit record: the
+// provider and the Wialon svc or the FleetUp method and path, never
+// parameters or bodies.
+func auditRawTarget(ctx context.Context, req *telematicsv1.CallProviderRequest) {
+	switch call := req.GetCall().(type) {
+	case *telematicsv1.CallProviderRequest_Wialon:
+		authz.SetTarget(ctx, wialonProvider, call.Wialon.GetSvc())
+	case *telematicsv1.CallProviderRequest_Fleetup:
+		authz.SetTarget(ctx, fleetupProvider, call.Fleetup.GetMethod()+" "+call.Fleetup.GetPath())
+	}
 }
 
 // structJSON renders a Struct as the JSON the provider expects; nil stays nil.

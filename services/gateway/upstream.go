@@ -12,6 +12,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
@@ -67,7 +68,7 @@ func (s *Service) withWialon(ctx context.Context, sess *session, call func(ctx c
 	}
 	defer release()
 	for attempt := 0; ; attempt++ {
-		entry, err := s.cfg.Cache.GetOrMint(ctx, key, s.mintWialon(sess))
+		entry, err := s.cfg.Cache.GetOrMint(ctx, key, authz.AuditedMint(wialonProvider, s.mintWialon(sess)))
 		if err != nil {
 			s.observeUpstream(wialonProvider, err)
 			return s.upstreamFailed(sess, err)
@@ -139,7 +140,7 @@ func (s *Service) withFleetUp(ctx context.Context, sess *session, call func(ctx 
 	}
 	key := cacheKey(sess, tokencache.KindFleetUpJWT)
 	for attempt := 0; ; attempt++ {
-		entry, err := s.cfg.Cache.GetOrMint(ctx, key, s.mintFleetUp(sess))
+		entry, err := s.cfg.Cache.GetOrMint(ctx, key, authz.AuditedMint(fleetupProvider, s.mintFleetUp(sess)))
 		if err != nil {
 			s.observeUpstream(fleetupProvider, err)
 			return s.upstreamFailed(sess, err)

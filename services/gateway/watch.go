@@ -44,6 +44,10 @@ type watcher struct {
 	// updates holds the newest poll result; an older one not yet taken is
 	// replaced, so a slow stream never holds up the poll or the others.
 	updates chan pollResult
+	// values are the stream's context values without its cancellation: a
+	// poll this watcher starts runs (and logs in upstream) on its behalf,
+	// so its audit records name this call's session.
+	values context.Context
 }
 
 type pollResult struct {
@@ -62,7 +66,11 @@ func (hs *hubs) join(w *watcher) *hub {
 	var pollCtx context.Context
 	if !ok {
 		var cancel context.CancelFunc
-		pollCtx, cancel = context.WithCancel(context.Background())
+		parent := w.values
+		if parent == nil {
+			parent = context.Background()
+		}
+		pollCtx, cancel = context.WithCancel(parent)
 		h = &hub{key: key, stop: cancel, watchers: map[*watcher]struct{}{}}
 		hs.byKey[key] = h
 	}
@@ -158,7 +166,7 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 	if err != nil {
 		return err
 	}
-	w := &watcher{sess: sess, interval: DefaultWatchInterval, updates: make(chan pollResult, 1)}
+	w := &watcher{sess: sess, interval: DefaultWatchInterval, updates: make(chan pollResult, 1), values: context.WithoutCancel(ctx)}
 	if req.GetMinInterval() != nil {
 		w.interval = max(req.GetMinInterval().AsDuration(), minWatchInterval)
 	}
