@@ -124,7 +124,7 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "serve plaintext (only behind a sidecar that terminates mTLS)")
 	fs.StringVar(&cfg.PolicyFile, "policy", "", policyHelp)
 	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file: an intent record is synced before each call runs (the call is refused with UNAVAILABLE when it cannot be) and an outcome after; - for stderr (written, not synced)")
-	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only)")
+	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only); x-forwarded-client-cert is read as Envoy/Istio write it")
 	fs.StringVar(&cfg.TrustedProxies, "trusted-proxies", "", "comma-separated CIDRs whose --trusted-header is believed")
 	fs.BoolVar(&cfg.ClientCNPrincipals, "tls-client-cn-principals", false, "name a client certificate without URI or DNS SAN by its subject CN (principal cn:<CN>); off because any CA can put any text in a CN")
 	fs.IntVar(&cfg.RateLimitPrincipal, "rate-limit-principal", 0, "requests per second per authenticated principal, across replicas (0: off; callers without an identity have no principal budget)")

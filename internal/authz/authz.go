@@ -162,11 +162,27 @@ func (a *Authorizer) identify(ctx context.Context) (authn.Principal, error) {
 		return authn.Principal{}, apierr.New(codes.Unauthenticated, apierr.ReasonUnauthenticated, "unknown API key", nil)
 	}
 	if a.cfg.TrustedHeader != "" && a.fromTrustedProxy(ctx) {
-		if v := md.Get(a.cfg.TrustedHeader); len(v) == 1 && len(v[0]) <= 512 && authn.IsURIName(v[0]) {
-			return authn.Principal{Name: v[0], Via: authn.ViaHeader}, nil
+		if name, ok := trustedHeaderPrincipal(a.cfg.TrustedHeader, md.Get(a.cfg.TrustedHeader)); ok {
+			return authn.Principal{Name: name, Via: authn.ViaHeader}, nil
 		}
 	}
 	return authn.Principal{Name: anonymous, Via: authn.ViaNone}, nil
+}
+
+// trustedHeaderPrincipal reads the principal a trusted proxy put in header:
+// from Envoy's x-forwarded-client-cert, the URI SAN of the certificate the
+// proxy verified; from any other header, its one value if it is a URI.
+func trustedHeaderPrincipal(header string, values []string) (string, bool) {
+	if len(values) != 1 || len(values[0]) > 4096 {
+		return "", false
+	}
+	if strings.EqualFold(header, authn.XFCCHeader) {
+		return authn.FromXFCC(values[0])
+	}
+	if len(values[0]) > 512 || !authn.IsURIName(values[0]) {
+		return "", false
+	}
+	return values[0], true
 }
 
 func (a *Authorizer) fromTrustedProxy(ctx context.Context) bool {
