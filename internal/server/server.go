@@ -157,7 +157,7 @@ type Config struct {
 	// and SERVING again once all pass. With checks, the status is
 	// NOT_SERVING from New until every check has passed once. Serve runs
 	// each check at once, then every ReadinessInterval while it passes and
-	// every second (or ReadinessInterval, if shorter) while it fails, so
+	// every 500 ms (or ReadinessInterval, if shorter) while it fails, so
 	// health follows a dependency within about one interval both ways.
 	// Liveness is the process answering at all: probe LivenessService (or
 	// the TCP port), never "".

@@ -1143,7 +1143,7 @@ func TestReadinessChecksIndependent(t *testing.T) {
 	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, "")
 }
 
-// TestReadinessRecoversFast: a failing check is retried about every second
+// TestReadinessRecoversFast: a failing check is retried about twice a second
 // whatever the interval, so a dependency that returns is announced at once
 // rather than one (long) interval later.
 func TestReadinessRecoversFast(t *testing.T) {
