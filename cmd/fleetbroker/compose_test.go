@@ -225,7 +225,7 @@ func assertComposeVault(t *testing.T, project *types.Project) {
 		t.Errorf("vault-init must keep running (VAULT_WATCH_INTERVAL, restart unless-stopped) to unseal a restarted Vault; got %q, %q",
 			env("VAULT_WATCH_INTERVAL"), init.Restart)
 	}
-	if init.HealthCheck == nil || !slices.Contains(init.HealthCheck.Test, "/tmp/vault-ready") {
+	if init.HealthCheck == nil || !strings.Contains(strings.Join(init.HealthCheck.Test, " "), "-f /tmp/vault-ready") {
 		t.Error("vault-init needs a health check on /tmp/vault-ready (what init.sh creates once Vault is set up)")
 	}
 	keysKept := false

@@ -1027,7 +1027,7 @@ func TestMaxConnectionAge(t *testing.T) {
 // WatchPositions) with UNAVAILABLE so they do not hold the shutdown, and
 // returns long before the grace period.
 func TestDrainPeriod(t *testing.T) {
-	const drain = 1500 * time.Millisecond
+	const drain = 3 * time.Second
 	const grace = time.Minute
 	streaming := make(chan struct{}, 1)
 	ts := startServer(t, server.Config{DrainPeriod: drain, GracePeriod: grace}, func(ctx context.Context, method string) error {
