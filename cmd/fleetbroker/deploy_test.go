@@ -826,11 +826,21 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 	}
 
 	// Kubernetes waits terminationGracePeriodSeconds (default 30) from the
-	// start of preStop, then kills; the server needs --shutdown-grace after.
+	// start of preStop, then kills; after SIGTERM the server drains for
+	// --drain-period (NOT_SERVING, still serving: endpoint removal reaches
+	// every proxy meanwhile), then gives calls --shutdown-grace.
+	drain, err := time.ParseDuration(get("drain-period"))
+	if err != nil {
+		t.Fatalf("--drain-period: %v", err)
+	}
+	if drain < 5*time.Second {
+		t.Errorf("container %s: --drain-period %s: endpoint removal takes seconds to reach every proxy; drain at least 5s", c.Name, drain)
+	}
 	grace, err := time.ParseDuration(get("shutdown-grace"))
 	if err != nil {
 		t.Fatalf("--shutdown-grace: %v", err)
 	}
+	grace += drain
 	var preStop time.Duration
 	if l := c.Lifecycle; l != nil && l.PreStop != nil && l.PreStop.Sleep != nil {
 		preStop = time.Duration(l.PreStop.Sleep.Seconds) * time.Second
@@ -840,7 +850,7 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 		tgps = time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second
 	}
 	if tgps <= preStop+grace {
-		t.Errorf("terminationGracePeriodSeconds %s does not exceed the preStop sleep %s plus --shutdown-grace %s: the drain would be SIGKILLed", tgps, preStop, grace)
+		t.Errorf("terminationGracePeriodSeconds %s does not exceed the preStop sleep %s plus --drain-period and --shutdown-grace (%s): the drain would be SIGKILLed", tgps, preStop, grace)
 	}
 }
 

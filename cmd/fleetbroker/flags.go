@@ -53,7 +53,8 @@ func addLogFlags(fs *flag.FlagSet, format string) *logFlags {
 func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
 	fs.StringVar(&cfg.Listen, "listen", listen, "gRPC listen address")
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
-	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "how long shutdown waits for in-flight calls")
+	fs.DurationVar(&cfg.DrainPeriod, "drain-period", server.DefaultDrainPeriod, "on SIGTERM, how long health reports NOT_SERVING while calls are still served, before the listener closes")
+	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "after the drain period, how long in-flight calls may finish")
 }
 
 func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
@@ -588,10 +589,15 @@ func TestCiphertextIsBoundToItsRow(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			// It does not decrypt there: the caller is told to put the
+			// credential again, and never gets the source's secret.
 			_, err = h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-			wantCode(t, err, codes.Internal)
+			wantCode(t, err, codes.FailedPrecondition)
+			if r := apierr.Reason(err); r != apierr.ReasonCredentialUndecryptable {
+				t.Errorf("reason %q, want %q", r, apierr.ReasonCredentialUndecryptable)
+			}
 			_, err = h.creds.ValidateCredential(ctx, &credentialsv1.ValidateCredentialRequest{TenantId: target.tenant, CredentialId: target.id})
-			wantCode(t, err, codes.Internal)
+			wantCode(t, err, codes.FailedPrecondition)
 			h.assertNoCanary(t, err)
 		}
 	})

@@ -44,6 +44,12 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	case errors.Is(err, transit.ErrUnavailable):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonVaultUnavailable, "encryption service unavailable", time.Second)
+	case errors.Is(err, transit.ErrKeyMissing), errors.Is(err, transit.ErrDecrypt):
+		// The token cache's data key: its transit key is missing, or the
+		// wrapped data key no longer unwraps and was replaced too recently
+		// to replace it again (tokencache).
+		s.cfg.Logger.ErrorContext(ctx, op+" failed: the gateway's transit key is missing or changed; restore it (docs/reliability.md)", "error", err)
+		return apierr.Retryable(codes.Unavailable, apierr.ReasonEncryptionKeyUnusable, "the session cache's encryption key is unusable; an operator must restore it", 30*time.Second)
 	case isRedisUnavailable(err):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonStoreUnavailable, "session cache unavailable", time.Second)

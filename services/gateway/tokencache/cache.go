@@ -90,6 +90,9 @@ type Stats struct {
 	LockWaits int64
 	// Invalidations counts Invalidate calls that dropped a token.
 	Invalidations int64
+	// DataKeyReplacements counts tenant data keys this process replaced
+	// because transit no longer unwrapped them.
+	DataKeyReplacements int64
 }
 
 type counters struct {
@@ -142,7 +145,7 @@ func New(client redis.UniversalClient, tr transit.Transit, opts Options) *Cache 
 	}
 	return &Cache{
 		client:   client,
-		keys:     newDataKeys(client, tr, opts.Prefix),
+		keys:     newDataKeys(client, tr, opts.Prefix, opts.Logger),
 		prefix:   opts.Prefix,
 		lockTTL:  opts.LockTTL,
 		waitPoll: opts.WaitPoll,
@@ -194,6 +197,8 @@ func (c *Cache) Stats() Stats {
 		Misses:        c.stats.misses.Load(),
 		LockWaits:     c.stats.lockWaits.Load(),
 		Invalidations: c.stats.invalidations.Load(),
+		// Kept by the data keys, which replace keys on their own.
+		DataKeyReplacements: c.keys.replaced.Load(),
 	}
 }
 

@@ -34,6 +34,14 @@
 // and keeps the plaintext key only in memory. The GCM associated data is the
 // full Redis key name, so a value copied to another key does not decrypt.
 //
+// A wrapped data key that transit answers "does not decrypt" for — its
+// transit key was lost or recreated, or the value was planted — is replaced
+// by a fresh one with a compare-and-set, so exactly one replica replaces it
+// and the others adopt the winner's; tokens sealed with the old key name its
+// id, so they read as misses and are minted again, never opened with the
+// new key. A transit that is down or sealed never causes a replacement, and
+// a process replaces a tenant's key at most once a minute.
+//
 // # What this package must never do
 //
 // It never writes a plaintext token to Redis, a log, an error, a metric or a

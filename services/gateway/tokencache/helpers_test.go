@@ -148,6 +148,7 @@ func totalStats(caches ...*Cache) Stats {
 		s.Misses += cs.Misses
 		s.LockWaits += cs.LockWaits
 		s.Invalidations += cs.Invalidations
+		s.DataKeyReplacements += cs.DataKeyReplacements
 	}
 	return s
 }
