@@ -122,7 +122,7 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 	})
 	st.gatewayCfg = app.GatewayConfig{
 		Server:              server.Config{GracePeriod: 2 * time.Second},
-		Security:            app.SecurityConfig{Insecure: true, AuditLog: filepath.Join(t.TempDir(), "audit.log")},
+		Security:            app.SecurityConfig{Insecure: true},
 		CredentialsAddr:     st.credsAddr,
 		CredentialsInsecure: true,
 		CredentialsAPIKey:   gatewayAPIKey,
@@ -148,8 +148,12 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 func (st *faultStack) newGateway(t *testing.T) string {
 	t.Helper()
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	cfg := st.gatewayCfg
+	// Each replica writes its own audit file (one writer per file), as
+	// each pod has its own volume.
+	cfg.Security.AuditLog = filepath.Join(t.TempDir(), "audit.log")
 	return st.serve(t, "gateway", func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildGateway(ctx, st.gatewayCfg, logger)
+		return app.BuildGateway(ctx, cfg, logger)
 	})
 }
 
