@@ -38,6 +38,12 @@ const (
 	ReasonUnauthenticated      = "UNAUTHENTICATED"
 	ReasonUpstreamAccessDenied = "UPSTREAM_ACCESS_DENIED"
 	ReasonRateLimited          = "RATE_LIMITED"
+	// ReasonCredentialChanged: the credential was replaced between two
+	// steps of one call (ABORTED); retrying resolves it afresh.
+	ReasonCredentialChanged = "CREDENTIAL_CHANGED"
+	// ReasonRetired: the RPC is retired (UNIMPLEMENTED); its documentation
+	// names the replacement.
+	ReasonRetired = "RETIRED"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and
