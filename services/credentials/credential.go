@@ -17,9 +17,12 @@ import (
 // Nothing is stored when any step fails.
 func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1.PutCredentialRequest) (*credentialsv1.PutCredentialResponse, error) {
 	s := c.s
-	sec := secretFromPut(req)
+	sec, baseURLField, err := s.secretFromPut(req)
+	if err != nil {
+		return nil, err
+	}
 	if err := s.cfg.AllowList.Check(sec.baseURL); err != nil {
-		return nil, apierr.Field(sec.baseURLField(), "base URL not allowed: "+err.Error())
+		return nil, apierr.Field(baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
 	if !req.GetSkipValidation() {
@@ -41,7 +44,7 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 		Ciphertext:        ciphertext,
 		Fingerprint:       fingerprint,
 		BaseURL:           sec.baseURL,
-		FleetUpAccountID:  sec.fleetup.GetAccountId(),
+		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
 		Labels:            req.GetLabels(),
 		CreateTime:        now,
 		UpdateTime:        now,
@@ -56,20 +59,13 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
 		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState)
-	return &credentialsv1.PutCredentialResponse{Credential: toProto(stored), Created: created}, nil
+	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
 }
 
 // validate asks the provider about sec. A provider rejection is returned as
 // an *upstream.Error of KindRejected.
 func (s *Service) validate(ctx context.Context, sec secret) (store.Validation, error) {
-	var user string
-	var err error
-	switch sec.provider {
-	case store.ProviderWialon:
-		user, err = s.cfg.Validator.ValidateWialon(ctx, sec.baseURL, sec.wialon.GetToken())
-	case store.ProviderFleetUp:
-		err = s.cfg.Validator.ValidateFleetUp(ctx, sec.baseURL, sec.fleetup.GetApiKey(), sec.fleetup.GetAccountId(), sec.fleetup.GetSecret())
-	}
+	user, err := sec.p.Validate(ctx, sec.baseURL, sec.msg)
 	if err != nil {
 		return store.Validation{}, err
 	}
@@ -81,7 +77,7 @@ func (c *credentialServer) GetCredential(ctx context.Context, req *credentialsv1
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "get credential", err)
 	}
-	return &credentialsv1.GetCredentialResponse{Credential: toProto(rec)}, nil
+	return &credentialsv1.GetCredentialResponse{Credential: c.s.toProto(rec)}, nil
 }
 
 func (c *credentialServer) ListCredentials(ctx context.Context, req *credentialsv1.ListCredentialsRequest) (*credentialsv1.ListCredentialsResponse, error) {
@@ -98,7 +94,7 @@ func (c *credentialServer) ListCredentials(ctx context.Context, req *credentials
 	}
 	resp := &credentialsv1.ListCredentialsResponse{NextPageToken: next}
 	for _, rec := range recs {
-		resp.Credentials = append(resp.Credentials, toProto(rec))
+		resp.Credentials = append(resp.Credentials, c.s.toProto(rec))
 	}
 	return resp, nil
 }
@@ -138,15 +134,15 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential validated", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "version", rec.Version, "validation_state", validation.State)
-	return &credentialsv1.ValidateCredentialResponse{Credential: toProto(updated)}, nil
+	return &credentialsv1.ValidateCredentialResponse{Credential: s.toProto(updated)}, nil
 }
 
 // toProto converts a stored record to its public form: metadata only.
-func toProto(rec store.Credential) *credentialsv1.Credential {
+func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	out := &credentialsv1.Credential{
 		TenantId:          rec.TenantID,
 		CredentialId:      rec.CredentialID,
-		Provider:          providerToProto(rec.Provider),
+		Provider:          s.providerID(rec.Provider),
 		Version:           rec.Version,
 		Fingerprint:       rec.Fingerprint,
 		CreateTime:        timestamppb.New(rec.CreateTime),
@@ -164,12 +160,11 @@ func toProto(rec store.Credential) *credentialsv1.Credential {
 	return out
 }
 
-func providerToProto(p string) credentialsv1.Provider {
-	switch p {
-	case store.ProviderWialon:
-		return credentialsv1.Provider_PROVIDER_WIALON
-	case store.ProviderFleetUp:
-		return credentialsv1.Provider_PROVIDER_FLEETUP
+// providerID is the enum value of a stored provider name; UNSPECIFIED for
+// a provider this server does not serve.
+func (s *Service) providerID(name string) credentialsv1.Provider {
+	if p, ok := s.cfg.Providers.ByName(name); ok {
+		return p.Info().ID
 	}
 	return credentialsv1.Provider_PROVIDER_UNSPECIFIED
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	mrand "math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -13,11 +14,12 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
-// Wialon's message loader (messages/load_interval … unload, and the trips
-// built on it) is state of the session: two loads on one shared session at
-// once, from any replica, would read each other's messages. loaderLock
-// serializes them across replicas with a Redis lock per shared session.
-type loaderLock struct {
+// sessionLock is the cross-replica lock a provider may hold on state of a
+// shared upstream session (provider.Conn.Lock): Wialon's message loader
+// (messages/load_interval … unload, and the trips built on it) is such
+// state — two loads on one shared session at once, from any replica, would
+// read each other's messages.
+type sessionLock struct {
 	client redis.UniversalClient
 	prefix string
 	ttl    time.Duration
@@ -32,30 +34,34 @@ end
 return 0
 `)
 
-// name shares the token's hash tag, so it lives in the tenant's slot.
-func (l *loaderLock) name(key tokencache.Key) string {
-	return fmt.Sprintf("%s:{%s}:loader:%s:%d", l.prefix, key.Tenant, key.Credential, key.Version)
+// key names the lock; it shares the token's hash tag, so it lives in the
+// tenant's slot.
+func (l *sessionLock) key(session tokencache.Key, name string) string {
+	return fmt.Sprintf("%s:{%s}:lock:%s:%s:%s", l.prefix, session.Tenant, name, session.Credential, session.Generation)
 }
 
-// lock waits (within ctx) until this caller holds the loader of key's
-// session and returns the release function.
-func (l *loaderLock) lock(ctx context.Context, key tokencache.Key) (func(), error) {
+// lock waits (within ctx) until this caller holds lock name of session and
+// returns the release function.
+func (l *sessionLock) lock(ctx context.Context, session tokencache.Key, name string) (func(), error) {
+	if name == "" || strings.ContainsAny(name, ":{}") {
+		return nil, fmt.Errorf("session lock: invalid name %q", name)
+	}
 	b := make([]byte, 16)
 	if _, err := rand.Read(b); err != nil {
 		return nil, err
 	}
-	value, name := hex.EncodeToString(b), l.name(key)
+	value, key := hex.EncodeToString(b), l.key(session, name)
 	delay := 10 * time.Millisecond
 	for {
-		ok, err := l.client.SetNX(ctx, name, value, l.ttl).Result()
+		ok, err := l.client.SetNX(ctx, key, value, l.ttl).Result()
 		if err != nil {
-			return nil, fmt.Errorf("wialon loader lock: %w", err)
+			return nil, fmt.Errorf("session lock %s: %w", name, err)
 		}
 		if ok {
 			return func() {
 				ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 				defer cancel()
-				_ = releaseIfOwner.Run(ctx, l.client, []string{name}, value).Err() // else it expires
+				_ = releaseIfOwner.Run(ctx, l.client, []string{key}, value).Err() // else it expires
 			}, nil
 		}
 		select {
