@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -16,36 +18,67 @@ import (
 // secret with the provider (unless skipped), encrypts it and stores it.
 // Nothing is stored when any step fails.
 func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1.PutCredentialRequest) (*credentialsv1.PutCredentialResponse, error) {
-	s := c.s
-	sec, baseURLField, err := s.secretFromPut(req)
+	sec, baseURLField, err := c.s.secretFromPut(req)
 	if err != nil {
 		return nil, err
 	}
+	return c.s.put(ctx, req.GetTenantId(), req.GetCredentialId(), sec, baseURLField, req.GetLabels(), req.GetSkipValidation())
+}
+
+// SecretPut is a PutCredential whose secret is already out of the request.
+type SecretPut struct {
+	TenantID     string
+	CredentialID string
+	Provider     provider.ID
+	// Secret is the provider's secret message, without its base URL.
+	Secret proto.Message
+	// BaseURL is the credential's upstream; empty means the provider's default.
+	BaseURL        string
+	Labels         map[string]string
+	SkipValidation bool
+}
+
+// PutSecret is PutCredential for in-process code that holds a provider's
+// secret message itself: a provider whose secret has no case in
+// PutCredentialRequest's oneof yet, such as the test of a new provider
+// (docs/gateway.md, "Adding a provider"). It checks, validates and stores
+// exactly as PutCredential does, but no interceptor authorizes the caller
+// or validates the request: never expose it to a network caller.
+func (s *Service) PutSecret(ctx context.Context, in SecretPut) (*credentialsv1.PutCredentialResponse, error) {
+	p, ok := s.cfg.Providers.Lookup(in.Provider)
+	if !ok || in.Secret == nil {
+		return nil, errNoProvider
+	}
+	sec := secret{provider: p.Info().Name, p: p, baseURL: orDefault(in.BaseURL, p.Info().DefaultBaseURL), msg: in.Secret}
+	return s.put(ctx, in.TenantID, in.CredentialID, sec, "base_url", in.Labels, in.SkipValidation)
+}
+
+func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec secret, baseURLField string, labels map[string]string, skipValidation bool) (*credentialsv1.PutCredentialResponse, error) {
 	if err := s.cfg.AllowList.Check(sec.baseURL); err != nil {
 		return nil, apierr.Field(baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
-	if !req.GetSkipValidation() {
+	if !skipValidation {
 		v, err := s.validate(ctx, sec)
 		if err != nil {
 			return nil, s.toStatus(ctx, "validate credential", err)
 		}
 		validation = v
 	}
-	ciphertext, fingerprint, err := s.encrypt(ctx, req.GetTenantId(), req.GetCredentialId(), sec)
+	ciphertext, fingerprint, err := s.encrypt(ctx, tenantID, credentialID, sec)
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
 	now := s.cfg.Now()
 	rec := store.Credential{
-		TenantID:          req.GetTenantId(),
-		CredentialID:      req.GetCredentialId(),
+		TenantID:          tenantID,
+		CredentialID:      credentialID,
 		Provider:          sec.provider,
 		Ciphertext:        ciphertext,
 		Fingerprint:       fingerprint,
 		BaseURL:           sec.baseURL,
 		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
-		Labels:            req.GetLabels(),
+		Labels:            labels,
 		CreateTime:        now,
 		UpdateTime:        now,
 		ValidateTime:      validation.Time,

@@ -29,6 +29,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -60,6 +61,7 @@ type stack struct {
 	sim2Seen *upstreamLog
 	// services are the gateway replicas behind gateways.
 	services []*gateway.Service
+	credSvc  *credentials.Service
 	simClock *atomic.Int64 // offset of the simulator's clock, in ns
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
@@ -79,6 +81,8 @@ type stackOptions struct {
 	secondUpstream bool
 	// providers, if set, are the providers both services serve.
 	providers []provider.Factory
+	// extraAllowed are more host:port upstreams to allow.
+	extraAllowed []string
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -100,6 +104,9 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 		st.sim2URL, st.sim2Seen = serveUpstream(t, st.sim2.Handler())
 		allowed += "," + strings.TrimPrefix(st.sim2URL, "http://")
 	}
+	for _, a := range opts.extraAllowed {
+		allowed += "," + a
+	}
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	rs := testenv.Redis(t)
@@ -114,6 +121,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
+	st.credSvc = credSvc
 	credConn := serve(t, logger, credSvc.Register)
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
