@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
@@ -305,4 +306,48 @@ func (st *stack) cachedSessions(t *testing.T) int {
 		}
 	}
 	return n
+}
+
+// TestReplacedWialonSessionIsLoggedOut: a shared Wialon session that
+// reaches --wialon-session-ttl is replaced by one new login, and the old
+// one is logged out upstream rather than left open until it idles out.
+func TestReplacedWialonSessionIsLoggedOut(t *testing.T) {
+	const reuse = time.Second
+	st := newStack(t, stackOptions{replicas: 2, wialonSessionTTL: reuse})
+	st.put(t, "w", wialonSecret(canaryToken, st.simURL))
+	ctx, _ := st.issue(t, "w")
+	before := st.sim.Stats()
+	if _, err := st.gateways[0].ListUnits(ctx, &telematicsv1.ListUnitsRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	first := st.simSeen.last()
+	time.Sleep(reuse + 100*time.Millisecond) // the reuse bound is time itself
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := st.gateways[i%2].ListUnits(ctx, &telematicsv1.ListUnitsRequest{}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if st.simSeen.last() == first {
+		t.Fatal("the session was used past its reuse bound")
+	}
+	if got := st.sim.Stats().WialonLogins - before.WialonLogins; got != 2 {
+		t.Fatalf("%d logins, want 2: one, and one replacement for every caller on both replicas", got)
+	}
+	// The logout runs beside the callers; wait for it, within a bound.
+	deadline := time.Now().Add(5 * time.Second)
+	for st.sim.Stats().WialonLogouts == before.WialonLogouts {
+		if time.Now().After(deadline) {
+			t.Fatal("the replaced session was never logged out")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if open := st.sim.Stats().ActiveWialonSessions; open != before.ActiveWialonSessions+1 {
+		t.Fatalf("%d Wialon sessions open, want %d (only the replacement)", open, before.ActiveWialonSessions+1)
+	}
 }

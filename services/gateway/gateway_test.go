@@ -83,6 +83,8 @@ type stackOptions struct {
 	providers []provider.Factory
 	// extraAllowed are more host:port upstreams to allow.
 	extraAllowed []string
+	// wialonSessionTTL is --wialon-session-ttl (0: the default).
+	wialonSessionTTL time.Duration
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -135,6 +137,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
 			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
+			WialonSessionTTL: opts.wialonSessionTTL,
 			Providers:        opts.providers,
 		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {

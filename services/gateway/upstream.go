@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
@@ -26,6 +27,10 @@ const (
 	// logoutTimeout bounds the best-effort upstream logout of a session the
 	// gateway dropped or purged.
 	logoutTimeout = 5 * time.Second
+	// replaceGrace keeps a session cached this long past the time the
+	// gateway stops using it, so the call that replaces it finds it and
+	// logs it out upstream.
+	replaceGrace = time.Minute
 )
 
 // cacheKey binds a cached upstream session to the exact secret (the
@@ -59,18 +64,20 @@ func (s *Service) conn(sess *session, minted *credentialsv1.MintUpstreamSessionR
 }
 
 // withUpstream runs call with the credential's shared upstream session and
-// returns what the call returned. On a lost session (Wialon error 1/1011,
-// FleetUp 401: upstream.KindSessionInvalid) it drops that session from the
-// shared cache — only if no replica replaced it meanwhile — logs it out
-// (best effort), mints once more and calls once more; each try's value is
-// its own.
+// returns what the call returned. A session past the time the gateway may
+// use it (the provider's CacheTTL) is replaced: dropped from the shared
+// cache, logged out upstream, minted anew. On a lost session (Wialon error
+// 1/1011, FleetUp 401: upstream.KindSessionInvalid) it drops that session
+// — only if no replica replaced it meanwhile — logs it out (best effort),
+// mints once more and calls once more; each try's value is its own.
 func withUpstream[T any](ctx context.Context, s *Service, sess *session, p provider.Provider, call func(context.Context, *provider.Conn) (T, error)) (T, error) {
 	var zero T
 	if err := s.checkBaseURL(sess); err != nil {
 		return zero, err
 	}
 	name, key := p.Info().Name, cacheKey(sess, p)
-	for attempt := 0; ; attempt++ {
+	replaced, retried := false, false
+	for {
 		entry, err := s.cfg.Cache.GetOrMint(ctx, key, s.mint(sess, p, key))
 		if err != nil {
 			s.observeUpstream(name, err)
@@ -84,9 +91,18 @@ func withUpstream[T any](ctx context.Context, s *Service, sess *session, p provi
 			return zero, err
 		}
 		c := s.conn(sess, minted, key)
+		if exp := minted.GetExpireTime(); !replaced && exp != nil && !time.Now().Before(exp.AsTime()) {
+			replaced = true
+			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
+				return zero, err
+			}
+			s.logoutLater(ctx, p, c, "session replaced after its reuse bound")
+			continue
+		}
 		v, err := call(ctx, c)
 		s.observeUpstream(name, err)
-		if upstream.KindOf(err) == upstream.KindSessionInvalid && attempt == 0 {
+		if upstream.KindOf(err) == upstream.KindSessionInvalid && !retried {
+			retried = true
 			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
 				return zero, err
 			}
@@ -133,16 +149,21 @@ func (s *Service) mint(sess *session, p provider.Provider, key tokencache.Key) t
 			s.resolver.forget(sess.handle)
 			return "", 0, errCredentialChanged
 		}
+		ttl := p.CacheTTL(minted)
 		minted.SessionId = "" // the session is shared by every caller of the credential
+		// In the cached copy, expire_time is when the gateway stops using
+		// the session (the provider's CacheTTL from now), not the upstream's
+		// expiry; the entry outlives it by replaceGrace, so the call that
+		// replaces the session can log it out.
+		minted.ExpireTime = timestamppb.New(time.Now().Add(ttl))
 		value, err := proto.MarshalOptions{Deterministic: true}.Marshal(minted)
 		if err != nil {
 			return "", 0, fmt.Errorf("encode upstream session: %w", err)
 		}
-		ttl := p.CacheTTL(minted)
-		s.afterMint(ctx, p, key, ttl)
+		s.afterMint(ctx, p, key, ttl+replaceGrace)
 		s.cfg.Logger.InfoContext(ctx, "upstream session minted", "provider", p.Info().Name, "tenant_id", sess.tenantID,
 			"credential_id", sess.credentialID, "version", sess.version, "generation", sess.generation, "cache_ttl", ttl)
-		return string(value), ttl, nil
+		return string(value), ttl + replaceGrace, nil
 	}
 }
 

@@ -1,9 +1,11 @@
-// Package fleetup is a small client for the FleetUp API: POST /token mints
-// a JWT from an API key, account id and secret; every other call sends
-// Authorization: Bearer <JWT> and the same x-api-key header. The HTTP status
-// is the error signal.
+// Package fleetup is FleetUp behind fleetbroker's provider seam: a small
+// client for the FleetUp API — POST /token mints a JWT from an API key,
+// account id and secret; every other call sends Authorization: Bearer <JWT>
+// and the same x-api-key header; the HTTP status is the error signal — and
+// Provider (provider.go), which mints for the credentials service and makes
+// the gateway's calls with a shared JWT.
 //
-// It keeps no state: callers mint, cache the JWT until Token.Expiry, and mint
+// The client keeps no state: callers mint, cache the JWT until Token.Expiry, and mint
 // again (once) when a call fails with upstream.KindSessionInvalid. FleetUp
 // asks integrations not to mint repeatedly and to make about one request per
 // second per account; pacing is the caller's job.

@@ -1,9 +1,12 @@
-// Package wialon is a small client for the Wialon Remote API
-// (POST <base>/wialon/ajax.html with form fields svc, params and sid).
+// Package wialon is Wialon behind fleetbroker's provider seam: a small
+// client for the Wialon Remote API (POST <base>/wialon/ajax.html with form
+// fields svc, params and sid), and Provider (provider.go), which logs in
+// for the credentials service and makes the gateway's calls with a shared
+// session.
 //
-// It keeps no state about sessions: callers log in, keep the sid wherever
-// they share sessions, and log in again (once) when a call fails with
-// upstream.KindSessionInvalid.
+// The client keeps no state about sessions: callers log in, keep the sid
+// wherever they share sessions, and log in again (once) when a call fails
+// with upstream.KindSessionInvalid.
 //
 // It must never log, and never put into an error, the access token or a
 // session id. Tokens and sids travel only in the POST body — never in a URL,
