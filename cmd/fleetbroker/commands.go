@@ -26,7 +26,8 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
-	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation call")
+	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation or login call")
+	fs.BoolVar(&cfg.LegacyResolveSecret, "legacy-resolve-secret", false, "keep the retired ResolveSecret answering during a rolling upgrade from older gateways (hands them long-lived secrets; turn off after)")
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)

@@ -53,6 +53,12 @@ const (
 	// with); restore the key, or put the credential again.
 	// FAILED_PRECONDITION.
 	ReasonCredentialUndecryptable = "CREDENTIAL_UNDECRYPTABLE"
+	// ReasonCredentialChanged: the credential was replaced between two
+	// steps of one call (ABORTED); retrying resolves it afresh.
+	ReasonCredentialChanged = "CREDENTIAL_CHANGED"
+	// ReasonRetired: the RPC is retired (UNIMPLEMENTED); its documentation
+	// names the replacement.
+	ReasonRetired = "RETIRED"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and

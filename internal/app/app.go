@@ -12,6 +12,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -29,8 +30,14 @@ type CredentialsConfig struct {
 	RedisPrefix      string
 	AllowedUpstreams string
 	MaxSessionTTL    time.Duration
-	// UpstreamTimeout bounds each validation call to a provider.
+	// UpstreamTimeout bounds each validation or login call to a provider.
 	UpstreamTimeout time.Duration
+	// LegacyResolveSecret keeps the retired ResolveSecret answering during
+	// a rolling upgrade (--legacy-resolve-secret; off by default).
+	LegacyResolveSecret bool
+	// Providers are the providers served; nil means every one
+	// (providers.All). Tests add a fake here.
+	Providers []provider.Factory
 	// Authorizer is set by RunCredentials from Security; when nil (tests,
 	// dev) every caller may do everything.
 	Authorizer credentials.Authorizer
@@ -91,14 +98,22 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	if authorizer == nil {
 		authorizer = allowAll{}
 	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, provider.Tuning{}, logger)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.LegacyResolveSecret {
+		logger.Warn("--legacy-resolve-secret: the retired ResolveSecret hands long-lived secrets to the gateway; turn it off once every gateway is upgraded")
+	}
 	svc, err := credentials.New(credentials.Config{
-		Authorizer:    authorizer,
-		Store:         st,
-		Transit:       tr,
-		Validator:     NewProviderValidator(timeout, allow, cfg.Metrics),
-		AllowList:     allow,
-		MaxSessionTTL: cfg.MaxSessionTTL,
-		Logger:        logger,
+		Authorizer:          authorizer,
+		Store:               st,
+		Transit:             tr,
+		Providers:           reg,
+		AllowList:           allow,
+		MaxSessionTTL:       cfg.MaxSessionTTL,
+		Logger:              logger,
+		LegacyResolveSecret: cfg.LegacyResolveSecret,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("credentials service: %w", err)

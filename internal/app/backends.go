@@ -13,8 +13,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -139,50 +139,30 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*trans
 	return v, nil
 }
 
-// ProviderValidator checks secrets against Wialon and FleetUp.
-type ProviderValidator struct {
-	Wialon  *wialon.Client
-	FleetUp *fleetup.Client
-}
-
-// NewProviderValidator returns a validator whose calls time out after
-// timeout, connect only to addresses allow permits, and are measured in m
-// (nil: not measured).
-func NewProviderValidator(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) *ProviderValidator {
-	clients := newUpstreamClients(timeout, allow, m)
-	return &ProviderValidator{Wialon: wialon.New(clients.wialon), FleetUp: fleetup.New(clients.fleetup)}
-}
-
-// ValidateWialon logs in with the token and logs out at once, so validation
-// does not leave an upstream session behind.
-func (v *ProviderValidator) ValidateWialon(ctx context.Context, baseURL, token string) (string, error) {
-	sess, err := v.Wialon.Login(ctx, baseURL, token)
-	if err != nil {
-		return "", err
+// newProviders builds a process's provider registry from factories (nil:
+// every provider fleetbroker serves) on the one HTTP client shape for
+// provider calls: a timeout on every request, a transport that dials only
+// addresses the allow-list permits (checked on the address actually
+// dialed, so DNS cannot aim it at internal services), and latency/status
+// metrics by provider and endpoint in m (nil: not measured). The providers
+// share one transport, and so its connection pool. Egress proxies are not
+// supported: through one, the address check would see the proxy, not the
+// upstream.
+func newProviders(factories []provider.Factory, timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics, tuning provider.Tuning, logger *slog.Logger) (*provider.Registry, error) {
+	if factories == nil {
+		factories = providers.All()
 	}
-	_ = v.Wialon.Logout(ctx, baseURL, sess.SID) // best effort: the session idles out anyway
-	return sess.User, nil
-}
-
-// ValidateFleetUp mints a JWT and forgets it.
-func (v *ProviderValidator) ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error {
-	_, err := v.FleetUp.MintToken(ctx, baseURL, apiKey, accountID, secret)
-	return err
-}
-
-// upstreamClients are the HTTP clients of the two providers.
-type upstreamClients struct{ wialon, fleetup *http.Client }
-
-// newUpstreamClients is the one HTTP client shape for provider calls: a
-// timeout on every request, a transport that dials only addresses the
-// allow-list permits (checked on the address actually dialed, so DNS cannot
-// aim it at internal services), and latency/status metrics by provider and
-// endpoint. Egress proxies are not supported: through one, the address
-// check would see the proxy, not the upstream.
-func newUpstreamClients(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) upstreamClients {
 	base := upstream.NewTransport(allow)
-	return upstreamClients{
-		wialon:  &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderWialon, m)},
-		fleetup: &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)},
+	env := provider.Env{
+		HTTPClient: func(name string) *http.Client {
+			return &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, name, m)}
+		},
+		Tuning: tuning,
+		Logger: logger,
 	}
+	reg, err := provider.NewRegistry(env, factories...)
+	if err != nil {
+		return nil, fmt.Errorf("providers: %w", err)
+	}
+	return reg, nil
 }

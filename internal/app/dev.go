@@ -147,6 +147,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	defer gw.Close()
 	srv, err := server.New(srvCfg, svc.Register, gw.Register)
 	if err != nil {
 		return err

@@ -310,6 +310,15 @@ func TestTenantIsolationGatewayOnlyRPCsAndAudit(t *testing.T) {
 			_, err := acmeSessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
 			return err
 		}},
+		{"acme mints an upstream session (gateway only)", func() error {
+			_, err := acmeSessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: "g"})
+			return err
+		}},
+		{"acme asks which generations are retired (gateway only)", func() error {
+			_, err := acmeSessions.ListRetiredGenerations(ctx, &credentialsv1.ListRetiredGenerationsRequest{TenantId: secTenantA,
+				Generations: []*credentialsv1.CredentialGeneration{{CredentialId: "w", Generation: "g"}}})
+			return err
+		}},
 	}
 	for _, tt := range denied {
 		t.Run(tt.name, func(t *testing.T) {

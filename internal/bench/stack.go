@@ -22,8 +22,8 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	allproviders "github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -268,20 +268,25 @@ func newTunedGateway(cfg app.GatewayConfig, idlePerHost int, sessions credential
 	t.MaxIdleConnsPerHost = idlePerHost
 	t.MaxIdleConns = max(t.MaxIdleConns, 4*idlePerHost)
 	hc := &http.Client{Timeout: cfg.UpstreamTimeout, Transport: t}
+	reg, err := provider.NewRegistry(provider.Env{
+		HTTPClient: func(string) *http.Client { return hc },
+		Tuning: provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin,
+			AccountLimit: provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}},
+		Logger: logger,
+	}, allproviders.All()...)
+	if err != nil {
+		return nil, err
+	}
 	return gateway.New(gateway.Config{
-		Sessions:         sessions,
-		Cache:            tokencache.New(rdb, tr, tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger}),
-		Limiter:          ratelimit.New(rdb, cfg.RedisPrefix+":gw:rl"),
-		Redis:            rdb,
-		RedisPrefix:      cfg.RedisPrefix,
-		Wialon:           wialon.New(hc),
-		FleetUp:          fleetup.New(hc),
-		AllowList:        allow,
-		HandleCacheTTL:   cfg.HandleCacheTTL,
-		FleetUpRate:      ratelimit.PerSecond(cfg.FleetUpRate, max(cfg.FleetUpBurst, 1)),
-		JWTSafetyMargin:  cfg.JWTSafetyMargin,
-		WialonSessionTTL: cfg.WialonSessionTTL,
-		Logger:           logger,
+		Sessions:       sessions,
+		Providers:      reg,
+		Cache:          tokencache.New(rdb, tr, tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger}),
+		Limiter:        ratelimit.New(rdb, cfg.RedisPrefix+":gw:rl"),
+		Redis:          rdb,
+		RedisPrefix:    cfg.RedisPrefix,
+		AllowList:      allow,
+		HandleCacheTTL: cfg.HandleCacheTTL,
+		Logger:         logger,
 	})
 }
 

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -16,33 +18,67 @@ import (
 // secret with the provider (unless skipped), encrypts it and stores it.
 // Nothing is stored when any step fails.
 func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1.PutCredentialRequest) (*credentialsv1.PutCredentialResponse, error) {
-	s := c.s
-	sec := secretFromPut(req)
+	sec, baseURLField, err := c.s.secretFromPut(req)
+	if err != nil {
+		return nil, err
+	}
+	return c.s.put(ctx, req.GetTenantId(), req.GetCredentialId(), sec, baseURLField, req.GetLabels(), req.GetSkipValidation())
+}
+
+// SecretPut is a PutCredential whose secret is already out of the request.
+type SecretPut struct {
+	TenantID     string
+	CredentialID string
+	Provider     provider.ID
+	// Secret is the provider's secret message, without its base URL.
+	Secret proto.Message
+	// BaseURL is the credential's upstream; empty means the provider's default.
+	BaseURL        string
+	Labels         map[string]string
+	SkipValidation bool
+}
+
+// PutSecret is PutCredential for in-process code that holds a provider's
+// secret message itself: a provider whose secret has no case in
+// PutCredentialRequest's oneof yet, such as the test of a new provider
+// (docs/gateway.md, "Adding a provider"). It checks, validates and stores
+// exactly as PutCredential does, but no interceptor authorizes the caller
+// or validates the request: never expose it to a network caller.
+func (s *Service) PutSecret(ctx context.Context, in SecretPut) (*credentialsv1.PutCredentialResponse, error) {
+	p, ok := s.cfg.Providers.Lookup(in.Provider)
+	if !ok || in.Secret == nil {
+		return nil, errNoProvider
+	}
+	sec := secret{provider: p.Info().Name, p: p, baseURL: orDefault(in.BaseURL, p.Info().DefaultBaseURL), msg: in.Secret}
+	return s.put(ctx, in.TenantID, in.CredentialID, sec, "base_url", in.Labels, in.SkipValidation)
+}
+
+func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec secret, baseURLField string, labels map[string]string, skipValidation bool) (*credentialsv1.PutCredentialResponse, error) {
 	if err := s.cfg.AllowList.Check(sec.baseURL); err != nil {
-		return nil, apierr.Field(sec.baseURLField(), "base URL not allowed: "+err.Error())
+		return nil, apierr.Field(baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
-	if !req.GetSkipValidation() {
+	if !skipValidation {
 		v, err := s.validate(ctx, sec)
 		if err != nil {
 			return nil, s.toStatus(ctx, "validate credential", err)
 		}
 		validation = v
 	}
-	ciphertext, fingerprint, err := s.encrypt(ctx, req.GetTenantId(), req.GetCredentialId(), sec)
+	ciphertext, fingerprint, err := s.encrypt(ctx, tenantID, credentialID, sec)
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
 	now := s.cfg.Now()
 	rec := store.Credential{
-		TenantID:          req.GetTenantId(),
-		CredentialID:      req.GetCredentialId(),
+		TenantID:          tenantID,
+		CredentialID:      credentialID,
 		Provider:          sec.provider,
 		Ciphertext:        ciphertext,
 		Fingerprint:       fingerprint,
 		BaseURL:           sec.baseURL,
-		FleetUpAccountID:  sec.fleetup.GetAccountId(),
-		Labels:            req.GetLabels(),
+		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
+		Labels:            labels,
 		CreateTime:        now,
 		UpdateTime:        now,
 		ValidateTime:      validation.Time,
@@ -56,20 +92,13 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
 		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState)
-	return &credentialsv1.PutCredentialResponse{Credential: toProto(stored), Created: created}, nil
+	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
 }
 
 // validate asks the provider about sec. A provider rejection is returned as
 // an *upstream.Error of KindRejected.
 func (s *Service) validate(ctx context.Context, sec secret) (store.Validation, error) {
-	var user string
-	var err error
-	switch sec.provider {
-	case store.ProviderWialon:
-		user, err = s.cfg.Validator.ValidateWialon(ctx, sec.baseURL, sec.wialon.GetToken())
-	case store.ProviderFleetUp:
-		err = s.cfg.Validator.ValidateFleetUp(ctx, sec.baseURL, sec.fleetup.GetApiKey(), sec.fleetup.GetAccountId(), sec.fleetup.GetSecret())
-	}
+	user, err := sec.p.Validate(ctx, sec.baseURL, sec.msg)
 	if err != nil {
 		return store.Validation{}, err
 	}
@@ -81,7 +110,7 @@ func (c *credentialServer) GetCredential(ctx context.Context, req *credentialsv1
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "get credential", err)
 	}
-	return &credentialsv1.GetCredentialResponse{Credential: toProto(rec)}, nil
+	return &credentialsv1.GetCredentialResponse{Credential: c.s.toProto(rec)}, nil
 }
 
 func (c *credentialServer) ListCredentials(ctx context.Context, req *credentialsv1.ListCredentialsRequest) (*credentialsv1.ListCredentialsResponse, error) {
@@ -98,7 +127,7 @@ func (c *credentialServer) ListCredentials(ctx context.Context, req *credentials
 	}
 	resp := &credentialsv1.ListCredentialsResponse{NextPageToken: next}
 	for _, rec := range recs {
-		resp.Credentials = append(resp.Credentials, toProto(rec))
+		resp.Credentials = append(resp.Credentials, c.s.toProto(rec))
 	}
 	return resp, nil
 }
@@ -138,15 +167,15 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential validated", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "version", rec.Version, "validation_state", validation.State)
-	return &credentialsv1.ValidateCredentialResponse{Credential: toProto(updated)}, nil
+	return &credentialsv1.ValidateCredentialResponse{Credential: s.toProto(updated)}, nil
 }
 
 // toProto converts a stored record to its public form: metadata only.
-func toProto(rec store.Credential) *credentialsv1.Credential {
+func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	out := &credentialsv1.Credential{
 		TenantId:          rec.TenantID,
 		CredentialId:      rec.CredentialID,
-		Provider:          providerToProto(rec.Provider),
+		Provider:          s.providerID(rec.Provider),
 		Version:           rec.Version,
 		Fingerprint:       rec.Fingerprint,
 		CreateTime:        timestamppb.New(rec.CreateTime),
@@ -164,12 +193,11 @@ func toProto(rec store.Credential) *credentialsv1.Credential {
 	return out
 }
 
-func providerToProto(p string) credentialsv1.Provider {
-	switch p {
-	case store.ProviderWialon:
-		return credentialsv1.Provider_PROVIDER_WIALON
-	case store.ProviderFleetUp:
-		return credentialsv1.Provider_PROVIDER_FLEETUP
+// providerID is the enum value of a stored provider name; UNSPECIFIED for
+// a provider this server does not serve.
+func (s *Service) providerID(name string) credentialsv1.Provider {
+	if p, ok := s.cfg.Providers.ByName(name); ok {
+		return p.Info().ID
 	}
 	return credentialsv1.Provider_PROVIDER_UNSPECIFIED
 }

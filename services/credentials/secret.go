@@ -8,31 +8,37 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
-	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
 
 // secret is a decoded upstream secret with the metadata that travels beside
-// it (provider, base URL, FleetUp account id). The base URL is metadata,
-// not part of the encrypted bytes.
+// it. The base URL is metadata, not part of the encrypted bytes.
 type secret struct {
+	// provider is the provider's stored name; p is the provider.
 	provider string
+	p        provider.Provider
 	baseURL  string
-	wialon   *credentialsv1.WialonSecret
-	fleetup  *credentialsv1.FleetUpSecret
+	// msg is the provider's secret message (WialonSecret, FleetUpSecret,
+	// …) without its base URL.
+	msg proto.Message
 }
 
-// secretFromPut picks the secret out of a PutCredential request and fills in
-// the provider's default base URL.
-func secretFromPut(req *credentialsv1.PutCredentialRequest) secret {
-	switch v := req.GetSecret().(type) {
-	case *credentialsv1.PutCredentialRequest_Wialon:
-		return secret{provider: store.ProviderWialon, baseURL: orDefault(v.Wialon.GetBaseUrl(), upstream.DefaultWialonBaseURL), wialon: v.Wialon}
-	case *credentialsv1.PutCredentialRequest_Fleetup:
-		return secret{provider: store.ProviderFleetUp, baseURL: orDefault(v.Fleetup.GetBaseUrl(), upstream.DefaultFleetUpBaseURL), fleetup: v.Fleetup}
+// errNoProvider means a PutCredential request whose secret no registered
+// provider takes: a oneof case this server does not serve.
+var errNoProvider = apierr.Field("secret", "no provider of this server takes this kind of secret")
+
+// secretFromPut picks the secret out of a PutCredential request, through
+// the provider that takes it, and fills in the provider's default base
+// URL. It also returns the request field naming the base URL, for errors.
+func (s *Service) secretFromPut(req *credentialsv1.PutCredentialRequest) (secret, string, error) {
+	p, msg, baseURL, field, ok := s.cfg.Providers.ForPut(req)
+	if !ok {
+		return secret{}, "", errNoProvider
 	}
-	return secret{}
+	return secret{provider: p.Info().Name, p: p, baseURL: orDefault(baseURL, p.Info().DefaultBaseURL), msg: msg}, field, nil
 }
 
 func orDefault(s, def string) string {
@@ -42,51 +48,27 @@ func orDefault(s, def string) string {
 	return s
 }
 
-// baseURLField names the request field holding a secret's base URL, for
-// errors about it.
-func (sec secret) baseURLField() string {
-	if sec.provider == store.ProviderWialon {
-		return "wialon.base_url"
-	}
-	return "fleetup.base_url"
-}
-
 // plaintext is the byte form that gets encrypted: the provider's secret
 // message without the base URL, marshalled deterministically so the
 // fingerprint of equal secrets is equal.
 func (sec secret) plaintext() ([]byte, error) {
-	var msg proto.Message
-	switch sec.provider {
-	case store.ProviderWialon:
-		msg = &credentialsv1.WialonSecret{Token: sec.wialon.GetToken()}
-	case store.ProviderFleetUp:
-		msg = &credentialsv1.FleetUpSecret{ApiKey: sec.fleetup.GetApiKey(), AccountId: sec.fleetup.GetAccountId(), Secret: sec.fleetup.GetSecret()}
-	default:
-		return nil, fmt.Errorf("unknown provider %q", sec.provider)
+	if sec.msg == nil {
+		return nil, fmt.Errorf("no secret for provider %q", sec.provider)
 	}
-	return proto.MarshalOptions{Deterministic: true}.Marshal(msg)
+	return proto.MarshalOptions{Deterministic: true}.Marshal(sec.msg)
 }
 
 // decodeSecret is the inverse of plaintext for a stored record.
-func decodeSecret(rec store.Credential, plaintext []byte) (secret, error) {
-	sec := secret{provider: rec.Provider, baseURL: rec.BaseURL}
-	switch rec.Provider {
-	case store.ProviderWialon:
-		sec.wialon = &credentialsv1.WialonSecret{}
-		if err := proto.Unmarshal(plaintext, sec.wialon); err != nil {
-			return secret{}, fmt.Errorf("decode wialon secret: malformed plaintext")
-		}
-		sec.wialon.BaseUrl = rec.BaseURL
-	case store.ProviderFleetUp:
-		sec.fleetup = &credentialsv1.FleetUpSecret{}
-		if err := proto.Unmarshal(plaintext, sec.fleetup); err != nil {
-			return secret{}, fmt.Errorf("decode fleetup secret: malformed plaintext")
-		}
-		sec.fleetup.BaseUrl = rec.BaseURL
-	default:
-		return secret{}, fmt.Errorf("unknown provider %q", rec.Provider)
+func (s *Service) decodeSecret(rec store.Credential, plaintext []byte) (secret, error) {
+	p, ok := s.cfg.Providers.ByName(rec.Provider)
+	if !ok {
+		return secret{}, fmt.Errorf("decode secret: unknown provider %q", rec.Provider)
 	}
-	return sec, nil
+	msg := p.NewSecret()
+	if err := proto.Unmarshal(plaintext, msg); err != nil {
+		return secret{}, fmt.Errorf("decode %s secret: malformed plaintext", rec.Provider)
+	}
+	return secret{provider: rec.Provider, p: p, baseURL: rec.BaseURL, msg: msg}, nil
 }
 
 // associatedData binds a ciphertext to its tenant and credential id, so a
@@ -123,5 +105,5 @@ func (s *Service) decrypt(ctx context.Context, rec store.Credential) (secret, er
 	if err != nil {
 		return secret{}, fmt.Errorf("decrypt secret of %s/%s: %w", rec.TenantID, rec.CredentialID, err)
 	}
-	return decodeSecret(rec, plains[0])
+	return s.decodeSecret(rec, plains[0])
 }

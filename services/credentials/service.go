@@ -1,11 +1,15 @@
 // Package credentials is the credentials service: it stores customer secrets
-// for Wialon and FleetUp encrypted by Vault transit under a per-tenant derived
-// key, validates them against the provider, rotates and deletes them, and
-// issues short-lived session handles scoped to one credential.
+// for telematics providers encrypted by Vault transit under a per-tenant
+// derived key, validates them against the provider, rotates and deletes them,
+// and issues short-lived session handles scoped to one credential.
 //
-// A stored secret never leaves this service except through ResolveSecret,
-// which only the gateway may call (enforced by policy), and never appears in
-// a log line, an error or a metric.
+// Custody: a stored long-lived secret never leaves this service. When the
+// gateway needs an upstream session it calls MintUpstreamSession, and this
+// service logs in with the secret and returns only the short-lived session
+// (FleetUp's API key travels with it, by FleetUp's design: docs/security.md).
+// The retired ResolveSecret answers only with --legacy-resolve-secret, for
+// a rolling upgrade. Providers are reached only through internal/provider.
+// No secret ever appears in a log line, an error or a metric.
 package credentials
 
 import (
@@ -18,6 +22,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
@@ -29,16 +34,6 @@ const (
 	DefaultMaxSessionTTL = time.Hour
 	defaultPageSize      = 50
 )
-
-// Validator asks a provider whether a secret is good. Implementations must
-// not log the secret.
-type Validator interface {
-	// ValidateWialon logs in with token (and logs out again) and returns
-	// the Wialon user name.
-	ValidateWialon(ctx context.Context, baseURL, token string) (user string, err error)
-	// ValidateFleetUp mints a JWT with the key, account and secret.
-	ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error
-}
 
 // Authorizer is the per-handler half of authorization: the interceptor
 // already checked the method's action on the request's tenant; handlers
@@ -54,9 +49,11 @@ type Authorizer interface {
 
 // Config wires the service to its dependencies.
 type Config struct {
-	Store     store.Store
-	Transit   transit.Transit
-	Validator Validator
+	Store   store.Store
+	Transit transit.Transit
+	// Providers validate secrets and log in with them; the registry is
+	// built with this service's upstream HTTP clients.
+	Providers *provider.Registry
 	// Authorizer checks what the interceptor could not (see Authorizer).
 	Authorizer Authorizer
 	// AllowList decides which self-hosted base URLs a credential may name.
@@ -66,6 +63,10 @@ type Config struct {
 	Logger        *slog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
+	// LegacyResolveSecret keeps the retired ResolveSecret answering, for a
+	// rolling upgrade from gateways that still call it
+	// (--legacy-resolve-secret). Off, it answers UNIMPLEMENTED.
+	LegacyResolveSecret bool
 }
 
 // Service implements CredentialService and SessionService.
@@ -75,8 +76,8 @@ type Service struct {
 
 // New checks cfg and returns the service.
 func New(cfg Config) (*Service, error) {
-	if cfg.Store == nil || cfg.Transit == nil || cfg.Validator == nil || cfg.Authorizer == nil {
-		return nil, fmt.Errorf("credentials service: store, transit, validator and authorizer are required")
+	if cfg.Store == nil || cfg.Transit == nil || cfg.Providers == nil || cfg.Authorizer == nil {
+		return nil, fmt.Errorf("credentials service: store, transit, providers and authorizer are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -100,16 +101,18 @@ func New(cfg Config) (*Service, error) {
 // Actions maps each method of the service to the policy action it needs;
 // the authorization interceptor enforces it and audits every call.
 var Actions = map[string]policy.Action{
-	credentialsv1.CredentialService_PutCredential_FullMethodName:      policy.CredentialsWrite,
-	credentialsv1.CredentialService_GetCredential_FullMethodName:      policy.CredentialsRead,
-	credentialsv1.CredentialService_ListCredentials_FullMethodName:    policy.CredentialsRead,
-	credentialsv1.CredentialService_DeleteCredential_FullMethodName:   policy.CredentialsWrite,
-	credentialsv1.CredentialService_ValidateCredential_FullMethodName: policy.CredentialsWrite,
-	credentialsv1.SessionService_IssueSession_FullMethodName:          policy.SessionsIssue,
-	credentialsv1.SessionService_RevokeSession_FullMethodName:         policy.SessionsRevoke,
-	credentialsv1.SessionService_ResolveSession_FullMethodName:        policy.SessionsResolve,
-	credentialsv1.SessionService_ResolveSecret_FullMethodName:         policy.SessionsResolve,
-	credentialsv1.SessionService_ReportRejection_FullMethodName:       policy.SessionsResolve,
+	credentialsv1.CredentialService_PutCredential_FullMethodName:       policy.CredentialsWrite,
+	credentialsv1.CredentialService_GetCredential_FullMethodName:       policy.CredentialsRead,
+	credentialsv1.CredentialService_ListCredentials_FullMethodName:     policy.CredentialsRead,
+	credentialsv1.CredentialService_DeleteCredential_FullMethodName:    policy.CredentialsWrite,
+	credentialsv1.CredentialService_ValidateCredential_FullMethodName:  policy.CredentialsWrite,
+	credentialsv1.SessionService_IssueSession_FullMethodName:           policy.SessionsIssue,
+	credentialsv1.SessionService_RevokeSession_FullMethodName:          policy.SessionsRevoke,
+	credentialsv1.SessionService_ResolveSession_FullMethodName:         policy.SessionsResolve,
+	credentialsv1.SessionService_ResolveSecret_FullMethodName:          policy.SessionsResolve,
+	credentialsv1.SessionService_ReportRejection_FullMethodName:        policy.SessionsResolve,
+	credentialsv1.SessionService_MintUpstreamSession_FullMethodName:    policy.SessionsResolve,
+	credentialsv1.SessionService_ListRetiredGenerations_FullMethodName: policy.SessionsResolve,
 }
 
 // Register adds both gRPC services to g.

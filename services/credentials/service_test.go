@@ -120,7 +120,7 @@ type harness struct {
 // syncBuffer collects log output for assertions.
 type syncBuffer = testenv.LogBuffer
 
-func newHarness(t *testing.T, be backend) *harness {
+func newHarness(t *testing.T, be backend, adjust ...func(*app.CredentialsConfig)) *harness {
 	t.Helper()
 	st, tr, dump := be.open(t)
 	sim := simulator.New(simulator.Config{})
@@ -131,11 +131,15 @@ func newHarness(t *testing.T, be backend) *harness {
 
 	logs := &syncBuffer{}
 	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	svc, err := app.NewCredentialsService(app.CredentialsConfig{
+	cfg := app.CredentialsConfig{
 		AllowedUpstreams: strings.TrimPrefix(simServer.URL, "http://"),
 		MaxSessionTTL:    time.Hour,
 		UpstreamTimeout:  2 * time.Second,
-	}, st, tr, logger)
+	}
+	for _, f := range adjust {
+		f(&cfg)
+	}
+	svc, err := app.NewCredentialsService(cfg, st, tr, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -469,9 +473,13 @@ func TestSessions(t *testing.T) {
 		if res.GetTenantId() != "acme" || res.GetCredentialId() != "w" || res.GetCredentialVersion() != 1 || len(res.GetScopes()) != 2 || res.GetBaseUrl() != h.simURL {
 			t.Fatalf("unexpected resolution %v", res)
 		}
-		sec, err := h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-		if err != nil || sec.GetWialon().GetToken() != canaryToken {
-			t.Fatalf("ResolveSecret did not return the stored token: %v", err)
+		minted, err := h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()})
+		if err != nil {
+			t.Fatalf("MintUpstreamSession: %v", err)
+		}
+		var eid credentialsv1.WialonUpstreamSession
+		if err := minted.GetUpstreamSession().UnmarshalTo(&eid); err != nil || eid.GetEid() == "" {
+			t.Fatalf("MintUpstreamSession gave no Wialon session: %v, %v", minted, err)
 		}
 
 		// Nothing that is not a live handle resolves, and every failure looks the same.
@@ -496,9 +504,9 @@ func TestSessions(t *testing.T) {
 		} {
 			_, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handle})
 			wantCode(t, err, codes.Unauthenticated)
-			_, err = h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: handle})
+			_, err = h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: handle, CredentialGeneration: res.GetCredentialGeneration()})
 			if status.Code(err) != codes.Unauthenticated {
-				t.Fatalf("%s handle: ResolveSecret = %v", name, err)
+				t.Fatalf("%s handle: MintUpstreamSession = %v", name, err)
 			}
 		}
 
@@ -591,7 +599,11 @@ func TestCiphertextIsBoundToItsRow(t *testing.T) {
 			}
 			// It does not decrypt there: the caller is told to put the
 			// credential again, and never gets the source's secret.
-			_, err = h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
+			res, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: issued.GetHandle()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()})
 			wantCode(t, err, codes.FailedPrecondition)
 			if r := apierr.Reason(err); r != apierr.ReasonCredentialUndecryptable {
 				t.Errorf("reason %q, want %q", r, apierr.ReasonCredentialUndecryptable)
@@ -627,9 +639,16 @@ func TestRewrapAfterKeyRotation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sec, err := h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-		if err != nil || sec.GetWialon().GetToken() != canaryToken {
-			t.Fatalf("secret unreadable after rewrap: %v", err)
+		res, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: issued.GetHandle()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		logins := h.sim.Stats().WialonLogins
+		if _, err := h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()}); err != nil {
+			t.Fatalf("secret unusable after rewrap: %v", err)
+		}
+		if h.sim.Stats().WialonLogins != logins+1 {
+			t.Fatal("the mint after rewrap did not log in with the stored token")
 		}
 		// A second run is harmless.
 		if p, err := h.svc.Rewrap(ctx, nil); err != nil || p.Rewrapped != 3 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -117,7 +118,8 @@ func (c *sessionServer) RevokeSession(ctx context.Context, req *credentialsv1.Re
 
 // ResolveSession returns what a live handle is scoped to, without Vault.
 func (c *sessionServer) ResolveSession(ctx context.Context, req *credentialsv1.ResolveSessionRequest) (*credentialsv1.ResolveSessionResponse, error) {
-	sess, rec, err := c.s.resolve(ctx, req.GetHandle())
+	s := c.s
+	sess, rec, err := s.resolve(ctx, req.GetHandle())
 	if err != nil {
 		return nil, err
 	}
@@ -126,34 +128,21 @@ func (c *sessionServer) ResolveSession(ctx context.Context, req *credentialsv1.R
 		TenantId:             sess.TenantID,
 		CredentialId:         sess.CredentialID,
 		CredentialVersion:    rec.Version,
-		Provider:             providerToProto(rec.Provider),
+		Provider:             s.providerID(rec.Provider),
 		Scopes:               scopesToProto(sess.Scopes),
 		ExpireTime:           timestamppb.New(sess.ExpireTime),
 		BaseUrl:              rec.BaseURL,
 		CredentialGeneration: rec.Generation,
+		UpstreamAccount:      upstreamAccount(rec),
 	}, nil
 }
 
-// ResolveSecret returns the decrypted secret behind a live handle.
-func (c *sessionServer) ResolveSecret(ctx context.Context, req *credentialsv1.ResolveSecretRequest) (*credentialsv1.ResolveSecretResponse, error) {
-	s := c.s
-	sess, rec, err := s.resolve(ctx, req.GetHandle())
-	if err != nil {
-		return nil, err
+// upstreamAccount is the credential's public account id in decimal, or "".
+func upstreamAccount(rec store.Credential) string {
+	if rec.FleetUpAccountID == 0 {
+		return ""
 	}
-	sec, err := s.decrypt(ctx, rec)
-	if err != nil {
-		return nil, s.toStatus(ctx, "resolve secret", err)
-	}
-	resp := &credentialsv1.ResolveSecretResponse{SessionId: sess.SessionID, CredentialVersion: rec.Version}
-	switch {
-	case sec.wialon != nil:
-		resp.Secret = &credentialsv1.ResolveSecretResponse_Wialon{Wialon: sec.wialon}
-	case sec.fleetup != nil:
-		resp.Secret = &credentialsv1.ResolveSecretResponse_Fleetup{Fleetup: sec.fleetup}
-	}
-	s.cfg.Logger.InfoContext(ctx, "secret resolved", append(logAttrsSession(sess.SessionID, sess.TenantID, sess.CredentialID), "version", rec.Version)...)
-	return resp, nil
+	return strconv.FormatInt(rec.FleetUpAccountID, 10)
 }
 
 // ReportRejection marks the credential behind a live handle as rejected by

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,9 +25,11 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -51,8 +52,16 @@ type syncBuffer = testenv.LogBuffer
 // stack is a credentials service and n gateway replicas sharing one real
 // Redis and one real Vault, in front of one simulator.
 type stack struct {
-	sim      *simulator.Simulator
-	simURL   string
+	sim     *simulator.Simulator
+	simURL  string
+	simSeen *upstreamLog
+	// sim2 is a second upstream on another host (stackOptions.secondUpstream).
+	sim2     *simulator.Simulator
+	sim2URL  string
+	sim2Seen *upstreamLog
+	// services are the gateway replicas behind gateways.
+	services []*gateway.Service
+	credSvc  *credentials.Service
 	simClock *atomic.Int64 // offset of the simulator's clock, in ns
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
@@ -68,6 +77,14 @@ type stackOptions struct {
 	// fleetupRate is FleetUp requests per second per account (default 1000,
 	// so tests that are not about the rate budget do not wait for it).
 	fleetupRate int
+	// secondUpstream starts sim2, a second simulator on another host.
+	secondUpstream bool
+	// providers, if set, are the providers both services serve.
+	providers []provider.Factory
+	// extraAllowed are more host:port upstreams to allow.
+	extraAllowed []string
+	// wialonSessionTTL is --wialon-session-ttl (0: the default).
+	wialonSessionTTL time.Duration
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -82,10 +99,16 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
 	st.sim.AddWialonToken(canaryToken)
 	st.sim.AddFleetUpAccount(canaryAPIKey, canaryAccount, canarySecret)
-	simServer := httptest.NewServer(st.sim.Handler())
-	t.Cleanup(simServer.Close)
-	st.simURL = simServer.URL
-	allowed := strings.TrimPrefix(simServer.URL, "http://")
+	st.simURL, st.simSeen = serveUpstream(t, st.sim.Handler())
+	allowed := strings.TrimPrefix(st.simURL, "http://")
+	if opts.secondUpstream {
+		st.sim2 = simulator.New(simulator.Config{})
+		st.sim2URL, st.sim2Seen = serveUpstream(t, st.sim2.Handler())
+		allowed += "," + strings.TrimPrefix(st.sim2URL, "http://")
+	}
+	for _, a := range opts.extraAllowed {
+		allowed += "," + a
+	}
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	rs := testenv.Redis(t)
@@ -95,11 +118,12 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	credTransit := newVault(t, vs, vs.NewKeyName(t))
 	gwKey := vs.NewKeyName(t) // the gateway's data keys live under their own transit key
 
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second},
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers},
 		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
+	st.credSvc = credSvc
 	credConn := serve(t, logger, credSvc.Register)
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
@@ -112,10 +136,15 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			FleetUpRate:      opts.fleetupRate,
 			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
+			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
+			WialonSessionTTL: opts.wialonSessionTTL,
+			Providers:        opts.providers,
 		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(gw.Close)
+		st.services = append(st.services, gw)
 		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(serve(t, logger, gw.Register)))
 	}
 	return st

@@ -10,6 +10,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 )
 
 // DefaultHandleCacheTTL is how long a resolution is reused. A revoked handle
@@ -30,6 +31,16 @@ type session struct {
 	scopes       []credentialsv1.Scope
 	expireTime   time.Time
 	baseURL      string
+	// generation identifies the credential's exact secret: upstream
+	// sessions are cached, minted and purged per generation.
+	generation string
+	// account is the credential's public upstream account ("" if none).
+	account string
+}
+
+// target is what a provider may know of the call's credential.
+func (s *session) target() provider.Target {
+	return provider.Target{Tenant: s.tenantID, Credential: s.credentialID, Generation: s.generation, BaseURL: s.baseURL, Account: s.account}
 }
 
 func (s *session) hasScope(want credentialsv1.Scope) bool {
@@ -88,6 +99,7 @@ func (r *resolver) resolve(ctx context.Context, h string) (*session, error) {
 		handle: h, sessionID: resp.GetSessionId(), tenantID: resp.GetTenantId(), credentialID: resp.GetCredentialId(),
 		version: resp.GetCredentialVersion(), provider: resp.GetProvider(), scopes: resp.GetScopes(),
 		expireTime: resp.GetExpireTime().AsTime(), baseURL: resp.GetBaseUrl(),
+		generation: resp.GetCredentialGeneration(), account: resp.GetUpstreamAccount(),
 	}
 	r.store(hash, sess, now)
 	return sess, nil
@@ -128,4 +140,16 @@ func (r *resolver) store(hash handle.Hash, sess *session, now time.Time) {
 		}
 	}
 	r.entries[hash] = resolved{sess: sess, expires: expires}
+}
+
+// forget drops h's cached resolution, so the next call resolves it afresh
+// (after the credential changed under it).
+func (r *resolver) forget(h string) {
+	hash, err := handle.Parse(h)
+	if err != nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.entries, hash)
 }

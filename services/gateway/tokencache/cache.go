@@ -393,6 +393,16 @@ func (c *Cache) store(ctx context.Context, key Key, n names, dk *dataKey, token 
 	return Entry{key: key, token: token, stored: stored}, nil
 }
 
+// Get returns the token cached for key, without minting one: found is
+// false when there is none (or what is there does not decrypt). The
+// gateway uses it to log a session out upstream before purging it.
+func (c *Cache) Get(ctx context.Context, key Key) (e Entry, found bool, err error) {
+	if err := key.validate(); err != nil {
+		return Entry{}, false, err
+	}
+	return c.read(ctx, key, c.names(key))
+}
+
 // Invalidate drops e's token from Redis if Redis still holds exactly that
 // value. Call it when upstream rejected the token (FleetUp 401, Wialon
 // error 1); then GetOrMint again. If another replica has already replaced

@@ -19,12 +19,17 @@
 //
 // # Key layout
 //
-//	<prefix>:{<tenant>}:dk                                      the tenant's wrapped data key
-//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>       encrypted token, PX = token TTL
-//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>:lock  mint lock, PX = LockTTL
+//	<prefix>:{<tenant>}:dk                                                 the tenant's wrapped data key
+//	<prefix>:{<tenant>}:tok:<credential>:<generation>:<upstream>:<kind>       encrypted token, PX = token TTL
+//	<prefix>:{<tenant>}:tok:<credential>:<generation>:<upstream>:<kind>:lock  mint lock, PX = LockTTL
 //
-// The tenant is the Redis Cluster hash tag, so a token, its lock and the
-// data key share a slot. Each Lua script touches exactly one key.
+// <generation> is the credential's generation id (new on every put, never
+// repeated) and <upstream> 128 bits of the SHA-256 of its base URL: a token
+// is bound to the exact secret and upstream it was minted for, so no other
+// secret's caller — after a rotation, or a delete and re-create under the
+// same id — can ever read it. The tenant is the Redis Cluster hash tag, so a
+// token, its lock and the data key share a slot. Each Lua script touches
+// exactly one key.
 //
 // # Encryption at rest
 //

@@ -134,7 +134,7 @@ func newMinter(name string) *minter {
 }
 
 func testKey(tenant, credential string) Key {
-	return Key{Tenant: tenant, Credential: credential, Version: 1, Kind: KindFleetUpJWT}
+	return Key{Tenant: tenant, Credential: credential, Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT}
 }
 
 // totalStats sums the counters of several replicas.

@@ -10,6 +10,7 @@ import (
 	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -1337,8 +1338,12 @@ type ResolveSessionResponse struct {
 	// derived from the secret, such as a cached upstream session, must be
 	// bound to it.
 	CredentialGeneration string `protobuf:"bytes,9,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The provider account the credential opens, where the provider has a
+	// public account id (the FleetUp acctId, in decimal); empty otherwise.
+	// Not secret: the gateway paces upstream requests per account with it.
+	UpstreamAccount string `protobuf:"bytes,10,opt,name=upstream_account,json=upstreamAccount,proto3" json:"upstream_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ResolveSessionResponse) Reset() {
@@ -1434,6 +1439,16 @@ func (x *ResolveSessionResponse) GetCredentialGeneration() string {
 	return ""
 }
 
+func (x *ResolveSessionResponse) GetUpstreamAccount() string {
+	if x != nil {
+		return x.UpstreamAccount
+	}
+	return ""
+}
+
+// Deprecated: see SessionService.ResolveSecret.
+//
+// Deprecated: Marked as deprecated in fleetbroker/credentials/v1/credentials.proto.
 type ResolveSecretRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Handle        string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
@@ -1478,6 +1493,9 @@ func (x *ResolveSecretRequest) GetHandle() string {
 	return ""
 }
 
+// Deprecated: see SessionService.ResolveSecret.
+//
+// Deprecated: Marked as deprecated in fleetbroker/credentials/v1/credentials.proto.
 type ResolveSecretResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -1675,11 +1693,430 @@ func (*ReportRejectionResponse) Descriptor() ([]byte, []int) {
 	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{22}
 }
 
+type MintUpstreamSessionRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Handle string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
+	// The credential_generation ResolveSession returned for the handle. The
+	// session is minted only from exactly that secret, so the gateway never
+	// caches a session under the wrong generation.
+	CredentialGeneration string `protobuf:"bytes,2,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *MintUpstreamSessionRequest) Reset() {
+	*x = MintUpstreamSessionRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintUpstreamSessionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintUpstreamSessionRequest) ProtoMessage() {}
+
+func (x *MintUpstreamSessionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintUpstreamSessionRequest.ProtoReflect.Descriptor instead.
+func (*MintUpstreamSessionRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *MintUpstreamSessionRequest) GetHandle() string {
+	if x != nil {
+		return x.Handle
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionRequest) GetCredentialGeneration() string {
+	if x != nil {
+		return x.CredentialGeneration
+	}
+	return ""
+}
+
+type MintUpstreamSessionResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The version and generation of the credential the session was opened
+	// with (the generation is the one asked for).
+	CredentialVersion    int64  `protobuf:"varint,2,opt,name=credential_version,json=credentialVersion,proto3" json:"credential_version,omitempty"`
+	CredentialGeneration string `protobuf:"bytes,3,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
+	// The upstream base URL the session belongs to; it must be used there only.
+	BaseUrl string `protobuf:"bytes,4,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// When the upstream session expires, where the provider says (the FleetUp
+	// JWT's exp); unset where it ends only by idling (Wialon).
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The provider's session message: WialonUpstreamSession or
+	// FleetUpUpstreamSession. Secret: hold it encrypted, never log it.
+	UpstreamSession *anypb.Any `protobuf:"bytes,6,opt,name=upstream_session,json=upstreamSession,proto3" json:"upstream_session,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *MintUpstreamSessionResponse) Reset() {
+	*x = MintUpstreamSessionResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintUpstreamSessionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintUpstreamSessionResponse) ProtoMessage() {}
+
+func (x *MintUpstreamSessionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintUpstreamSessionResponse.ProtoReflect.Descriptor instead.
+func (*MintUpstreamSessionResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *MintUpstreamSessionResponse) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetCredentialVersion() int64 {
+	if x != nil {
+		return x.CredentialVersion
+	}
+	return 0
+}
+
+func (x *MintUpstreamSessionResponse) GetCredentialGeneration() string {
+	if x != nil {
+		return x.CredentialGeneration
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetBaseUrl() string {
+	if x != nil {
+		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *MintUpstreamSessionResponse) GetUpstreamSession() *anypb.Any {
+	if x != nil {
+		return x.UpstreamSession
+	}
+	return nil
+}
+
+// WialonUpstreamSession is an open Wialon session.
+type WialonUpstreamSession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session id (token/login's eid), sent as sid.
+	Eid string `protobuf:"bytes,1,opt,name=eid,proto3" json:"eid,omitempty"`
+	// The user name Wialon returned (au).
+	User          string `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WialonUpstreamSession) Reset() {
+	*x = WialonUpstreamSession{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WialonUpstreamSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WialonUpstreamSession) ProtoMessage() {}
+
+func (x *WialonUpstreamSession) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WialonUpstreamSession.ProtoReflect.Descriptor instead.
+func (*WialonUpstreamSession) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *WialonUpstreamSession) GetEid() string {
+	if x != nil {
+		return x.Eid
+	}
+	return ""
+}
+
+func (x *WialonUpstreamSession) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+// FleetUpUpstreamSession is a minted FleetUp JWT and what every data call
+// must send beside it. The API key is a long-lived secret that FleetUp
+// requires on every call: it is the one long-lived value that leaves the
+// credentials service (docs/security.md, residual risks).
+type FleetUpUpstreamSession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Jwt   string                 `protobuf:"bytes,1,opt,name=jwt,proto3" json:"jwt,omitempty"`
+	// Sent as the x-api-key header.
+	ApiKey string `protobuf:"bytes,2,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// The FleetUp account id (acctId).
+	AccountId     int64 `protobuf:"varint,3,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FleetUpUpstreamSession) Reset() {
+	*x = FleetUpUpstreamSession{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FleetUpUpstreamSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FleetUpUpstreamSession) ProtoMessage() {}
+
+func (x *FleetUpUpstreamSession) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FleetUpUpstreamSession.ProtoReflect.Descriptor instead.
+func (*FleetUpUpstreamSession) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *FleetUpUpstreamSession) GetJwt() string {
+	if x != nil {
+		return x.Jwt
+	}
+	return ""
+}
+
+func (x *FleetUpUpstreamSession) GetApiKey() string {
+	if x != nil {
+		return x.ApiKey
+	}
+	return ""
+}
+
+func (x *FleetUpUpstreamSession) GetAccountId() int64 {
+	if x != nil {
+		return x.AccountId
+	}
+	return 0
+}
+
+type ListRetiredGenerationsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	TenantId string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The generations to check, all of tenant_id.
+	Generations   []*CredentialGeneration `protobuf:"bytes,2,rep,name=generations,proto3" json:"generations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRetiredGenerationsRequest) Reset() {
+	*x = ListRetiredGenerationsRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRetiredGenerationsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRetiredGenerationsRequest) ProtoMessage() {}
+
+func (x *ListRetiredGenerationsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRetiredGenerationsRequest.ProtoReflect.Descriptor instead.
+func (*ListRetiredGenerationsRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ListRetiredGenerationsRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ListRetiredGenerationsRequest) GetGenerations() []*CredentialGeneration {
+	if x != nil {
+		return x.Generations
+	}
+	return nil
+}
+
+// CredentialGeneration names one stored secret of a credential.
+type CredentialGeneration struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CredentialId  string                 `protobuf:"bytes,1,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	Generation    string                 `protobuf:"bytes,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CredentialGeneration) Reset() {
+	*x = CredentialGeneration{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CredentialGeneration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CredentialGeneration) ProtoMessage() {}
+
+func (x *CredentialGeneration) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CredentialGeneration.ProtoReflect.Descriptor instead.
+func (*CredentialGeneration) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CredentialGeneration) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *CredentialGeneration) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
+}
+
+type ListRetiredGenerationsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The generations asked about that are no longer the credential's
+	// current one, because it was replaced or deleted.
+	Retired       []*CredentialGeneration `protobuf:"bytes,1,rep,name=retired,proto3" json:"retired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRetiredGenerationsResponse) Reset() {
+	*x = ListRetiredGenerationsResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRetiredGenerationsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRetiredGenerationsResponse) ProtoMessage() {}
+
+func (x *ListRetiredGenerationsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRetiredGenerationsResponse.ProtoReflect.Descriptor instead.
+func (*ListRetiredGenerationsResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListRetiredGenerationsResponse) GetRetired() []*CredentialGeneration {
+	if x != nil {
+		return x.Retired
+	}
+	return nil
+}
+
 var File_fleetbroker_credentials_v1_credentials_proto protoreflect.FileDescriptor
 
 const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\n" +
-	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
+	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
 	"\fWialonSecret\x12.\n" +
 	"\x05token\x18\x01 \x01(\tB\x18\xbaH\x15r\x132\x0e^[A-Za-z0-9]*$\x98\x01HR\x05token\x12)\n" +
 	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xab\x01\n" +
@@ -1778,7 +2215,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\";\n" +
 	"\x15ResolveSessionRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
-	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xb2\x03\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xdd\x03\n" +
 	"\x16ResolveSessionResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n" +
@@ -1790,23 +2227,56 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\vexpire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x19\n" +
 	"\bbase_url\x18\b \x01(\tR\abaseUrl\x123\n" +
-	"\x15credential_generation\x18\t \x01(\tR\x14credentialGeneration\":\n" +
+	"\x15credential_generation\x18\t \x01(\tR\x14credentialGeneration\x12)\n" +
+	"\x10upstream_account\x18\n" +
+	" \x01(\tR\x0fupstreamAccount\">\n" +
 	"\x14ResolveSecretRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
-	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xfa\x01\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle:\x02\x18\x01\"\xfe\x01\n" +
 	"\x15ResolveSecretResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12-\n" +
 	"\x12credential_version\x18\x02 \x01(\x03R\x11credentialVersion\x12B\n" +
 	"\x06wialon\x18\x03 \x01(\v2(.fleetbroker.credentials.v1.WialonSecretH\x00R\x06wialon\x12E\n" +
-	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetupB\b\n" +
+	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetup:\x02\x18\x01B\b\n" +
 	"\x06secret\"\x96\x01\n" +
 	"\x16ReportRejectionRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\x126\n" +
 	"\x12credential_version\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02 \x00R\x11credentialVersion\x12 \n" +
 	"\x06reason\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x02R\x06reason\"\x19\n" +
-	"\x17ReportRejectionResponse*O\n" +
+	"\x17ReportRejectionResponse\"\x80\x01\n" +
+	"\x1aMintUpstreamSessionRequest\x12\"\n" +
+	"\x06handle\x18\x01 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\x12>\n" +
+	"\x15credential_generation\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x14credentialGeneration\"\xb9\x02\n" +
+	"\x1bMintUpstreamSessionResponse\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12-\n" +
+	"\x12credential_version\x18\x02 \x01(\x03R\x11credentialVersion\x123\n" +
+	"\x15credential_generation\x18\x03 \x01(\tR\x14credentialGeneration\x12\x19\n" +
+	"\bbase_url\x18\x04 \x01(\tR\abaseUrl\x12;\n" +
+	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12?\n" +
+	"\x10upstream_session\x18\x06 \x01(\v2\x14.google.protobuf.AnyR\x0fupstreamSession\"=\n" +
+	"\x15WialonUpstreamSession\x12\x10\n" +
+	"\x03eid\x18\x01 \x01(\tR\x03eid\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"b\n" +
+	"\x16FleetUpUpstreamSession\x12\x10\n" +
+	"\x03jwt\x18\x01 \x01(\tR\x03jwt\x12\x17\n" +
+	"\aapi_key\x18\x02 \x01(\tR\x06apiKey\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x03 \x01(\x03R\taccountId\"\xc6\x01\n" +
+	"\x1dListRetiredGenerationsRequest\x12D\n" +
+	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12_\n" +
+	"\vgenerations\x18\x02 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationB\v\xbaH\b\x92\x01\x05\b\x01\x10\xe8\aR\vgenerations\"\x8f\x01\n" +
+	"\x14CredentialGeneration\x12L\n" +
+	"\rcredential_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12)\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\n" +
+	"generation\"l\n" +
+	"\x1eListRetiredGenerationsResponse\x12J\n" +
+	"\aretired\x18\x01 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationR\aretired*O\n" +
 	"\bProvider\x12\x18\n" +
 	"\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fPROVIDER_WIALON\x10\x01\x12\x14\n" +
@@ -1826,13 +2296,15 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\rGetCredential\x120.fleetbroker.credentials.v1.GetCredentialRequest\x1a1.fleetbroker.credentials.v1.GetCredentialResponse\"\x03\x90\x02\x01\x12\x7f\n" +
 	"\x0fListCredentials\x122.fleetbroker.credentials.v1.ListCredentialsRequest\x1a3.fleetbroker.credentials.v1.ListCredentialsResponse\"\x03\x90\x02\x01\x12}\n" +
 	"\x10DeleteCredential\x123.fleetbroker.credentials.v1.DeleteCredentialRequest\x1a4.fleetbroker.credentials.v1.DeleteCredentialResponse\x12\x83\x01\n" +
-	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse2\xee\x04\n" +
+	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse2\x91\a\n" +
 	"\x0eSessionService\x12q\n" +
 	"\fIssueSession\x12/.fleetbroker.credentials.v1.IssueSessionRequest\x1a0.fleetbroker.credentials.v1.IssueSessionResponse\x12t\n" +
 	"\rRevokeSession\x120.fleetbroker.credentials.v1.RevokeSessionRequest\x1a1.fleetbroker.credentials.v1.RevokeSessionResponse\x12|\n" +
-	"\x0eResolveSession\x121.fleetbroker.credentials.v1.ResolveSessionRequest\x1a2.fleetbroker.credentials.v1.ResolveSessionResponse\"\x03\x90\x02\x01\x12y\n" +
-	"\rResolveSecret\x120.fleetbroker.credentials.v1.ResolveSecretRequest\x1a1.fleetbroker.credentials.v1.ResolveSecretResponse\"\x03\x90\x02\x01\x12z\n" +
-	"\x0fReportRejection\x122.fleetbroker.credentials.v1.ReportRejectionRequest\x1a3.fleetbroker.credentials.v1.ReportRejectionResponseBTZRgithub.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1;credentialsv1b\x06proto3"
+	"\x0eResolveSession\x121.fleetbroker.credentials.v1.ResolveSessionRequest\x1a2.fleetbroker.credentials.v1.ResolveSessionResponse\"\x03\x90\x02\x01\x12|\n" +
+	"\rResolveSecret\x120.fleetbroker.credentials.v1.ResolveSecretRequest\x1a1.fleetbroker.credentials.v1.ResolveSecretResponse\"\x06\x88\x02\x01\x90\x02\x01\x12z\n" +
+	"\x0fReportRejection\x122.fleetbroker.credentials.v1.ReportRejectionRequest\x1a3.fleetbroker.credentials.v1.ReportRejectionResponse\x12\x86\x01\n" +
+	"\x13MintUpstreamSession\x126.fleetbroker.credentials.v1.MintUpstreamSessionRequest\x1a7.fleetbroker.credentials.v1.MintUpstreamSessionResponse\x12\x94\x01\n" +
+	"\x16ListRetiredGenerations\x129.fleetbroker.credentials.v1.ListRetiredGenerationsRequest\x1a:.fleetbroker.credentials.v1.ListRetiredGenerationsResponse\"\x03\x90\x02\x01BTZRgithub.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1;credentialsv1b\x06proto3"
 
 var (
 	file_fleetbroker_credentials_v1_credentials_proto_rawDescOnce sync.Once
@@ -1847,87 +2319,103 @@ func file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP() []byte {
 }
 
 var file_fleetbroker_credentials_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
-	(Provider)(0),                      // 0: fleetbroker.credentials.v1.Provider
-	(ValidationState)(0),               // 1: fleetbroker.credentials.v1.ValidationState
-	(Scope)(0),                         // 2: fleetbroker.credentials.v1.Scope
-	(*WialonSecret)(nil),               // 3: fleetbroker.credentials.v1.WialonSecret
-	(*FleetUpSecret)(nil),              // 4: fleetbroker.credentials.v1.FleetUpSecret
-	(*Credential)(nil),                 // 5: fleetbroker.credentials.v1.Credential
-	(*PutCredentialRequest)(nil),       // 6: fleetbroker.credentials.v1.PutCredentialRequest
-	(*PutCredentialResponse)(nil),      // 7: fleetbroker.credentials.v1.PutCredentialResponse
-	(*GetCredentialRequest)(nil),       // 8: fleetbroker.credentials.v1.GetCredentialRequest
-	(*GetCredentialResponse)(nil),      // 9: fleetbroker.credentials.v1.GetCredentialResponse
-	(*ListCredentialsRequest)(nil),     // 10: fleetbroker.credentials.v1.ListCredentialsRequest
-	(*ListCredentialsResponse)(nil),    // 11: fleetbroker.credentials.v1.ListCredentialsResponse
-	(*DeleteCredentialRequest)(nil),    // 12: fleetbroker.credentials.v1.DeleteCredentialRequest
-	(*DeleteCredentialResponse)(nil),   // 13: fleetbroker.credentials.v1.DeleteCredentialResponse
-	(*ValidateCredentialRequest)(nil),  // 14: fleetbroker.credentials.v1.ValidateCredentialRequest
-	(*ValidateCredentialResponse)(nil), // 15: fleetbroker.credentials.v1.ValidateCredentialResponse
-	(*IssueSessionRequest)(nil),        // 16: fleetbroker.credentials.v1.IssueSessionRequest
-	(*IssueSessionResponse)(nil),       // 17: fleetbroker.credentials.v1.IssueSessionResponse
-	(*RevokeSessionRequest)(nil),       // 18: fleetbroker.credentials.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),      // 19: fleetbroker.credentials.v1.RevokeSessionResponse
-	(*ResolveSessionRequest)(nil),      // 20: fleetbroker.credentials.v1.ResolveSessionRequest
-	(*ResolveSessionResponse)(nil),     // 21: fleetbroker.credentials.v1.ResolveSessionResponse
-	(*ResolveSecretRequest)(nil),       // 22: fleetbroker.credentials.v1.ResolveSecretRequest
-	(*ResolveSecretResponse)(nil),      // 23: fleetbroker.credentials.v1.ResolveSecretResponse
-	(*ReportRejectionRequest)(nil),     // 24: fleetbroker.credentials.v1.ReportRejectionRequest
-	(*ReportRejectionResponse)(nil),    // 25: fleetbroker.credentials.v1.ReportRejectionResponse
-	nil,                                // 26: fleetbroker.credentials.v1.Credential.LabelsEntry
-	nil,                                // 27: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),      // 28: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),        // 29: google.protobuf.Duration
+	(Provider)(0),                          // 0: fleetbroker.credentials.v1.Provider
+	(ValidationState)(0),                   // 1: fleetbroker.credentials.v1.ValidationState
+	(Scope)(0),                             // 2: fleetbroker.credentials.v1.Scope
+	(*WialonSecret)(nil),                   // 3: fleetbroker.credentials.v1.WialonSecret
+	(*FleetUpSecret)(nil),                  // 4: fleetbroker.credentials.v1.FleetUpSecret
+	(*Credential)(nil),                     // 5: fleetbroker.credentials.v1.Credential
+	(*PutCredentialRequest)(nil),           // 6: fleetbroker.credentials.v1.PutCredentialRequest
+	(*PutCredentialResponse)(nil),          // 7: fleetbroker.credentials.v1.PutCredentialResponse
+	(*GetCredentialRequest)(nil),           // 8: fleetbroker.credentials.v1.GetCredentialRequest
+	(*GetCredentialResponse)(nil),          // 9: fleetbroker.credentials.v1.GetCredentialResponse
+	(*ListCredentialsRequest)(nil),         // 10: fleetbroker.credentials.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil),        // 11: fleetbroker.credentials.v1.ListCredentialsResponse
+	(*DeleteCredentialRequest)(nil),        // 12: fleetbroker.credentials.v1.DeleteCredentialRequest
+	(*DeleteCredentialResponse)(nil),       // 13: fleetbroker.credentials.v1.DeleteCredentialResponse
+	(*ValidateCredentialRequest)(nil),      // 14: fleetbroker.credentials.v1.ValidateCredentialRequest
+	(*ValidateCredentialResponse)(nil),     // 15: fleetbroker.credentials.v1.ValidateCredentialResponse
+	(*IssueSessionRequest)(nil),            // 16: fleetbroker.credentials.v1.IssueSessionRequest
+	(*IssueSessionResponse)(nil),           // 17: fleetbroker.credentials.v1.IssueSessionResponse
+	(*RevokeSessionRequest)(nil),           // 18: fleetbroker.credentials.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),          // 19: fleetbroker.credentials.v1.RevokeSessionResponse
+	(*ResolveSessionRequest)(nil),          // 20: fleetbroker.credentials.v1.ResolveSessionRequest
+	(*ResolveSessionResponse)(nil),         // 21: fleetbroker.credentials.v1.ResolveSessionResponse
+	(*ResolveSecretRequest)(nil),           // 22: fleetbroker.credentials.v1.ResolveSecretRequest
+	(*ResolveSecretResponse)(nil),          // 23: fleetbroker.credentials.v1.ResolveSecretResponse
+	(*ReportRejectionRequest)(nil),         // 24: fleetbroker.credentials.v1.ReportRejectionRequest
+	(*ReportRejectionResponse)(nil),        // 25: fleetbroker.credentials.v1.ReportRejectionResponse
+	(*MintUpstreamSessionRequest)(nil),     // 26: fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	(*MintUpstreamSessionResponse)(nil),    // 27: fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	(*WialonUpstreamSession)(nil),          // 28: fleetbroker.credentials.v1.WialonUpstreamSession
+	(*FleetUpUpstreamSession)(nil),         // 29: fleetbroker.credentials.v1.FleetUpUpstreamSession
+	(*ListRetiredGenerationsRequest)(nil),  // 30: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	(*CredentialGeneration)(nil),           // 31: fleetbroker.credentials.v1.CredentialGeneration
+	(*ListRetiredGenerationsResponse)(nil), // 32: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	nil,                                    // 33: fleetbroker.credentials.v1.Credential.LabelsEntry
+	nil,                                    // 34: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),          // 35: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),            // 36: google.protobuf.Duration
+	(*anypb.Any)(nil),                      // 37: google.protobuf.Any
 }
 var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	0,  // 0: fleetbroker.credentials.v1.Credential.provider:type_name -> fleetbroker.credentials.v1.Provider
-	28, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
-	28, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
-	28, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
+	35, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
+	35, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
+	35, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
-	26, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
+	33, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
 	3,  // 6: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
 	4,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	27, // 8: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	34, // 8: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
 	5,  // 9: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
 	5,  // 10: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
 	5,  // 11: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
 	5,  // 12: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	29, // 13: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	36, // 13: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
 	2,  // 14: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	28, // 15: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 15: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 16: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
 	0,  // 17: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
 	2,  // 18: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	28, // 19: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 19: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
 	3,  // 20: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
 	4,  // 21: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	6,  // 22: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	8,  // 23: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	10, // 24: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	12, // 25: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	14, // 26: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	16, // 27: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	18, // 28: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	20, // 29: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	22, // 30: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	24, // 31: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	7,  // 32: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	9,  // 33: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	11, // 34: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	13, // 35: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	15, // 36: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	17, // 37: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	19, // 38: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	21, // 39: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	23, // 40: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	25, // 41: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	32, // [32:42] is the sub-list for method output_type
-	22, // [22:32] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	35, // 22: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	37, // 23: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	31, // 24: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	31, // 25: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	6,  // 26: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	8,  // 27: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	10, // 28: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	12, // 29: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	14, // 30: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	16, // 31: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	18, // 32: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	20, // 33: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	22, // 34: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	24, // 35: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	26, // 36: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	30, // 37: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	7,  // 38: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	9,  // 39: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	11, // 40: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	13, // 41: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	15, // 42: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	17, // 43: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	19, // 44: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	21, // 45: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	23, // 46: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	25, // 47: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	27, // 48: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	32, // 49: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	38, // [38:50] is the sub-list for method output_type
+	26, // [26:38] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }
@@ -1949,7 +2437,7 @@ func file_fleetbroker_credentials_v1_credentials_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fleetbroker_credentials_v1_credentials_proto_rawDesc), len(file_fleetbroker_credentials_v1_credentials_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   25,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
