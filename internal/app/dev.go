@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -83,6 +84,11 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("dev keyring: %w", err)
 	}
+	// Handle keys live as long as the process, like every handle it issues.
+	handleKeys, err := handle.GenerateKeys()
+	if err != nil {
+		return fmt.Errorf("dev handle keys: %w", err)
+	}
 
 	simLis, err := net.Listen("tcp", cfg.SimulatorListen)
 	if err != nil {
@@ -100,6 +106,13 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
 		MaxSessionTTL:    cfg.MaxSessionTTL,
 		Metrics:          metrics,
+		HandleKeys:       handleKeys,
+	}
+	// Nothing in a fresh in-process Redis predates keyed handles: legacy
+	// ones are refused from the start, by both services.
+	credCfg.LegacyHandles = handle.NewLegacyWindow(rdb, "fb")
+	if _, err := credCfg.LegacyHandles.Close(ctx, 0); err != nil {
+		return fmt.Errorf("in-process redis: %w", err)
 	}
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
@@ -125,6 +138,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	gw, err := NewGatewayService(GatewayConfig{
 		AllowedUpstreams: credCfg.AllowedUpstreams,
 		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
+		HandleKeys:       handleKeys,
 		FleetUpRate:      cfg.FleetUpRate,
 		FleetUpBurst:     cfg.FleetUpRate,
 		Metrics:          metrics,

@@ -13,6 +13,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
@@ -52,6 +53,11 @@ type GatewayConfig struct {
 	RedisPrefix      string
 	AllowedUpstreams string
 	HandleCacheTTL   time.Duration
+	// HandleKeyFile holds the credentials service's handle keys, to
+	// refuse forged handles before resolving them; HandleKeys, when set,
+	// are used instead (tests, dev).
+	HandleKeyFile string
+	HandleKeys    *handle.Keys
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -84,6 +90,11 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return closers.fail(err)
+	}
+	cfg.HandleKeys = keys
 	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return closers.fail(err)
@@ -164,6 +175,10 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if prefix == "" {
 		prefix = "fb"
 	}
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return nil, err
+	}
 	clients := newUpstreamClients(timeout, allow, cfg.Metrics)
 	rate := ratelimit.FleetUp
 	if cfg.FleetUpRate > 0 {
@@ -180,6 +195,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 		Metrics:          cfg.Metrics,
 		AllowList:        allow,
 		HandleCacheTTL:   cfg.HandleCacheTTL,
+		HandleKeys:       keys,
 		FleetUpRate:      rate,
 		JWTSafetyMargin:  cfg.JWTSafetyMargin,
 		WialonSessionTTL: cfg.WialonSessionTTL,

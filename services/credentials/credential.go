@@ -29,17 +29,11 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 		}
 		validation = v
 	}
-	ciphertext, fingerprint, err := s.encrypt(ctx, req.GetTenantId(), req.GetCredentialId(), sec)
-	if err != nil {
-		return nil, s.toStatus(ctx, "put credential", err)
-	}
 	now := s.cfg.Now()
 	rec := store.Credential{
 		TenantID:          req.GetTenantId(),
 		CredentialID:      req.GetCredentialId(),
 		Provider:          sec.provider,
-		Ciphertext:        ciphertext,
-		Fingerprint:       fingerprint,
 		BaseURL:           sec.baseURL,
 		FleetUpAccountID:  sec.fleetup.GetAccountId(),
 		Labels:            req.GetLabels(),
@@ -50,12 +44,26 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 		ValidationMessage: validation.Message,
 		UpstreamUser:      validation.UpstreamUser,
 	}
-	stored, created, err := s.cfg.Store.PutCredential(ctx, rec)
+	if err := s.sealRecord(ctx, &rec, sec); err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	idem, parts, err := s.idempotent(ctx, "put", req.GetRequestId(), req)
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
+	res, err := s.cfg.Store.PutCredential(ctx, rec, store.PutOptions{Request: idem, ExpectedVersion: req.ExpectedVersion})
+	if errors.Is(err, store.ErrVersionConflict) && req.ExpectedVersion != nil {
+		return nil, errNotAtExpectedVersion(req.GetExpectedVersion())
+	}
+	if err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	if err := s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	stored, created := res.Credential, res.Created
 	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
-		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState)
+		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState, "replayed", res.Replayed)
 	return &credentialsv1.PutCredentialResponse{Credential: toProto(stored), Created: created}, nil
 }
 
@@ -104,12 +112,19 @@ func (c *credentialServer) ListCredentials(ctx context.Context, req *credentials
 }
 
 func (c *credentialServer) DeleteCredential(ctx context.Context, req *credentialsv1.DeleteCredentialRequest) (*credentialsv1.DeleteCredentialResponse, error) {
-	revoked, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId())
+	idem, parts, err := c.s.idempotent(ctx, "delete", req.GetRequestId(), req)
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "delete credential", err)
 	}
-	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", revoked)
-	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: revoked}, nil
+	res, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId(), idem)
+	if err != nil {
+		return nil, c.s.toStatus(ctx, "delete credential", err)
+	}
+	if err := c.s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", res.Revoked, "replayed", res.Replayed)
+	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: res.Revoked}, nil
 }
 
 // ValidateCredential asks the provider about the stored secret and records

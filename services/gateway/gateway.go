@@ -9,6 +9,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -64,11 +66,18 @@ type Config struct {
 	// does not trust that a base URL was checked when it was stored.
 	AllowList *upstream.AllowList
 	// HandleCacheTTL is how long a handle resolution is reused (≤ 5 s).
-	HandleCacheTTL    time.Duration
-	FleetUpRate       ratelimit.Limit
-	JWTSafetyMargin   time.Duration
-	WialonSessionTTL  time.Duration
-	WialonConcurrency int
+	HandleCacheTTL time.Duration
+	// HandleKeys check a handle's keyed checksum before it is resolved
+	// (--handle-key-file, the credentials service's keys); required.
+	HandleKeys *handle.Keys
+	// InvalidHandleRate and InvalidHandleBurst are each peer's budget of
+	// invalid handles (per second, at once); defaults 1 and 20.
+	InvalidHandleRate  float64
+	InvalidHandleBurst int
+	FleetUpRate        ratelimit.Limit
+	JWTSafetyMargin    time.Duration
+	WialonSessionTTL   time.Duration
+	WialonConcurrency  int
 	// TenantLimit, if set, takes one request of the tenant's budget once
 	// the handle has told which tenant a call is for.
 	TenantLimit func(ctx context.Context, tenant string) error
@@ -96,8 +105,8 @@ type Service struct {
 
 // New checks cfg and returns the gateway.
 func New(cfg Config) (*Service, error) {
-	if cfg.Sessions == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.Wialon == nil || cfg.FleetUp == nil {
-		return nil, fmt.Errorf("gateway: sessions client, token cache, limiter, redis and provider clients are required")
+	if cfg.Sessions == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.Wialon == nil || cfg.FleetUp == nil || cfg.HandleKeys == nil {
+		return nil, fmt.Errorf("gateway: sessions client, token cache, limiter, redis, provider clients and handle keys are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -124,7 +133,16 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, cfg.HandleCacheTTL),
+	if cfg.InvalidHandleRate <= 0 {
+		cfg.InvalidHandleRate = DefaultInvalidHandleRate
+	}
+	if cfg.InvalidHandleBurst <= 0 {
+		cfg.InvalidHandleBurst = DefaultInvalidHandleBurst
+	}
+	// Legacy (CRC32) handles pass until the credentials service records
+	// that they have all expired, under the same prefix as its own keys.
+	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
+	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, verifier, cfg.HandleCacheTTL, cfg.InvalidHandleRate, cfg.InvalidHandleBurst),
 		loader: &loaderLock{client: cfg.Redis, prefix: cfg.RedisPrefix + ":gw", ttl: loaderLockTTL}}
 	s.hubs = newHubs(s)
 	return s, nil

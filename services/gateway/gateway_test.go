@@ -26,6 +26,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -60,6 +61,22 @@ type stack struct {
 	redis    redis.UniversalClient
 	prefix   string
 	logs     *syncBuffer
+	// handleKeys are the credentials service's and every gateway's.
+	handleKeys *handle.Keys
+	// resolves counts the gateways' ResolveSession calls.
+	resolves *atomic.Int64
+}
+
+// countingSessions counts ResolveSession calls on their way to the
+// credentials service.
+type countingSessions struct {
+	credentialsv1.SessionServiceClient
+	n *atomic.Int64
+}
+
+func (c countingSessions) ResolveSession(ctx context.Context, in *credentialsv1.ResolveSessionRequest, opts ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
+	c.n.Add(1)
+	return c.SessionServiceClient.ResolveSession(ctx, in, opts...)
 }
 
 type stackOptions struct {
@@ -68,6 +85,8 @@ type stackOptions struct {
 	// fleetupRate is FleetUp requests per second per account (default 1000,
 	// so tests that are not about the rate budget do not wait for it).
 	fleetupRate int
+	// extraAllowed are further host:port on both services' allow-lists.
+	extraAllowed []string
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -78,14 +97,14 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if opts.fleetupRate == 0 {
 		opts.fleetupRate = 1000
 	}
-	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}}
+	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}, resolves: &atomic.Int64{}}
 	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
 	st.sim.AddWialonToken(canaryToken)
 	st.sim.AddFleetUpAccount(canaryAPIKey, canaryAccount, canarySecret)
 	simServer := httptest.NewServer(st.sim.Handler())
 	t.Cleanup(simServer.Close)
 	st.simURL = simServer.URL
-	allowed := strings.TrimPrefix(simServer.URL, "http://")
+	allowed := strings.Join(append([]string{strings.TrimPrefix(simServer.URL, "http://")}, opts.extraAllowed...), ",")
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	rs := testenv.Redis(t)
@@ -95,7 +114,13 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	credTransit := newVault(t, vs, vs.NewKeyName(t))
 	gwKey := vs.NewKeyName(t) // the gateway's data keys live under their own transit key
 
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second},
+	var err error
+	st.handleKeys, err = handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second,
+		HandleKeys: st.handleKeys, LegacyHandles: handle.NewLegacyWindow(st.redis, st.prefix)},
 		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +137,8 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			FleetUpRate:      opts.fleetupRate,
 			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
-		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
+			HandleKeys:       st.handleKeys,
+		}, countingSessions{credentialsv1.NewSessionServiceClient(credConn), st.resolves}, rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -97,6 +97,10 @@ func TestGatewayMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	keys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var hookMints atomic.Int32 // a hook set before instrumenting still runs
 	cacheOpts := gateway.InstrumentTokenCache(tokencache.Options{
 		OnMint: func(tokencache.Key, time.Duration, error) { hookMints.Add(1) },
@@ -109,15 +113,16 @@ func TestGatewayMetrics(t *testing.T) {
 		Redis:    rdb,
 		Wialon: wialon.New(&http.Client{Transport: telemetry.InstrumentTransport(base, telemetry.ProviderWialon, m)},
 			wialon.WithRetry(1, 0, 0)),
-		FleetUp:   fleetup.New(&http.Client{Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)}),
-		AllowList: allow,
-		Metrics:   m,
-		Logger:    slog.New(slog.DiscardHandler),
+		FleetUp:    fleetup.New(&http.Client{Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)}),
+		AllowList:  allow,
+		HandleKeys: keys,
+		Metrics:    m,
+		Logger:     slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _, err := handle.New()
+	h, _, err := keys.New()
 	if err != nil {
 		t.Fatal(err)
 	}
