@@ -19,6 +19,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
@@ -197,5 +198,28 @@ func TestFrozenRedis(t *testing.T) {
 	got, err := h.creds.GetCredential(ctx, &credentialsv1.GetCredentialRequest{TenantId: "acme", CredentialId: "w"})
 	if err != nil || got.GetCredential().GetVersion() != 1 {
 		t.Fatalf("stored version %d, %v; want 1: the put was applied twice", got.GetCredential().GetVersion(), err)
+	}
+}
+
+// TestRequestIDsUnderLegacyFormats: while the service still issues CRC32
+// handles (the first phase of an upgrade), a retried IssueSession also gets
+// the first handle back, and it works.
+func TestRequestIDsUnderLegacyFormats(t *testing.T) {
+	h := newHarnessWith(t, backends()[1], harnessOptions{writeLegacy: true})
+	ctx := context.Background()
+	if _, err := h.creds.PutCredential(ctx, h.wialonPut("acme", "w")); err != nil {
+		t.Fatal(err)
+	}
+	issue := &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "w", RequestId: "legacy-issue-1"}
+	first, err := h.sessions.IssueSession(ctx, issue)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := h.sessions.IssueSession(ctx, issue)
+	if err != nil || !proto.Equal(first, again) || len(first.GetHandle()) != handle.LegacyLength {
+		t.Fatalf("retried IssueSession = %v, %v; want the first reply with a CRC32 handle", again, err)
+	}
+	if _, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: again.GetHandle()}); err != nil {
+		t.Fatalf("the handle returned to the retry: %v", err)
 	}
 }

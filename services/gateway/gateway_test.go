@@ -30,6 +30,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -65,6 +66,10 @@ type stack struct {
 	handleKeys *handle.Keys
 	// resolves counts the gateways' ResolveSession calls.
 	resolves *atomic.Int64
+	// credSvc is the credentials service; credentials builds another one
+	// on the same Redis, Vault key and handle keys.
+	credSvc     *credentials.Service
+	credentials func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient
 }
 
 // countingSessions counts ResolveSession calls on their way to the
@@ -126,6 +131,16 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 		t.Fatal(err)
 	}
 	credConn := serve(t, logger, credSvc.Register)
+	st.credSvc = credSvc
+	st.credentials = func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient {
+		t.Helper()
+		cfg.AllowedUpstreams, cfg.UpstreamTimeout, cfg.HandleKeys = allowed, 5*time.Second, st.handleKeys
+		svc, err := app.NewCredentialsService(cfg, store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return credentialsv1.NewCredentialServiceClient(serve(t, logger, svc.Register))
+	}
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
 

@@ -17,6 +17,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
@@ -145,7 +146,10 @@ func TestPreUpgradeHandlesAtTheGateway(t *testing.T) {
 
 // TestEditedBaseURLSendsNothing is the Redis writer who points a stored
 // credential at another host on the allow-list: the gateway's next login
-// must fail, and that host must see no request (and so no token).
+// must fail, and that host must see no request (and so no token). It holds
+// for credentials stored by this release and for those the previous
+// release stored (bound to tenant and credential only) once `migrate` has
+// re-sealed them.
 func TestEditedBaseURLSendsNothing(t *testing.T) {
 	var stolen atomic.Int64
 	thief := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -156,14 +160,34 @@ func TestEditedBaseURLSendsNothing(t *testing.T) {
 	st := newStack(t, stackOptions{extraAllowed: []string{strings.TrimPrefix(thief.URL, "http://")}})
 	st.putWialon(t, "w")
 	st.putFleetUp(t, "f")
-	for _, id := range []string{"w", "f"} {
+
+	// Stored by a replica of the previous release's formats, then migrated.
+	previous := st.credentials(t, app.CredentialsConfig{WriteLegacyFormats: true})
+	_, err := previous.PutCredential(context.Background(), &credentialsv1.PutCredentialRequest{TenantId: tenant, CredentialId: "old",
+		Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryToken, BaseUrl: st.simURL}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	migrated, err := st.credSvc.Migrate(context.Background(), nil)
+	if err != nil || migrated.Migrated != 1 || migrated.Current != 2 {
+		t.Fatalf("migrate = %+v, %v; want 1 re-encrypted, 2 current", migrated, err)
+	}
+
+	for _, id := range []string{"w", "f", "old"} {
+		ctx, _ := st.issue(t, id)
+		if _, err := st.gateways[0].ListUnits(ctx, &telematicsv1.ListUnitsRequest{}); err != nil {
+			t.Fatalf("%s before the edit: %v", id, err)
+		}
+		// A fresh credential version: nothing cached from before the edit.
 		key := st.prefix + ":{" + tenant + "}:cred:" + id
 		if err := st.redis.HSet(context.Background(), key, "base_url", thief.URL).Err(); err != nil {
 			t.Fatal(err)
 		}
-		ctx, _ := st.issue(t, id)
-		_, err := st.gateways[0].ListUnits(ctx, &telematicsv1.ListUnitsRequest{})
-		if err == nil {
+		if err := st.redis.HIncrBy(context.Background(), key, "version", 1).Err(); err != nil {
+			t.Fatal(err)
+		}
+		ctx, _ = st.issue(t, id)
+		if _, err := st.gateways[0].ListUnits(ctx, &telematicsv1.ListUnitsRequest{}); err == nil {
 			t.Fatalf("%s: ListUnits with an edited base URL succeeded", id)
 		}
 	}
