@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -74,7 +73,11 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		return fmt.Errorf("start in-process redis: %w", err)
 	}
 	defer mini.Close()
-	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mini.Addr()}, ContextTimeoutEnabled: true})
+	// The production client: every call bounded, no client retries.
+	rdb, err := NewRedis(ctx, RedisConfig{Addrs: []string{mini.Addr()}})
+	if err != nil {
+		return fmt.Errorf("in-process redis: %w", err)
+	}
 	defer rdb.Close()
 	metrics := telemetry.NewMetrics()
 	if err := instrumentRedis(rdb, metrics); err != nil {
