@@ -183,7 +183,8 @@ func redisWaitReplicas(ctx context.Context, rdb redis.UniversalClient, want int,
 	}
 	n, err := store.CountReplicas(ctx, rdb)
 	if err != nil {
-		return 0, fmt.Errorf("redis: count replicas (--redis-wait-replicas): %w", err)
+		return 0, fmt.Errorf("redis: count the replicas for --redis-wait-replicas=-1 (INFO replication; an ACL without @dangerous refuses it: "+
+			"allow +info, or set --redis-wait-replicas to 0 or 1): %w", err)
 	}
 	if n == 0 {
 		logger.Warn("Redis has no replica: credential writes are acknowledged once on the master; " +
