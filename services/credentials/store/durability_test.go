@@ -317,3 +317,27 @@ func TestRedisWriteNotOnAReplicaIsNotAcknowledged(t *testing.T) {
 		t.Fatalf("replica holds version %d (%s), %v; want version 2 with the updated ciphertext", onReplica.Version, onReplica.Ciphertext, err)
 	}
 }
+
+// TestRedisClusterWritesWaitOnTheirMaster drives the WAIT path through a
+// Cluster of masters without replicas: each tenant's script and its WAIT
+// must run on the master that owns the tenant's slot (a wrong node would
+// answer MOVED), and, with no replica to acknowledge, the write is applied
+// but reported unavailable.
+func TestRedisClusterWritesWaitOnTheirMaster(t *testing.T) {
+	d := testenv.RedisShardedCluster(t)
+	prefix := testenv.RedisPrefix(t)
+	waiting := store.NewRedis(d.Client(t), store.RedisOptions{Prefix: prefix, WaitReplicas: 1, WaitTimeout: 50 * time.Millisecond})
+	plain := store.NewRedis(d.Client(t), store.RedisOptions{Prefix: prefix})
+	ctx := t.Context()
+	for i := range 6 { // tenants spread over the masters
+		tenant := "tenant-" + string(rune('a'+i))
+		c := store.Credential{TenantID: tenant, CredentialID: "c1", Provider: store.ProviderWialon, Ciphertext: "vault:v1:x"}
+		_, err := waiting.PutCredential(ctx, c, store.PutOptions{})
+		if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), "0 of 1 replicas") {
+			t.Fatalf("%s: put waiting for a replica that does not exist = %v, want the WAIT to report 0 of 1", tenant, err)
+		}
+		if got, err := plain.GetCredential(ctx, tenant, "c1"); err != nil || got.Version != 1 {
+			t.Fatalf("%s: the write was not applied on its master: %+v, %v", tenant, got, err)
+		}
+	}
+}
