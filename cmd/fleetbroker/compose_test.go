@@ -13,6 +13,7 @@ import (
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
 
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 )
 
@@ -123,6 +124,37 @@ func TestComposeWiring(t *testing.T) {
 		}
 	}
 	assertComposePolicy(t, svc("credentials"), svc("gateway"))
+	assertComposeHandleKeys(t, svc("credentials"), svc("gateway"))
+}
+
+// assertComposeHandleKeys checks that both services read the same handle
+// key file, and that it loads: a gateway with other keys than the
+// credentials service refuses every handle.
+func assertComposeHandleKeys(t *testing.T, services ...types.ServiceConfig) {
+	t.Helper()
+	sources := map[string]bool{}
+	for _, s := range services {
+		file := s.Environment["FLEETBROKER_HANDLE_KEY_FILE"]
+		if file == nil {
+			t.Fatalf("%s has no FLEETBROKER_HANDLE_KEY_FILE", s.Name)
+		}
+		source := ""
+		for _, v := range s.Volumes {
+			if v.Target == *file {
+				source = v.Source
+			}
+		}
+		if source == "" {
+			t.Fatalf("%s: FLEETBROKER_HANDLE_KEY_FILE names no mounted file", s.Name)
+		}
+		if _, err := handle.LoadKeys(source); err != nil {
+			t.Fatalf("%s: %v", s.Name, err)
+		}
+		sources[source] = true
+	}
+	if len(sources) != 1 {
+		t.Errorf("the services mount different handle key files %v", sources)
+	}
 }
 
 // assertComposePolicy checks that the policy mounted into the credentials

@@ -44,7 +44,7 @@ var serverFlagSets = map[string]func() *flag.FlagSet{
 
 // fileFlags are flags whose value is a file the container reads; in a pod it
 // must come from a mounted ConfigMap or Secret.
-var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key"}
+var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key", "handle-key-file"}
 
 // --- the subset of the Kubernetes API the checks read ---
 
@@ -788,6 +788,11 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 		t.Errorf("container %s: --audit-log=%q is not durable; write it to a file on a PersistentVolumeClaim", c.Name, a)
 	} else {
 		checkPersistent(t, d, c, "--audit-log", a)
+	}
+
+	// Both services refuse to start without the handle keys they share.
+	if get("handle-key-file") == "" {
+		t.Errorf("container %s: --handle-key-file is not set: the service does not start without it", c.Name)
 	}
 
 	// mTLS towards callers, and towards the credentials service.

@@ -39,6 +39,7 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -105,8 +106,13 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 	st.simHost = strings.TrimPrefix(simServer.URL, "http://")
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 
+	handleKeys, err := handle.GenerateKeys() // --handle-key-file, shared by both services
+	if err != nil {
+		t.Fatal(err)
+	}
 	credCfg := app.CredentialsConfig{
-		Server: server.Config{GracePeriod: 2 * time.Second},
+		HandleKeys: handleKeys,
+		Server:     server.Config{GracePeriod: 2 * time.Second},
 		Security: app.SecurityConfig{
 			Insecure:   true,
 			PolicyFile: "../../deploy/compose-policy.yaml",
@@ -121,6 +127,7 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 		return app.BuildCredentials(ctx, credCfg, logger)
 	})
 	st.gatewayCfg = app.GatewayConfig{
+		HandleKeys:          handleKeys,
 		Server:              server.Config{GracePeriod: 2 * time.Second},
 		Security:            app.SecurityConfig{Insecure: true},
 		CredentialsAddr:     st.credsAddr,
@@ -305,11 +312,26 @@ func randomToken() string {
 
 // putWialon stores a Wialon credential pointing at the simulator.
 func (st *faultStack) putWialon(ctx context.Context, id, token string, validate bool) (*credentialsv1.PutCredentialResponse, error) {
+	// The simulator learns the token, so a later mint with it succeeds
+	// only if the stored secret decrypts to exactly this token.
+	st.sim.AddWialonToken(token)
 	return st.creds.PutCredential(asAdmin(ctx), &credentialsv1.PutCredentialRequest{
 		TenantId: faultTenant, CredentialId: id,
 		Secret:         &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: token, BaseUrl: "http://" + st.simHost}},
 		SkipValidation: !validate,
 	})
+}
+
+// openSecret makes the credentials service decrypt the secret behind handle
+// and log in with it, as the gateway does (ResolveSession, then
+// MintUpstreamSession with the gateway's identity).
+func (st *faultStack) openSecret(ctx context.Context, handle string) error {
+	res, err := st.sessions.ResolveSession(asGateway(ctx), &credentialsv1.ResolveSessionRequest{Handle: handle})
+	if err != nil {
+		return err
+	}
+	_, err = st.sessions.MintUpstreamSession(asGateway(ctx), &credentialsv1.MintUpstreamSessionRequest{Handle: handle, CredentialGeneration: res.GetCredentialGeneration()})
+	return err
 }
 
 // issue returns a session handle for a credential.
@@ -579,8 +601,8 @@ func (st *faultStack) verifyWrites(t *testing.T, results []writeResult, refusedM
 			t.Errorf("write %s has version %d, want 1 (applied exactly once)", r.id, v)
 		}
 		handle := st.issue(t, r.id)
-		secret, err := st.sessions.ResolveSecret(asGateway(ctx), &credentialsv1.ResolveSecretRequest{Handle: handle})
-		if err != nil || secret.GetWialon().GetToken() != r.token {
+		// The simulator knows every written token and nothing else.
+		if err := st.openSecret(ctx, handle); err != nil {
 			t.Errorf("write %s does not decrypt to what was written: %v", r.id, err)
 		}
 	}
@@ -728,7 +750,7 @@ func TestFaultTransitKeyLost(t *testing.T) {
 	}
 	_, err := st.putWialon(ctx, "during", randomToken(), false)
 	wantStatus(t, "a write without the transit key", err, codes.Unavailable, apierr.ReasonEncryptionKeyUnusable, true)
-	_, err = st.sessions.ResolveSecret(asGateway(ctx), &credentialsv1.ResolveSecretRequest{Handle: st.issue(t, "old")})
+	err = st.openSecret(ctx, st.issue(t, "old"))
 	wantStatus(t, "a secret read without the transit key", err, codes.Unavailable, apierr.ReasonEncryptionKeyUnusable, true)
 	notReady := credHealth.waitStatus(t, healthpb.HealthCheckResponse_NOT_SERVING, lostAt, 2*notReadyBound).Sub(lostAt)
 	if notReady > notReadyBound {
@@ -758,7 +780,7 @@ func TestFaultTransitKeyLost(t *testing.T) {
 	if _, err := st.putWialon(ctx, "new", simulator.DemoWialonToken, true); err != nil {
 		t.Fatalf("write after the key returned: %v", err)
 	}
-	_, err = st.sessions.ResolveSecret(asGateway(ctx), &credentialsv1.ResolveSecretRequest{Handle: st.issue(t, "old")})
+	err = st.openSecret(ctx, st.issue(t, "old"))
 	wantStatus(t, "a secret stored under the lost key", err, codes.FailedPrecondition, apierr.ReasonCredentialUndecryptable, false)
 
 	// A new gateway replica finds a data key in Redis that the new key

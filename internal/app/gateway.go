@@ -13,6 +13,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
@@ -51,6 +52,11 @@ type GatewayConfig struct {
 	RedisPrefix      string
 	AllowedUpstreams string
 	HandleCacheTTL   time.Duration
+	// HandleKeyFile holds the credentials service's handle keys, to
+	// refuse forged handles before resolving them; HandleKeys, when set,
+	// are used instead (tests, dev).
+	HandleKeyFile string
+	HandleKeys    *handle.Keys
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -90,6 +96,11 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return closers.fail(err)
+	}
+	cfg.HandleKeys = keys
 	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return closers.fail(err)
@@ -120,7 +131,12 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	// Readiness is Redis only: with Vault down the gateway still serves
 	// every account whose upstream session is cached.
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), cfg.Security.TLSClientCA != "", src, rdb, logger)
+	keys, err = loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return closers.fail(err)
+	}
+	cfg.HandleKeys = keys
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), keys, cfg.Security.TLSClientCA != "", src, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -172,6 +188,10 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if prefix == "" {
 		prefix = "fb"
 	}
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return nil, err
+	}
 	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, cfg.tuning(), logger)
 	if err != nil {
 		return nil, err
@@ -186,6 +206,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 		Metrics:        cfg.Metrics,
 		AllowList:      allow,
 		HandleCacheTTL: cfg.HandleCacheTTL,
+		HandleKeys:     keys,
 		PurgeInterval:  cfg.PurgeInterval,
 		TenantLimit:    cfg.tenantLimit,
 		Logger:         logger,

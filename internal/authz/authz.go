@@ -78,6 +78,9 @@ type Config struct {
 	// A method not listed is refused with PERMISSION_DENIED for everyone,
 	// except health and reflection.
 	Methods map[string]Rule
+	// HandleKeys check the handles of session-authorized calls before any
+	// budget is spent; nil checks their shape only.
+	HandleKeys *handle.Keys
 	// RequirePrincipal refuses callers without an identity (UNAUTHENTICATED)
 	// on policy-authorized methods. Session-authorized methods need no
 	// principal: their callers hold a handle.
@@ -337,10 +340,20 @@ func (a *Authorizer) sessionLimit(ctx context.Context) error {
 	if !ok {
 		return apierr.New(codes.Unauthenticated, apierr.ReasonUnauthenticated, "missing session handle: send metadata 'authorization: Bearer <handle>'", nil)
 	}
-	if _, err := handle.Parse(h); err != nil {
+	if !a.handleOK(h) {
 		return apierr.New(codes.Unauthenticated, apierr.ReasonSessionInvalid, "session handle is invalid, expired or revoked", nil)
 	}
 	return a.cfg.Limits.takeSession(ctx, h)
+}
+
+// handleOK checks h with the handle keys when the authorizer has them (a
+// forged handle then spends no budget at all), else its shape only.
+func (a *Authorizer) handleOK(h string) bool {
+	if a.cfg.HandleKeys == nil {
+		return handle.WellFormed(h)
+	}
+	_, err := a.cfg.HandleKeys.Check(h)
+	return err == nil
 }
 
 // bearerHandle reads `authorization: Bearer <handle>`; exactly one value.

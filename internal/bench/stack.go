@@ -22,6 +22,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	allproviders "github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/server"
@@ -59,6 +60,9 @@ type env struct {
 	credTr  transit.Transit
 	gwTr    transit.Transit
 	allowed string // host:port of every simulator, for the allow-lists
+	// handleKeys sign handles at the credentials service and check them at
+	// the gateways, as --handle-key-file does for the real binaries.
+	handleKeys *handle.Keys
 
 	credsAddr string
 	creds     credentialsv1.CredentialServiceClient
@@ -138,7 +142,10 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 		hosts = append(hosts, s.hostPort)
 	}
 	e.allowed = strings.Join(hosts, ",")
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second},
+	if e.handleKeys, err = handle.GenerateKeys(); err != nil {
+		return nil, err
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, HandleKeys: e.handleKeys},
 		store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), e.credTr, e.log)
 	if err != nil {
 		return nil, err
@@ -233,6 +240,7 @@ func (e *env) startGateway(ctx context.Context, o gatewayOpts) (telematicsv1.Tel
 		FleetUpBurst:     unlimitedFleetUp,
 		JWTSafetyMargin:  o.jwtSafetyMargin,
 		UpstreamTimeout:  10 * time.Second,
+		HandleKeys:       e.handleKeys,
 	}
 	sessions := credentialsv1.NewSessionServiceClient(credConn)
 	var gw *gateway.Service
@@ -286,6 +294,7 @@ func newTunedGateway(cfg app.GatewayConfig, idlePerHost int, sessions credential
 		RedisPrefix:    cfg.RedisPrefix,
 		AllowList:      allow,
 		HandleCacheTTL: cfg.HandleCacheTTL,
+		HandleKeys:     cfg.HandleKeys,
 		Logger:         logger,
 	})
 }

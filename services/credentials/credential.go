@@ -22,7 +22,23 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 	if err != nil {
 		return nil, err
 	}
-	return c.s.put(ctx, req.GetTenantId(), req.GetCredentialId(), sec, baseURLField, req.GetLabels(), req.GetSkipValidation())
+	return c.s.put(ctx, req.GetTenantId(), req.GetCredentialId(), sec, putOptions{
+		baseURLField: baseURLField, labels: req.GetLabels(), skipValidation: req.GetSkipValidation(),
+		requestID: req.GetRequestId(), expectedVersion: req.ExpectedVersion, request: req,
+	})
+}
+
+// putOptions is what put needs beside the secret.
+type putOptions struct {
+	// baseURLField names the request field of the base URL, for errors.
+	baseURLField   string
+	labels         map[string]string
+	skipValidation bool
+	// requestID makes the put idempotent (AIP-155); request is the message
+	// hashed so a reused id with another request is refused.
+	requestID       string
+	request         proto.Message
+	expectedVersion *int64
 }
 
 // SecretPut is a PutCredential whose secret is already out of the request.
@@ -50,35 +66,29 @@ func (s *Service) PutSecret(ctx context.Context, in SecretPut) (*credentialsv1.P
 		return nil, errNoProvider
 	}
 	sec := secret{provider: p.Info().Name, p: p, baseURL: orDefault(in.BaseURL, p.Info().DefaultBaseURL), msg: in.Secret}
-	return s.put(ctx, in.TenantID, in.CredentialID, sec, "base_url", in.Labels, in.SkipValidation)
+	return s.put(ctx, in.TenantID, in.CredentialID, sec, putOptions{baseURLField: "base_url", labels: in.Labels, skipValidation: in.SkipValidation})
 }
 
-func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec secret, baseURLField string, labels map[string]string, skipValidation bool) (*credentialsv1.PutCredentialResponse, error) {
+func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec secret, opts putOptions) (*credentialsv1.PutCredentialResponse, error) {
 	if err := s.cfg.AllowList.Check(sec.baseURL); err != nil {
-		return nil, apierr.Field(baseURLField, "base URL not allowed: "+err.Error())
+		return nil, apierr.Field(opts.baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
-	if !skipValidation {
+	if !opts.skipValidation {
 		v, err := s.validate(ctx, sec)
 		if err != nil {
 			return nil, s.toStatus(ctx, "validate credential", err)
 		}
 		validation = v
 	}
-	ciphertext, fingerprint, err := s.encrypt(ctx, tenantID, credentialID, sec)
-	if err != nil {
-		return nil, s.toStatus(ctx, "put credential", err)
-	}
 	now := s.cfg.Now()
 	rec := store.Credential{
 		TenantID:          tenantID,
 		CredentialID:      credentialID,
 		Provider:          sec.provider,
-		Ciphertext:        ciphertext,
-		Fingerprint:       fingerprint,
 		BaseURL:           sec.baseURL,
 		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
-		Labels:            labels,
+		Labels:            opts.labels,
 		CreateTime:        now,
 		UpdateTime:        now,
 		ValidateTime:      validation.Time,
@@ -86,12 +96,26 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		ValidationMessage: validation.Message,
 		UpstreamUser:      validation.UpstreamUser,
 	}
-	stored, created, err := s.cfg.Store.PutCredential(ctx, rec)
+	if err := s.sealRecord(ctx, &rec, sec); err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	idem, parts, err := s.idempotent(ctx, "put", opts.requestID, opts.request)
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
+	res, err := s.cfg.Store.PutCredential(ctx, rec, store.PutOptions{Request: idem, ExpectedVersion: opts.expectedVersion})
+	if errors.Is(err, store.ErrVersionConflict) && opts.expectedVersion != nil {
+		return nil, errNotAtExpectedVersion(*opts.expectedVersion)
+	}
+	if err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	if err := s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	stored, created := res.Credential, res.Created
 	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
-		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState)
+		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState, "replayed", res.Replayed)
 	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
 }
 
@@ -133,12 +157,19 @@ func (c *credentialServer) ListCredentials(ctx context.Context, req *credentials
 }
 
 func (c *credentialServer) DeleteCredential(ctx context.Context, req *credentialsv1.DeleteCredentialRequest) (*credentialsv1.DeleteCredentialResponse, error) {
-	revoked, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId())
+	idem, parts, err := c.s.idempotent(ctx, "delete", req.GetRequestId(), req)
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "delete credential", err)
 	}
-	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", revoked)
-	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: revoked}, nil
+	res, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId(), idem)
+	if err != nil {
+		return nil, c.s.toStatus(ctx, "delete credential", err)
+	}
+	if err := c.s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", res.Revoked, "replayed", res.Replayed)
+	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: res.Revoked}, nil
 }
 
 // ValidateCredential asks the provider about the stored secret and records

@@ -26,10 +26,13 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	if err == nil {
 		return nil
 	}
+	// The caller's deadline or cancellation, not a dependency's own bound
+	// (a Redis call cut off at --redis-timeout is unavailability).
+	callerDone := ctx.Err() != nil
 	switch {
-	case errors.Is(err, context.DeadlineExceeded):
+	case callerDone && errors.Is(err, context.DeadlineExceeded):
 		return apierr.New(codes.DeadlineExceeded, apierr.ReasonInternal, op+": deadline exceeded", nil)
-	case errors.Is(err, context.Canceled):
+	case callerDone && errors.Is(err, context.Canceled):
 		return apierr.New(codes.Canceled, apierr.ReasonInternal, op+": canceled", nil)
 	case errors.Is(err, store.ErrNotFound):
 		return apierr.New(codes.NotFound, apierr.ReasonCredentialNotFound, "credential not found", nil)

@@ -1,8 +1,6 @@
 package credentials
 
 import (
-	"context"
-	"encoding/hex"
 	"fmt"
 
 	"google.golang.org/protobuf/proto"
@@ -10,7 +8,6 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
-	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
 
@@ -69,41 +66,4 @@ func (s *Service) decodeSecret(rec store.Credential, plaintext []byte) (secret, 
 		return secret{}, fmt.Errorf("decode %s secret: malformed plaintext", rec.Provider)
 	}
 	return secret{provider: rec.Provider, p: p, baseURL: rec.BaseURL, msg: msg}, nil
-}
-
-// associatedData binds a ciphertext to its tenant and credential id, so a
-// ciphertext copied into another row or tenant does not decrypt.
-func associatedData(tenantID, credentialID string) []byte {
-	return []byte("fleetbroker/credential/v1\x00" + tenantID + "\x00" + credentialID)
-}
-
-// encrypt seals the secret for (tenant, credential) and computes its
-// fingerprint: a transit HMAC over tenant, provider and secret, cut to 128
-// bits, so equal secrets within a tenant are recognizable but not reversible.
-func (s *Service) encrypt(ctx context.Context, tenantID, credentialID string, sec secret) (ciphertext, fingerprint string, err error) {
-	plain, err := sec.plaintext()
-	if err != nil {
-		return "", "", err
-	}
-	cts, err := s.cfg.Transit.Encrypt(ctx, tenantID, []transit.Item{{AssociatedData: associatedData(tenantID, credentialID), Plaintext: plain}})
-	if err != nil {
-		return "", "", fmt.Errorf("encrypt secret: %w", err)
-	}
-	mac, err := s.cfg.Transit.HMAC(ctx, append([]byte(tenantID+"\x00"+sec.provider+"\x00"), plain...))
-	if err != nil {
-		return "", "", fmt.Errorf("fingerprint secret: %w", err)
-	}
-	if len(mac) > 16 {
-		mac = mac[:16]
-	}
-	return cts[0], "hmac-sha256:" + hex.EncodeToString(mac), nil
-}
-
-// decrypt opens a stored record's secret.
-func (s *Service) decrypt(ctx context.Context, rec store.Credential) (secret, error) {
-	plains, err := s.cfg.Transit.Decrypt(ctx, rec.TenantID, []transit.Item{{AssociatedData: associatedData(rec.TenantID, rec.CredentialID), Ciphertext: rec.Ciphertext}})
-	if err != nil {
-		return secret{}, fmt.Errorf("decrypt secret of %s/%s: %w", rec.TenantID, rec.CredentialID, err)
-	}
-	return s.decodeSecret(rec, plains[0])
 }

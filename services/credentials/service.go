@@ -16,11 +16,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -60,7 +62,25 @@ type Config struct {
 	AllowList *upstream.AllowList
 	// MaxSessionTTL caps IssueSession's ttl (default 1 h).
 	MaxSessionTTL time.Duration
-	Logger        *slog.Logger
+	// HandleKeys sign new session handles and their sessions' bindings,
+	// and check both (--handle-key-file, shared with the gateway).
+	HandleKeys *handle.Keys
+	// LegacyHandles says until when handles with the public CRC32
+	// checksum of earlier releases are accepted; nil refuses them. The
+	// first keyed handle this service issues closes the window (if no
+	// replica did before) LegacyHandleLifetime later.
+	LegacyHandles        *handle.LegacyWindow
+	LegacyHandleLifetime time.Duration
+	// WriteLegacyFormats issues CRC32 handles and seals secrets with
+	// version 1 associated data: formats the release before this one
+	// reads, for the first phase of a rolling upgrade from it.
+	WriteLegacyFormats bool
+	// RefuseLegacyAssociatedData refuses to open secrets sealed with
+	// version 1 associated data (once `fleetbroker migrate` has re-sealed
+	// them all), so an old ciphertext written back into Redis cannot be
+	// opened for an edited base URL.
+	RefuseLegacyAssociatedData bool
+	Logger                     *slog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 	// LegacyResolveSecret keeps the retired ResolveSecret answering, for a
@@ -72,12 +92,15 @@ type Config struct {
 // Service implements CredentialService and SessionService.
 type Service struct {
 	cfg Config
+	// legacyClosed is set once this replica has recorded the end of the
+	// legacy handle window.
+	legacyClosed atomic.Bool
 }
 
 // New checks cfg and returns the service.
 func New(cfg Config) (*Service, error) {
-	if cfg.Store == nil || cfg.Transit == nil || cfg.Providers == nil || cfg.Authorizer == nil {
-		return nil, fmt.Errorf("credentials service: store, transit, providers and authorizer are required")
+	if cfg.Store == nil || cfg.Transit == nil || cfg.Providers == nil || cfg.Authorizer == nil || cfg.HandleKeys == nil {
+		return nil, fmt.Errorf("credentials service: store, transit, providers, authorizer and handle keys are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")

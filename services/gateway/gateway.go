@@ -14,6 +14,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -26,6 +27,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
@@ -81,6 +83,13 @@ type Config struct {
 	// deleted or replaced credentials; 0 means DefaultPurgeInterval, a
 	// negative value turns the periodic purge off (PurgeRetired still works).
 	PurgeInterval time.Duration
+	// HandleKeys check a handle's keyed checksum before it is resolved
+	// (--handle-key-file, the credentials service's keys); required.
+	HandleKeys *handle.Keys
+	// InvalidHandleRate and InvalidHandleBurst are each peer's budget of
+	// invalid handles (per second, at once); defaults 1 and 20.
+	InvalidHandleRate  float64
+	InvalidHandleBurst int
 	// TenantLimit, if set, takes one request of the tenant's budget once
 	// the handle has told which tenant a call is for.
 	TenantLimit func(ctx context.Context, tenant string) error
@@ -110,8 +119,8 @@ type Service struct {
 // New checks cfg and returns the gateway, with its periodic purge running
 // until Close.
 func New(cfg Config) (*Service, error) {
-	if cfg.Sessions == nil || cfg.Providers == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil {
-		return nil, fmt.Errorf("gateway: sessions client, providers, token cache, limiter and redis are required")
+	if cfg.Sessions == nil || cfg.Providers == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.HandleKeys == nil {
+		return nil, fmt.Errorf("gateway: sessions client, providers, token cache, limiter, redis and handle keys are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -129,8 +138,17 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.InvalidHandleRate <= 0 {
+		cfg.InvalidHandleRate = DefaultInvalidHandleRate
+	}
+	if cfg.InvalidHandleBurst <= 0 {
+		cfg.InvalidHandleBurst = DefaultInvalidHandleBurst
+	}
+	// Legacy (CRC32) handles pass until the credentials service records
+	// that they have all expired, under the same prefix as its own keys.
+	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
 	prefix := cfg.RedisPrefix + ":gw"
-	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, cfg.HandleCacheTTL),
+	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, verifier, cfg.HandleCacheTTL, cfg.InvalidHandleRate, cfg.InvalidHandleBurst),
 		locks: &sessionLock{client: cfg.Redis, prefix: prefix, ttl: sessionLockTTL},
 		held:  &heldIndex{client: cfg.Redis, prefix: prefix}}
 	s.hubs = newHubs(s)

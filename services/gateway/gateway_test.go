@@ -25,6 +25,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
@@ -61,7 +62,6 @@ type stack struct {
 	sim2Seen *upstreamLog
 	// services are the gateway replicas behind gateways.
 	services []*gateway.Service
-	credSvc  *credentials.Service
 	simClock *atomic.Int64 // offset of the simulator's clock, in ns
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
@@ -69,6 +69,26 @@ type stack struct {
 	redis    redis.UniversalClient
 	prefix   string
 	logs     *syncBuffer
+	// handleKeys are the credentials service's and every gateway's.
+	handleKeys *handle.Keys
+	// resolves counts the gateways' ResolveSession calls.
+	resolves *atomic.Int64
+	// credSvc is the credentials service; credentials builds another one
+	// on the same Redis, Vault key and handle keys.
+	credSvc     *credentials.Service
+	credentials func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient
+}
+
+// countingSessions counts ResolveSession calls on their way to the
+// credentials service.
+type countingSessions struct {
+	credentialsv1.SessionServiceClient
+	n *atomic.Int64
+}
+
+func (c countingSessions) ResolveSession(ctx context.Context, in *credentialsv1.ResolveSessionRequest, opts ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
+	c.n.Add(1)
+	return c.SessionServiceClient.ResolveSession(ctx, in, opts...)
 }
 
 type stackOptions struct {
@@ -95,7 +115,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if opts.fleetupRate == 0 {
 		opts.fleetupRate = 1000
 	}
-	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}}
+	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}, resolves: &atomic.Int64{}}
 	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
 	st.sim.AddWialonToken(canaryToken)
 	st.sim.AddFleetUpAccount(canaryAPIKey, canaryAccount, canarySecret)
@@ -118,13 +138,28 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	credTransit := newVault(t, vs, vs.NewKeyName(t))
 	gwKey := vs.NewKeyName(t) // the gateway's data keys live under their own transit key
 
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers},
+	var err error
+	st.handleKeys, err = handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers,
+		HandleKeys: st.handleKeys, LegacyHandles: handle.NewLegacyWindow(st.redis, st.prefix)},
 		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.credSvc = credSvc
 	credConn := serve(t, logger, credSvc.Register)
+	st.credentials = func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient {
+		t.Helper()
+		cfg.AllowedUpstreams, cfg.UpstreamTimeout, cfg.HandleKeys = allowed, 5*time.Second, st.handleKeys
+		svc, err := app.NewCredentialsService(cfg, store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return credentialsv1.NewCredentialServiceClient(serve(t, logger, svc.Register))
+	}
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
 
@@ -139,7 +174,8 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
 			WialonSessionTTL: opts.wialonSessionTTL,
 			Providers:        opts.providers,
-		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
+			HandleKeys:       st.handleKeys,
+		}, countingSessions{credentialsv1.NewSessionServiceClient(credConn), st.resolves}, rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {
 			t.Fatal(err)
 		}

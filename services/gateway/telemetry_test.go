@@ -105,6 +105,10 @@ func TestGatewayMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	keys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var hookMints atomic.Int32 // a hook set before instrumenting still runs
 	cacheOpts := gateway.InstrumentTokenCache(tokencache.Options{
 		OnMint: func(tokencache.Key, time.Duration, error) { hookMints.Add(1) },
@@ -124,6 +128,7 @@ func TestGatewayMetrics(t *testing.T) {
 		Limiter:       ratelimit.New(rdb, "fbtest:rl"),
 		Redis:         rdb,
 		AllowList:     allow,
+		HandleKeys:    keys,
 		Metrics:       m,
 		PurgeInterval: -1,
 		Logger:        slog.New(slog.DiscardHandler),
@@ -132,7 +137,7 @@ func TestGatewayMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(svc.Close)
-	h, _, err := handle.New()
+	h, _, err := keys.New()
 	if err != nil {
 		t.Fatal(err)
 	}

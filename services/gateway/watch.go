@@ -184,7 +184,7 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		case <-recheck.C:
-			if _, err := s.resolver.resolve(ctx, sess.handle); err != nil {
+			if _, err := s.resolver.revalidate(ctx, sess.handle); err != nil {
 				return s.toStatus(ctx, "watch positions", err)
 			}
 		case r := <-w.updates:

@@ -485,8 +485,18 @@ type PutCredentialRequest struct {
 	// Store without asking the provider; validation_state is NOT_VALIDATED.
 	SkipValidation bool              `protobuf:"varint,5,opt,name=skip_validation,json=skipValidation,proto3" json:"skip_validation,omitempty"`
 	Labels         map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's result and stores nothing
+	// again. Use a fresh UUID per logical request; reusing one for a
+	// different request is INVALID_ARGUMENT. Empty: no such guarantee
+	// across calls.
+	RequestId string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// If set, store only if the credential is at this version (0: only if it
+	// does not exist yet); otherwise ABORTED with nothing stored. Read the
+	// version from GetCredential to replace exactly what you saw.
+	ExpectedVersion *int64 `protobuf:"varint,8,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *PutCredentialRequest) Reset() {
@@ -570,6 +580,20 @@ func (x *PutCredentialRequest) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *PutCredentialRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *PutCredentialRequest) GetExpectedVersion() int64 {
+	if x != nil && x.ExpectedVersion != nil {
+		return *x.ExpectedVersion
+	}
+	return 0
 }
 
 type isPutCredentialRequest_Secret interface {
@@ -853,9 +877,12 @@ func (x *ListCredentialsResponse) GetNextPageToken() string {
 }
 
 type DeleteCredentialRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TenantId      string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
-	CredentialId  string                 `protobuf:"bytes,2,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	TenantId     string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	CredentialId string                 `protobuf:"bytes,2,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's result (not NOT_FOUND).
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -900,6 +927,13 @@ func (x *DeleteCredentialRequest) GetTenantId() string {
 func (x *DeleteCredentialRequest) GetCredentialId() string {
 	if x != nil {
 		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *DeleteCredentialRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
 	}
 	return ""
 }
@@ -1055,7 +1089,11 @@ type IssueSessionRequest struct {
 	// server's maximum (--max-session-ttl, default 1 h) is INVALID_ARGUMENT.
 	Ttl *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// What the handle may do; empty means [SCOPE_READ].
-	Scopes        []Scope `protobuf:"varint,4,rep,packed,name=scopes,proto3,enum=fleetbroker.credentials.v1.Scope" json:"scopes,omitempty"`
+	Scopes []Scope `protobuf:"varint,4,rep,packed,name=scopes,proto3,enum=fleetbroker.credentials.v1.Scope" json:"scopes,omitempty"`
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's session and handle, and
+	// issues no second one.
+	RequestId     string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1118,9 +1156,17 @@ func (x *IssueSessionRequest) GetScopes() []Scope {
 	return nil
 }
 
+func (x *IssueSessionRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type IssueSessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The bearer handle (fbs_...). Shown only here; keep it secret.
+	// The bearer handle (fbs_...). Shown only here (and to a retry with the
+	// same request_id); keep it secret.
 	Handle string `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
 	// An identifier of the session that is safe to log.
 	SessionId     string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -2149,18 +2195,22 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbd\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x05\n" +
 	"\x14PutCredentialRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12B\n" +
 	"\x06wialon\x18\x03 \x01(\v2(.fleetbroker.credentials.v1.WialonSecretH\x00R\x06wialon\x12E\n" +
 	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetup\x12'\n" +
 	"\x0fskip_validation\x18\x05 \x01(\bR\x0eskipValidation\x12\x90\x01\n" +
-	"\x06labels\x18\x06 \x03(\v2<.fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x1a9\n" +
+	"\x06labels\x18\x06 \x03(\v2<.fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x12H\n" +
+	"\n" +
+	"request_id\x18\a \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\x127\n" +
+	"\x10expected_version\x18\b \x01(\x03B\a\xbaH\x04\"\x02(\x00H\x01R\x0fexpectedVersion\x88\x01\x01\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0f\n" +
-	"\x06secret\x12\x05\xbaH\x02\b\x01\"y\n" +
+	"\x06secret\x12\x05\xbaH\x02\b\x01B\x13\n" +
+	"\x11_expected_version\"y\n" +
 	"\x15PutCredentialResponse\x12F\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
@@ -2181,10 +2231,12 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x02R\tpageToken\"\x8b\x01\n" +
 	"\x17ListCredentialsResponse\x12H\n" +
 	"\vcredentials\x18\x01 \x03(\v2&.fleetbroker.credentials.v1.CredentialR\vcredentials\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xad\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf7\x01\n" +
 	"\x17DeleteCredentialRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
-	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\"E\n" +
+	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12H\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\"E\n" +
 	"\x18DeleteCredentialResponse\x12)\n" +
 	"\x10revoked_sessions\x18\x01 \x01(\x03R\x0frevokedSessions\"\xaf\x01\n" +
 	"\x19ValidateCredentialRequest\x12D\n" +
@@ -2193,13 +2245,15 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x1aValidateCredentialResponse\x12F\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
-	"credential\"\xb2\x02\n" +
+	"credential\"\xfc\x02\n" +
 	"\x13IssueSessionRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x127\n" +
 	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationB\n" +
 	"\xbaH\a\xaa\x01\x042\x02\b\x01R\x03ttl\x12N\n" +
-	"\x06scopes\x18\x04 \x03(\x0e2!.fleetbroker.credentials.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\a\x82\x01\x04\x10\x01 \x00R\x06scopes\"\xc5\x01\n" +
+	"\x06scopes\x18\x04 \x03(\x0e2!.fleetbroker.credentials.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\a\x82\x01\x04\x10\x01 \x00R\x06scopes\x12H\n" +
+	"\n" +
+	"request_id\x18\x05 \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\"\xc5\x01\n" +
 	"\x14IssueSessionResponse\x12\x16\n" +
 	"\x06handle\x18\x01 \x01(\tR\x06handle\x12\x1d\n" +
 	"\n" +
