@@ -29,33 +29,11 @@ func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1
 		}
 		validation = v
 	}
-	ciphertext, fingerprint, err := s.encrypt(ctx, req.GetTenantId(), req.GetCredentialId(), sec)
+	stored, created, err := s.storeSecret(ctx, storeRequest{TenantID: req.GetTenantId(), CredentialID: req.GetCredentialId(),
+		Secret: sec, Labels: req.GetLabels(), Validation: validation})
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
-	now := s.cfg.Now()
-	rec := store.Credential{
-		TenantID:          req.GetTenantId(),
-		CredentialID:      req.GetCredentialId(),
-		Provider:          sec.provider,
-		Ciphertext:        ciphertext,
-		Fingerprint:       fingerprint,
-		BaseURL:           sec.baseURL,
-		FleetUpAccountID:  sec.fleetup.GetAccountId(),
-		Labels:            req.GetLabels(),
-		CreateTime:        now,
-		UpdateTime:        now,
-		ValidateTime:      validation.Time,
-		ValidationState:   validation.State,
-		ValidationMessage: validation.Message,
-		UpstreamUser:      validation.UpstreamUser,
-	}
-	stored, created, err := s.cfg.Store.PutCredential(ctx, rec)
-	if err != nil {
-		return nil, s.toStatus(ctx, "put credential", err)
-	}
-	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
-		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState)
 	return &credentialsv1.PutCredentialResponse{Credential: toProto(stored), Created: created}, nil
 }
 
@@ -109,6 +87,7 @@ func (c *credentialServer) DeleteCredential(ctx context.Context, req *credential
 		return nil, c.s.toStatus(ctx, "delete credential", err)
 	}
 	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", revoked)
+	c.s.emitDeleted(ctx, req.GetTenantId(), req.GetCredentialId())
 	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: revoked}, nil
 }
 
@@ -138,6 +117,9 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential validated", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "version", rec.Version, "validation_state", validation.State)
+	if validation.State == store.ValidationRejected {
+		s.emitRejected(ctx, rec, validation.Message)
+	}
 	return &credentialsv1.ValidateCredentialResponse{Credential: toProto(updated)}, nil
 }
 
@@ -160,6 +142,9 @@ func toProto(rec store.Credential) *credentialsv1.Credential {
 	}
 	if !rec.ValidateTime.IsZero() {
 		out.ValidateTime = timestamppb.New(rec.ValidateTime)
+	}
+	if !rec.TokenExpireTime.IsZero() {
+		out.TokenExpireTime = timestamppb.New(rec.TokenExpireTime)
 	}
 	return out
 }

@@ -66,11 +66,17 @@ type Config struct {
 	Logger        *slog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
+	// Connect configures the Wialon authorization flow (nil: off).
+	Connect *ConnectConfig
+	// Events publishes credential events and serves WatchCredentialEvents
+	// (nil: off).
+	Events *Events
 }
 
 // Service implements CredentialService and SessionService.
 type Service struct {
-	cfg Config
+	cfg     Config
+	connect *connector // nil: the Wialon authorization flow is off
 }
 
 // New checks cfg and returns the service.
@@ -94,7 +100,15 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Service{cfg: cfg}, nil
+	s := &Service{cfg: cfg}
+	if cfg.Connect != nil {
+		conn, err := newConnector(*cfg.Connect)
+		if err != nil {
+			return nil, fmt.Errorf("credentials service: %w", err)
+		}
+		s.connect = conn
+	}
+	return s, nil
 }
 
 // Actions maps each method of the service to the policy action it needs;
@@ -110,6 +124,12 @@ var Actions = map[string]policy.Action{
 	credentialsv1.SessionService_ResolveSession_FullMethodName:        policy.SessionsResolve,
 	credentialsv1.SessionService_ResolveSecret_FullMethodName:         policy.SessionsResolve,
 	credentialsv1.SessionService_ReportRejection_FullMethodName:       policy.SessionsResolve,
+
+	// The Wialon authorization flow (authorize.go) and credential events
+	// (events.go). A stream's request arrives after the interceptor: the
+	// events handler checks the action on the tenant it names.
+	credentialsv1.CredentialService_StartWialonAuthorization_FullMethodName: policy.CredentialsWrite,
+	credentialsv1.CredentialService_WatchCredentialEvents_FullMethodName:    policy.CredentialsRead,
 }
 
 // Register adds both gRPC services to g.

@@ -1,0 +1,315 @@
+package credentials
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"html/template"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/authn"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/requestid"
+	"github.com/fleetbroker/fleetbroker/services/credentials/store"
+)
+
+// The callback is the broker's only browser-facing surface. Wialon puts the
+// token in its query string; nothing here ever writes the URL, the query or
+// the token to a log line, an error, a metric, an audit record or a
+// response. The server serving it must not log requests either (and no
+// tracing middleware that records URLs may wrap it).
+
+// CallbackAuditMethod names the callback in the audit trail (its Method).
+const CallbackAuditMethod = "http:" + CallbackPath + "{state}"
+
+// callbackTimeout bounds one callback: a Wialon login, Vault and Redis.
+const callbackTimeout = 30 * time.Second
+
+// Callback outcomes added to the return URL's query as status.
+const (
+	StatusConnected = "connected"
+	StatusDenied    = "denied"
+	StatusError     = "error"
+)
+
+// WialonTokenInfo is what Wialon says about a token at login.
+type WialonTokenInfo struct {
+	// User is the Wialon user name (token/login's "au").
+	User string
+	// Listed: token/list answered on the token's own session and listed
+	// it, so ExpireTime and AccessFlags are Wialon's own record. A token
+	// without token-management rights (anything short of -1) cannot call
+	// token/list; then only the login is known.
+	Listed      bool
+	ExpireTime  time.Time // zero: unlimited
+	AccessFlags int64
+}
+
+// WialonInspector is implemented by validators that can also tell a
+// token's expiry and rights; the callback falls back to ValidateWialon.
+type WialonInspector interface {
+	InspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error)
+}
+
+// AuthorizeHandler serves the Wialon authorization callback, for its own
+// listener; nil when the flow is not configured.
+func (s *Service) AuthorizeHandler() http.Handler {
+	if s.connect == nil {
+		return nil
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+CallbackPath+"{state}", s.handleCallback)
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
+		writePage(w, http.StatusNotFound, "Not found", "There is nothing here.")
+	})
+	return browserHeaders(recoverPanics(s, mux))
+}
+
+// browserHeaders keeps every response out of caches and Referer headers:
+// the request URL holds the token, and a Referer sent from this page would
+// carry it to the next site.
+func browserHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("Cache-Control", "no-store")
+		h.Set("Pragma", "no-cache")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("X-Frame-Options", "DENY")
+		h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// recoverPanics answers a panic with a plain error page; net/http's own
+// recovery would log the request.
+func recoverPanics(s *Service, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if p := recover(); p != nil {
+				s.cfg.Logger.Error("panic in the wialon authorization callback")
+				writePage(w, http.StatusInternalServerError, "Something went wrong", "Go back to your application and try again.")
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// callbackResult is how a callback ended, for the audit trail, the log,
+// the metric and the browser.
+type callbackResult struct {
+	status  string // StatusConnected, StatusDenied or StatusError
+	code    codes.Code
+	reason  string
+	outcome string // the metric label
+}
+
+func (s *Service) handleCallback(w http.ResponseWriter, r *http.Request) {
+	conn := s.connect
+	ctx, cancel := context.WithTimeout(r.Context(), callbackTimeout)
+	defer cancel()
+	ctx = requestid.NewContext(ctx, newCallbackID())
+	ev := audit.Event{Method: CallbackAuditMethod, Action: string(policy.CredentialsWrite), Peer: r.RemoteAddr,
+		Provider: store.ProviderWialon, RequestID: requestid.FromContext(ctx)}
+
+	rec, err := s.lookupState(ctx, r.PathValue("state"))
+	switch {
+	case errors.Is(err, errStateNotFound):
+		conn.outcomes.WithLabelValues(outcomeInvalidState).Inc()
+		s.auditOutcome(ctx, ev, callbackResult{code: codes.PermissionDenied, reason: ReasonStateInvalid})
+		s.cfg.Logger.WarnContext(ctx, "wialon authorization callback with an unknown, expired or used state")
+		writePage(w, http.StatusBadRequest, "This link no longer works",
+			"This sign-in link is invalid, has expired or was already used. Go back to your application and connect Wialon again.")
+		return
+	case err != nil:
+		conn.outcomes.WithLabelValues(outcomeError).Inc()
+		s.auditOutcome(ctx, ev, callbackResult{code: codes.Unavailable, reason: apierr.ReasonStoreUnavailable})
+		s.cfg.Logger.ErrorContext(ctx, "wialon authorization callback failed", "error", err)
+		writePage(w, http.StatusServiceUnavailable, "Please try again", "The service is temporarily unavailable. Go back to your application and try again.")
+		return
+	}
+	ev.Principal, ev.Via, ev.TenantID, ev.CredentialID = rec.Principal, rec.Via, rec.TenantID, rec.CredentialID
+	ret, err := conn.cfg.ReturnURLs.Check(rec.ReturnURL)
+	if err != nil {
+		// The allow-list changed since the flow started: send the browser nowhere.
+		conn.outcomes.WithLabelValues(outcomeError).Inc()
+		s.auditOutcome(ctx, ev, callbackResult{code: codes.PermissionDenied, reason: ReasonReturnURLNotAllowed})
+		s.cfg.Logger.WarnContext(ctx, "wialon authorization callback: return URL no longer allowed", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID)
+		writePage(w, http.StatusBadRequest, "Connection not completed",
+			"The application's return address is not allowed. Nothing was stored. Contact the application's support.")
+		return
+	}
+	res := s.completeAuthorization(ctx, ev, rec, r.URL.Query())
+	conn.outcomes.WithLabelValues(res.outcome).Inc()
+	s.cfg.Logger.InfoContext(ctx, "wialon authorization callback", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID,
+		"status", res.status, "reason", res.reason, "start_request_id", rec.RequestID)
+	q := ret.Query()
+	q.Set("status", res.status)
+	q.Set("credential_id", rec.CredentialID)
+	ret.RawQuery = q.Encode()
+	http.Redirect(w, r, ret.String(), http.StatusSeeOther)
+}
+
+// lookupState consumes state and returns what it stands for; one that is
+// malformed, unknown, used or past its expiry is errStateNotFound.
+func (s *Service) lookupState(ctx context.Context, state string) (authState, error) {
+	if !wellFormedState(state) {
+		return authState{}, errStateNotFound
+	}
+	rec, err := s.connect.consumeState(ctx, state)
+	if err != nil {
+		return authState{}, err
+	}
+	if !s.cfg.Now().Before(rec.ExpireTime) {
+		return authState{}, errStateNotFound
+	}
+	return rec, nil
+}
+
+// completeAuthorization decides and does what the callback's parameters
+// ask, in the name of the principal who started the flow, with an intent
+// record before anything is stored and an outcome record after.
+func (s *Service) completeAuthorization(ctx context.Context, ev audit.Event, rec authState, q url.Values) callbackResult {
+	// Policy may have changed in the ten minutes since the start.
+	pctx := authn.NewContext(ctx, authn.Principal{Name: rec.Principal, Via: rec.Via})
+	if err := s.cfg.Authorizer.Require(pctx, policy.CredentialsWrite, rec.TenantID); err != nil {
+		res := callbackResult{status: StatusError, code: codes.PermissionDenied, reason: apierr.Reason(err), outcome: outcomeError}
+		s.auditOutcome(ctx, ev, res)
+		return res
+	}
+	if err := s.auditIntent(ctx, ev); err != nil {
+		s.cfg.Logger.ErrorContext(ctx, "audit intent not written; wialon authorization refused", "error", err)
+		return callbackResult{status: StatusError, code: codes.Unavailable, reason: apierr.ReasonAuditUnavailable, outcome: outcomeError}
+	}
+	res := s.storeAuthorized(pctx, rec, q)
+	s.auditOutcome(ctx, ev, res)
+	return res
+}
+
+// storeAuthorized validates the token Wialon sent and stores it.
+func (s *Service) storeAuthorized(ctx context.Context, rec authState, q url.Values) callbackResult {
+	fail := func(code codes.Code, reason string) callbackResult {
+		return callbackResult{status: StatusError, code: code, reason: reason, outcome: outcomeError}
+	}
+	if q.Has("svc_error") {
+		// Only the number is logged: it is Wialon's error code.
+		code, _ := strconv.Atoi(q.Get("svc_error"))
+		s.cfg.Logger.InfoContext(ctx, "wialon authorization not granted", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "svc_error", code)
+		return callbackResult{status: StatusDenied, code: codes.PermissionDenied, reason: ReasonAuthorizationDenied, outcome: outcomeDenied}
+	}
+	tokens := q["access_token"]
+	if len(tokens) != 1 || !wellFormedWialonToken(tokens[0]) {
+		return fail(codes.InvalidArgument, ReasonTokenInvalid)
+	}
+	token := tokens[0]
+	info, err := s.inspectWialon(ctx, rec.BaseURL, token)
+	if err != nil {
+		st, _ := status.FromError(s.toStatus(ctx, "wialon authorization", err))
+		return fail(st.Code(), apierr.Reason(st.Err()))
+	}
+	if info.Listed && !s.connect.cfg.AllowFullAccess && exceedsAccess(info.AccessFlags, rec.AccessType) {
+		// The customer widened the rights on Wialon's page (the URL is in
+		// their browser): a token able to do more than asked is not kept.
+		s.cfg.Logger.WarnContext(ctx, "wialon authorization refused: the token has more rights than asked for",
+			"tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "asked", formatAccessType(rec.AccessType), "got", formatAccessType(info.AccessFlags))
+		return fail(codes.FailedPrecondition, ReasonTokenRightsExceeded)
+	}
+	now := s.cfg.Now()
+	expire := info.ExpireTime
+	if !info.Listed && rec.Duration > 0 {
+		// Wialon starts the token's duration when the customer approves,
+		// just before this callback.
+		expire = now.Add(time.Duration(rec.Duration) * time.Second)
+	}
+	sec := secret{provider: store.ProviderWialon, baseURL: rec.BaseURL, wialon: &credentialsv1.WialonSecret{Token: token, BaseUrl: rec.BaseURL}}
+	_, _, err = s.storeSecret(ctx, storeRequest{
+		TenantID: rec.TenantID, CredentialID: rec.CredentialID, Secret: sec, Labels: rec.Labels,
+		Validation:      store.Validation{State: store.ValidationValid, UpstreamUser: info.User, Time: now},
+		TokenExpireTime: expire,
+	})
+	if err != nil {
+		st, _ := status.FromError(s.toStatus(ctx, "wialon authorization", err))
+		return fail(st.Code(), apierr.Reason(st.Err()))
+	}
+	return callbackResult{status: StatusConnected, code: codes.OK, outcome: outcomeConnected}
+}
+
+// inspectWialon logs in with token and reports what Wialon says about it.
+func (s *Service) inspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error) {
+	if in, ok := s.cfg.Validator.(WialonInspector); ok {
+		return in.InspectWialon(ctx, baseURL, token)
+	}
+	user, err := s.cfg.Validator.ValidateWialon(ctx, baseURL, token)
+	return WialonTokenInfo{User: user}, err
+}
+
+// wellFormedWialonToken is WialonSecret.token's rule: 72 letters and digits.
+func wellFormedWialonToken(t string) bool {
+	if len(t) != 72 {
+		return false
+	}
+	for i := 0; i < len(t); i++ {
+		c := t[i]
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Service) auditIntent(ctx context.Context, ev audit.Event) error {
+	if s.connect.cfg.Audit == nil {
+		return nil
+	}
+	ev.Phase = audit.PhaseIntent
+	return s.connect.cfg.Audit.Record(ctx, ev)
+}
+
+func (s *Service) auditOutcome(ctx context.Context, ev audit.Event, res callbackResult) {
+	if s.connect.cfg.Audit == nil {
+		return
+	}
+	ev.Phase = audit.PhaseOutcome
+	ev.Code, ev.Reason = res.code.String(), res.reason
+	switch {
+	case res.code == codes.OK:
+		ev.Result = audit.ResultOK
+	case res.code == codes.PermissionDenied || res.code == codes.Unauthenticated:
+		ev.Result = audit.ResultDenied
+	default:
+		ev.Result = audit.ResultError
+	}
+	if err := s.connect.cfg.Audit.Record(ctx, ev); err != nil {
+		s.cfg.Logger.ErrorContext(ctx, "audit outcome not written", "error", err, "method", ev.Method, "code", ev.Code)
+	}
+}
+
+func newCallbackID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return "cb-" + hex.EncodeToString(b)
+}
+
+var pageTemplate = template.Must(template.New("page").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{{.Title}}</title>
+<style>body{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#222}</style>
+</head><body><h1>{{.Title}}</h1><p>{{.Text}}</p></body></html>
+`))
+
+// writePage answers with a small HTML page; its texts are constants.
+func writePage(w http.ResponseWriter, code int, title, text string) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(code)
+	_ = pageTemplate.Execute(w, struct{ Title, Text string }{title, text})
+}
