@@ -499,3 +499,37 @@ func TestReturnURLs(t *testing.T) {
 		}
 	}
 }
+
+// TestCallbackRoutes: only GET /wialon/callback/<state> is the callback;
+// anything else is a plain error page, never a redirect (net/http's
+// ServeMux would redirect a path with dot segments to its cleaned form,
+// query and token included).
+func TestCallbackRoutes(t *testing.T) {
+	w := newConnectWorld(t, connectBackends()[2])
+	r := w.start(replicaOptions{})
+	for _, tc := range []struct {
+		method, path string
+		want         int
+	}{
+		{http.MethodGet, "/wialon/callback/../../x?access_token=" + canaryToken, http.StatusNotFound},
+		{http.MethodGet, "/wialon/callback/./" + strings.Repeat("A", 43) + "?access_token=" + canaryToken, http.StatusNotFound},
+		{http.MethodGet, "/wialon//callback/" + strings.Repeat("A", 43) + "?access_token=" + canaryToken, http.StatusNotFound},
+		{http.MethodPost, "/wialon/callback/" + strings.Repeat("A", 43) + "?access_token=" + canaryToken, http.StatusMethodNotAllowed},
+		{http.MethodGet, "/", http.StatusNotFound},
+		{http.MethodGet, "/metrics", http.StatusNotFound},
+	} {
+		req, err := http.NewRequest(tc.method, r.publicURL+tc.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := noRedirects.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want || resp.Header.Get("Location") != "" || resp.Header.Get("Referrer-Policy") != "no-referrer" {
+			t.Errorf("%s %s: %d, Location %q; want %d, no redirect, no referrer", tc.method, tc.path, resp.StatusCode, resp.Header.Get("Location"), tc.want)
+		}
+	}
+	w.assertNoLeak(t, nil, canaryToken)
+}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -62,17 +63,25 @@ type WialonInspector interface {
 }
 
 // AuthorizeHandler serves the Wialon authorization callback, for its own
-// listener; nil when the flow is not configured.
+// listener; nil when the flow is not configured. It routes by hand rather
+// than through http.ServeMux, which answers a path with dot segments by
+// redirecting to the cleaned path with the query string, token included.
 func (s *Service) AuthorizeHandler() http.Handler {
 	if s.connect == nil {
 		return nil
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET "+CallbackPath+"{state}", s.handleCallback)
-	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
-		writePage(w, http.StatusNotFound, "Not found", "There is nothing here.")
-	})
-	return browserHeaders(recoverPanics(s, mux))
+	return browserHeaders(recoverPanics(s, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		state, ok := strings.CutPrefix(r.URL.Path, CallbackPath)
+		switch {
+		case !ok || strings.Contains(state, "/"):
+			writePage(w, http.StatusNotFound, "Not found", "There is nothing here.")
+		case r.Method != http.MethodGet:
+			w.Header().Set("Allow", http.MethodGet)
+			writePage(w, http.StatusMethodNotAllowed, "Not allowed", "This address only takes the browser back from Wialon.")
+		default:
+			s.handleCallback(w, r, state)
+		}
+	})))
 }
 
 // browserHeaders keeps every response out of caches and Referer headers:
@@ -114,7 +123,7 @@ type callbackResult struct {
 	outcome string // the metric label
 }
 
-func (s *Service) handleCallback(w http.ResponseWriter, r *http.Request) {
+func (s *Service) handleCallback(w http.ResponseWriter, r *http.Request, state string) {
 	conn := s.connect
 	ctx, cancel := context.WithTimeout(r.Context(), callbackTimeout)
 	defer cancel()
@@ -122,7 +131,7 @@ func (s *Service) handleCallback(w http.ResponseWriter, r *http.Request) {
 	ev := audit.Event{Method: CallbackAuditMethod, Action: string(policy.CredentialsWrite), Peer: r.RemoteAddr,
 		Provider: store.ProviderWialon, RequestID: requestid.FromContext(ctx)}
 
-	rec, err := s.lookupState(ctx, r.PathValue("state"))
+	rec, err := s.lookupState(ctx, state)
 	switch {
 	case errors.Is(err, errStateNotFound):
 		conn.outcomes.WithLabelValues(outcomeInvalidState).Inc()
