@@ -152,13 +152,15 @@ func TestWialonAuthorizationFlow(t *testing.T) {
 				expire.Before(before.Add(24*time.Hour)) || expire.After(time.Now().Add(24*time.Hour)) {
 				t.Errorf("stored credential %v, want valid, fleet_manager, version 1, its base URL and labels, expiring in a day", c)
 			}
-			sess, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "wialon-main"})
-			if err != nil {
-				t.Fatal(err)
+			if _, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "wialon-main"}); err != nil {
+				t.Fatalf("IssueSession on the connected credential: %v", err)
 			}
-			secret, err := a.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: sess.GetHandle()})
-			if err != nil || secret.GetWialon().GetToken() != token {
-				t.Fatalf("ResolveSecret = %v, %v: the stored token is not Wialon's", secret, err)
+			// The stored token is the one Wialon issued: once Wialon forgets
+			// that token, the stored credential is rejected.
+			w.sim.RemoveWialonToken(token)
+			v, err := a.creds.ValidateCredential(ctx, &credentialsv1.ValidateCredentialRequest{TenantId: "acme", CredentialId: "wialon-main"})
+			if err != nil || v.GetCredential().GetValidationState() != credentialsv1.ValidationState_VALIDATION_STATE_REJECTED {
+				t.Fatalf("ValidateCredential after Wialon forgot the token = %v, %v; want REJECTED", v, err)
 			}
 
 			// The same callback again: the state worked once.

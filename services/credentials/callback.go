@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
@@ -42,25 +41,6 @@ const (
 	StatusDenied    = "denied"
 	StatusError     = "error"
 )
-
-// WialonTokenInfo is what Wialon says about a token at login.
-type WialonTokenInfo struct {
-	// User is the Wialon user name (token/login's "au").
-	User string
-	// Listed: token/list answered on the token's own session and listed
-	// it, so ExpireTime and AccessFlags are Wialon's own record. A token
-	// without token-management rights (anything short of -1) cannot call
-	// token/list; then only the login is known.
-	Listed      bool
-	ExpireTime  time.Time // zero: unlimited
-	AccessFlags int64
-}
-
-// WialonInspector is implemented by validators that can also tell a
-// token's expiry and rights; the callback falls back to ValidateWialon.
-type WialonInspector interface {
-	InspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error)
-}
 
 // AuthorizeHandler serves the Wialon authorization callback, for its own
 // listener; nil when the flow is not configured. It routes by hand rather
@@ -240,7 +220,7 @@ func (s *Service) storeAuthorized(ctx context.Context, rec authState, q url.Valu
 		// just before this callback.
 		expire = now.Add(time.Duration(rec.Duration) * time.Second)
 	}
-	sec := secret{provider: store.ProviderWialon, baseURL: rec.BaseURL, wialon: &credentialsv1.WialonSecret{Token: token, BaseUrl: rec.BaseURL}}
+	sec := s.wialonSecret(token, rec.BaseURL)
 	_, _, err = s.storeSecret(ctx, storeRequest{
 		TenantID: rec.TenantID, CredentialID: rec.CredentialID, Secret: sec, Labels: rec.Labels,
 		Validation:      store.Validation{State: store.ValidationValid, UpstreamUser: info.User, Time: now},
@@ -251,15 +231,6 @@ func (s *Service) storeAuthorized(ctx context.Context, rec authState, q url.Valu
 		return fail(st.Code(), apierr.Reason(st.Err()))
 	}
 	return callbackResult{status: StatusConnected, code: codes.OK, outcome: outcomeConnected}
-}
-
-// inspectWialon logs in with token and reports what Wialon says about it.
-func (s *Service) inspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error) {
-	if in, ok := s.cfg.Validator.(WialonInspector); ok {
-		return in.InspectWialon(ctx, baseURL, token)
-	}
-	user, err := s.cfg.Validator.ValidateWialon(ctx, baseURL, token)
-	return WialonTokenInfo{User: user}, err
 }
 
 // wellFormedWialonToken is WialonSecret.token's rule: 72 letters and digits.

@@ -227,7 +227,7 @@ func (w *connectWorld) start(opts replicaOptions) *replica {
 	publicURL := "http://" + callbackLis.Addr().String()
 	cfg := credentials.Config{
 		Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Validator: app.NewProviderValidator(5*time.Second, allow, nil), Authorizer: w.authz, AllowList: allow,
+		Validator: testValidator(allow), Authorizer: w.authz, AllowList: allow,
 		Logger: logger, Now: w.clock.Now, Events: events,
 	}
 	if !opts.noConnect {
@@ -296,7 +296,12 @@ func (w *connectWorld) serviceConfig(connect *credentials.ConnectConfig) credent
 		w.t.Fatal(err)
 	}
 	return credentials.Config{Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Validator: app.NewProviderValidator(time.Second, allow, nil), Authorizer: w.authz, Connect: connect}
+		Validator: testValidator(allow), Authorizer: w.authz, Connect: connect}
+}
+
+// testValidator is the production validator on allow.
+func testValidator(allow *upstream.AllowList) credentials.Validator {
+	return app.NewProviderValidator(5*time.Second, allow, nil)
 }
 
 // as returns a context calling as principal.

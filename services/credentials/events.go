@@ -337,10 +337,10 @@ func eventFromMessage(msg redis.XMessage) Event {
 	return ev
 }
 
-func (ev Event) toProto() *credentialsv1.CredentialEvent {
+func (s *Service) eventToProto(ev Event) *credentialsv1.CredentialEvent {
 	out := &credentialsv1.CredentialEvent{
 		EventId: ev.ID, Type: eventTypeToProto(ev.Type), TenantId: ev.TenantID, CredentialId: ev.CredentialID,
-		Provider: providerToProto(ev.Provider), Version: ev.Version, Message: ev.Message,
+		Provider: s.providerEnum(ev.Provider), Version: ev.Version, Message: ev.Message,
 	}
 	if !ev.Time.IsZero() {
 		out.EventTime = timestamppb.New(ev.Time)
@@ -429,7 +429,7 @@ func (c *credentialServer) WatchCredentialEvents(req *credentialsv1.WatchCredent
 	}
 	ready := func() { _ = stream.SendHeader(nil) } // tells the client the watch is in place
 	err := s.cfg.Events.Watch(ctx, req.GetTenantId(), req.GetAfterEventId(), ready, func(ev Event) error {
-		return stream.Send(&credentialsv1.WatchCredentialEventsResponse{Event: ev.toProto()})
+		return stream.Send(&credentialsv1.WatchCredentialEventsResponse{Event: s.eventToProto(ev)})
 	})
 	if err != nil && ctx.Err() == nil {
 		s.cfg.Logger.WarnContext(ctx, "credential event watch ended", "tenant_id", req.GetTenantId(), "error", err)

@@ -36,7 +36,7 @@ func (s *Service) storeSecret(ctx context.Context, r storeRequest) (store.Creden
 		Ciphertext:        ciphertext,
 		Fingerprint:       fingerprint,
 		BaseURL:           r.Secret.baseURL,
-		FleetUpAccountID:  r.Secret.fleetup.GetAccountId(),
+		FleetUpAccountID:  r.Secret.accountID(),
 		Labels:            r.Labels,
 		CreateTime:        now,
 		UpdateTime:        now,
