@@ -102,6 +102,9 @@ type Events struct {
 
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{} // tenant → wake channels
+
+	subscribed     chan struct{} // closed once Redis confirmed Run's subscription
+	subscribedOnce sync.Once
 }
 
 // NewEvents checks cfg and returns Events.
@@ -137,7 +140,7 @@ func NewEvents(cfg EventsConfig) (*Events, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Events{cfg: cfg, metrics: m, waiters: map[string]map[chan struct{}]struct{}{}}, nil
+	return &Events{cfg: cfg, metrics: m, waiters: map[string]map[chan struct{}]struct{}{}, subscribed: make(chan struct{})}, nil
 }
 
 func (e *Events) streamKey(tenantID string) string {
@@ -173,7 +176,7 @@ func (e *Events) Publish(ctx context.Context, ev Event) error {
 func (e *Events) Run(ctx context.Context) error {
 	ps := e.cfg.Client.Subscribe(ctx, e.channel())
 	defer ps.Close()
-	ch := ps.Channel()
+	ch := ps.ChannelWithSubscriptions()
 	for {
 		select {
 		case <-ctx.Done():
@@ -182,27 +185,26 @@ func (e *Events) Run(ctx context.Context) error {
 			if !ok {
 				return nil
 			}
-			e.wake(msg.Payload)
+			switch m := msg.(type) {
+			case *redis.Subscription:
+				if m.Kind == "subscribe" {
+					e.subscribedOnce.Do(func() { close(e.subscribed) })
+				}
+			case *redis.Message:
+				e.wake(m.Payload)
+			}
 		}
 	}
 }
 
-// Subscribed waits until Run's subscription is confirmed by Redis (tests,
-// so a notification published after it is not lost).
+// Subscribed waits until Redis has confirmed Run's subscription, after
+// which no notification is missed (tests start watching after it).
 func (e *Events) Subscribed(ctx context.Context) error {
-	for {
-		n, err := e.cfg.Client.PubSubNumSub(ctx, e.channel()).Result()
-		if err != nil {
-			return err
-		}
-		if n[e.channel()] > 0 {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
+	select {
+	case <-e.subscribed:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
