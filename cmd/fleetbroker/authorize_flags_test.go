@@ -21,7 +21,7 @@ func TestCheckConfigAuthorize(t *testing.T) {
 	}
 	t.Setenv("FLEETBROKER_VAULT_TOKEN", vs.RootToken)
 	base := []string{"credentials", "--check-config", "--insecure", "--vault-addr=" + vs.Addr, "--redis-addr=" + rs.Addr,
-		"--audit-log=" + filepath.Join(dir, "audit.log"), "--policy=" + policy}
+		"--audit-log=" + filepath.Join(dir, "audit.log"), "--policy=" + policy, "--handle-key-file=" + writeHandleKeys(t)}
 	flow := []string{"--authorize-listen=127.0.0.1:0", "--public-url=https://connect.example.com", "--authorize-return-urls=https://app.example.com/settings"}
 	for _, tt := range []struct {
 		name    string

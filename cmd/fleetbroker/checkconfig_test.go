@@ -26,7 +26,12 @@ func TestCheckConfig(t *testing.T) {
 	if err := os.WriteFile(badPolicy, []byte("grants:\n  - principals: ['key:gw']\n    tenants: [\"*\"]\n    actions: [sessions.everything]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	base := []string{"credentials", "--check-config", "--insecure", "--vault-addr=" + vs.Addr, "--redis-addr=" + rs.Addr, "--audit-log=" + filepath.Join(dir, "audit.log")}
+	keys := writeHandleKeys(t)
+	badKeys := filepath.Join(dir, "short-keys")
+	if err := os.WriteFile(badKeys, []byte("c2hvcnQ=\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := []string{"credentials", "--check-config", "--insecure", "--vault-addr=" + vs.Addr, "--redis-addr=" + rs.Addr, "--audit-log=" + filepath.Join(dir, "audit.log"), "--handle-key-file=" + keys}
 	t.Setenv("FLEETBROKER_VAULT_TOKEN", vs.RootToken)
 	tests := []struct {
 		name    string
@@ -36,6 +41,8 @@ func TestCheckConfig(t *testing.T) {
 		{"good", []string{"--policy=" + goodPolicy}, ""},
 		{"invalid policy", []string{"--policy=" + badPolicy}, "sessions.everything"},
 		{"no policy", nil, "--policy is required"},
+		{"no handle keys", []string{"--policy=" + goodPolicy, "--handle-key-file="}, "--handle-key-file is required"},
+		{"short handle key", []string{"--policy=" + goodPolicy, "--handle-key-file=" + badKeys}, "key 1 has 5 bytes"},
 		{"redis unreachable", []string{"--policy=" + goodPolicy, "--redis-addr=127.0.0.1:1", "--redis-timeout=200ms"}, "redis"},
 		{"tls key missing", []string{"--policy=" + goodPolicy, "--tls-cert=" + filepath.Join(dir, "nope.crt"), "--tls-key=" + filepath.Join(dir, "nope.key")}, "--tls-cert"},
 	}

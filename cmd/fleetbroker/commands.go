@@ -26,13 +26,29 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
-	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation call")
+	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation or login call")
+	fs.BoolVar(&cfg.LegacyResolveSecret, "legacy-resolve-secret", false, "keep the retired ResolveSecret answering during a rolling upgrade from older gateways (hands them long-lived secrets; turn off after)")
+	addHandleKeyFlag(fs, &cfg.HandleKeyFile)
+	addRedisWaitFlag(fs, &cfg.RedisWaitReplicas)
+	fs.BoolVar(&cfg.WriteLegacyFormats, "write-legacy-formats", false, "issue CRC32 session handles and seal secrets with version 1 associated data, which the previous release reads: only while upgrading from it (see docs/operations.md)")
+	legacyAD := fs.Bool("legacy-associated-data", true, "open secrets sealed with version 1 associated data (tenant + credential only); set false once `fleetbroker migrate` has re-sealed them all")
 	addAuthorizeFlags(fs, &cfg.Authorize, &cfg.Events)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)
 		cfg.Redis = redis.config()
+		cfg.RefuseLegacyAssociatedData = !*legacyAD
 	}
+}
+
+// addHandleKeyFlag adds --handle-key-file, which both services need.
+func addHandleKeyFlag(fs *flag.FlagSet, file *string) {
+	fs.StringVar(file, "handle-key-file", "", "file of session handle keys shared by the credentials service and the gateway: one base64 key (32+ random bytes) per line, the first signs, all verify; required")
+}
+
+// addRedisWaitFlag adds --redis-wait-replicas to the commands that write credentials.
+func addRedisWaitFlag(fs *flag.FlagSet, n *int) {
+	fs.IntVar(n, "redis-wait-replicas", app.RedisWaitAuto, "replicas that must acknowledge each credential write and revocation (Redis WAIT) before it is reported done; -1: one if the topology has replicas, else none")
 }
 
 func runCredentials(ctx context.Context, args []string) error {
@@ -89,27 +105,63 @@ func runDev(ctx context.Context, args []string) error {
 	return app.RunDev(ctx, cfg, logger)
 }
 
-func runRewrap(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("rewrap", flag.ContinueOnError)
-	var cfg app.CredentialsConfig
+// maintenanceFlags declares the flags of a maintenance command on the
+// stored credentials (rewrap, migrate): Vault, Redis and logs.
+func maintenanceFlags(name string) (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func()) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	cfg := &app.CredentialsConfig{}
 	addVaultFlags(fs, &cfg.Vault, "fleetbroker")
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
+	addRedisWaitFlag(fs, &cfg.RedisWaitReplicas)
 	logf := addLogFlags(fs, "json")
+	return fs, cfg, logf, func() {
+		vaultTokenFallback(&cfg.Vault)
+		cfg.Redis = redis.config()
+	}
+}
+
+func runRewrap(ctx context.Context, args []string) error {
+	fs, cfg, logf, finish := maintenanceFlags("rewrap")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	vaultTokenFallback(&cfg.Vault)
-	cfg.Redis = redis.config()
+	finish()
 	logger, err := newLogger(logf.format, logf.level)
 	if err != nil {
 		return err
 	}
-	p, err := app.RunRewrap(ctx, cfg, logger, func(p credentials.RewrapProgress) {
+	p, err := app.RunRewrap(ctx, *cfg, logger, func(p credentials.RewrapProgress) {
 		if p.Seen%100 == 0 {
 			fmt.Fprintf(os.Stderr, "rewrap: %d seen, %d rewrapped, %d skipped\n", p.Seen, p.Rewrapped, p.Skipped)
 		}
 	})
 	fmt.Printf("rewrap: %d seen, %d rewrapped, %d skipped (replaced or deleted meanwhile)\n", p.Seen, p.Rewrapped, p.Skipped)
+	return err
+}
+
+// runMigrate re-seals every secret stored with version 1 associated data
+// under version 2, and says how many it re-encrypted. It exits non-zero
+// when a secret did not open, or the walk stopped.
+func runMigrate(ctx context.Context, args []string) error {
+	fs, cfg, logf, finish := maintenanceFlags("migrate")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	finish()
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return err
+	}
+	p, err := app.RunMigrate(ctx, *cfg, logger, func(p credentials.MigrateProgress) {
+		if p.Seen%100 == 0 {
+			fmt.Fprintf(os.Stderr, "migrate: %d seen, %d re-encrypted, %d already current\n", p.Seen, p.Migrated, p.Current)
+		}
+	})
+	fmt.Printf("migrate: %d seen, %d re-encrypted, %d already current, %d skipped (replaced or deleted meanwhile), %d failed\n",
+		p.Seen, p.Migrated, p.Current, p.Skipped, p.Failed)
+	if err == nil && p.Failed > 0 {
+		err = fmt.Errorf("migrate: %d secrets did not open with their record's associated data (see the log)", p.Failed)
+	}
 	return err
 }
 
@@ -138,6 +190,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
 	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")
+	addHandleKeyFlag(fs, &cfg.HandleKeyFile)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)

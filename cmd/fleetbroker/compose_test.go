@@ -3,13 +3,17 @@ package main
 import (
 	"context"
 	"flag"
+	"io"
 	"os"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
 
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 )
 
@@ -40,13 +44,8 @@ func TestComposeWiring(t *testing.T) {
 	if redis.HealthCheck == nil {
 		t.Error("redis needs a health check for depends_on")
 	}
-	if svc("vault").HealthCheck == nil {
-		t.Error("vault needs a health check for depends_on")
-	}
+	assertComposeVault(t, project)
 	init := svc("vault-init")
-	if dep, ok := init.DependsOn["vault"]; !ok || dep.Condition != types.ServiceConditionHealthy {
-		t.Errorf("vault-init must wait for a healthy vault: %v", init.DependsOn)
-	}
 	script, err := os.ReadFile("../../deploy/vault/init.sh")
 	if err != nil {
 		t.Fatal(err)
@@ -58,6 +57,7 @@ func TestComposeWiring(t *testing.T) {
 			t.Errorf("deploy/vault/init.sh does not %q", want)
 		}
 	}
+	tokenIDs := map[string]string{"credentials": "CREDENTIALS_TOKEN_ID", "gateway": "GATEWAY_TOKEN_ID"}
 
 	tests := []struct {
 		service string
@@ -68,7 +68,7 @@ func TestComposeWiring(t *testing.T) {
 	}{
 		{
 			service: "credentials", command: "credentials",
-			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy},
+			deps: map[string]string{"vault": types.ServiceConditionHealthy, "vault-init": types.ServiceConditionHealthy, "redis": types.ServiceConditionHealthy},
 			env: map[string]string{
 				"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
 				"FLEETBROKER_REDIS_ADDR":        "redis:6379",
@@ -79,7 +79,7 @@ func TestComposeWiring(t *testing.T) {
 		},
 		{
 			service: "gateway", command: "gateway",
-			deps: map[string]string{"vault-init": types.ServiceConditionCompletedSuccessfully, "redis": types.ServiceConditionHealthy, "credentials": types.ServiceConditionHealthy},
+			deps: map[string]string{"vault": types.ServiceConditionHealthy, "vault-init": types.ServiceConditionHealthy, "redis": types.ServiceConditionHealthy, "credentials": types.ServiceConditionHealthy},
 			env: map[string]string{
 				"FLEETBROKER_VAULT_ADDR":        "http://vault:8200",
 				"FLEETBROKER_REDIS_ADDR":        "redis:6379",
@@ -109,6 +109,12 @@ func TestComposeWiring(t *testing.T) {
 			}
 			if tt.flags != nil {
 				assertEnvNamesFlags(t, tt.service, s.Environment, tt.flags())
+				assertStopGrace(t, s, tt.flags())
+				// The token vault-init makes for the service is the one it uses.
+				want, got := init.Environment[tokenIDs[tt.service]], s.Environment["FLEETBROKER_VAULT_TOKEN"]
+				if want == nil || got == nil || *want != *got {
+					t.Errorf("%s uses Vault token %v, vault-init makes %v", tt.service, got, want)
+				}
 			}
 		})
 	}
@@ -118,6 +124,37 @@ func TestComposeWiring(t *testing.T) {
 		}
 	}
 	assertComposePolicy(t, svc("credentials"), svc("gateway"))
+	assertComposeHandleKeys(t, svc("credentials"), svc("gateway"))
+}
+
+// assertComposeHandleKeys checks that both services read the same handle
+// key file, and that it loads: a gateway with other keys than the
+// credentials service refuses every handle.
+func assertComposeHandleKeys(t *testing.T, services ...types.ServiceConfig) {
+	t.Helper()
+	sources := map[string]bool{}
+	for _, s := range services {
+		file := s.Environment["FLEETBROKER_HANDLE_KEY_FILE"]
+		if file == nil {
+			t.Fatalf("%s has no FLEETBROKER_HANDLE_KEY_FILE", s.Name)
+		}
+		source := ""
+		for _, v := range s.Volumes {
+			if v.Target == *file {
+				source = v.Source
+			}
+		}
+		if source == "" {
+			t.Fatalf("%s: FLEETBROKER_HANDLE_KEY_FILE names no mounted file", s.Name)
+		}
+		if _, err := handle.LoadKeys(source); err != nil {
+			t.Fatalf("%s: %v", s.Name, err)
+		}
+		sources[source] = true
+	}
+	if len(sources) != 1 {
+		t.Errorf("the services mount different handle key files %v", sources)
+	}
 }
 
 // assertComposePolicy checks that the policy mounted into the credentials
@@ -157,5 +194,110 @@ func assertEnvNamesFlags(t *testing.T, service string, env types.MappingWithEqua
 		if strings.HasPrefix(k, "FLEETBROKER_") && !known[k] {
 			t.Errorf("%s: %s matches no flag of its subcommand", service, k)
 		}
+	}
+}
+
+// assertComposeVault: Vault is a real server on file storage in a named
+// volume (a dev server keeps everything in memory, and a restart orphans
+// every ciphertext in Redis), and vault-init initializes and unseals it,
+// and keeps running to unseal it again after every restart.
+func assertComposeVault(t *testing.T, project *types.Project) {
+	t.Helper()
+	vault, err := project.GetService("vault")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cmd := strings.Join(vault.Command, " "); cmd != "server" || strings.Contains(cmd, "-dev") {
+		t.Errorf("vault command %q, want a real server (not -dev)", cmd)
+	}
+	if vault.HealthCheck == nil || !slices.Contains(vault.HealthCheck.Test, "status") {
+		t.Error("vault needs a health check that fails while sealed (vault status)")
+	}
+	mounts := map[string]types.ServiceVolumeConfig{}
+	for _, v := range vault.Volumes {
+		mounts[v.Target] = v
+	}
+	data, ok := mounts["/vault/file"]
+	if !ok || data.Type != types.VolumeTypeVolume || project.Volumes[data.Source].Name == "" {
+		t.Errorf("vault's storage /vault/file is not a named volume: %+v", data)
+	}
+	conf, ok := mounts["/vault/config/vault.hcl"]
+	if !ok {
+		t.Fatal("vault has no configuration file mounted at /vault/config/vault.hcl")
+	}
+	hcl, err := os.ReadFile(conf.Source)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`storage "file"`, `path = "/vault/file"`, `address     = "0.0.0.0:8200"`} {
+		if !strings.Contains(string(hcl), want) {
+			t.Errorf("%s lacks %s", conf.Source, want)
+		}
+	}
+	if vault.Restart != types.RestartPolicyUnlessStopped {
+		t.Errorf("vault restart policy %q, want %q", vault.Restart, types.RestartPolicyUnlessStopped)
+	}
+
+	init, err := project.GetService("vault-init")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Vault is unhealthy until vault-init unseals it: waiting for healthy
+	// would deadlock.
+	if dep := init.DependsOn["vault"]; dep.Condition != types.ServiceConditionStarted {
+		t.Errorf("vault-init depends_on vault: %q, want %q", dep.Condition, types.ServiceConditionStarted)
+	}
+	env := func(k string) string {
+		if v := init.Environment[k]; v != nil {
+			return *v
+		}
+		return ""
+	}
+	if env("VAULT_WATCH_INTERVAL") == "" || init.Restart != types.RestartPolicyUnlessStopped {
+		t.Errorf("vault-init must keep running (VAULT_WATCH_INTERVAL, restart unless-stopped) to unseal a restarted Vault; got %q, %q",
+			env("VAULT_WATCH_INTERVAL"), init.Restart)
+	}
+	if init.HealthCheck == nil || !strings.Contains(strings.Join(init.HealthCheck.Test, " "), "-f /tmp/vault-ready") {
+		t.Error("vault-init needs a health check on /tmp/vault-ready (what init.sh creates once Vault is set up)")
+	}
+	keysKept := false
+	for _, v := range init.Volumes {
+		if v.Target == env("VAULT_INIT_DIR") && v.Type == types.VolumeTypeVolume {
+			keysKept = true
+		}
+	}
+	if !keysKept {
+		t.Errorf("VAULT_INIT_DIR %q is not a named volume: the unseal key would be lost with the container", env("VAULT_INIT_DIR"))
+	}
+	for _, name := range []string{"vault-data", "vault-init", "redis-data"} {
+		if _, ok := project.Volumes[name]; !ok {
+			t.Errorf("volume %s is not declared", name)
+		}
+	}
+}
+
+// assertStopGrace: docker compose stop waits stop_grace_period (default
+// 10s) before SIGKILL; the drain needs --drain-period plus --shutdown-grace.
+func assertStopGrace(t *testing.T, s types.ServiceConfig, fs *flag.FlagSet) {
+	t.Helper()
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(s.Command[1:]); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range s.Environment {
+		if f := strings.TrimPrefix(k, "FLEETBROKER_"); f != k && v != nil {
+			_ = fs.Set(strings.ToLower(strings.ReplaceAll(f, "_", "-")), *v)
+		}
+	}
+	var need time.Duration
+	for _, name := range []string{"drain-period", "shutdown-grace"} {
+		need += fs.Lookup(name).Value.(flag.Getter).Get().(time.Duration)
+	}
+	grace := 10 * time.Second
+	if s.StopGracePeriod != nil {
+		grace = time.Duration(*s.StopGracePeriod)
+	}
+	if grace <= need {
+		t.Errorf("%s: stop_grace_period %s does not exceed --drain-period plus --shutdown-grace (%s): docker compose stop would SIGKILL the drain", s.Name, grace, need)
 	}
 }

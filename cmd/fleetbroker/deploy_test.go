@@ -44,7 +44,7 @@ var serverFlagSets = map[string]func() *flag.FlagSet{
 
 // fileFlags are flags whose value is a file the container reads; in a pod it
 // must come from a mounted ConfigMap or Secret.
-var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key", "authorize-tls-cert", "authorize-tls-key"}
+var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key", "handle-key-file", "authorize-tls-cert", "authorize-tls-key"}
 
 // --- the subset of the Kubernetes API the checks read ---
 
@@ -790,6 +790,11 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 		checkPersistent(t, d, c, "--audit-log", a)
 	}
 
+	// Both services refuse to start without the handle keys they share.
+	if get("handle-key-file") == "" {
+		t.Errorf("container %s: --handle-key-file is not set: the service does not start without it", c.Name)
+	}
+
 	// mTLS towards callers, and towards the credentials service.
 	for _, name := range []string{"tls-cert", "tls-key", "tls-client-ca"} {
 		if get(name) == "" {
@@ -826,11 +831,21 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 	}
 
 	// Kubernetes waits terminationGracePeriodSeconds (default 30) from the
-	// start of preStop, then kills; the server needs --shutdown-grace after.
+	// start of preStop, then kills; after SIGTERM the server drains for
+	// --drain-period (NOT_SERVING, still serving: endpoint removal reaches
+	// every proxy meanwhile), then gives calls --shutdown-grace.
+	drain, err := time.ParseDuration(get("drain-period"))
+	if err != nil {
+		t.Fatalf("--drain-period: %v", err)
+	}
+	if drain < 5*time.Second {
+		t.Errorf("container %s: --drain-period %s: endpoint removal takes seconds to reach every proxy; drain at least 5s", c.Name, drain)
+	}
 	grace, err := time.ParseDuration(get("shutdown-grace"))
 	if err != nil {
 		t.Fatalf("--shutdown-grace: %v", err)
 	}
+	grace += drain
 	var preStop time.Duration
 	if l := c.Lifecycle; l != nil && l.PreStop != nil && l.PreStop.Sleep != nil {
 		preStop = time.Duration(l.PreStop.Sleep.Seconds) * time.Second
@@ -840,7 +855,7 @@ func checkServerContainer(t *testing.T, m *manifests, d *deployment, c *containe
 		tgps = time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second
 	}
 	if tgps <= preStop+grace {
-		t.Errorf("terminationGracePeriodSeconds %s does not exceed the preStop sleep %s plus --shutdown-grace %s: the drain would be SIGKILLed", tgps, preStop, grace)
+		t.Errorf("terminationGracePeriodSeconds %s does not exceed the preStop sleep %s plus --drain-period and --shutdown-grace (%s): the drain would be SIGKILLed", tgps, preStop, grace)
 	}
 }
 

@@ -53,7 +53,8 @@ func addLogFlags(fs *flag.FlagSet, format string) *logFlags {
 func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
 	fs.StringVar(&cfg.Listen, "listen", listen, "gRPC listen address")
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
-	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "how long shutdown waits for in-flight calls")
+	fs.DurationVar(&cfg.DrainPeriod, "drain-period", server.DefaultDrainPeriod, "on SIGTERM, how long health reports NOT_SERVING while calls are still served, before the listener closes")
+	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "after the drain period, how long in-flight calls may finish")
 }
 
 func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {
@@ -124,7 +125,7 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "serve plaintext (only behind a sidecar that terminates mTLS)")
 	fs.StringVar(&cfg.PolicyFile, "policy", "", policyHelp)
 	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file: an intent record is synced before each call runs (the call is refused with UNAVAILABLE when it cannot be) and an outcome after; - for stderr (written, not synced)")
-	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only)")
+	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only); x-forwarded-client-cert is read as Envoy/Istio write it")
 	fs.StringVar(&cfg.TrustedProxies, "trusted-proxies", "", "comma-separated CIDRs whose --trusted-header is believed")
 	fs.BoolVar(&cfg.ClientCNPrincipals, "tls-client-cn-principals", false, "name a client certificate without URI or DNS SAN by its subject CN (principal cn:<CN>); off because any CA can put any text in a CN")
 	fs.IntVar(&cfg.RateLimitPrincipal, "rate-limit-principal", 0, "requests per second per authenticated principal, across replicas (0: off; callers without an identity have no principal budget)")

@@ -5,6 +5,7 @@
 //	fleetbroker simulator     Wialon- and FleetUp-compatible test servers
 //	fleetbroker dev           everything in one process on embedded defaults
 //	fleetbroker rewrap        rewrap stored ciphertexts after a transit key rotation
+//	fleetbroker migrate       re-seal stored secrets under the current associated data
 //	fleetbroker version       print build information
 //
 // Every flag has an environment equivalent: FLEETBROKER_ plus the flag name
@@ -36,6 +37,7 @@ func commands() []command {
 		{"simulator", "run the Wialon/FleetUp simulator", runSimulator},
 		{"dev", "run everything in one process on embedded defaults (development only)", runDev},
 		{"rewrap", "rewrap every stored ciphertext under the newest transit key version", runRewrap},
+		{"migrate", "re-seal stored secrets under the current associated data version (after an upgrade)", runMigrate},
 		{"probe", "check a server's grpc.health.v1 status (container health checks)", runProbe},
 		{"version", "print version and build information", runVersion},
 	}

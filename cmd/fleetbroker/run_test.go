@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"io"
 	"log/slog"
 	"net"
@@ -53,6 +55,7 @@ func TestCredentialsSubcommandServes(t *testing.T) {
 	}
 	grpcAddr, metricsAddr := freeAddr(t), freeAddr(t)
 	t.Setenv("FLEETBROKER_VAULT_TOKEN", vs.RootToken)
+	t.Setenv("FLEETBROKER_HANDLE_KEY_FILE", writeHandleKeys(t))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
@@ -119,7 +122,7 @@ func TestRewrapSubcommand(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := store.NewRedis(rs.Client(t), store.RedisOptions{Prefix: prefix})
-	if _, _, err := st.PutCredential(ctx, store.Credential{TenantID: "acme", CredentialID: "c1", Provider: store.ProviderWialon, Ciphertext: ct[0], ValidationState: store.ValidationNotValidated}); err != nil {
+	if _, err := st.PutCredential(ctx, store.Credential{TenantID: "acme", CredentialID: "c1", Provider: store.ProviderWialon, Ciphertext: ct[0], ValidationState: store.ValidationNotValidated}, store.PutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := v.RotateKey(ctx); err != nil {
@@ -138,5 +141,93 @@ func TestRewrapSubcommand(t *testing.T) {
 	}
 	if got.Version != 1 {
 		t.Fatalf("rewrap changed the version to %d", got.Version)
+	}
+}
+
+// writeHandleKeys writes a handle key file with one fresh key.
+func writeHandleKeys(t *testing.T) string {
+	t.Helper()
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "handle-keys")
+	if err := os.WriteFile(path, []byte("# test key\n"+base64.StdEncoding.EncodeToString(key)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// captureStdout returns what fn printed to standard output.
+func captureStdout(t *testing.T, fn func()) string {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := os.Stdout
+	os.Stdout = w
+	out := make(chan string)
+	go func() {
+		b, _ := io.ReadAll(r)
+		out <- string(b)
+	}()
+	defer func() { os.Stdout = orig }()
+	fn()
+	_ = w.Close()
+	return <-out
+}
+
+// TestMigrateSubcommand stores credentials sealed the way the release
+// before associated data version 2 sealed them, runs `fleetbroker migrate`
+// twice, and checks what it reports: first that it re-encrypted each one,
+// then that none was left.
+func TestMigrateSubcommand(t *testing.T) {
+	vs, rs := testenv.Vault(t), testenv.Redis(t)
+	key, prefix := vs.NewKeyName(t), testenv.RedisPrefix(t)
+	ctx := context.Background()
+	v, err := transit.NewVault(ctx, transit.VaultConfig{Addr: vs.Addr, Token: vs.RootToken, Key: key}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if err := v.EnsureKey(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st := store.NewRedis(rs.Client(t), store.RedisOptions{Prefix: prefix})
+	for _, id := range []string{"c1", "c2", "c3"} {
+		// The version 1 binding: tenant and credential id only.
+		aad := []byte("fleetbroker/credential/v1\x00acme\x00" + id)
+		plain := []byte("\x0a\x48" + strings.Repeat("t", 72)) // a WialonSecret{token}
+		ct, err := v.Encrypt(ctx, "acme", []transit.Item{{AssociatedData: aad, Plaintext: plain}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := store.Credential{TenantID: "acme", CredentialID: id, Provider: store.ProviderWialon, BaseURL: "https://hst-api.wialon.com",
+			Ciphertext: ct[0], ValidationState: store.ValidationNotValidated}
+		if _, err := st.PutCredential(ctx, rec, store.PutOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("FLEETBROKER_VAULT_TOKEN", vs.RootToken)
+	args := []string{"migrate", "--vault-addr=" + vs.Addr, "--vault-transit-key=" + key, "--redis-addr=" + rs.Addr, "--redis-prefix=" + prefix, "--log-level=warn"}
+	for _, want := range []string{
+		"migrate: 3 seen, 3 re-encrypted, 0 already current, 0 skipped (replaced or deleted meanwhile), 0 failed",
+		"migrate: 3 seen, 0 re-encrypted, 3 already current, 0 skipped (replaced or deleted meanwhile), 0 failed",
+	} {
+		var runErr error
+		out := captureStdout(t, func() { runErr = run(ctx, args) })
+		if runErr != nil {
+			t.Fatalf("migrate: %v", runErr)
+		}
+		if !strings.Contains(out, want) {
+			t.Fatalf("migrate printed %q, want %q", out, want)
+		}
+	}
+	for _, id := range []string{"c1", "c2", "c3"} {
+		got, err := st.GetCredential(ctx, "acme", id)
+		if err != nil || got.ADVersion != 2 || got.Version != 1 {
+			t.Fatalf("%s after migrate: associated data version %d, version %d, %v; want 2, 1", id, got.ADVersion, got.Version, err)
+		}
 	}
 }

@@ -44,6 +44,21 @@ const (
 	// ReasonMethodNotAuthorized: the method has no authorization rule, so
 	// nobody may call it (deny by default).
 	ReasonMethodNotAuthorized = "METHOD_NOT_AUTHORIZED"
+	// ReasonEncryptionKeyUnusable: Vault is up but the service's transit
+	// key is missing (or no longer opens what it wrapped); an operator must
+	// restore it (docs/reliability.md). UNAVAILABLE with RetryInfo.
+	ReasonEncryptionKeyUnusable = "ENCRYPTION_KEY_UNUSABLE"
+	// ReasonCredentialUndecryptable: the stored secret no longer decrypts
+	// (its transit key was lost or replaced, or the record was tampered
+	// with); restore the key, or put the credential again.
+	// FAILED_PRECONDITION.
+	ReasonCredentialUndecryptable = "CREDENTIAL_UNDECRYPTABLE"
+	// ReasonCredentialChanged: the credential was replaced between two
+	// steps of one call (ABORTED); retrying resolves it afresh.
+	ReasonCredentialChanged = "CREDENTIAL_CHANGED"
+	// ReasonRetired: the RPC is retired (UNIMPLEMENTED); its documentation
+	// names the replacement.
+	ReasonRetired = "RETIRED"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and

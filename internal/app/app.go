@@ -5,6 +5,7 @@
 package app
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -14,7 +15,9 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -32,8 +35,33 @@ type CredentialsConfig struct {
 	RedisPrefix      string
 	AllowedUpstreams string
 	MaxSessionTTL    time.Duration
-	// UpstreamTimeout bounds each validation call to a provider.
+	// UpstreamTimeout bounds each validation or login call to a provider.
 	UpstreamTimeout time.Duration
+	// LegacyResolveSecret keeps the retired ResolveSecret answering during
+	// a rolling upgrade (--legacy-resolve-secret; off by default).
+	LegacyResolveSecret bool
+	// Providers are the providers served; nil means every one
+	// (providers.All). Tests add a fake here.
+	Providers []provider.Factory
+	// HandleKeyFile holds the keys that sign and check session handles
+	// (shared with the gateway); HandleKeys, when set, are used instead
+	// (tests, dev).
+	HandleKeyFile string
+	HandleKeys    *handle.Keys
+	// LegacyHandles is the window in which handles with the CRC32
+	// checksum of earlier releases are accepted (set by BuildCredentials;
+	// nil refuses them).
+	LegacyHandles *handle.LegacyWindow
+	// WriteLegacyFormats writes what the previous release reads (CRC32
+	// handles, version 1 associated data): the first phase of an upgrade.
+	WriteLegacyFormats bool
+	// RefuseLegacyAssociatedData stops opening secrets sealed with version
+	// 1 associated data (after fleetbroker migrate).
+	RefuseLegacyAssociatedData bool
+	// RedisWaitReplicas is how many replicas must acknowledge a
+	// credential write; RedisWaitAuto picks one where the topology has
+	// replicas. 0 does not wait.
+	RedisWaitReplicas int
 	// Authorizer is set by RunCredentials from Security; when nil (tests,
 	// dev) every caller may do everything.
 	Authorizer credentials.Authorizer
@@ -78,28 +106,41 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.L
 }
 
 // BuildCredentialsServers builds what the credentials service serves and
-// everything under it, in order: Vault, Redis, security (TLS, policy,
-// audit), the service, its gRPC server and its authorization callback
-// listener. The returned func releases them after serving.
+// everything under it, in order: handle keys, Vault, Redis, security (TLS,
+// policy, audit), the store, the service, its gRPC server and its
+// authorization callback listener. The returned func releases them after serving.
 func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) (*CredentialsServers, func(), error) {
 	var closers closeStack
 	fail := func(err error) (*CredentialsServers, func(), error) {
 		closers.closeAll()
 		return nil, nil, err
 	}
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return fail(err)
+	}
+	cfg.HandleKeys = keys
 	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return fail(err)
 	}
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), true, nil, rdb, logger)
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), nil, true, nil, rdb, logger)
 	if err != nil {
 		return fail(err)
 	}
 	closers.push(sec.Close)
 	cfg.Authorizer = sec.authorizer
 	cfg.RedisClient, cfg.Audit = rdb, sec.audit
-	svc, err := NewCredentialsService(cfg, store.NewRedis(rdb, store.RedisOptions{Prefix: cfg.RedisPrefix}), vault, logger)
+	st, err := credentialStore(ctx, cfg, rdb, logger)
+	if err != nil {
+		return fail(err)
+	}
+	cfg.LegacyHandles = handle.NewLegacyWindow(rdb, cmp.Or(cfg.RedisPrefix, "fb"))
+	if cfg.WriteLegacyFormats {
+		logger.Warn("issuing legacy session handles and sealing with version 1 associated data (--write-legacy-formats): turn it off once every replica runs this release")
+	}
+	svc, err := NewCredentialsService(cfg, st, vault, logger)
 	if err != nil {
 		return fail(err)
 	}
@@ -116,6 +157,49 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 	return &CredentialsServers{GRPC: srv, Service: svc, Authorize: authorize}, closers.closeAll, nil
 }
 
+// loadHandleKeys returns keys if set, else the keys in file.
+func loadHandleKeys(keys *handle.Keys, file string) (*handle.Keys, error) {
+	if keys != nil {
+		return keys, nil
+	}
+	if file == "" {
+		return nil, fmt.Errorf("--handle-key-file is required: the keys that sign session handles, shared by the credentials service and the gateway " +
+			"(one base64 key of 32 random bytes per line; make one with: head -c 32 /dev/urandom | base64)")
+	}
+	k, err := handle.LoadKeys(file)
+	if err != nil {
+		return nil, fmt.Errorf("--handle-key-file: %w", err)
+	}
+	return k, nil
+}
+
+// credentialStore is the Redis store of the credentials service, its
+// writes waiting for as many replicas as cfg asks.
+func credentialStore(ctx context.Context, cfg CredentialsConfig, rdb redis.UniversalClient, logger *slog.Logger) (*store.Redis, error) {
+	wait, err := redisWaitReplicas(ctx, rdb, cfg.RedisWaitReplicas, logger)
+	if err != nil {
+		return nil, err
+	}
+	timeout := cfg.Redis.Timeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+	// Half the call bound: the write and its WAIT each get one bound.
+	return store.NewRedis(rdb, store.RedisOptions{Prefix: cfg.RedisPrefix, WaitReplicas: wait, WaitTimeout: timeout / 2}), nil
+}
+
+// legacyHandleLifetime is how long after this release issues its first
+// keyed handle a legacy handle may still be alive: one issued by a replica
+// of the older release just before it was replaced lives up to the longest
+// session, and the rollout may take up to handle.LegacyGrace.
+func legacyHandleLifetime(cfg CredentialsConfig) time.Duration {
+	maxTTL := cfg.MaxSessionTTL
+	if maxTTL <= 0 {
+		maxTTL = credentials.DefaultMaxSessionTTL
+	}
+	return maxTTL + handle.LegacyGrace
+}
+
 // NewCredentialsService builds the credentials service on a store and a transit.
 func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Transit, logger *slog.Logger) (*credentials.Service, error) {
 	allow, err := upstream.ParseAllowList(cfg.AllowedUpstreams)
@@ -130,20 +214,37 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	if authorizer == nil {
 		authorizer = allowAll{}
 	}
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, provider.Tuning{}, logger)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.LegacyResolveSecret {
+		logger.Warn("--legacy-resolve-secret: the retired ResolveSecret hands long-lived secrets to the gateway; turn it off once every gateway is upgraded")
+	}
 	connect, events, err := cfg.connectAndEvents(logger)
 	if err != nil {
 		return nil, err
 	}
 	svc, err := credentials.New(credentials.Config{
-		Authorizer:    authorizer,
-		Store:         st,
-		Transit:       tr,
-		Validator:     NewProviderValidator(timeout, allow, cfg.Metrics),
-		AllowList:     allow,
-		MaxSessionTTL: cfg.MaxSessionTTL,
-		Logger:        logger,
-		Connect:       connect,
-		Events:        events,
+		Authorizer:                 authorizer,
+		Store:                      st,
+		Transit:                    tr,
+		Providers:                  reg,
+		AllowList:                  allow,
+		MaxSessionTTL:              cfg.MaxSessionTTL,
+		Logger:                     logger,
+		LegacyResolveSecret:        cfg.LegacyResolveSecret,
+		HandleKeys:                 keys,
+		LegacyHandles:              cfg.LegacyHandles,
+		LegacyHandleLifetime:       legacyHandleLifetime(cfg),
+		WriteLegacyFormats:         cfg.WriteLegacyFormats,
+		RefuseLegacyAssociatedData: cfg.RefuseLegacyAssociatedData,
+		Connect:                    connect,
+		Events:                     events,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("credentials service: %w", err)
@@ -154,21 +255,58 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 // RunRewrap rewraps every stored ciphertext under the newest transit key
 // version (after `vault write transit/keys/<key>/rotate`).
 func RunRewrap(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger, progress func(credentials.RewrapProgress)) (credentials.RewrapProgress, error) {
+	var p credentials.RewrapProgress
+	err := withOfflineService(ctx, cfg, logger, func(svc *credentials.Service) error {
+		var err error
+		p, err = svc.Rewrap(ctx, progress)
+		return err
+	})
+	return p, err
+}
+
+// RunMigrate re-seals every secret stored with version 1 associated data
+// under version 2 (see credentials.Service.Migrate).
+func RunMigrate(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger, progress func(credentials.MigrateProgress)) (credentials.MigrateProgress, error) {
+	var p credentials.MigrateProgress
+	err := withOfflineService(ctx, cfg, logger, func(svc *credentials.Service) error {
+		var err error
+		p, err = svc.Migrate(ctx, progress)
+		return err
+	})
+	return p, err
+}
+
+// withOfflineService runs fn on a credentials service that serves no
+// calls, on the configured Vault and Redis: for maintenance commands. It
+// needs no handle keys (it issues and checks no handle), so unless some are
+// configured it gets throwaway ones.
+func withOfflineService(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger, fn func(*credentials.Service) error) error {
+	if cfg.HandleKeys == nil && cfg.HandleKeyFile == "" {
+		keys, err := handle.GenerateKeys()
+		if err != nil {
+			return err
+		}
+		cfg.HandleKeys = keys
+	}
 	vault, err := NewVault(ctx, cfg.Vault, logger)
 	if err != nil {
-		return credentials.RewrapProgress{}, err
+		return err
 	}
 	defer vault.Close()
 	rdb, err := NewRedis(ctx, cfg.Redis)
 	if err != nil {
-		return credentials.RewrapProgress{}, err
+		return err
 	}
 	defer rdb.Close()
-	svc, err := NewCredentialsService(cfg, store.NewRedis(rdb, store.RedisOptions{Prefix: cfg.RedisPrefix}), vault, logger)
+	st, err := credentialStore(ctx, cfg, rdb, logger)
 	if err != nil {
-		return credentials.RewrapProgress{}, err
+		return err
 	}
-	return svc.Rewrap(ctx, progress)
+	svc, err := NewCredentialsService(cfg, st, vault, logger)
+	if err != nil {
+		return err
+	}
+	return fn(svc)
 }
 
 // allowAll lets every caller do everything: the authorizer of a service

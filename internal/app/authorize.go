@@ -84,15 +84,9 @@ func (cfg CredentialsConfig) connectAndEvents(logger *slog.Logger) (*credentials
 	if err != nil {
 		return nil, nil, fmt.Errorf("--authorize-return-urls: %w", err)
 	}
-	access := int64(credentials.AccessOnlineTracking)
-	if a.AccessType != "" {
-		if access, err = credentials.ParseAccessType(a.AccessType); err != nil {
-			return nil, nil, fmt.Errorf("--wialon-access-type: %w", err)
-		}
-	}
 	return &credentials.ConnectConfig{
 		Client: cfg.RedisClient, Prefix: cfg.RedisPrefix, PublicURL: a.PublicURL, ClientID: a.ClientID,
-		AccessType: access, AllowFullAccess: a.AllowFullAccess, ReturnURLs: returnURLs, LoginURL: a.LoginURL,
+		AccessType: a.AccessType, AllowFullAccess: a.AllowFullAccess, ReturnURLs: returnURLs, LoginURL: a.LoginURL,
 		Audit: cfg.Audit, Registerer: reg,
 	}, events, nil
 }

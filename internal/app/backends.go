@@ -13,11 +13,12 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
+	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
 
 // RedisConfig selects single node, Sentinel or Cluster through go-redis's
@@ -48,7 +49,8 @@ type RedisConfig struct {
 	// In a Cluster every node is checked against it, so it suits only a
 	// certificate shared by all nodes.
 	TLSServerName string
-	// Timeout bounds dial, read and write of every Redis call.
+	// Timeout bounds every Redis call as a whole: waiting for a pooled
+	// connection, dialing, writing and reading (see NewRedis).
 	Timeout time.Duration
 }
 
@@ -88,6 +90,15 @@ func (cfg RedisConfig) tlsConfig() (*tls.Config, error) {
 }
 
 // NewRedis returns a connected client, or an error if PING fails.
+//
+// Every call is bounded by cfg.Timeout as a whole — the wait for a pooled
+// connection, the dial (Sentinel's master lookup included), the write and
+// the read — so a frozen Redis answers within about that time, not after
+// it thaws. go-redis does not retry: a retried write whose first reply was
+// lost is a second write (the store's scripts are idempotent under retry,
+// but other callers' commands, such as rate-limit counters, are not), and
+// each retry would stretch a call past its bound. Callers retry, with the
+// request id that makes a repeat harmless.
 func NewRedis(ctx context.Context, cfg RedisConfig) (redis.UniversalClient, error) {
 	if len(cfg.Addrs) == 0 {
 		return nil, fmt.Errorf("redis: no address configured (--redis-addr)")
@@ -109,9 +120,21 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (redis.UniversalClient, erro
 		DialTimeout:  timeout,
 		ReadTimeout:  timeout,
 		WriteTimeout: timeout,
+		PoolTimeout:  timeout,
+		MaxRetries:   -1, // no retries: see above
+		// One dial per attempt: dial retries with backoff would outlast
+		// the timeout; the bound below cuts them off anyway.
+		DialerRetries: 1,
 		// Without this go-redis ignores the caller's deadline for socket I/O.
 		ContextTimeoutEnabled: true,
 	})
+	bound := deadlineHook{timeout: timeout}
+	client.AddHook(bound)
+	if cc, ok := client.(*redis.ClusterClient); ok {
+		// A cluster's node clients run calls of their own (the store's
+		// WAIT path uses them directly): bound those too.
+		cc.OnNewNode(func(node *redis.Client) { node.AddHook(bound) })
+	}
 	pingCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if err := client.Ping(pingCtx).Err(); err != nil {
@@ -119,6 +142,57 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (redis.UniversalClient, erro
 		return nil, fmt.Errorf("redis: ping %v: %w", cfg.Addrs, err)
 	}
 	return client, nil
+}
+
+// deadlineHook gives every command and pipeline a deadline of timeout from
+// its start, unless the caller's is sooner. Because go-redis waits for a
+// pooled connection, dials and does its socket I/O under the call's
+// context (ContextTimeoutEnabled), this bounds the whole call.
+type deadlineHook struct{ timeout time.Duration }
+
+func (h deadlineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h deadlineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		ctx, cancel := context.WithTimeout(ctx, h.timeout)
+		defer cancel()
+		return next(ctx, cmd)
+	}
+}
+
+func (h deadlineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		ctx, cancel := context.WithTimeout(ctx, h.timeout)
+		defer cancel()
+		return next(ctx, cmds)
+	}
+}
+
+// RedisWaitAuto, as RedisWaitReplicas, waits for one replica where the
+// topology has replicas and for none where it has none.
+const RedisWaitAuto = -1
+
+// redisWaitReplicas decides how many replicas must acknowledge credential
+// writes: want, or with RedisWaitAuto one if the topology has any. It logs
+// the decision, since without replicas a failover (or a lost node) loses
+// acknowledged writes.
+func redisWaitReplicas(ctx context.Context, rdb redis.UniversalClient, want int, logger *slog.Logger) (int, error) {
+	if want >= 0 {
+		logger.Info("credential writes wait for Redis replicas", "replicas", want)
+		return want, nil
+	}
+	n, err := store.CountReplicas(ctx, rdb)
+	if err != nil {
+		return 0, fmt.Errorf("redis: count the replicas for --redis-wait-replicas=-1 (INFO replication; an ACL without @dangerous refuses it: "+
+			"allow +info, or set --redis-wait-replicas to 0 or 1): %w", err)
+	}
+	if n == 0 {
+		logger.Warn("Redis has no replica: credential writes are acknowledged once on the master; " +
+			"without AOF (appendfsync always) a crash or failover can lose them")
+		return 0, nil
+	}
+	logger.Info("credential writes wait for one Redis replica (WAIT)", "replicas_seen", n)
+	return 1, nil
 }
 
 // VaultConfig is how a service reaches Vault transit.
@@ -139,50 +213,30 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*trans
 	return v, nil
 }
 
-// ProviderValidator checks secrets against Wialon and FleetUp.
-type ProviderValidator struct {
-	Wialon  *wialon.Client
-	FleetUp *fleetup.Client
-}
-
-// NewProviderValidator returns a validator whose calls time out after
-// timeout, connect only to addresses allow permits, and are measured in m
-// (nil: not measured).
-func NewProviderValidator(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) *ProviderValidator {
-	clients := newUpstreamClients(timeout, allow, m)
-	return &ProviderValidator{Wialon: wialon.New(clients.wialon), FleetUp: fleetup.New(clients.fleetup)}
-}
-
-// ValidateWialon logs in with the token and logs out at once, so validation
-// does not leave an upstream session behind.
-func (v *ProviderValidator) ValidateWialon(ctx context.Context, baseURL, token string) (string, error) {
-	sess, err := v.Wialon.Login(ctx, baseURL, token)
-	if err != nil {
-		return "", err
+// newProviders builds a process's provider registry from factories (nil:
+// every provider fleetbroker serves) on the one HTTP client shape for
+// provider calls: a timeout on every request, a transport that dials only
+// addresses the allow-list permits (checked on the address actually
+// dialed, so DNS cannot aim it at internal services), and latency/status
+// metrics by provider and endpoint in m (nil: not measured). The providers
+// share one transport, and so its connection pool. Egress proxies are not
+// supported: through one, the address check would see the proxy, not the
+// upstream.
+func newProviders(factories []provider.Factory, timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics, tuning provider.Tuning, logger *slog.Logger) (*provider.Registry, error) {
+	if factories == nil {
+		factories = providers.All()
 	}
-	_ = v.Wialon.Logout(ctx, baseURL, sess.SID) // best effort: the session idles out anyway
-	return sess.User, nil
-}
-
-// ValidateFleetUp mints a JWT and forgets it.
-func (v *ProviderValidator) ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error {
-	_, err := v.FleetUp.MintToken(ctx, baseURL, apiKey, accountID, secret)
-	return err
-}
-
-// upstreamClients are the HTTP clients of the two providers.
-type upstreamClients struct{ wialon, fleetup *http.Client }
-
-// newUpstreamClients is the one HTTP client shape for provider calls: a
-// timeout on every request, a transport that dials only addresses the
-// allow-list permits (checked on the address actually dialed, so DNS cannot
-// aim it at internal services), and latency/status metrics by provider and
-// endpoint. Egress proxies are not supported: through one, the address
-// check would see the proxy, not the upstream.
-func newUpstreamClients(timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics) upstreamClients {
 	base := upstream.NewTransport(allow)
-	return upstreamClients{
-		wialon:  &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderWialon, m)},
-		fleetup: &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)},
+	env := provider.Env{
+		HTTPClient: func(name string) *http.Client {
+			return &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, name, m)}
+		},
+		Tuning: tuning,
+		Logger: logger,
 	}
+	reg, err := provider.NewRegistry(env, factories...)
+	if err != nil {
+		return nil, fmt.Errorf("providers: %w", err)
+	}
+	return reg, nil
 }

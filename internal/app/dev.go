@@ -12,13 +12,13 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
-	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -86,7 +86,11 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		return fmt.Errorf("start in-process redis: %w", err)
 	}
 	defer mini.Close()
-	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mini.Addr()}, ContextTimeoutEnabled: true})
+	// The production client: every call bounded, no client retries.
+	rdb, err := NewRedis(ctx, RedisConfig{Addrs: []string{mini.Addr()}})
+	if err != nil {
+		return fmt.Errorf("in-process redis: %w", err)
+	}
 	defer rdb.Close()
 	metrics := telemetry.NewMetrics()
 	if err := instrumentRedis(rdb, metrics); err != nil {
@@ -95,6 +99,11 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	keyring, err := transit.NewKeyring()
 	if err != nil {
 		return fmt.Errorf("dev keyring: %w", err)
+	}
+	// Handle keys live as long as the process, like every handle it issues.
+	handleKeys, err := handle.GenerateKeys()
+	if err != nil {
+		return fmt.Errorf("dev handle keys: %w", err)
 	}
 
 	simLis, err := net.Listen("tcp", cfg.SimulatorListen)
@@ -120,7 +129,14 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
 		MaxSessionTTL:    cfg.MaxSessionTTL,
 		Metrics:          metrics,
+		HandleKeys:       handleKeys,
 		RedisClient:      rdb,
+	}
+	// Nothing in a fresh in-process Redis predates keyed handles: legacy
+	// ones are refused from the start, by both services.
+	credCfg.LegacyHandles = handle.NewLegacyWindow(rdb, "fb")
+	if _, err := credCfg.LegacyHandles.Close(ctx, 0); err != nil {
+		return fmt.Errorf("in-process redis: %w", err)
 	}
 	authURL, err := devAuthorize(cfg, &credCfg)
 	if err != nil {
@@ -131,7 +147,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
 	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
-		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), false, policy.Static(policy.AllowAll()), rdb, logger)
+		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), handleKeys, false, policy.Static(policy.AllowAll()), rdb, logger)
 	if err != nil {
 		return err
 	}
@@ -153,6 +169,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	gw, err := NewGatewayService(GatewayConfig{
 		AllowedUpstreams: credCfg.AllowedUpstreams,
 		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
+		HandleKeys:       handleKeys,
 		FleetUpRate:      cfg.FleetUpRate,
 		FleetUpBurst:     cfg.FleetUpRate,
 		Metrics:          metrics,
@@ -160,6 +177,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	defer gw.Close()
 	srv, err := server.New(srvCfg, svc.Register, gw.Register)
 	if err != nil {
 		return err

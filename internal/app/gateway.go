@@ -13,9 +13,9 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -52,6 +52,11 @@ type GatewayConfig struct {
 	RedisPrefix      string
 	AllowedUpstreams string
 	HandleCacheTTL   time.Duration
+	// HandleKeyFile holds the credentials service's handle keys, to
+	// refuse forged handles before resolving them; HandleKeys, when set,
+	// are used instead (tests, dev).
+	HandleKeyFile string
+	HandleKeys    *handle.Keys
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -59,6 +64,13 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
+	// PurgeInterval is how often the sessions of deleted or replaced
+	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
+	// never, except through Service.PurgeRetired).
+	PurgeInterval time.Duration
+	// Providers are the providers served; nil means every one
+	// (providers.All). Tests add a fake here.
+	Providers []provider.Factory
 	// MetricsListen serves Prometheus metrics on a separate HTTP listener.
 	MetricsListen string
 	// Metrics records the gateway's metrics (set by RunGateway; nil: none).
@@ -84,6 +96,11 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return closers.fail(err)
+	}
+	cfg.HandleKeys = keys
 	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
 		return closers.fail(err)
@@ -114,7 +131,12 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	// Readiness is Redis only: with Vault down the gateway still serves
 	// every account whose upstream session is cached.
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), cfg.Security.TLSClientCA != "", src, rdb, logger)
+	keys, err = loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return closers.fail(err)
+	}
+	cfg.HandleKeys = keys
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), keys, cfg.Security.TLSClientCA != "", src, rdb, logger)
 	if err != nil {
 		return closers.fail(err)
 	}
@@ -124,6 +146,7 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	if err != nil {
 		return closers.fail(err)
 	}
+	closers.push(svc.Close)
 	srvCfg.Logger = logger
 	srv, err := server.New(srvCfg, svc.Register)
 	if err != nil {
@@ -165,32 +188,42 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if prefix == "" {
 		prefix = "fb"
 	}
-	clients := newUpstreamClients(timeout, allow, cfg.Metrics)
-	rate := ratelimit.FleetUp
-	if cfg.FleetUpRate > 0 {
-		rate = ratelimit.PerSecond(cfg.FleetUpRate, max(cfg.FleetUpBurst, 1))
+	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, cfg.tuning(), logger)
+	if err != nil {
+		return nil, err
 	}
 	svc, err := gateway.New(gateway.Config{
-		Sessions:         sessions,
-		Cache:            tokencache.New(rdb, tr, gateway.InstrumentTokenCache(tokencache.Options{Prefix: prefix + ":gw", Logger: logger, LocalTTL: tokenLocalTTL}, cfg.Metrics)),
-		Limiter:          ratelimit.New(rdb, prefix+":gw:rl"),
-		Redis:            rdb,
-		RedisPrefix:      prefix,
-		Wialon:           wialon.New(clients.wialon),
-		FleetUp:          fleetup.New(clients.fleetup),
-		Metrics:          cfg.Metrics,
-		AllowList:        allow,
-		HandleCacheTTL:   cfg.HandleCacheTTL,
-		FleetUpRate:      rate,
-		JWTSafetyMargin:  cfg.JWTSafetyMargin,
-		WialonSessionTTL: cfg.WialonSessionTTL,
-		TenantLimit:      cfg.tenantLimit,
-		Logger:           logger,
+		Sessions:       sessions,
+		Providers:      reg,
+		Cache:          tokencache.New(rdb, tr, gateway.InstrumentTokenCache(tokencache.Options{Prefix: prefix + ":gw", Logger: logger, LocalTTL: tokenLocalTTL}, cfg.Metrics)),
+		Limiter:        ratelimit.New(rdb, prefix+":gw:rl"),
+		Redis:          rdb,
+		RedisPrefix:    prefix,
+		Metrics:        cfg.Metrics,
+		AllowList:      allow,
+		HandleCacheTTL: cfg.HandleCacheTTL,
+		HandleKeys:     keys,
+		PurgeInterval:  cfg.PurgeInterval,
+		TenantLimit:    cfg.tenantLimit,
+		Logger:         logger,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	return svc, nil
+}
+
+// tuning is what the gateway's flags tell the providers.
+func (cfg GatewayConfig) tuning() provider.Tuning {
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin}
+	if cfg.FleetUpRate > 0 {
+		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
+	}
+	return t
 }
 
 // apiKeyCredentials sends the gateway's API key with every call to the

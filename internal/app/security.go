@@ -13,6 +13,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -68,7 +69,7 @@ func (s *security) Close() {
 // returns the security wiring plus cfg completed with TLS and interceptors.
 // A nil policy source means the caller supplies one (dev: allow-all). rules
 // are the methods the server serves; every other method is refused.
-func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
+func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, handleKeys *handle.Keys, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
 	out := &security{}
 	fail := func(err error) (*security, server.Config, error) {
 		out.Close()
@@ -116,7 +117,7 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz
 		PerTenant:    perSecond(sec.RateLimitTenant),
 	}
 	out.authorizer = authz.New(authz.Config{
-		Policy: src, Audit: auditLog, Logger: logger, Methods: rules, Limits: out.limits,
+		Policy: src, Audit: auditLog, Logger: logger, Methods: rules, HandleKeys: handleKeys, Limits: out.limits,
 		RequirePrincipal: requirePrincipal, TrustedHeader: sec.TrustedHeader, TrustedProxies: proxies,
 		Cert: authn.CertOptions{AllowCN: sec.ClientCNPrincipals},
 	})

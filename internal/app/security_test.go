@@ -27,6 +27,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -138,8 +139,13 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 	credCert, credKeyFile := st.pki.Issue(t, "credentials", testenv.IssueOptions{DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
 	gwCert, gwKeyFile := st.pki.Issue(t, "gateway", testenv.IssueOptions{URIs: []string{principalGateway}, DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
 	prefix := testenv.RedisPrefix(t)
+	handleKeys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	credCfg := app.CredentialsConfig{
-		Server: server.Config{Reflection: true},
+		HandleKeys: handleKeys,
+		Server:     server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: credCert, TLSKey: credKeyFile, TLSClientCA: st.pki.CAFile(),
 			PolicyFile: st.policyFile, AuditLog: st.auditFile,
@@ -154,6 +160,7 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 		return app.BuildCredentials(ctx, credCfg, logger)
 	})
 	gwCfg := app.GatewayConfig{
+		HandleKeys:            handleKeys,
 		Security:              app.SecurityConfig{TLSCert: gwCert, TLSKey: gwKeyFile},
 		CredentialsAddr:       st.credsAddr,
 		CredentialsTLS:        tlsutil.Files{CAFile: st.pki.CAFile(), CertFile: gwCert, KeyFile: gwKeyFile},
@@ -308,6 +315,15 @@ func TestTenantIsolationGatewayOnlyRPCsAndAudit(t *testing.T) {
 		}},
 		{"acme asks for the secret (gateway only)", func() error {
 			_, err := acmeSessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
+			return err
+		}},
+		{"acme mints an upstream session (gateway only)", func() error {
+			_, err := acmeSessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: "g"})
+			return err
+		}},
+		{"acme asks which generations are retired (gateway only)", func() error {
+			_, err := acmeSessions.ListRetiredGenerations(ctx, &credentialsv1.ListRetiredGenerationsRequest{TenantId: secTenantA,
+				Generations: []*credentialsv1.CredentialGeneration{{CredentialId: "w", Generation: "g"}}})
 			return err
 		}},
 	}

@@ -78,6 +78,9 @@ type Config struct {
 	// A method not listed is refused with PERMISSION_DENIED for everyone,
 	// except health and reflection.
 	Methods map[string]Rule
+	// HandleKeys check the handles of session-authorized calls before any
+	// budget is spent; nil checks their shape only.
+	HandleKeys *handle.Keys
 	// RequirePrincipal refuses callers without an identity (UNAUTHENTICATED)
 	// on policy-authorized methods. Session-authorized methods need no
 	// principal: their callers hold a handle.
@@ -162,11 +165,27 @@ func (a *Authorizer) identify(ctx context.Context) (authn.Principal, error) {
 		return authn.Principal{}, apierr.New(codes.Unauthenticated, apierr.ReasonUnauthenticated, "unknown API key", nil)
 	}
 	if a.cfg.TrustedHeader != "" && a.fromTrustedProxy(ctx) {
-		if v := md.Get(a.cfg.TrustedHeader); len(v) == 1 && len(v[0]) <= 512 && authn.IsURIName(v[0]) {
-			return authn.Principal{Name: v[0], Via: authn.ViaHeader}, nil
+		if name, ok := trustedHeaderPrincipal(a.cfg.TrustedHeader, md.Get(a.cfg.TrustedHeader)); ok {
+			return authn.Principal{Name: name, Via: authn.ViaHeader}, nil
 		}
 	}
 	return authn.Principal{Name: anonymous, Via: authn.ViaNone}, nil
+}
+
+// trustedHeaderPrincipal reads the principal a trusted proxy put in header:
+// from Envoy's x-forwarded-client-cert, the URI SAN of the certificate the
+// proxy verified; from any other header, its one value if it is a URI.
+func trustedHeaderPrincipal(header string, values []string) (string, bool) {
+	if len(values) != 1 || len(values[0]) > 4096 {
+		return "", false
+	}
+	if strings.EqualFold(header, authn.XFCCHeader) {
+		return authn.FromXFCC(values[0])
+	}
+	if len(values[0]) > 512 || !authn.IsURIName(values[0]) {
+		return "", false
+	}
+	return values[0], true
 }
 
 func (a *Authorizer) fromTrustedProxy(ctx context.Context) bool {
@@ -321,10 +340,20 @@ func (a *Authorizer) sessionLimit(ctx context.Context) error {
 	if !ok {
 		return apierr.New(codes.Unauthenticated, apierr.ReasonUnauthenticated, "missing session handle: send metadata 'authorization: Bearer <handle>'", nil)
 	}
-	if _, err := handle.Parse(h); err != nil {
+	if !a.handleOK(h) {
 		return apierr.New(codes.Unauthenticated, apierr.ReasonSessionInvalid, "session handle is invalid, expired or revoked", nil)
 	}
 	return a.cfg.Limits.takeSession(ctx, h)
+}
+
+// handleOK checks h with the handle keys when the authorizer has them (a
+// forged handle then spends no budget at all), else its shape only.
+func (a *Authorizer) handleOK(h string) bool {
+	if a.cfg.HandleKeys == nil {
+		return handle.WellFormed(h)
+	}
+	_, err := a.cfg.HandleKeys.Check(h)
+	return err == nil
 }
 
 // bearerHandle reads `authorization: Bearer <handle>`; exactly one value.

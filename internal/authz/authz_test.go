@@ -200,3 +200,34 @@ func TestTrustedHeaderOnlyInURIForm(t *testing.T) {
 		t.Errorf("the header identity is not on record with its source:\n%s", w.String())
 	}
 }
+
+// TestTrustedXFCCHeader: behind an Istio/Envoy sidecar the principal is the
+// URI SAN of the last x-forwarded-client-cert element (the sidecar's), not
+// anything a client wrote before it.
+func TestTrustedXFCCHeader(t *testing.T) {
+	conn, _, w, _ := start(t, func(c *authz.Config) {
+		c.TrustedHeader = "x-forwarded-client-cert"
+		c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	})
+	call := func(xfcc string) error {
+		ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "x-forwarded-client-cert", xfcc), 5*time.Second)
+		defer cancel()
+		return conn.Invoke(ctx, listed, &emptypb.Empty{}, &emptypb.Empty{})
+	}
+	const caller = "spiffe://example.org/ns/mesh/sa/caller"
+	if err := call(`By=spiffe://example.org/ns/fleetbroker/sa/credentials;Hash=ab;Subject="";URI=` + caller); err != nil {
+		t.Fatalf("XFCC from a trusted proxy: %v", err)
+	}
+	if !strings.Contains(w.String(), `"principal":"`+caller+`","via":"header"`) {
+		t.Errorf("the XFCC identity is not on record with its source:\n%s", w.String())
+	}
+	for _, xfcc := range []string{
+		`By=spiffe://example.org/x;Hash=ab;DNS=caller.example.org`,              // no URI SAN
+		`URI=` + caller + `,By=spiffe://example.org/x;Hash=ab`,                  // the sidecar's element names nobody
+		`URI=` + caller + `;URI=spiffe://example.org/ns/fleetbroker/sa/gateway`, // ambiguous
+	} {
+		if err := call(xfcc); status.Code(err) != codes.Unauthenticated {
+			t.Errorf("XFCC %q: %v, want Unauthenticated", xfcc, err)
+		}
+	}
+}

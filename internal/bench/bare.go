@@ -4,17 +4,17 @@ import (
 	"context"
 	"net"
 	"sort"
-	"strconv"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/timestamppb"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 )
 
 // bareHeader names the provider a bare call is for.
@@ -22,42 +22,43 @@ const bareHeader = "x-bench-provider"
 
 // bareServer is baseline (b): a plain grpc.Server (no interceptors) whose
 // GetLatestPositions forwards to the simulator with hard-coded upstream
-// credentials (a Wialon sid and a FleetUp JWT taken at start), and turns
-// the reply into the same protobuf the gateway returns. No handle, no
-// cache, no Redis, no limiter.
+// sessions (a Wialon sid and a FleetUp JWT taken at start) through the same
+// provider code as the gateway, so it returns the same protobuf. No handle,
+// no cache, no Redis, no limiter.
 type bareServer struct {
 	telematicsv1.UnimplementedTelematicsServiceServer
-	wialon   *wialon.Client
-	fleetup  *fleetup.Client
-	simURL   string
-	sid      string
-	fleetAth fleetup.Auth
+	// byName holds each provider with its hand-held session.
+	byName map[string]bareUpstream
+}
+
+type bareUpstream struct {
+	p    provider.Provider
+	conn *provider.Conn
+}
+
+// newBareUpstream lends p a hand-held session (no pacing, no locks).
+func newBareUpstream(p provider.Provider, baseURL string, session proto.Message) (bareUpstream, error) {
+	packed, err := anypb.New(session)
+	if err != nil {
+		return bareUpstream{}, err
+	}
+	return bareUpstream{p: p, conn: &provider.Conn{Target: provider.Target{BaseURL: baseURL},
+		Session: &credentialsv1.MintUpstreamSessionResponse{BaseUrl: baseURL, UpstreamSession: packed}}}, nil
 }
 
 func (b *bareServer) GetLatestPositions(ctx context.Context, _ *telematicsv1.GetLatestPositionsRequest) (*telematicsv1.GetLatestPositionsResponse, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	var out []*telematicsv1.Position
-	switch v := md.Get(bareHeader); {
-	case len(v) == 1 && v[0] == provWialon:
-		units, err := b.wialon.SearchUnits(ctx, b.simURL, b.sid)
-		if err != nil {
-			return nil, status.Error(codes.Unavailable, err.Error())
-		}
-		for _, u := range units {
-			if p := wialonPosition(strconv.FormatInt(u.ID, 10), u.Pos); p != nil {
-				out = append(out, p)
-			}
-		}
-	case len(v) == 1 && v[0] == provFleetUp:
-		locs, err := b.fleetup.LastLocations(ctx, b.fleetAth, nil)
-		if err != nil {
-			return nil, status.Error(codes.Unavailable, err.Error())
-		}
-		for _, l := range locs {
-			out = append(out, fleetupPosition(l))
-		}
-	default:
+	v := md.Get(bareHeader)
+	if len(v) != 1 {
 		return nil, status.Error(codes.InvalidArgument, "missing "+bareHeader)
+	}
+	up, ok := b.byName[v[0]]
+	if !ok {
+		return nil, status.Error(codes.InvalidArgument, "unknown provider in "+bareHeader)
+	}
+	out, err := up.p.LatestPositions(ctx, up.conn)
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].GetUnitId() < out[j].GetUnitId() })
 	return &telematicsv1.GetLatestPositionsResponse{Positions: out}, nil
@@ -79,19 +80,4 @@ func (e *env) serveBare(b *bareServer) (telematicsv1.TelematicsServiceClient, er
 		return nil, err
 	}
 	return telematicsv1.NewTelematicsServiceClient(conn), nil
-}
-
-// The same conversions as services/gateway (unexported there).
-
-func wialonPosition(unitID string, p *wialon.Position) *telematicsv1.Position {
-	if p == nil {
-		return nil
-	}
-	return &telematicsv1.Position{UnitId: unitID, Time: timestamppb.New(p.Time), Latitude: p.Lat, Longitude: p.Lon,
-		AltitudeM: p.Altitude, SpeedKmh: p.Speed, CourseDeg: p.Course, Satellites: int32(p.Satellites)}
-}
-
-func fleetupPosition(l fleetup.Location) *telematicsv1.Position {
-	return &telematicsv1.Position{UnitId: l.DeviceID, Time: timestamppb.New(l.Time), Latitude: l.Lat, Longitude: l.Lon,
-		SpeedKmh: l.Speed, CourseDeg: l.Heading}
 }

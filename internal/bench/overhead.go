@@ -3,12 +3,15 @@ package bench
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"slices"
 	"time"
 
 	"google.golang.org/grpc/metadata"
 
+	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 )
@@ -87,8 +90,16 @@ func (e *env) newHotPath(ctx context.Context, sim *simHTTP, shared, distinct int
 	}}
 
 	// (b) bare forwarder with the same hand-held credentials.
-	bare, err := e.serveBare(&bareServer{wialon: wialon.New(upstreamClient(idle)), fleetup: fleetup.New(upstreamClient(idle)),
-		simURL: sim.url, sid: ws.SID, fleetAth: fauth})
+	env := provider.Env{HTTPClient: func(string) *http.Client { return upstreamClient(idle) }}
+	bareW, err := newBareUpstream(wialon.NewProvider(env), sim.url, &credentialsv1.WialonUpstreamSession{Eid: ws.SID})
+	if err != nil {
+		return nil, err
+	}
+	bareF, err := newBareUpstream(fleetup.NewProvider(env), sim.url, &credentialsv1.FleetUpUpstreamSession{Jwt: jwt.JWT, ApiKey: hf.apiKey, AccountId: hf.acctID})
+	if err != nil {
+		return nil, err
+	}
+	bare, err := e.serveBare(&bareServer{byName: map[string]bareUpstream{provWialon: bareW, provFleetUp: bareF}})
 	if err != nil {
 		return nil, err
 	}

@@ -22,8 +22,9 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	allproviders "github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -59,6 +60,9 @@ type env struct {
 	credTr  transit.Transit
 	gwTr    transit.Transit
 	allowed string // host:port of every simulator, for the allow-lists
+	// handleKeys sign handles at the credentials service and check them at
+	// the gateways, as --handle-key-file does for the real binaries.
+	handleKeys *handle.Keys
 
 	credsAddr string
 	creds     credentialsv1.CredentialServiceClient
@@ -138,7 +142,10 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 		hosts = append(hosts, s.hostPort)
 	}
 	e.allowed = strings.Join(hosts, ",")
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second},
+	if e.handleKeys, err = handle.GenerateKeys(); err != nil {
+		return nil, err
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, HandleKeys: e.handleKeys},
 		store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), e.credTr, e.log)
 	if err != nil {
 		return nil, err
@@ -233,6 +240,7 @@ func (e *env) startGateway(ctx context.Context, o gatewayOpts) (telematicsv1.Tel
 		FleetUpBurst:     unlimitedFleetUp,
 		JWTSafetyMargin:  o.jwtSafetyMargin,
 		UpstreamTimeout:  10 * time.Second,
+		HandleKeys:       e.handleKeys,
 	}
 	sessions := credentialsv1.NewSessionServiceClient(credConn)
 	var gw *gateway.Service
@@ -268,20 +276,26 @@ func newTunedGateway(cfg app.GatewayConfig, idlePerHost int, sessions credential
 	t.MaxIdleConnsPerHost = idlePerHost
 	t.MaxIdleConns = max(t.MaxIdleConns, 4*idlePerHost)
 	hc := &http.Client{Timeout: cfg.UpstreamTimeout, Transport: t}
+	reg, err := provider.NewRegistry(provider.Env{
+		HTTPClient: func(string) *http.Client { return hc },
+		Tuning: provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin,
+			AccountLimit: provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}},
+		Logger: logger,
+	}, allproviders.All()...)
+	if err != nil {
+		return nil, err
+	}
 	return gateway.New(gateway.Config{
-		Sessions:         sessions,
-		Cache:            tokencache.New(rdb, tr, tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger}),
-		Limiter:          ratelimit.New(rdb, cfg.RedisPrefix+":gw:rl"),
-		Redis:            rdb,
-		RedisPrefix:      cfg.RedisPrefix,
-		Wialon:           wialon.New(hc),
-		FleetUp:          fleetup.New(hc),
-		AllowList:        allow,
-		HandleCacheTTL:   cfg.HandleCacheTTL,
-		FleetUpRate:      ratelimit.PerSecond(cfg.FleetUpRate, max(cfg.FleetUpBurst, 1)),
-		JWTSafetyMargin:  cfg.JWTSafetyMargin,
-		WialonSessionTTL: cfg.WialonSessionTTL,
-		Logger:           logger,
+		Sessions:       sessions,
+		Providers:      reg,
+		Cache:          tokencache.New(rdb, tr, tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger}),
+		Limiter:        ratelimit.New(rdb, cfg.RedisPrefix+":gw:rl"),
+		Redis:          rdb,
+		RedisPrefix:    cfg.RedisPrefix,
+		AllowList:      allow,
+		HandleCacheTTL: cfg.HandleCacheTTL,
+		HandleKeys:     cfg.HandleKeys,
+		Logger:         logger,
 	})
 }
 

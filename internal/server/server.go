@@ -5,6 +5,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"buf.build/go/protovalidate"
+	middleware "github.com/grpc-ecosystem/go-grpc-middleware/v2"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
@@ -68,6 +70,11 @@ const (
 	// "too_many_pings" and drops its connection; 10 s (the smallest interval
 	// gRPC clients use) admits them while still bounding ping floods.
 	DefaultKeepaliveMinTime = 10 * time.Second
+	// DefaultDrainPeriod is how long shutdown keeps serving while health
+	// reports NOT_SERVING: long enough for a balancer that health-checks
+	// every few seconds, or for Kubernetes to take the pod out of its
+	// endpoints, to stop sending calls before any is refused.
+	DefaultDrainPeriod = 5 * time.Second
 	// DefaultReadinessInterval is how often the readiness checks run.
 	DefaultReadinessInterval = 5 * time.Second
 	// DefaultReadinessTimeout bounds one run of one readiness check.
@@ -96,7 +103,12 @@ type Config struct {
 	Listen string
 	// Reflection registers the gRPC reflection service (for grpcurl).
 	Reflection bool
-	// GracePeriod bounds how long shutdown waits for in-flight calls.
+	// DrainPeriod is how long shutdown reports NOT_SERVING while still
+	// serving, before it stops accepting calls: the time health-checking
+	// load balancers (and Kubernetes endpoint updates) need to send new
+	// calls elsewhere. 0: stop at once.
+	DrainPeriod time.Duration
+	// GracePeriod bounds how long shutdown then waits for in-flight calls.
 	GracePeriod time.Duration
 	Logger      *slog.Logger
 	// TLS serves TLS 1.3 (mTLS when it requires client certificates).
@@ -143,9 +155,12 @@ type Config struct {
 	// without (Redis, Vault). grpc.health.v1 is the readiness signal: while
 	// any check fails, every registered service and "" report NOT_SERVING,
 	// and SERVING again once all pass. With checks, the status is
-	// NOT_SERVING from New until the first run passes; Serve runs them at
-	// once and then every ReadinessInterval. Liveness is the process
-	// answering at all: probe LivenessService (or the TCP port), never "".
+	// NOT_SERVING from New until every check has passed once. Serve runs
+	// each check at once, then every ReadinessInterval while it passes and
+	// every 500 ms (or ReadinessInterval, if shorter) while it fails, so
+	// health follows a dependency within about one interval both ways.
+	// Liveness is the process answering at all: probe LivenessService (or
+	// the TCP port), never "".
 	Readiness         []Check
 	ReadinessInterval time.Duration // 0: DefaultReadinessInterval
 	ReadinessTimeout  time.Duration // per check; 0: DefaultReadinessTimeout
@@ -159,11 +174,12 @@ type Server struct {
 	health *health.Server
 	// services are the registered service names, health and reflection
 	// included; with "" they are what readiness sets.
-	services []string
-	// ready and failing are the readiness state; only watchReadiness
-	// touches them after New.
-	ready   bool
-	failing map[string]bool
+	services  []string
+	readiness *readiness
+	// stopping is cancelled when shutdown stops accepting calls; it ends
+	// the streams still open (see endStreams).
+	stopping    context.Context
+	stopStreams context.CancelFunc
 }
 
 // New builds a server and lets each register func add its services.
@@ -202,6 +218,7 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 		return nil, fmt.Errorf("build request validator: %w", err)
 	}
 	s := &Server{cfg: cfg, health: health.NewServer()}
+	s.stopping, s.stopStreams = context.WithCancel(context.Background())
 	opts := append(s.interceptors(validator), grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize))
 	opts = append(opts, keepaliveOptions(cfg)...)
 	if cfg.TLS != nil {
@@ -225,8 +242,8 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 		s.services = append(s.services, name)
 	}
 	// Not ready until the dependencies have been checked once.
-	s.ready = len(cfg.Readiness) == 0
-	s.setServing(s.ready)
+	s.readiness = newReadiness(s)
+	s.setServing(s.readiness.ready)
 	s.health.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	return s, nil
 }
@@ -275,72 +292,14 @@ func (s *Server) setServing(ok bool) {
 	}
 }
 
-// watchReadiness runs the readiness checks at once and then every
-// interval until ctx is done.
-func (s *Server) watchReadiness(ctx context.Context) {
-	t := time.NewTicker(s.cfg.ReadinessInterval)
-	defer t.Stop()
-	for {
-		s.checkReadiness(ctx)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
-
-// checkReadiness runs every check concurrently, each under its own
-// timeout, and flips the health status when the overall outcome changes.
-// A check's state changes are logged (its error included: checks report
-// reachability, never secrets); steady states are not, to keep logs quiet.
-func (s *Server) checkReadiness(ctx context.Context) {
-	errs := make([]error, len(s.cfg.Readiness))
-	var wg sync.WaitGroup
-	for i, c := range s.cfg.Readiness {
-		wg.Go(func() {
-			cctx, cancel := context.WithTimeout(ctx, s.cfg.ReadinessTimeout)
-			defer cancel()
-			errs[i] = c.Check(cctx)
-		})
-	}
-	wg.Wait()
-	if ctx.Err() != nil {
-		return // shutting down: health already says NOT_SERVING
-	}
-	if s.failing == nil {
-		s.failing = make(map[string]bool, len(errs))
-	}
-	ready := true
-	for i, c := range s.cfg.Readiness {
-		failed := errs[i] != nil
-		ready = ready && !failed
-		s.cfg.Metrics.SetReadiness(c.Name, !failed)
-		if was, seen := s.failing[c.Name]; failed && (!seen || !was) {
-			s.cfg.Logger.Warn("readiness check failing", "check", c.Name, "error", errs[i])
-		} else if !failed && seen && was {
-			s.cfg.Logger.Info("readiness check passing again", "check", c.Name)
-		}
-		s.failing[c.Name] = failed
-	}
-	if ready != s.ready {
-		s.ready = ready
-		s.setServing(ready)
-		if ready {
-			s.cfg.Logger.Info("ready: health reports SERVING")
-		} else {
-			s.cfg.Logger.Warn("not ready: health reports NOT_SERVING")
-		}
-	}
-}
-
 // interceptors is the one interceptor chain, outermost first: the request id
 // (so every log line and audit event of a call carries it), the metrics
 // (when configured: they see every call's final code and full latency,
 // rejections by authorization and validation included), logging records
 // each call's outcome (never its payload), recovery turns panics into
 // INTERNAL (inside logging, so a panicked call is logged like any other), a
-// default deadline, then the caller-specific interceptors (identity,
+// default deadline for unary calls and, for streams, their end at shutdown
+// (endStreams), then the caller-specific interceptors (identity,
 // authorization, audit, rate limits), and validation rejects bad input
 // before any handler runs.
 func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
@@ -379,6 +338,7 @@ func (s *Server) interceptors(v protovalidate.Validator) []grpc.ServerOption {
 			[]grpc.StreamServerInterceptor{
 				selector.StreamServerInterceptor(logging.StreamServerInterceptor(logger, logOpts...), notHealth),
 				recovery.StreamServerInterceptor(recoverOpts...),
+				s.endStreams,
 			},
 			s.cfg.Stream,
 			[]grpc.StreamServerInterceptor{validateStream(v)},
@@ -425,47 +385,125 @@ func (s *Server) Serve(ctx context.Context) error {
 	return s.ServeListener(ctx, lis)
 }
 
-// ServeListener serves on lis until ctx is done. Shutdown first reports
-// NOT_SERVING on health (so load balancers stop sending), then waits up to
-// the grace period for in-flight calls before cutting the rest.
+// ServeListener serves on lis until ctx is done, then shuts down in three
+// steps:
+//
+//  1. Drain: health reports NOT_SERVING for every service but
+//     LivenessService, and the server keeps serving, new connections and
+//     calls included, for DrainPeriod, so balancers that watch health move
+//     traffic away before anything is refused.
+//  2. Stop: the listener closes, every connection gets GOAWAY (clients
+//     reconnect elsewhere), and open streams — WatchPositions, health
+//     Watch — end with UNAVAILABLE so their clients re-subscribe elsewhere
+//     instead of holding the shutdown.
+//  3. Grace: unary calls in flight get up to GracePeriod to finish; the
+//     rest are cut.
 //
 // With readiness checks, they run while serving (see Config.Readiness).
 func (s *Server) ServeListener(ctx context.Context, lis net.Listener) error {
 	s.cfg.Logger.Info("grpc server listening", "addr", lis.Addr().String())
 	readinessCtx, stopReadiness := context.WithCancel(ctx)
 	readinessDone := make(chan struct{})
-	if len(s.cfg.Readiness) > 0 {
-		go func() { defer close(readinessDone); s.watchReadiness(readinessCtx) }()
-	} else {
-		close(readinessDone)
-	}
+	go func() { defer close(readinessDone); s.readiness.run(readinessCtx) }()
 	defer func() { stopReadiness(); <-readinessDone }()
+	closing := &notifyClose{Listener: lis, closed: make(chan struct{})}
 	errc := make(chan error, 1)
-	go func() { errc <- s.grpc.Serve(lis) }()
+	go func() { errc <- s.grpc.Serve(closing) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("grpc serve: %w", err)
 	case <-ctx.Done():
 	}
 	// Stop the checks before health goes NOT_SERVING for good, so a check
-	// finishing late cannot report SERVING during the drain (health.Shutdown
-	// also ignores later updates).
+	// finishing late cannot report SERVING during the drain.
 	stopReadiness()
 	<-readinessDone
-	s.health.Shutdown()
-	stopped := make(chan struct{})
-	go func() { s.grpc.GracefulStop(); close(stopped) }()
-	select {
-	case <-stopped:
-	case <-time.After(s.cfg.GracePeriod):
-		s.cfg.Logger.Warn("grace period over, closing remaining calls", "grace", s.cfg.GracePeriod)
-		s.grpc.Stop()
+	serveErr := s.drain(errc)
+	s.stop(closing.closed)
+	if serveErr == nil {
+		serveErr = <-errc
 	}
-	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-		return fmt.Errorf("grpc serve: %w", err)
+	if serveErr != nil && !errors.Is(serveErr, grpc.ErrServerStopped) {
+		return fmt.Errorf("grpc serve: %w", serveErr)
 	}
 	s.cfg.Logger.Info("grpc server stopped")
 	return nil
+}
+
+// drain reports NOT_SERVING and keeps serving for DrainPeriod. It returns
+// early, with Serve's error, if Serve fails meanwhile.
+func (s *Server) drain(errc <-chan error) error {
+	s.setServing(false)
+	if s.cfg.DrainPeriod <= 0 {
+		return nil
+	}
+	s.cfg.Logger.Info("draining: health reports NOT_SERVING, calls are still served", "drain_period", s.cfg.DrainPeriod)
+	t := time.NewTimer(s.cfg.DrainPeriod)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case err := <-errc:
+		return cmp.Or(err, grpc.ErrServerStopped)
+	}
+}
+
+// stop refuses new calls, ends open streams and waits up to GracePeriod
+// for the calls in flight. listenerClosed is closed when GracefulStop has
+// closed the listener.
+func (s *Server) stop(listenerClosed <-chan struct{}) {
+	s.cfg.Logger.Info("stopping: no new calls; in-flight calls get the grace period", "grace", s.cfg.GracePeriod)
+	stopped := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(stopped) }()
+	// GracefulStop closes the listener right before it sends GOAWAY on
+	// every connection: streams ended after that send their clients to new
+	// connections (another replica), rarely back to this server.
+	select {
+	case <-listenerClosed:
+	case <-stopped:
+	}
+	s.stopStreams()
+	grace := time.NewTimer(s.cfg.GracePeriod)
+	defer grace.Stop()
+	select {
+	case <-stopped:
+	case <-grace.C:
+		s.cfg.Logger.Warn("grace period over, closing remaining calls", "grace", s.cfg.GracePeriod)
+		// Stop closes every connection; a handler that ignores its
+		// context may still run, but nothing waits for it.
+		s.grpc.Stop()
+	}
+}
+
+// notifyClose closes closed when the listener is closed.
+type notifyClose struct {
+	net.Listener
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (l *notifyClose) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// errStopping is the cause with which endStreams ends a stream.
+var errStopping = errors.New("server stopping")
+
+// endStreams gives each stream a context that ends when the server stops
+// accepting calls, and turns the stream's end into UNAVAILABLE, which
+// tells the client to reconnect (to another replica, after the GOAWAY).
+// Without it one open WatchPositions or health Watch stream would hold
+// shutdown for the whole grace period.
+func (s *Server) endStreams(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx, cancel := context.WithCancelCause(ss.Context())
+	defer cancel(nil)
+	defer context.AfterFunc(s.stopping, func() { cancel(errStopping) })()
+	err := handler(srv, &middleware.WrappedServerStream{ServerStream: ss, WrappedContext: ctx})
+	if err != nil && errors.Is(context.Cause(ctx), errStopping) {
+		return status.Error(codes.Unavailable, "server is shutting down; reconnect")
+	}
+	return err
 }
 
 // notHealth leaves health checks out of the call log: probes call them

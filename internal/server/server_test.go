@@ -1020,3 +1020,156 @@ func TestMaxConnectionAge(t *testing.T) {
 		}
 	})
 }
+
+// TestDrainPeriod: on shutdown the server first reports NOT_SERVING for the
+// drain period while still serving every call, on old and new connections;
+// then it closes the listener, ends open streams (a health Watch and a
+// WatchPositions) with UNAVAILABLE so they do not hold the shutdown, and
+// returns long before the grace period.
+func TestDrainPeriod(t *testing.T) {
+	const drain = 3 * time.Second
+	const grace = time.Minute
+	streaming := make(chan struct{}, 1)
+	ts := startServer(t, server.Config{DrainPeriod: drain, GracePeriod: grace}, func(ctx context.Context, method string) error {
+		if method != "WatchPositions" {
+			return nil
+		}
+		streaming <- struct{}{}
+		<-ctx.Done() // a stream that never ends by itself
+		return status.FromContextError(ctx.Err()).Err()
+	})
+
+	healthWatch, err := healthpb.NewHealthClient(ts.conn).Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatalf("Watch: %v", err)
+	}
+	if msg, err := healthWatch.Recv(); err != nil || msg.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("first health status = %v, %v; want SERVING", msg.GetStatus(), err)
+	}
+	positions, err := telematicsv1.NewTelematicsServiceClient(ts.conn).WatchPositions(context.Background(), &telematicsv1.WatchPositionsRequest{})
+	if err != nil {
+		t.Fatalf("WatchPositions: %v", err)
+	}
+	select {
+	case <-streaming:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream never reached its handler")
+	}
+
+	start := time.Now()
+	ts.cancel()
+	if msg, err := healthWatch.Recv(); err != nil || msg.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health status after cancel = %v, %v; want NOT_SERVING", msg.GetStatus(), err)
+	}
+	// While draining, every call is served, on a new connection too, and
+	// health says NOT_SERVING for readiness but SERVING for liveness.
+	fresh := ts.dial(t)
+	for name, conn := range map[string]*grpc.ClientConn{"existing connection": ts.conn, "new connection": fresh} {
+		if _, err := credentialsv1.NewCredentialServiceClient(conn).PutCredential(callCtx(t), validPut()); err != nil {
+			t.Errorf("%s: call during the drain: %v", name, err)
+		}
+		for svc, want := range map[string]healthpb.HealthCheckResponse_ServingStatus{
+			"": healthpb.HealthCheckResponse_NOT_SERVING, telematicsService: healthpb.HealthCheckResponse_NOT_SERVING,
+			server.LivenessService: healthpb.HealthCheckResponse_SERVING,
+		} {
+			resp, err := healthpb.NewHealthClient(conn).Check(callCtx(t), &healthpb.HealthCheckRequest{Service: svc})
+			if err != nil || resp.GetStatus() != want {
+				t.Errorf("%s: Check(%q) during the drain = %v, %v; want %v", name, svc, resp.GetStatus(), err, want)
+			}
+		}
+	}
+	if elapsed := time.Since(start); elapsed >= drain {
+		t.Fatalf("the checks above took %s, longer than the drain period; the test proves nothing", elapsed)
+	}
+
+	// Then both streams end with UNAVAILABLE (reconnect elsewhere), not
+	// before the drain period is over.
+	for name, recv := range map[string]func() error{
+		"health Watch":   func() error { return recvErr(healthWatch) },
+		"WatchPositions": func() error { return recvErr(positions) },
+	} {
+		err := recv()
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("%s ended with %v, want Unavailable", name, err)
+		}
+		if elapsed := time.Since(start); elapsed < drain {
+			t.Errorf("%s ended %s after cancel, inside the %s drain period", name, elapsed, drain)
+		}
+	}
+	// The open streams did not hold the shutdown for the grace period.
+	if err := ts.waitStopped(t, 20*time.Second); err != nil {
+		t.Errorf("ServeListener = %v, want nil", err)
+	}
+	// The listener is closed: a new connection gets nowhere.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if _, err := healthpb.NewHealthClient(ts.dial(t)).Check(ctx, &healthpb.HealthCheckRequest{}); status.Code(err) != codes.Unavailable && status.Code(err) != codes.DeadlineExceeded {
+		t.Errorf("a call after shutdown = %v, want Unavailable", err)
+	}
+	if strings.Contains(ts.logs.String(), "grace period over") {
+		t.Errorf("open streams held the shutdown until the grace period ran out:\n%s", ts.logs.String())
+	}
+}
+
+// TestReadinessChecksIndependent: a check that hangs until its timeout
+// does not delay another check's verdict; health follows the fast check
+// at once.
+func TestReadinessChecksIndependent(t *testing.T) {
+	var redisDown atomic.Bool
+	var vaultRuns atomic.Int32
+	ts := startServer(t, server.Config{
+		Readiness: []server.Check{
+			{Name: "vault", Check: func(ctx context.Context) error {
+				if vaultRuns.Add(1) == 1 {
+					return nil
+				}
+				<-ctx.Done() // a Vault behind a dead load balancer
+				return ctx.Err()
+			}},
+			{Name: "redis", Check: func(context.Context) error {
+				if redisDown.Load() {
+					return errors.New("connection refused")
+				}
+				return nil
+			}},
+		},
+		ReadinessInterval: 20 * time.Millisecond, ReadinessTimeout: time.Hour,
+	}, nil)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, "")
+	waitUntilTrue(t, "the vault check hangs", func() bool { return vaultRuns.Load() >= 2 })
+	redisDown.Store(true)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_NOT_SERVING, "")
+	redisDown.Store(false)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, "")
+}
+
+// TestReadinessRecoversFast: a failing check is retried about twice a second
+// whatever the interval, so a dependency that returns is announced at once
+// rather than one (long) interval later.
+func TestReadinessRecoversFast(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	ts := startServer(t, server.Config{
+		Readiness: []server.Check{{Name: "redis", Check: func(context.Context) error {
+			if down.Load() {
+				return errors.New("connection refused")
+			}
+			return nil
+		}}},
+		ReadinessInterval: time.Hour, ReadinessTimeout: time.Second,
+	}, nil)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_NOT_SERVING, "")
+	down.Store(false)
+	waitHealth(t, ts.conn, healthpb.HealthCheckResponse_SERVING, "")
+}
+
+func waitUntilTrue(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

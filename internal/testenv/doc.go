@@ -1,7 +1,10 @@
 // Package testenv starts the real dependencies that fleetbroker's tests run
 // against — a redis-server and a Vault dev server on loopback — once per test
-// binary. A missing dependency is a test failure, never a skip: in CI the
-// dependency must be installed by .ci/run.
+// binary. For fault tests it also starts, per test, servers the test may
+// break: a Vault server on file storage that can be stopped, sealed and
+// restarted (VaultFile), and a redis-server with AOF that can be killed and
+// restarted (RedisRestartable). A missing dependency is a test failure,
+// never a skip: in CI the dependency must be installed by .ci/run.
 package testenv
 
 import (

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -190,11 +191,27 @@ func startVaultProc(bin string, logFile *os.File, tlsDir string) (*vaultProc, er
 	// Kill the server if the test binary dies without stopping it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	fmt.Fprintf(logFile, "--- %s (attempt on %s) ---\n", bin, hostPort)
-	if err := cmd.Start(); err != nil {
+	p := &vaultProc{server: srv, cmd: cmd, exited: make(chan struct{})}
+	// Fork from a goroutine locked to its OS thread until the server exits:
+	// Pdeathsig fires when the forking *thread* ends, and the runtime ends
+	// a thread whose locked goroutine returns (RedisOwn's servers do, mid
+	// run), which would kill a server forked earlier on that thread.
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// No UnlockOSThread: the thread exits with this goroutine, which
+		// only returns after the child is gone.
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		_ = cmd.Wait()
+		close(p.exited)
+	}()
+	if err := <-started; err != nil {
 		return nil, fmt.Errorf("start %s: %w", bin, err)
 	}
-	p := &vaultProc{server: srv, cmd: cmd, exited: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(p.exited) }()
 
 	client, err := waitVaultReady(srv, p.exited)
 	if err != nil {

@@ -23,6 +23,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -109,7 +110,11 @@ func New(t testing.TB, opts Options) *Stack {
 	credTransit := Vault(t, vs, vs.NewKeyName(t))
 	gwKey := vs.NewKeyName(t) // the gateway's data keys live under their own transit key
 
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second},
+	keys, err := handle.GenerateKeys() // --handle-key-file, shared by both services
+	if err != nil {
+		t.Fatal(err)
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, HandleKeys: keys},
 		store.NewRedis(st.Redis, store.RedisOptions{Prefix: st.RedisPrefix}), credTransit, logger)
 	if err != nil {
 		t.Fatal(err)
@@ -117,6 +122,7 @@ func New(t testing.TB, opts Options) *Stack {
 	st.CredConn = Serve(t, logger, credSvc.Register)
 	for range opts.Replicas {
 		gw, err := app.NewGatewayService(app.GatewayConfig{
+			HandleKeys:       keys,
 			RedisPrefix:      st.RedisPrefix,
 			AllowedUpstreams: allowed,
 			HandleCacheTTL:   opts.HandleCacheTTL,

@@ -78,9 +78,15 @@ var (
 	// associated data, tampered or malformed, or unknown key version.
 	ErrDecrypt = errors.New("transit: ciphertext does not decrypt")
 	// ErrInvalid means a malformed request (such as an empty tenant) or a
-	// backend refusal such as permission denied or a missing key. A
-	// ciphertext that does not decrypt, malformed or not, is ErrDecrypt.
+	// backend refusal such as permission denied. A ciphertext that does not
+	// decrypt, malformed or not, is ErrDecrypt; a missing key ErrKeyMissing.
 	ErrInvalid = errors.New("transit: invalid request")
+	// ErrKeyMissing means the backend has no such key, or no transit
+	// engine at the configured mount: the key was deleted, or Vault lost it
+	// (restored without it, a dev server restarted). Nothing encrypts or
+	// decrypts until an operator restores it; until then, retrying helps
+	// only once that is done.
+	ErrKeyMissing = errors.New("transit: key not found")
 )
 
 // requireTenant rejects the empty tenant: with no derivation context every

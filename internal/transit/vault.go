@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -299,6 +300,9 @@ func (v *Vault) encrypt(ctx context.Context, op, tenant string, items []Item) ([
 	}
 	results, err := v.batch(ctx, op, "encrypt", batch, len(batch))
 	if err != nil {
+		if isForbidden(err) && v.keyMissing(ctx) {
+			return nil, fmt.Errorf("vault transit %s: %w", op, ErrKeyMissing)
+		}
 		return nil, err
 	}
 	out := make([]string, len(results))
@@ -347,6 +351,23 @@ func (v *Vault) decrypt(ctx context.Context, op, tenant string, items []Item) ([
 		out[i] = pt
 	}
 	return out, nil
+}
+
+// isForbidden reports a 403 from Vault.
+func isForbidden(err error) bool {
+	var se *statusError
+	return errors.As(err, &se) && se.status == http.StatusForbidden
+}
+
+// keyMissing tells whether the transit key is missing, after an encrypt
+// was refused with 403. Vault treats an encrypt under a key that does not
+// exist as creating it, which a least-privilege token (update only) may
+// not do, so the refusal does not say whether the key is missing or the
+// policy is wrong; a decrypt, which never creates, does.
+func (v *Vault) keyMissing(ctx context.Context) bool {
+	probe := []decryptItem{{Ciphertext: "vault:v1:" + b64(make([]byte, 28)), Context: b64(ProbeTenant)}}
+	_, err := v.batch(ctx, "key check", "decrypt", probe, 1)
+	return errors.Is(err, ErrKeyMissing)
 }
 
 // GenerateDataKey asks Vault for a wrapped 256-bit key bound to tenant
@@ -473,65 +494,87 @@ type batchResult struct {
 // per-item errors in data.batch_results, and also 400 with no data when
 // the whole request is refused (e.g. "encryption key not found").
 func (v *Vault) batch(ctx context.Context, op, endpoint string, input any, n int) ([]batchResult, error) {
-	status, data, err := v.send(ctx, op, http.MethodPost, v.path(endpoint), map[string]any{"batch_input": input})
+	r, err := v.send(ctx, op, http.MethodPost, v.path(endpoint), map[string]any{"batch_input": input})
 	if err != nil {
 		return nil, err
 	}
-	if status >= 400 && status != http.StatusBadRequest {
-		return nil, &statusError{op: op, status: status, kind: ErrInvalid}
+	if r.status >= 400 && r.status != http.StatusBadRequest {
+		return nil, r.refusal(op)
 	}
 	var resp struct {
 		BatchResults []batchResult `json:"batch_results"`
 	}
-	if len(data) > 0 {
-		if err := json.Unmarshal(data, &resp); err != nil {
+	if len(r.data) > 0 {
+		if err := json.Unmarshal(r.data, &resp); err != nil {
 			return nil, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
 		}
 	}
 	switch {
 	case len(resp.BatchResults) == n:
 		return resp.BatchResults, nil
-	case status >= 400:
-		return nil, &statusError{op: op, status: status, kind: ErrInvalid}
+	case r.status >= 400:
+		return nil, r.refusal(op)
 	default:
 		return nil, fmt.Errorf("vault transit %s: %d results for %d items: %w", op, len(resp.BatchResults), n, ErrUnavailable)
 	}
 }
 
 // call sends one request and decodes the response's data object into out
-// (unless out is nil). Any 4xx is a refusal: ErrInvalid.
+// (unless out is nil). Any 4xx is a refusal: ErrKeyMissing or ErrInvalid.
 func (v *Vault) call(ctx context.Context, op, method, path string, body, out any) error {
-	status, data, err := v.send(ctx, op, method, path, body)
+	r, err := v.send(ctx, op, method, path, body)
 	if err != nil {
 		return err
 	}
-	if status >= 400 {
-		return &statusError{op: op, status: status, kind: ErrInvalid}
+	if r.status >= 400 {
+		return r.refusal(op)
 	}
-	if out == nil || len(data) == 0 {
+	if out == nil || len(r.data) == 0 {
 		return nil
 	}
-	if err := json.Unmarshal(data, out); err != nil {
+	if err := json.Unmarshal(r.data, out); err != nil {
 		return fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
 	}
 	return nil
 }
 
+// reply is Vault's answer to one request.
+type reply struct {
+	status int
+	// data is the response's "data" object (nil if absent).
+	data json.RawMessage
+	// keyMissing: Vault said the transit mount or key does not exist.
+	keyMissing bool
+}
+
+// refusal is the error of a 4xx reply.
+func (r reply) refusal(op string) error {
+	if r.keyMissing {
+		return &statusError{op: op, status: r.status, kind: ErrKeyMissing}
+	}
+	return &statusError{op: op, status: r.status, kind: ErrInvalid}
+}
+
+// Vault's error texts that mean the key is not there: a mount that does not
+// exist ("no handler for route …", with 404) and a key that does not exist
+// in a mount that does.
+const vaultKeyNotFound = "encryption key not found"
+
 // send performs one request, bounded by the configured timeout, and returns
-// the HTTP status and the response's "data" object (nil if absent). No
-// response, 5xx, 429 (rate limited) and 503 (sealed, standby) are returned
-// as ErrUnavailable; interpreting 4xx is left to the caller.
-func (v *Vault) send(ctx context.Context, op, method, path string, body any) (int, json.RawMessage, error) {
+// Vault's reply. No response, 5xx, 429 (rate limited) and 503 (sealed,
+// standby) are returned as ErrUnavailable; interpreting 4xx is left to the
+// caller.
+func (v *Vault) send(ctx context.Context, op, method, path string, body any) (reply, error) {
 	start := time.Now()
-	status, data, err := v.sendOnce(ctx, op, method, path, body)
+	r, err := v.sendOnce(ctx, op, method, path, body)
 	if v.onCall != nil {
 		observed := err
-		if observed == nil && status >= 400 {
-			observed = &statusError{op: op, status: status, kind: ErrInvalid}
+		if observed == nil && r.status >= 400 {
+			observed = r.refusal(op)
 		}
 		v.onCall(op, time.Since(start), observed)
 	}
-	return status, data, err
+	return r, err
 }
 
 // Health reports whether Vault is reachable, initialized and unsealed (a
@@ -549,12 +592,12 @@ func (v *Vault) Health(ctx context.Context) error {
 	return nil
 }
 
-func (v *Vault) sendOnce(ctx context.Context, op, method, path string, body any) (int, json.RawMessage, error) {
+func (v *Vault) sendOnce(ctx context.Context, op, method, path string, body any) (reply, error) {
 	var payload []byte
 	if body != nil {
 		var err error
 		if payload, err = json.Marshal(body); err != nil {
-			return 0, nil, fmt.Errorf("vault transit %s: encode request: %w", op, ErrInvalid)
+			return reply{}, fmt.Errorf("vault transit %s: encode request: %w", op, ErrInvalid)
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.timeout)
@@ -569,32 +612,37 @@ func (v *Vault) sendOnce(ctx context.Context, op, method, path string, body any)
 	}
 	resp, err := v.client.RawRequestWithContext(ctx, req)
 	if resp == nil {
-		return 0, nil, unavailable(ctx, op, err)
+		return reply{}, unavailable(ctx, op, err)
 	}
 	defer resp.Body.Close()
 
-	status := resp.StatusCode
-	if status == http.StatusForbidden {
+	r := reply{status: resp.StatusCode}
+	if r.status == http.StatusForbidden {
 		v.noteRefusal()
 	}
-	if status >= 500 || status == http.StatusTooManyRequests {
-		return status, nil, &statusError{op: op, status: status, kind: ErrUnavailable}
+	if r.status >= 500 || r.status == http.StatusTooManyRequests {
+		return r, &statusError{op: op, status: r.status, kind: ErrUnavailable}
 	}
+	// Errors are read only to classify the refusal: they may quote the
+	// request, so they never reach an error text or a log.
 	var envelope struct {
-		Data json.RawMessage `json:"data"`
+		Data   json.RawMessage `json:"data"`
+		Errors []string        `json:"errors"`
 	}
 	err = json.NewDecoder(io.LimitReader(resp.Body, maxVaultResponse)).Decode(&envelope)
 	switch {
 	case err == nil, errors.Is(err, io.EOF): // io.EOF: no body, e.g. 204
-	case status >= 400:
-		return status, nil, nil // an error status says enough
+	case r.status >= 400:
+		return r, nil // an error status says enough
 	default:
-		return status, nil, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
+		return r, fmt.Errorf("vault transit %s: malformed response: %w", op, ErrUnavailable)
 	}
-	if string(envelope.Data) == "null" {
-		envelope.Data = nil
+	if string(envelope.Data) != "null" {
+		r.data = envelope.Data
 	}
-	return status, envelope.Data, nil
+	transitPath := strings.HasPrefix(path, v.mount+"/")
+	r.keyMissing = transitPath && (r.status == http.StatusNotFound || slices.Contains(envelope.Errors, vaultKeyNotFound))
+	return r, nil
 }
 
 // statusError is a Vault answer with an error status. Its text is only the

@@ -166,34 +166,97 @@ func TestVaultEnsureKey(t *testing.T) {
 	})
 }
 
-// A missing key is a request-level refusal (ErrInvalid), not a ciphertext
-// that fails to decrypt.
+// A missing key, or a transit engine missing at the mount, is ErrKeyMissing
+// — for every operation, whether the token is root or, like the services',
+// may only update (where Vault answers an encrypt under a missing key with
+// 403, as if creating it) — and never ErrDecrypt, which would read as a bad
+// ciphertext. A token that may not use an existing key stays ErrInvalid.
 func TestVaultMissingKey(t *testing.T) {
 	srv := testenv.Vault(t)
-	v := newVault(t, transit.VaultConfig{Addr: srv.Addr, Token: srv.RootToken, Key: srv.NewKeyName(t)}, nil)
+	root := rootClient(t, srv)
+	key := srv.NewKeyName(t)
+	policy := "missing-" + key
+	rules := fmt.Sprintf(`path "transit/encrypt/%[1]s" { capabilities = ["update"] }
+path "transit/decrypt/%[1]s" { capabilities = ["update"] }
+path "transit/datakey/wrapped/%[1]s" { capabilities = ["update"] }
+path "transit/hmac/%[1]s/*" { capabilities = ["update"] }
+path "nomount-%[1]s/*" { capabilities = ["update"] }`, key)
+	if err := root.Sys().PutPolicyWithContext(t.Context(), policy, rules); err != nil {
+		t.Fatal(err)
+	}
+	leastPrivilege := createToken(t, root, "1h", "default", policy)
 	ct := "vault:v1:" + b64(strings.Repeat("x", 40))
-	tests := []struct {
+	calls := []struct {
 		name string
-		call func(ctx context.Context) error
+		call func(ctx context.Context, v *transit.Vault) error
 	}{
-		{"Decrypt", func(ctx context.Context) error {
+		{"Encrypt", func(ctx context.Context, v *transit.Vault) error {
+			_, err := v.Encrypt(ctx, "tenant-a", []transit.Item{{Plaintext: []byte(secretText)}})
+			return err
+		}},
+		{"Decrypt", func(ctx context.Context, v *transit.Vault) error {
 			_, err := v.Decrypt(ctx, "tenant-a", []transit.Item{{Ciphertext: ct}})
 			return err
 		}},
-		{"Rewrap", func(ctx context.Context) error {
+		{"Rewrap", func(ctx context.Context, v *transit.Vault) error {
 			_, err := v.Rewrap(ctx, "tenant-a", []transit.Item{{Ciphertext: ct}})
 			return err
 		}},
-		{"GenerateDataKey", func(ctx context.Context) error { _, err := v.GenerateDataKey(ctx, "tenant-a"); return err }},
-		{"HMAC", func(ctx context.Context) error { _, err := v.HMAC(ctx, []byte(secretText)); return err }},
+		{"GenerateDataKey", func(ctx context.Context, v *transit.Vault) error {
+			_, err := v.GenerateDataKey(ctx, "tenant-a")
+			return err
+		}},
+		{"UnwrapDataKey", func(ctx context.Context, v *transit.Vault) error {
+			_, err := v.UnwrapDataKey(ctx, "tenant-a", ct)
+			return err
+		}},
+		{"HMAC", func(ctx context.Context, v *transit.Vault) error {
+			_, err := v.HMAC(ctx, []byte(secretText))
+			return err
+		}},
+		{"ProbeEncrypt", func(ctx context.Context, v *transit.Vault) error { return transit.ProbeEncrypt(ctx, v) }},
+		{"ProbeDataKey", func(ctx context.Context, v *transit.Vault) error { return transit.ProbeDataKey(ctx, v) }},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			err := tc.call(t.Context())
-			if !errors.Is(err, transit.ErrInvalid) {
-				t.Errorf("error = %v, want ErrInvalid", err)
+	setups := []struct {
+		name  string
+		cfg   transit.VaultConfig
+		skips string // a call the setup cannot make without creating the key
+	}{
+		// A root token's encrypt would create the key (the dev server
+		// allows upsert), so it is left out.
+		{"root token, missing key", transit.VaultConfig{Addr: srv.Addr, Token: srv.RootToken, Key: key}, "Encrypt ProbeEncrypt"},
+		{"least privilege, missing key", transit.VaultConfig{Addr: srv.Addr, Token: leastPrivilege, Key: key}, ""},
+		{"least privilege, missing mount", transit.VaultConfig{Addr: srv.Addr, Token: leastPrivilege, Key: key, Mount: "nomount-" + key}, ""},
+	}
+	for _, setup := range setups {
+		t.Run(setup.name, func(t *testing.T) {
+			v := newVault(t, setup.cfg, nil)
+			for _, tc := range calls {
+				if strings.Contains(setup.skips, tc.name) {
+					continue
+				}
+				t.Run(tc.name, func(t *testing.T) {
+					err := tc.call(t.Context(), v)
+					if !errors.Is(err, transit.ErrKeyMissing) || errors.Is(err, transit.ErrDecrypt) {
+						t.Errorf("error = %v, want ErrKeyMissing", err)
+					}
+					if err != nil {
+						assertNoLeak(t, err.Error(), leastPrivilege, secretText)
+					}
+				})
 			}
 		})
+	}
+	// The key exists now: the least-privilege token uses it, and the
+	// probes pass.
+	if err := newVault(t, transit.VaultConfig{Addr: srv.Addr, Token: srv.RootToken, Key: key}, nil).EnsureKey(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	v := newVault(t, transit.VaultConfig{Addr: srv.Addr, Token: leastPrivilege, Key: key}, nil)
+	for _, probe := range []func(context.Context, transit.Transit) error{transit.ProbeEncrypt, transit.ProbeDataKey} {
+		if err := probe(t.Context(), v); err != nil {
+			t.Errorf("probe of an existing key: %v", err)
+		}
 	}
 }
 

@@ -14,11 +14,13 @@ type RetryPolicy struct {
 	MinDelay, MaxDelay time.Duration
 }
 
-// Do runs f up to p.Attempts times while it fails with KindUnavailable,
+// Retry runs f up to p.Attempts times while it fails with KindUnavailable,
 // pausing a jittered delay between tries (so replicas retrying together do
-// not hit the provider in step). Only idempotent reads may use it.
-func (p RetryPolicy) Do(ctx context.Context, provider, op string, f func() error) error {
-	var err error
+// not hit the provider in step), and returns the value of the last try.
+// Each try returns its own value: nothing a failed try decoded can leak
+// into the result of the next. Only idempotent reads may use it.
+func Retry[T any](ctx context.Context, p RetryPolicy, provider, op string, f func() (T, error)) (T, error) {
+	var zero T
 	for i := range max(p.Attempts, 1) {
 		if i > 0 {
 			d := p.MinDelay
@@ -30,15 +32,18 @@ func (p RetryPolicy) Do(ctx context.Context, provider, op string, f func() error
 			case <-t.C:
 			case <-ctx.Done():
 				t.Stop()
-				return &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: ctx.Err()}
+				return zero, &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: ctx.Err()}
 			}
 		}
-		err = f()
-		if err == nil || KindOf(err) != KindUnavailable || ctx.Err() != nil {
-			return err
+		v, err := f()
+		if err == nil {
+			return v, nil
+		}
+		if KindOf(err) != KindUnavailable || ctx.Err() != nil || i == max(p.Attempts, 1)-1 {
+			return zero, err
 		}
 	}
-	return err
+	return zero, nil // unreachable: the last try returns
 }
 
 // Scrub makes provider text safe to put in an error: the secrets the

@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/url"
 	"path"
-	"strconv"
 	"strings"
 	"time"
 
@@ -25,8 +24,8 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/requestid"
-	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
 // The Wialon authorization flow ("connect"): StartWialonAuthorization binds
@@ -36,21 +35,9 @@ import (
 // which the broker validates and stores, and the browser goes on to the
 // return URL with the outcome only. The token travels from Wialon to the
 // broker: the product, the browser's user and every log line never see it.
-
-// Wialon access_type bits (token rights); a token never exceeds its user's.
-const (
-	AccessOnlineTracking   = 0x100 // view items and their properties, request reports and messages
-	AccessViewData         = 0x200
-	AccessEditNonSensitive = 0x400
-	AccessEditSensitive    = 0x800
-	AccessEditCritical     = 0x1000
-	AccessCommands         = 0x2000
-	// AccessFull is Wialon's -1: everything the user may do, token
-	// management included. Refused unless ConnectConfig.AllowFullAccess.
-	AccessFull = -1
-
-	accessKnownBits = AccessOnlineTracking | AccessViewData | AccessEditNonSensitive | AccessEditSensitive | AccessEditCritical | AccessCommands
-)
+// What is Wialon's own (login.html, the token in the redirect, token/list)
+// is internal/provider/wialon's, reached through provider.Connector
+// (connect_provider.go).
 
 // Flow constants.
 const (
@@ -60,15 +47,6 @@ const (
 	// follows it as the last path segment, so it comes back however Wialon
 	// joins its parameters to redirect_uri.
 	CallbackPath = "/wialon/callback/"
-	// DefaultWialonClientID is the client_id Wialon shows the customer and
-	// records with the token.
-	DefaultWialonClientID = "fleetbroker"
-	// DefaultWialonLoginURL is hosted Wialon's authorization page (its API
-	// is upstream.DefaultWialonBaseURL). A self-hosted Wialon's page is its
-	// base URL + /login.html.
-	DefaultWialonLoginURL = "https://hosting.wialon.com/login.html"
-	// MaxWialonTokenDuration is Wialon's longest finite token (100 days).
-	MaxWialonTokenDuration = 100 * 24 * time.Hour
 )
 
 // Stable ErrorInfo reasons (and audit reasons) of the flow.
@@ -92,17 +70,20 @@ type ConnectConfig struct {
 	// (https://connect.example.com); redirect_uri is PublicURL +
 	// CallbackPath + state.
 	PublicURL string
-	// ClientID is Wialon's client_id (default DefaultWialonClientID).
+	// ClientID is Wialon's client_id (empty: the provider's default,
+	// wialon.DefaultClientID).
 	ClientID string
-	// AccessType is the token rights asked for (0: AccessOnlineTracking).
-	// AccessFull needs AllowFullAccess.
-	AccessType int64
-	// AllowFullAccess lets AccessType be AccessFull, and lets the callback
-	// store tokens whose rights exceed AccessType.
+	// AccessType is the token rights asked for, as Wialon writes them
+	// ("0x100", "0x300", "-1"); empty means online tracking only (0x100).
+	// -1 (unlimited) needs AllowFullAccess.
+	AccessType string
+	// AllowFullAccess lets AccessType be -1, and lets the callback store
+	// tokens whose rights exceed AccessType.
 	AllowFullAccess bool
 	// ReturnURLs is the allow-list of return URLs; required.
 	ReturnURLs *ReturnURLs
-	// LoginURL is hosted Wialon's login.html (default DefaultWialonLoginURL).
+	// LoginURL is hosted Wialon's login.html (empty: the provider's
+	// default, wialon.DefaultLoginURL).
 	LoginURL string
 	// Audit records each callback with the principal who started the flow
 	// (nil: not recorded).
@@ -113,8 +94,14 @@ type ConnectConfig struct {
 
 // connector is the flow's runtime state.
 type connector struct {
-	cfg      ConnectConfig
-	public   *url.URL
+	cfg    ConnectConfig
+	public *url.URL
+	// p is the provider whose accounts the flow connects, and pages its
+	// authorization page and inspections; rights are cfg.AccessType in
+	// its canonical form.
+	p        provider.Provider
+	pages    provider.Connector
+	rights   string
 	outcomes *prometheus.CounterVec
 }
 
@@ -127,24 +114,20 @@ const (
 	outcomeInvalidState = "invalid_state"
 )
 
-func newConnector(cfg ConnectConfig) (*connector, error) {
+func newConnector(cfg ConnectConfig, providers *provider.Registry) (*connector, error) {
 	if cfg.Client == nil {
 		return nil, errors.New("wialon authorization: a Redis client is required")
 	}
 	if cfg.Prefix == "" {
 		cfg.Prefix = "fb"
 	}
-	if cfg.ClientID == "" {
-		cfg.ClientID = DefaultWialonClientID
+	p, pages, err := connectorOf(providers)
+	if err != nil {
+		return nil, fmt.Errorf("wialon authorization: %w", err)
 	}
-	if cfg.LoginURL == "" {
-		cfg.LoginURL = DefaultWialonLoginURL
-	}
-	if cfg.AccessType == 0 {
-		cfg.AccessType = AccessOnlineTracking
-	}
-	if err := checkAccessType(cfg.AccessType, cfg.AllowFullAccess); err != nil {
-		return nil, err
+	rights, err := pages.ParseRights(cfg.AccessType, cfg.AllowFullAccess)
+	if err != nil {
+		return nil, fmt.Errorf("wialon authorization: --wialon-access-type: %w", err)
 	}
 	if cfg.ReturnURLs == nil || len(cfg.ReturnURLs.entries) == 0 {
 		return nil, errors.New("wialon authorization: the return URL allow-list is empty (--authorize-return-urls)")
@@ -156,7 +139,7 @@ func newConnector(cfg ConnectConfig) (*connector, error) {
 	if _, err := url.Parse(cfg.LoginURL); err != nil {
 		return nil, fmt.Errorf("wialon authorization: login URL: %w", err)
 	}
-	c := &connector{cfg: cfg, public: public, outcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
+	c := &connector{cfg: cfg, public: public, p: p, pages: pages, rights: rights, outcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "fleetbroker", Subsystem: "credentials", Name: "wialon_authorizations_total",
 		Help: "Wialon authorization flows by outcome: started, connected, denied (by the customer at Wialon), error, invalid_state (unknown, expired or replayed state).",
 	}, []string{"outcome"})}
@@ -169,48 +152,6 @@ func newConnector(cfg ConnectConfig) (*connector, error) {
 		}
 	}
 	return c, nil
-}
-
-// ParseAccessType reads an access_type as Wialon writes it: hexadecimal
-// ("0x100"), decimal ("256") or -1.
-func ParseAccessType(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	if s == "-1" {
-		return AccessFull, nil
-	}
-	n, err := strconv.ParseInt(s, 0, 64)
-	if err != nil {
-		return 0, fmt.Errorf("access type %q: not a number (e.g. 0x100, 0x300 or -1)", s)
-	}
-	return n, nil
-}
-
-func checkAccessType(t int64, allowFull bool) error {
-	switch {
-	case t == AccessFull && !allowFull:
-		return errors.New("wialon authorization: access type -1 (unlimited, token management included) needs --wialon-allow-full-access")
-	case t == AccessFull:
-		return nil
-	case t <= 0 || t&^accessKnownBits != 0:
-		return fmt.Errorf("wialon authorization: access type %#x: use a sum of 0x100, 0x200, 0x400, 0x800, 0x1000 and 0x2000, or -1", t)
-	}
-	return nil
-}
-
-func formatAccessType(t int64) string {
-	if t == AccessFull {
-		return "-1"
-	}
-	return "0x" + strconv.FormatInt(t, 16)
-}
-
-// exceedsAccess reports whether a token with rights got has any right
-// beyond asked.
-func exceedsAccess(got, asked int64) bool {
-	if asked == AccessFull {
-		return false
-	}
-	return got == AccessFull || got&^asked != 0
 }
 
 func parsePublicURL(raw string) (*url.URL, error) {
@@ -239,22 +180,13 @@ func (c *connector) callbackURL(state string) string {
 	return c.public.String() + CallbackPath + state
 }
 
-// loginURL is the Wialon page the customer's browser is sent to.
-func (c *connector) loginURL(baseURL, state string, duration time.Duration) string {
-	login := c.cfg.LoginURL
-	if strings.TrimRight(baseURL, "/") != upstream.DefaultWialonBaseURL {
-		login = strings.TrimRight(baseURL, "/") + "/login.html"
-	}
-	q := url.Values{
-		"client_id":       {c.cfg.ClientID},
-		"access_type":     {formatAccessType(c.cfg.AccessType)},
-		"activation_time": {"0"},
-		"duration":        {strconv.FormatInt(int64(duration/time.Second), 10)},
-		"flags":           {"0x1"}, // return user_name
-		"redirect_uri":    {c.callbackURL(state)},
-		"response_type":   {"token"},
-	}
-	return login + "?" + q.Encode()
+// loginURL is the provider's authorization page the customer's browser is
+// sent to.
+func (c *connector) loginURL(baseURL, state, rights string, duration time.Duration) string {
+	return c.pages.AuthorizationURL(provider.AuthorizationRequest{
+		BaseURL: baseURL, PageURL: c.cfg.LoginURL, ClientID: c.cfg.ClientID,
+		Rights: rights, Duration: duration, RedirectURI: c.callbackURL(state),
+	})
 }
 
 // --- return URLs ---
@@ -334,17 +266,18 @@ func portOf(u *url.URL) string {
 // authState is what a state stands for, stored as JSON under the SHA-256 of
 // the state. It holds no secret.
 type authState struct {
-	TenantID     string            `json:"tenant_id"`
-	CredentialID string            `json:"credential_id"`
-	Principal    string            `json:"principal"`
-	Via          string            `json:"via"`
-	ReturnURL    string            `json:"return_url"`
-	BaseURL      string            `json:"base_url"`
-	Duration     int64             `json:"duration_seconds"`
-	AccessType   int64             `json:"access_type"`
-	Labels       map[string]string `json:"labels,omitempty"`
-	CreateTime   time.Time         `json:"create_time"`
-	ExpireTime   time.Time         `json:"expire_time"`
+	TenantID     string `json:"tenant_id"`
+	CredentialID string `json:"credential_id"`
+	Principal    string `json:"principal"`
+	Via          string `json:"via"`
+	ReturnURL    string `json:"return_url"`
+	BaseURL      string `json:"base_url"`
+	Duration     int64  `json:"duration_seconds"`
+	// Rights are the token rights asked for, in the provider's notation.
+	Rights     string            `json:"rights"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	CreateTime time.Time         `json:"create_time"`
+	ExpireTime time.Time         `json:"expire_time"`
 	// RequestID is the StartWialonAuthorization call's, to find it in the
 	// audit trail.
 	RequestID string `json:"request_id,omitempty"`
@@ -421,7 +354,7 @@ func (c *credentialServer) StartWialonAuthorization(ctx context.Context, req *cr
 		return nil, apierr.New(codes.FailedPrecondition, ReasonAuthorizationNotConfigured,
 			"the Wialon authorization flow is not configured on this server (--public-url, --authorize-listen, --authorize-return-urls)", nil)
 	}
-	baseURL := orDefault(req.GetBaseUrl(), upstream.DefaultWialonBaseURL)
+	baseURL := orDefault(req.GetBaseUrl(), conn.p.Info().DefaultBaseURL)
 	if err := s.cfg.AllowList.Check(baseURL); err != nil {
 		return nil, apierr.Field("base_url", "base URL not allowed: "+err.Error())
 	}
@@ -442,7 +375,7 @@ func (c *credentialServer) StartWialonAuthorization(ctx context.Context, req *cr
 		TenantID: req.GetTenantId(), CredentialID: req.GetCredentialId(),
 		Principal: principal.Name, Via: principal.Via,
 		ReturnURL: req.GetReturnUrl(), BaseURL: baseURL,
-		Duration: int64(duration / time.Second), AccessType: conn.cfg.AccessType,
+		Duration: int64(duration / time.Second), Rights: conn.rights,
 		Labels: req.GetLabels(), CreateTime: now, ExpireTime: now.Add(StateTTL),
 		RequestID: requestid.FromContext(ctx),
 	}
@@ -454,7 +387,7 @@ func (c *credentialServer) StartWialonAuthorization(ctx context.Context, req *cr
 	s.cfg.Logger.InfoContext(ctx, "wialon authorization started", "tenant_id", st.TenantID, "credential_id", st.CredentialID,
 		"expire_time", st.ExpireTime)
 	return &credentialsv1.StartWialonAuthorizationResponse{
-		AuthorizeUrl: conn.loginURL(baseURL, state, duration),
+		AuthorizeUrl: conn.loginURL(baseURL, state, st.Rights, duration),
 		ExpireTime:   timestamppb.New(st.ExpireTime),
 	}, nil
 }

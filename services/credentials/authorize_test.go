@@ -16,6 +16,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 )
 
@@ -376,7 +377,7 @@ func TestStartWialonAuthorizationRefusals(t *testing.T) {
 		{"not configured", off, req(func(*credentialsv1.StartWialonAuthorizationRequest) {}), codes.FailedPrecondition, ""},
 		{"base URL not allowed", r, req(func(q *credentialsv1.StartWialonAuthorizationRequest) { q.BaseUrl = "https://169.254.169.254" }), codes.InvalidArgument, "base_url"},
 		{"duration over 100 days", r, req(func(q *credentialsv1.StartWialonAuthorizationRequest) {
-			q.Duration = durationpb.New(credentials.MaxWialonTokenDuration + time.Second)
+			q.Duration = durationpb.New(wialon.MaxTokenDuration + time.Second)
 		}), codes.InvalidArgument, "duration"},
 		{"negative duration", r, req(func(q *credentialsv1.StartWialonAuthorizationRequest) { q.Duration = durationpb.New(-time.Second) }), codes.InvalidArgument, "duration"},
 		{"fractional duration", r, req(func(q *credentialsv1.StartWialonAuthorizationRequest) {
@@ -395,7 +396,7 @@ func TestStartWialonAuthorizationRefusals(t *testing.T) {
 	}
 	// Exactly 100 days is Wialon's maximum, and allowed.
 	if _, err := r.creds.StartWialonAuthorization(as(principalAcme), req(func(q *credentialsv1.StartWialonAuthorizationRequest) {
-		q.Duration = durationpb.New(credentials.MaxWialonTokenDuration)
+		q.Duration = durationpb.New(wialon.MaxTokenDuration)
 	})); err != nil {
 		t.Errorf("100 days: %v", err)
 	}
@@ -405,7 +406,7 @@ func TestStartWialonAuthorizationRefusals(t *testing.T) {
 // login page asks for it and the expiry comes from Wialon's token/list.
 func TestWialonAuthorizationFullAccess(t *testing.T) {
 	w := newConnectWorld(t, connectBackends()[2])
-	r := w.start(replicaOptions{accessType: credentials.AccessFull, allowFullAccess: true})
+	r := w.start(replicaOptions{accessType: "-1", allowFullAccess: true})
 	resp := startAuthorization(t, r, w, "acme", "full", 3*24*time.Hour)
 	u, _ := url.Parse(resp.GetAuthorizeUrl())
 	if u.Query().Get("access_type") != "-1" {
@@ -434,9 +435,10 @@ func TestConnectConfigChecks(t *testing.T) {
 	}
 	good := credentials.ConnectConfig{Client: w.client, PublicURL: "https://connect.example.com", ReturnURLs: list}
 	for name, change := range map[string]func(*credentials.ConnectConfig){
-		"-1 without allow":      func(c *credentials.ConnectConfig) { c.AccessType = credentials.AccessFull },
-		"unknown rights":        func(c *credentials.ConnectConfig) { c.AccessType = 0x4000 },
-		"negative rights":       func(c *credentials.ConnectConfig) { c.AccessType = -2 },
+		"-1 without allow":      func(c *credentials.ConnectConfig) { c.AccessType = "-1" },
+		"unknown rights":        func(c *credentials.ConnectConfig) { c.AccessType = "0x4000" },
+		"negative rights":       func(c *credentials.ConnectConfig) { c.AccessType = "-2" },
+		"rights not a number":   func(c *credentials.ConnectConfig) { c.AccessType = "all" },
 		"no return URLs":        func(c *credentials.ConnectConfig) { c.ReturnURLs = &credentials.ReturnURLs{} },
 		"no public URL":         func(c *credentials.ConnectConfig) { c.PublicURL = "" },
 		"http public URL":       func(c *credentials.ConnectConfig) { c.PublicURL = "http://connect.example.com" },
@@ -454,13 +456,17 @@ func TestConnectConfigChecks(t *testing.T) {
 	if _, err := credentials.New(w.serviceConfig(&good)); err != nil {
 		t.Errorf("good config: %v", err)
 	}
-	for _, s := range []string{"0x100", "256", "0x300", "-1"} {
-		if _, err := credentials.ParseAccessType(s); err != nil {
-			t.Errorf("ParseAccessType(%q): %v", s, err)
+	for _, rights := range []string{"0x100", "256", "0x300"} {
+		cfg := good
+		cfg.AccessType = rights
+		if _, err := credentials.New(w.serviceConfig(&cfg)); err != nil {
+			t.Errorf("rights %s: %v", rights, err)
 		}
 	}
-	if _, err := credentials.ParseAccessType("all"); err == nil {
-		t.Error(`ParseAccessType("all") accepted`)
+	full := good
+	full.AccessType, full.AllowFullAccess = "-1", true
+	if _, err := credentials.New(w.serviceConfig(&full)); err != nil {
+		t.Errorf("rights -1 allowed: %v", err)
 	}
 }
 

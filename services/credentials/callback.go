@@ -8,7 +8,6 @@ import (
 	"html/template"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/requestid"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -109,7 +109,7 @@ func (s *Service) handleCallback(w http.ResponseWriter, r *http.Request, state s
 	defer cancel()
 	ctx = requestid.NewContext(ctx, newCallbackID())
 	ev := audit.Event{Method: CallbackAuditMethod, Action: string(policy.CredentialsWrite), Peer: r.RemoteAddr,
-		Provider: store.ProviderWialon, RequestID: requestid.FromContext(ctx)}
+		Provider: conn.p.Info().Name, RequestID: requestid.FromContext(ctx)}
 
 	rec, err := s.lookupState(ctx, state)
 	switch {
@@ -187,64 +187,51 @@ func (s *Service) completeAuthorization(ctx context.Context, ev audit.Event, rec
 
 // storeAuthorized validates the token Wialon sent and stores it.
 func (s *Service) storeAuthorized(ctx context.Context, rec authState, q url.Values) callbackResult {
+	conn := s.connect
 	fail := func(code codes.Code, reason string) callbackResult {
 		return callbackResult{status: StatusError, code: code, reason: reason, outcome: outcomeError}
 	}
-	if q.Has("svc_error") {
-		// Only the number is logged: it is Wialon's error code.
-		code, _ := strconv.Atoi(q.Get("svc_error"))
-		s.cfg.Logger.InfoContext(ctx, "wialon authorization not granted", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "svc_error", code)
+	msg, err := conn.pages.CallbackSecret(q)
+	switch {
+	case errors.Is(err, provider.ErrAuthorizationDenied):
+		// The error holds the provider's error code only, never the query.
+		s.cfg.Logger.InfoContext(ctx, "wialon authorization not granted", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "reason", err.Error())
 		return callbackResult{status: StatusDenied, code: codes.PermissionDenied, reason: ReasonAuthorizationDenied, outcome: outcomeDenied}
-	}
-	tokens := q["access_token"]
-	if len(tokens) != 1 || !wellFormedWialonToken(tokens[0]) {
+	case err != nil:
 		return fail(codes.InvalidArgument, ReasonTokenInvalid)
 	}
-	token := tokens[0]
-	info, err := s.inspectWialon(ctx, rec.BaseURL, token)
+	sec := secret{provider: conn.p.Info().Name, p: conn.p, baseURL: rec.BaseURL, msg: msg}
+	grant, err := conn.pages.Inspect(ctx, sec.baseURL, sec.msg, rec.Rights)
 	if err != nil {
 		st, _ := status.FromError(s.toStatus(ctx, "wialon authorization", err))
 		return fail(st.Code(), apierr.Reason(st.Err()))
 	}
-	if info.Listed && !s.connect.cfg.AllowFullAccess && exceedsAccess(info.AccessFlags, rec.AccessType) {
+	if grant.Known && grant.ExceedsRights && !conn.cfg.AllowFullAccess {
 		// The customer widened the rights on Wialon's page (the URL is in
 		// their browser): a token able to do more than asked is not kept.
 		s.cfg.Logger.WarnContext(ctx, "wialon authorization refused: the token has more rights than asked for",
-			"tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "asked", formatAccessType(rec.AccessType), "got", formatAccessType(info.AccessFlags))
+			"tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "asked", rec.Rights, "got", grant.Rights)
 		return fail(codes.FailedPrecondition, ReasonTokenRightsExceeded)
 	}
 	now := s.cfg.Now()
-	expire := info.ExpireTime
-	if !info.Listed && rec.Duration > 0 {
+	expire := grant.Expires
+	if !grant.Known && rec.Duration > 0 {
 		// Wialon starts the token's duration when the customer approves,
 		// just before this callback.
 		expire = now.Add(time.Duration(rec.Duration) * time.Second)
 	}
-	sec := s.wialonSecret(token, rec.BaseURL)
-	_, _, err = s.storeSecret(ctx, storeRequest{
-		TenantID: rec.TenantID, CredentialID: rec.CredentialID, Secret: sec, Labels: rec.Labels,
-		Validation:      store.Validation{State: store.ValidationValid, UpstreamUser: info.User, Time: now},
-		TokenExpireTime: expire,
+	// Stored through PutCredential's own path, with the answer of the
+	// login just made as its validation.
+	_, err = s.put(ctx, rec.TenantID, rec.CredentialID, sec, putOptions{
+		baseURLField: "base_url", labels: rec.Labels,
+		validated:       &store.Validation{State: store.ValidationValid, UpstreamUser: grant.User, Time: now},
+		tokenExpireTime: expire,
 	})
 	if err != nil {
-		st, _ := status.FromError(s.toStatus(ctx, "wialon authorization", err))
+		st, _ := status.FromError(err)
 		return fail(st.Code(), apierr.Reason(st.Err()))
 	}
 	return callbackResult{status: StatusConnected, code: codes.OK, outcome: outcomeConnected}
-}
-
-// wellFormedWialonToken is WialonSecret.token's rule: 72 letters and digits.
-func wellFormedWialonToken(t string) bool {
-	if len(t) != 72 {
-		return false
-	}
-	for i := 0; i < len(t); i++ {
-		c := t[i]
-		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
-			return false
-		}
-	}
-	return true
 }
 
 func (s *Service) auditIntent(ctx context.Context, ev audit.Event) error {

@@ -23,10 +23,12 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -156,6 +158,8 @@ type connectWorld struct {
 	authz   *testAuthorizer
 	logs    *testenv.LogBuffer
 	audit   *testenv.LogBuffer
+	// keys sign the replicas' session handles.
+	keys *handle.Keys
 	// returns records every request the return page got.
 	returnSrv *httptest.Server
 	returnsMu sync.Mutex
@@ -165,7 +169,7 @@ type connectWorld struct {
 // replicaOptions adjust one replica.
 type replicaOptions struct {
 	returnURLs      string // default: the world's return page
-	accessType      int64
+	accessType      string // --wialon-access-type
 	allowFullAccess bool
 	noConnect       bool
 	registerer      prometheus.Registerer
@@ -184,8 +188,12 @@ type replica struct {
 func newConnectWorld(t *testing.T, be connectBackend) *connectWorld {
 	t.Helper()
 	client, prefix, tr := be.open(t)
+	keys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	w := &connectWorld{t: t, client: client, prefix: prefix, transit: tr, clock: &testClock{},
-		authz: &testAuthorizer{denied: map[string]bool{}}, logs: &testenv.LogBuffer{}, audit: &testenv.LogBuffer{}}
+		authz: &testAuthorizer{denied: map[string]bool{}}, logs: &testenv.LogBuffer{}, audit: &testenv.LogBuffer{}, keys: keys}
 	w.sim = simulator.New(simulator.Config{Units: 3})
 	w.sim.AddWialonToken(canaryToken)
 	simSrv := httptest.NewServer(w.sim.Handler())
@@ -227,7 +235,7 @@ func (w *connectWorld) start(opts replicaOptions) *replica {
 	publicURL := "http://" + callbackLis.Addr().String()
 	cfg := credentials.Config{
 		Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Validator: testValidator(allow), Authorizer: w.authz, AllowList: allow,
+		Providers: testProviders(t, allow), HandleKeys: w.keys, Authorizer: w.authz, AllowList: allow,
 		Logger: logger, Now: w.clock.Now, Events: events,
 	}
 	if !opts.noConnect {
@@ -296,12 +304,21 @@ func (w *connectWorld) serviceConfig(connect *credentials.ConnectConfig) credent
 		w.t.Fatal(err)
 	}
 	return credentials.Config{Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Validator: testValidator(allow), Authorizer: w.authz, Connect: connect}
+		Providers: testProviders(w.t, allow), HandleKeys: w.keys, Authorizer: w.authz, Connect: connect}
 }
 
-// testValidator is the production validator on allow.
-func testValidator(allow *upstream.AllowList) credentials.Validator {
-	return app.NewProviderValidator(5*time.Second, allow, nil)
+// testProviders is the production provider registry, its upstream calls
+// guarded by allow.
+func testProviders(t *testing.T, allow *upstream.AllowList) *provider.Registry {
+	t.Helper()
+	transport := upstream.NewTransport(allow)
+	reg, err := provider.NewRegistry(provider.Env{HTTPClient: func(string) *http.Client {
+		return &http.Client{Timeout: 5 * time.Second, Transport: transport}
+	}}, providers.All()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reg
 }
 
 // as returns a context calling as principal.

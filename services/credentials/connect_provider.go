@@ -1,52 +1,34 @@
 package credentials
 
 import (
-	"context"
-	"time"
+	"errors"
+	"fmt"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
-	"github.com/fleetbroker/fleetbroker/services/credentials/store"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 )
 
-// What the connect flow, the events and storeSecret need to know about
-// providers and their secrets, in one place: everything else of them is
-// provider-neutral.
+// The flow's provider touchpoints, in one place: the provider it connects
+// accounts of and the provider.Connector that provider implements (its
+// authorization page, the secret its redirect carries, what it says about
+// that secret). Everything else of the flow is provider-neutral.
 
-// WialonTokenInfo is what Wialon says about a token at login.
-type WialonTokenInfo struct {
-	// User is the Wialon user name (token/login's "au").
-	User string
-	// Listed: token/list answered on the token's own session and listed
-	// it, so ExpireTime and AccessFlags are Wialon's own record. A token
-	// without token-management rights (anything short of -1) cannot call
-	// token/list; then only the login is known.
-	Listed      bool
-	ExpireTime  time.Time // zero: unlimited
-	AccessFlags int64
-}
+// connectProvider is the provider whose accounts StartWialonAuthorization
+// connects.
+const connectProvider = credentialsv1.Provider_PROVIDER_WIALON
 
-// WialonInspector is implemented by validators that can also tell a
-// token's expiry and rights; the callback falls back to ValidateWialon.
-type WialonInspector interface {
-	InspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error)
-}
-
-// inspectWialon logs in with token and reports what Wialon says about it.
-func (s *Service) inspectWialon(ctx context.Context, baseURL, token string) (WialonTokenInfo, error) {
-	if in, ok := s.cfg.Validator.(WialonInspector); ok {
-		return in.InspectWialon(ctx, baseURL, token)
+// connectorOf returns the registry's connectProvider and its Connector.
+func connectorOf(reg *provider.Registry) (provider.Provider, provider.Connector, error) {
+	if reg == nil {
+		return nil, nil, errors.New("no providers")
 	}
-	user, err := s.cfg.Validator.ValidateWialon(ctx, baseURL, token)
-	return WialonTokenInfo{User: user}, err
+	p, ok := reg.Lookup(connectProvider)
+	if !ok {
+		return nil, nil, fmt.Errorf("provider %s is not served", connectProvider)
+	}
+	c, ok := p.(provider.Connector)
+	if !ok {
+		return nil, nil, fmt.Errorf("provider %s has no authorization page (provider.Connector)", p.Info().Name)
+	}
+	return p, c, nil
 }
-
-// wialonSecret is the secret of a token Wialon handed the callback.
-func (s *Service) wialonSecret(token, baseURL string) secret {
-	return secret{provider: store.ProviderWialon, baseURL: baseURL, wialon: &credentialsv1.WialonSecret{Token: token, BaseUrl: baseURL}}
-}
-
-// accountID is the public account number stored beside sec (FleetUp's).
-func (sec secret) accountID() int64 { return sec.fleetup.GetAccountId() }
-
-// providerEnum is the API value of a stored provider name.
-func (s *Service) providerEnum(name string) credentialsv1.Provider { return providerToProto(name) }

@@ -3,11 +3,14 @@ package credentials
 import (
 	"context"
 	"errors"
+	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -16,38 +19,125 @@ import (
 // secret with the provider (unless skipped), encrypts it and stores it.
 // Nothing is stored when any step fails.
 func (c *credentialServer) PutCredential(ctx context.Context, req *credentialsv1.PutCredentialRequest) (*credentialsv1.PutCredentialResponse, error) {
-	s := c.s
-	sec := secretFromPut(req)
+	sec, baseURLField, err := c.s.secretFromPut(req)
+	if err != nil {
+		return nil, err
+	}
+	return c.s.put(ctx, req.GetTenantId(), req.GetCredentialId(), sec, putOptions{
+		baseURLField: baseURLField, labels: req.GetLabels(), skipValidation: req.GetSkipValidation(),
+		requestID: req.GetRequestId(), expectedVersion: req.ExpectedVersion, request: req,
+	})
+}
+
+// putOptions is what put needs beside the secret.
+type putOptions struct {
+	// baseURLField names the request field of the base URL, for errors.
+	baseURLField   string
+	labels         map[string]string
+	skipValidation bool
+	// requestID makes the put idempotent (AIP-155); request is the message
+	// hashed so a reused id with another request is refused.
+	requestID       string
+	request         proto.Message
+	expectedVersion *int64
+	// validated, if set, is the provider's answer about the secret that
+	// the caller already has (the Wialon authorization callback logged in
+	// with the token to inspect it): it is stored as is, and the provider
+	// is not asked again.
+	validated *store.Validation
+	// tokenExpireTime is when the secret stops working upstream, if known.
+	tokenExpireTime time.Time
+}
+
+// SecretPut is a PutCredential whose secret is already out of the request.
+type SecretPut struct {
+	TenantID     string
+	CredentialID string
+	Provider     provider.ID
+	// Secret is the provider's secret message, without its base URL.
+	Secret proto.Message
+	// BaseURL is the credential's upstream; empty means the provider's default.
+	BaseURL        string
+	Labels         map[string]string
+	SkipValidation bool
+}
+
+// PutSecret is PutCredential for in-process code that holds a provider's
+// secret message itself: a provider whose secret has no case in
+// PutCredentialRequest's oneof yet, such as the test of a new provider
+// (docs/gateway.md, "Adding a provider"). It checks, validates and stores
+// exactly as PutCredential does, but no interceptor authorizes the caller
+// or validates the request: never expose it to a network caller.
+func (s *Service) PutSecret(ctx context.Context, in SecretPut) (*credentialsv1.PutCredentialResponse, error) {
+	p, ok := s.cfg.Providers.Lookup(in.Provider)
+	if !ok || in.Secret == nil {
+		return nil, errNoProvider
+	}
+	sec := secret{provider: p.Info().Name, p: p, baseURL: orDefault(in.BaseURL, p.Info().DefaultBaseURL), msg: in.Secret}
+	return s.put(ctx, in.TenantID, in.CredentialID, sec, putOptions{baseURLField: "base_url", labels: in.Labels, skipValidation: in.SkipValidation})
+}
+
+func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec secret, opts putOptions) (*credentialsv1.PutCredentialResponse, error) {
 	if err := s.cfg.AllowList.Check(sec.baseURL); err != nil {
-		return nil, apierr.Field(sec.baseURLField(), "base URL not allowed: "+err.Error())
+		return nil, apierr.Field(opts.baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
-	if !req.GetSkipValidation() {
+	switch {
+	case opts.validated != nil:
+		validation = *opts.validated
+	case !opts.skipValidation:
 		v, err := s.validate(ctx, sec)
 		if err != nil {
 			return nil, s.toStatus(ctx, "validate credential", err)
 		}
 		validation = v
 	}
-	stored, created, err := s.storeSecret(ctx, storeRequest{TenantID: req.GetTenantId(), CredentialID: req.GetCredentialId(),
-		Secret: sec, Labels: req.GetLabels(), Validation: validation})
+	now := s.cfg.Now()
+	rec := store.Credential{
+		TenantID:          tenantID,
+		CredentialID:      credentialID,
+		Provider:          sec.provider,
+		BaseURL:           sec.baseURL,
+		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
+		Labels:            opts.labels,
+		CreateTime:        now,
+		UpdateTime:        now,
+		ValidateTime:      validation.Time,
+		ValidationState:   validation.State,
+		ValidationMessage: validation.Message,
+		UpstreamUser:      validation.UpstreamUser,
+		TokenExpireTime:   opts.tokenExpireTime,
+	}
+	if err := s.sealRecord(ctx, &rec, sec); err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	idem, parts, err := s.idempotent(ctx, "put", opts.requestID, opts.request)
 	if err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
-	return &credentialsv1.PutCredentialResponse{Credential: toProto(stored), Created: created}, nil
+	res, err := s.cfg.Store.PutCredential(ctx, rec, store.PutOptions{Request: idem, ExpectedVersion: opts.expectedVersion})
+	if errors.Is(err, store.ErrVersionConflict) && opts.expectedVersion != nil {
+		return nil, errNotAtExpectedVersion(*opts.expectedVersion)
+	}
+	if err != nil {
+		return nil, s.toStatus(ctx, "put credential", err)
+	}
+	if err := s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	stored, created := res.Credential, res.Created
+	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
+		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState, "replayed", res.Replayed)
+	if !res.Replayed {
+		s.emitStored(ctx, stored, created)
+	}
+	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
 }
 
 // validate asks the provider about sec. A provider rejection is returned as
 // an *upstream.Error of KindRejected.
 func (s *Service) validate(ctx context.Context, sec secret) (store.Validation, error) {
-	var user string
-	var err error
-	switch sec.provider {
-	case store.ProviderWialon:
-		user, err = s.cfg.Validator.ValidateWialon(ctx, sec.baseURL, sec.wialon.GetToken())
-	case store.ProviderFleetUp:
-		err = s.cfg.Validator.ValidateFleetUp(ctx, sec.baseURL, sec.fleetup.GetApiKey(), sec.fleetup.GetAccountId(), sec.fleetup.GetSecret())
-	}
+	user, err := sec.p.Validate(ctx, sec.baseURL, sec.msg)
 	if err != nil {
 		return store.Validation{}, err
 	}
@@ -59,7 +149,7 @@ func (c *credentialServer) GetCredential(ctx context.Context, req *credentialsv1
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "get credential", err)
 	}
-	return &credentialsv1.GetCredentialResponse{Credential: toProto(rec)}, nil
+	return &credentialsv1.GetCredentialResponse{Credential: c.s.toProto(rec)}, nil
 }
 
 func (c *credentialServer) ListCredentials(ctx context.Context, req *credentialsv1.ListCredentialsRequest) (*credentialsv1.ListCredentialsResponse, error) {
@@ -76,19 +166,28 @@ func (c *credentialServer) ListCredentials(ctx context.Context, req *credentials
 	}
 	resp := &credentialsv1.ListCredentialsResponse{NextPageToken: next}
 	for _, rec := range recs {
-		resp.Credentials = append(resp.Credentials, toProto(rec))
+		resp.Credentials = append(resp.Credentials, c.s.toProto(rec))
 	}
 	return resp, nil
 }
 
 func (c *credentialServer) DeleteCredential(ctx context.Context, req *credentialsv1.DeleteCredentialRequest) (*credentialsv1.DeleteCredentialResponse, error) {
-	revoked, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId())
+	idem, parts, err := c.s.idempotent(ctx, "delete", req.GetRequestId(), req)
 	if err != nil {
 		return nil, c.s.toStatus(ctx, "delete credential", err)
 	}
-	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", revoked)
-	c.s.emitDeleted(ctx, req.GetTenantId(), req.GetCredentialId())
-	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: revoked}, nil
+	res, err := c.s.cfg.Store.DeleteCredential(ctx, req.GetTenantId(), req.GetCredentialId(), idem)
+	if err != nil {
+		return nil, c.s.toStatus(ctx, "delete credential", err)
+	}
+	if err := c.s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", res.Revoked, "replayed", res.Replayed)
+	if !res.Replayed {
+		c.s.emitDeleted(ctx, req.GetTenantId(), req.GetCredentialId())
+	}
+	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: res.Revoked}, nil
 }
 
 // ValidateCredential asks the provider about the stored secret and records
@@ -120,15 +219,15 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 	if validation.State == store.ValidationRejected {
 		s.emitRejected(ctx, rec, validation.Message)
 	}
-	return &credentialsv1.ValidateCredentialResponse{Credential: toProto(updated)}, nil
+	return &credentialsv1.ValidateCredentialResponse{Credential: s.toProto(updated)}, nil
 }
 
 // toProto converts a stored record to its public form: metadata only.
-func toProto(rec store.Credential) *credentialsv1.Credential {
+func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	out := &credentialsv1.Credential{
 		TenantId:          rec.TenantID,
 		CredentialId:      rec.CredentialID,
-		Provider:          providerToProto(rec.Provider),
+		Provider:          s.providerID(rec.Provider),
 		Version:           rec.Version,
 		Fingerprint:       rec.Fingerprint,
 		CreateTime:        timestamppb.New(rec.CreateTime),
@@ -149,12 +248,11 @@ func toProto(rec store.Credential) *credentialsv1.Credential {
 	return out
 }
 
-func providerToProto(p string) credentialsv1.Provider {
-	switch p {
-	case store.ProviderWialon:
-		return credentialsv1.Provider_PROVIDER_WIALON
-	case store.ProviderFleetUp:
-		return credentialsv1.Provider_PROVIDER_FLEETUP
+// providerID is the enum value of a stored provider name; UNSPECIFIED for
+// a provider this server does not serve.
+func (s *Service) providerID(name string) credentialsv1.Provider {
+	if p, ok := s.cfg.Providers.ByName(name); ok {
+		return p.Info().ID
 	}
 	return credentialsv1.Provider_PROVIDER_UNSPECIFIED
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -13,6 +14,10 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
 
+// keyMissingRetry is the RetryInfo of ENCRYPTION_KEY_UNUSABLE: restoring a
+// key takes an operator, so asking again every second would only add load.
+const keyMissingRetry = 30 * time.Second
+
 // toStatus maps an internal error to the gRPC status a caller can act on.
 // It is the one place where the service's errors become statuses. Errors
 // that reach here never hold secrets (every layer below promises that); the
@@ -21,10 +26,13 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	if err == nil {
 		return nil
 	}
+	// The caller's deadline or cancellation, not a dependency's own bound
+	// (a Redis call cut off at --redis-timeout is unavailability).
+	callerDone := ctx.Err() != nil
 	switch {
-	case errors.Is(err, context.DeadlineExceeded):
+	case callerDone && errors.Is(err, context.DeadlineExceeded):
 		return apierr.New(codes.DeadlineExceeded, apierr.ReasonInternal, op+": deadline exceeded", nil)
-	case errors.Is(err, context.Canceled):
+	case callerDone && errors.Is(err, context.Canceled):
 		return apierr.New(codes.Canceled, apierr.ReasonInternal, op+": canceled", nil)
 	case errors.Is(err, store.ErrNotFound):
 		return apierr.New(codes.NotFound, apierr.ReasonCredentialNotFound, "credential not found", nil)
@@ -36,7 +44,15 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	case errors.Is(err, transit.ErrUnavailable):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonVaultUnavailable, "encryption service unavailable", 0)
-	case errors.Is(err, transit.ErrDecrypt), errors.Is(err, transit.ErrInvalid):
+	case errors.Is(err, transit.ErrKeyMissing):
+		s.cfg.Logger.ErrorContext(ctx, op+" failed: the transit key is missing from Vault; restore it (docs/reliability.md)", "error", err)
+		return apierr.Retryable(codes.Unavailable, apierr.ReasonEncryptionKeyUnusable,
+			"the encryption key is missing from Vault; an operator must restore it", keyMissingRetry)
+	case errors.Is(err, transit.ErrDecrypt):
+		s.cfg.Logger.ErrorContext(ctx, op+" failed: a stored secret does not decrypt (transit key lost or replaced, or the record was altered)", "error", err)
+		return apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialUndecryptable,
+			"the stored secret no longer decrypts (its encryption key was lost or replaced): restore the key, or put the credential again", nil)
+	case errors.Is(err, transit.ErrInvalid):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.New(codes.Internal, apierr.ReasonInternal, op+": encryption error", nil)
 	}

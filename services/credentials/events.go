@@ -342,7 +342,7 @@ func eventFromMessage(msg redis.XMessage) Event {
 func (s *Service) eventToProto(ev Event) *credentialsv1.CredentialEvent {
 	out := &credentialsv1.CredentialEvent{
 		EventId: ev.ID, Type: eventTypeToProto(ev.Type), TenantId: ev.TenantID, CredentialId: ev.CredentialID,
-		Provider: s.providerEnum(ev.Provider), Version: ev.Version, Message: ev.Message,
+		Provider: s.providerID(ev.Provider), Version: ev.Version, Message: ev.Message,
 	}
 	if !ev.Time.IsZero() {
 		out.EventTime = timestamppb.New(ev.Time)

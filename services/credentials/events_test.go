@@ -66,8 +66,10 @@ const (
 
 // TestCredentialEvents: changes made on one replica reach watchers on
 // another, in order and for their tenant only — creation, rotation,
-// rejection (by validation and by the gateway's report, once each),
-// deletion — and a watcher resumes after the last event it saw.
+// rejection (by validation, by the gateway's report and by a refused login
+// in MintUpstreamSession, once each), deletion — a retried request
+// (request_id) announces nothing twice, and a watcher resumes after the
+// last event it saw.
 func TestCredentialEvents(t *testing.T) {
 	for _, be := range connectBackends() {
 		t.Run(be.name, func(t *testing.T) {
@@ -107,28 +109,70 @@ func TestCredentialEvents(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if _, err := a.creds.DeleteCredential(ctx, &credentialsv1.DeleteCredentialRequest{TenantId: "acme", CredentialId: "w"}); err != nil {
+			// A retried put stores and announces once.
+			for range 2 {
+				if _, err := a.creds.PutCredential(ctx, &credentialsv1.PutCredentialRequest{TenantId: "acme", CredentialId: "w", RequestId: "put-4",
+					Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryToken, BaseUrl: w.simURL}}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The gateway's login is refused: the credentials service records
+			// the rejection and announces it; a second mint is refused without
+			// asking Wialon, and announces nothing.
+			w.sim.RemoveWialonToken(canaryToken)
+			sess4, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "w"})
+			if err != nil {
 				t.Fatal(err)
+			}
+			resolved, err := a.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: sess4.GetHandle()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for range 2 {
+				_, err := a.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: sess4.GetHandle(), CredentialGeneration: resolved.GetCredentialGeneration()})
+				wantCode(t, err, codes.FailedPrecondition)
+			}
+			for range 2 { // a retried delete deletes and announces once
+				if _, err := a.creds.DeleteCredential(ctx, &credentialsv1.DeleteCredentialRequest{TenantId: "acme", CredentialId: "w", RequestId: "delete-1"}); err != nil {
+					t.Fatal(err)
+				}
 			}
 
 			got := expectEvents(t, acme,
 				wantEvent{evCreated, "w", 1}, wantEvent{evRotated, "w", 2}, wantEvent{evRejected, "w", 2},
-				wantEvent{evRotated, "w", 3}, wantEvent{evRejected, "w", 3}, wantEvent{evDeleted, "w", 0})
-			if !strings.Contains(got[2].GetMessage(), "rejected") || got[4].GetMessage() != "provider rejected the credential: wialon error 8" {
-				t.Errorf("rejection messages %q, %q", got[2].GetMessage(), got[4].GetMessage())
+				wantEvent{evRotated, "w", 3}, wantEvent{evRejected, "w", 3},
+				wantEvent{evRotated, "w", 4}, wantEvent{evRejected, "w", 4}, wantEvent{evDeleted, "w", 0})
+			if !strings.Contains(got[2].GetMessage(), "rejected") || got[4].GetMessage() != "provider rejected the credential: wialon error 8" ||
+				!strings.Contains(got[6].GetMessage(), "rejected") {
+				t.Errorf("rejection messages %q, %q, %q", got[2].GetMessage(), got[4].GetMessage(), got[6].GetMessage())
 			}
 			expectEvents(t, globex, wantEvent{evCreated, "w", 1})
 
 			// Resume after the creation: everything since, from the stream.
 			resumed := watchEvents(t, a, "acme", got[0].GetEventId())
 			again := expectEvents(t, resumed,
-				wantEvent{evRotated, "w", 2}, wantEvent{evRejected, "w", 2}, wantEvent{evRotated, "w", 3}, wantEvent{evRejected, "w", 3}, wantEvent{evDeleted, "w", 0})
-			if again[4].GetEventId() != got[5].GetEventId() {
-				t.Errorf("resumed event ids differ: %s vs %s", again[4].GetEventId(), got[5].GetEventId())
+				wantEvent{evRotated, "w", 2}, wantEvent{evRejected, "w", 2}, wantEvent{evRotated, "w", 3}, wantEvent{evRejected, "w", 3},
+				wantEvent{evRotated, "w", 4}, wantEvent{evRejected, "w", 4}, wantEvent{evDeleted, "w", 0})
+			if again[6].GetEventId() != got[7].GetEventId() {
+				t.Errorf("resumed event ids differ: %s vs %s", again[6].GetEventId(), got[7].GetEventId())
 			}
-			w.assertNoLeak(t, nil, canaryToken, sess.GetHandle())
+			// Nothing more: the retries and the second mint added no event.
+			if n := streamLen(t, w, "acme"); n != int64(len(got)) {
+				t.Errorf("the tenant's stream holds %d events, want %d", n, len(got))
+			}
+			w.assertNoLeak(t, nil, canaryToken, sess.GetHandle(), sess4.GetHandle())
 		})
 	}
+}
+
+// streamLen is how many events tenant's stream holds.
+func streamLen(t *testing.T, w *connectWorld, tenant string) int64 {
+	t.Helper()
+	n, err := w.client.XLen(context.Background(), w.prefix+":{"+tenant+"}:events").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // TestWatchCredentialEventsNeedsTheTenant: a watcher is authorized for the

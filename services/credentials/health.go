@@ -30,8 +30,7 @@ type healthMetrics struct {
 }
 
 var (
-	metricProviders = []string{store.ProviderWialon, store.ProviderFleetUp}
-	metricStates    = []string{store.ValidationValid, store.ValidationRejected, store.ValidationNotValidated}
+	metricStates = []string{store.ValidationValid, store.ValidationRejected, store.ValidationNotValidated}
 	// expiryBuckets are the expires_in label values, each an exclusive range.
 	expiryBuckets = []struct {
 		label string
@@ -120,7 +119,8 @@ func (s *Service) CheckCredentials(ctx context.Context) error {
 		return fmt.Errorf("check credentials: %w", err)
 	}
 	m := ev.metrics
-	for _, p := range metricProviders {
+	for _, prov := range s.cfg.Providers.All() {
+		p := prov.Info().Name
 		for _, st := range metricStates {
 			m.credentials.WithLabelValues(p, st).Set(states[[2]string{p, st}])
 		}

@@ -15,19 +15,24 @@ type RewrapProgress struct {
 }
 
 // Rewrap re-encrypts every stored ciphertext under the newest transit key
-// version, without the plaintext ever leaving Vault. It is idempotent and
-// resumable: rewrapping a ciphertext that is already current is harmless, and
-// a credential replaced while the run goes on is skipped (its new ciphertext
-// is current already). progress, if set, is called after every credential.
+// version, keeping its associated data (and version) as it is. It is
+// idempotent and resumable: rewrapping a ciphertext that is already current
+// is harmless, and a credential replaced while the run goes on is skipped
+// (its new ciphertext is current already). progress, if set, is called
+// after every credential.
 func (s *Service) Rewrap(ctx context.Context, progress func(RewrapProgress)) (RewrapProgress, error) {
 	var p RewrapProgress
 	err := s.cfg.Store.ForEachCredential(ctx, func(rec store.Credential) error {
 		p.Seen++
-		out, err := s.cfg.Transit.Rewrap(ctx, rec.TenantID, []transit.Item{{AssociatedData: associatedData(rec.TenantID, rec.CredentialID), Ciphertext: rec.Ciphertext}})
+		item, err := s.openItem(rec)
 		if err != nil {
 			return fmt.Errorf("rewrap %s/%s: %w", rec.TenantID, rec.CredentialID, err)
 		}
-		err = s.cfg.Store.UpdateCiphertext(ctx, rec.TenantID, rec.CredentialID, rec.Version, out[0])
+		out, err := s.cfg.Transit.Rewrap(ctx, rec.TenantID, []transit.Item{item})
+		if err != nil {
+			return fmt.Errorf("rewrap %s/%s: %w", rec.TenantID, rec.CredentialID, err)
+		}
+		err = s.cfg.Store.UpdateCiphertext(ctx, rec.TenantID, rec.CredentialID, rec.Version, out[0], rec.ADVersion)
 		switch {
 		case errors.Is(err, store.ErrVersionConflict), errors.Is(err, store.ErrNotFound):
 			p.Skipped++

@@ -1,23 +1,30 @@
 // Package credentials is the credentials service: it stores customer secrets
-// for Wialon and FleetUp encrypted by Vault transit under a per-tenant derived
-// key, validates them against the provider, rotates and deletes them, and
-// issues short-lived session handles scoped to one credential.
+// for telematics providers encrypted by Vault transit under a per-tenant
+// derived key, validates them against the provider, rotates and deletes them,
+// and issues short-lived session handles scoped to one credential.
 //
-// A stored secret never leaves this service except through ResolveSecret,
-// which only the gateway may call (enforced by policy), and never appears in
-// a log line, an error or a metric.
+// Custody: a stored long-lived secret never leaves this service. When the
+// gateway needs an upstream session it calls MintUpstreamSession, and this
+// service logs in with the secret and returns only the short-lived session
+// (FleetUp's API key travels with it, by FleetUp's design: docs/security.md).
+// The retired ResolveSecret answers only with --legacy-resolve-secret, for
+// a rolling upgrade. Providers are reached only through internal/provider.
+// No secret ever appears in a log line, an error or a metric.
 package credentials
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
@@ -29,16 +36,6 @@ const (
 	DefaultMaxSessionTTL = time.Hour
 	defaultPageSize      = 50
 )
-
-// Validator asks a provider whether a secret is good. Implementations must
-// not log the secret.
-type Validator interface {
-	// ValidateWialon logs in with token (and logs out again) and returns
-	// the Wialon user name.
-	ValidateWialon(ctx context.Context, baseURL, token string) (user string, err error)
-	// ValidateFleetUp mints a JWT with the key, account and secret.
-	ValidateFleetUp(ctx context.Context, baseURL, apiKey string, accountID int64, secret string) error
-}
 
 // Authorizer is the per-handler half of authorization: the interceptor
 // already checked the method's action on the request's tenant; handlers
@@ -54,18 +51,42 @@ type Authorizer interface {
 
 // Config wires the service to its dependencies.
 type Config struct {
-	Store     store.Store
-	Transit   transit.Transit
-	Validator Validator
+	Store   store.Store
+	Transit transit.Transit
+	// Providers validate secrets and log in with them; the registry is
+	// built with this service's upstream HTTP clients.
+	Providers *provider.Registry
 	// Authorizer checks what the interceptor could not (see Authorizer).
 	Authorizer Authorizer
 	// AllowList decides which self-hosted base URLs a credential may name.
 	AllowList *upstream.AllowList
 	// MaxSessionTTL caps IssueSession's ttl (default 1 h).
 	MaxSessionTTL time.Duration
-	Logger        *slog.Logger
+	// HandleKeys sign new session handles and their sessions' bindings,
+	// and check both (--handle-key-file, shared with the gateway).
+	HandleKeys *handle.Keys
+	// LegacyHandles says until when handles with the public CRC32
+	// checksum of earlier releases are accepted; nil refuses them. The
+	// first keyed handle this service issues closes the window (if no
+	// replica did before) LegacyHandleLifetime later.
+	LegacyHandles        *handle.LegacyWindow
+	LegacyHandleLifetime time.Duration
+	// WriteLegacyFormats issues CRC32 handles and seals secrets with
+	// version 1 associated data: formats the release before this one
+	// reads, for the first phase of a rolling upgrade from it.
+	WriteLegacyFormats bool
+	// RefuseLegacyAssociatedData refuses to open secrets sealed with
+	// version 1 associated data (once `fleetbroker migrate` has re-sealed
+	// them all), so an old ciphertext written back into Redis cannot be
+	// opened for an edited base URL.
+	RefuseLegacyAssociatedData bool
+	Logger                     *slog.Logger
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
+	// LegacyResolveSecret keeps the retired ResolveSecret answering, for a
+	// rolling upgrade from gateways that still call it
+	// (--legacy-resolve-secret). Off, it answers UNIMPLEMENTED.
+	LegacyResolveSecret bool
 	// Connect configures the Wialon authorization flow (nil: off).
 	Connect *ConnectConfig
 	// Events publishes credential events and serves WatchCredentialEvents
@@ -75,14 +96,18 @@ type Config struct {
 
 // Service implements CredentialService and SessionService.
 type Service struct {
-	cfg     Config
-	connect *connector // nil: the Wialon authorization flow is off
+	cfg Config
+	// connect is the Wialon authorization flow; nil when it is off.
+	connect *connector
+	// legacyClosed is set once this replica has recorded the end of the
+	// legacy handle window.
+	legacyClosed atomic.Bool
 }
 
 // New checks cfg and returns the service.
 func New(cfg Config) (*Service, error) {
-	if cfg.Store == nil || cfg.Transit == nil || cfg.Validator == nil || cfg.Authorizer == nil {
-		return nil, fmt.Errorf("credentials service: store, transit, validator and authorizer are required")
+	if cfg.Store == nil || cfg.Transit == nil || cfg.Providers == nil || cfg.Authorizer == nil || cfg.HandleKeys == nil {
+		return nil, fmt.Errorf("credentials service: store, transit, providers, authorizer and handle keys are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -102,7 +127,7 @@ func New(cfg Config) (*Service, error) {
 	}
 	s := &Service{cfg: cfg}
 	if cfg.Connect != nil {
-		conn, err := newConnector(*cfg.Connect)
+		conn, err := newConnector(*cfg.Connect, cfg.Providers)
 		if err != nil {
 			return nil, fmt.Errorf("credentials service: %w", err)
 		}
@@ -114,16 +139,18 @@ func New(cfg Config) (*Service, error) {
 // Actions maps each method of the service to the policy action it needs;
 // the authorization interceptor enforces it and audits every call.
 var Actions = map[string]policy.Action{
-	credentialsv1.CredentialService_PutCredential_FullMethodName:      policy.CredentialsWrite,
-	credentialsv1.CredentialService_GetCredential_FullMethodName:      policy.CredentialsRead,
-	credentialsv1.CredentialService_ListCredentials_FullMethodName:    policy.CredentialsRead,
-	credentialsv1.CredentialService_DeleteCredential_FullMethodName:   policy.CredentialsWrite,
-	credentialsv1.CredentialService_ValidateCredential_FullMethodName: policy.CredentialsWrite,
-	credentialsv1.SessionService_IssueSession_FullMethodName:          policy.SessionsIssue,
-	credentialsv1.SessionService_RevokeSession_FullMethodName:         policy.SessionsRevoke,
-	credentialsv1.SessionService_ResolveSession_FullMethodName:        policy.SessionsResolve,
-	credentialsv1.SessionService_ResolveSecret_FullMethodName:         policy.SessionsResolve,
-	credentialsv1.SessionService_ReportRejection_FullMethodName:       policy.SessionsResolve,
+	credentialsv1.CredentialService_PutCredential_FullMethodName:       policy.CredentialsWrite,
+	credentialsv1.CredentialService_GetCredential_FullMethodName:       policy.CredentialsRead,
+	credentialsv1.CredentialService_ListCredentials_FullMethodName:     policy.CredentialsRead,
+	credentialsv1.CredentialService_DeleteCredential_FullMethodName:    policy.CredentialsWrite,
+	credentialsv1.CredentialService_ValidateCredential_FullMethodName:  policy.CredentialsWrite,
+	credentialsv1.SessionService_IssueSession_FullMethodName:           policy.SessionsIssue,
+	credentialsv1.SessionService_RevokeSession_FullMethodName:          policy.SessionsRevoke,
+	credentialsv1.SessionService_ResolveSession_FullMethodName:         policy.SessionsResolve,
+	credentialsv1.SessionService_ResolveSecret_FullMethodName:          policy.SessionsResolve,
+	credentialsv1.SessionService_ReportRejection_FullMethodName:        policy.SessionsResolve,
+	credentialsv1.SessionService_MintUpstreamSession_FullMethodName:    policy.SessionsResolve,
+	credentialsv1.SessionService_ListRetiredGenerations_FullMethodName: policy.SessionsResolve,
 
 	// The Wialon authorization flow (authorize.go) and credential events
 	// (events.go). A stream's request arrives after the interceptor: the

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,7 +21,9 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -40,14 +43,14 @@ const canaryFleetUpSecret = "canary-fleetup-secret-7d1f0c"
 // backend is one combination of store and transit the suite runs on.
 type backend struct {
 	name string
-	// open returns a store, a transit that can rotate, and a function that
-	// dumps every Redis key and value (to prove no plaintext is stored).
-	open func(t *testing.T) (store.Store, transit.Rotatable, func() string)
+	// open returns the Redis client and key prefix of a store, and a
+	// transit that can rotate.
+	open func(t *testing.T) (redis.UniversalClient, string, transit.Rotatable)
 }
 
 func backends() []backend {
 	return []backend{
-		{"redis+vault", func(t *testing.T) (store.Store, transit.Rotatable, func() string) {
+		{"redis+vault", func(t *testing.T) (redis.UniversalClient, string, transit.Rotatable) {
 			srv := testenv.Redis(t)
 			client := srv.Client(t)
 			prefix := testenv.RedisPrefix(t)
@@ -60,9 +63,9 @@ func backends() []backend {
 			if err := v.EnsureKey(context.Background()); err != nil {
 				t.Fatal(err)
 			}
-			return store.NewRedis(client, store.RedisOptions{Prefix: prefix}), v, dumpRedis(t, client, prefix)
+			return client, prefix, v
 		}},
-		{"miniredis+keyring", func(t *testing.T) (store.Store, transit.Rotatable, func() string) {
+		{"miniredis+keyring", func(t *testing.T) (redis.UniversalClient, string, transit.Rotatable) {
 			mini := miniredis.RunT(t)
 			client := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mini.Addr()}})
 			t.Cleanup(func() { client.Close() })
@@ -70,7 +73,7 @@ func backends() []backend {
 			if err != nil {
 				t.Fatal(err)
 			}
-			return store.NewRedis(client, store.RedisOptions{Prefix: "fb"}), k, dumpRedis(t, client, "fb")
+			return client, "fb", k
 		}},
 	}
 }
@@ -114,27 +117,66 @@ type harness struct {
 	simURL   string
 	logs     *syncBuffer
 	dump     func() string
+	// rdb and prefix are the store's Redis client and key prefix.
+	rdb    redis.UniversalClient
+	prefix string
+	keys   *handle.Keys
+}
+
+// harnessOptions vary the service under test.
+type harnessOptions struct {
+	// writeLegacy is --write-legacy-formats.
+	writeLegacy bool
+	// refuseLegacyAD is --legacy-associated-data=false.
+	refuseLegacyAD bool
+	// adjust change the configuration further.
+	adjust []func(*app.CredentialsConfig)
 }
 
 // syncBuffer collects log output for assertions.
 type syncBuffer = testenv.LogBuffer
 
-func newHarness(t *testing.T, be backend) *harness {
+func newHarness(t *testing.T, be backend, adjust ...func(*app.CredentialsConfig)) *harness {
 	t.Helper()
-	st, tr, dump := be.open(t)
+	return newHarnessWith(t, be, harnessOptions{adjust: adjust})
+}
+
+func newHarnessWith(t *testing.T, be backend, opts harnessOptions) *harness {
+	t.Helper()
+	rdb, prefix, tr := be.open(t)
+	keys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	sim := simulator.New(simulator.Config{})
 	sim.AddWialonToken(canaryToken)
 	sim.AddFleetUpAccount("canary-api-key", 4242, canaryFleetUpSecret)
 	simServer := httptest.NewServer(sim.Handler())
 	t.Cleanup(simServer.Close)
+	h := &harness{transit: tr, sim: sim, simURL: simServer.URL, logs: &syncBuffer{}, rdb: rdb, prefix: prefix, keys: keys}
+	h.start(t, opts)
+	return h
+}
 
-	logs := &syncBuffer{}
-	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	svc, err := app.NewCredentialsService(app.CredentialsConfig{
-		AllowedUpstreams: strings.TrimPrefix(simServer.URL, "http://"),
-		MaxSessionTTL:    time.Hour,
-		UpstreamTimeout:  2 * time.Second,
-	}, st, tr, logger)
+// start runs a credentials service for h on h's Redis, transit, keys and
+// simulator, and points h's clients at it.
+func (h *harness) start(t *testing.T, opts harnessOptions) {
+	t.Helper()
+	logger := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	h.store = store.NewRedis(h.rdb, store.RedisOptions{Prefix: h.prefix})
+	cfg := app.CredentialsConfig{
+		AllowedUpstreams:           strings.TrimPrefix(h.simURL, "http://"),
+		MaxSessionTTL:              time.Hour,
+		UpstreamTimeout:            2 * time.Second,
+		HandleKeys:                 h.keys,
+		LegacyHandles:              handle.NewLegacyWindow(h.rdb, h.prefix),
+		WriteLegacyFormats:         opts.writeLegacy,
+		RefuseLegacyAssociatedData: opts.refuseLegacyAD,
+	}
+	for _, f := range opts.adjust {
+		f(&cfg)
+	}
+	svc, err := app.NewCredentialsService(cfg, h.store, h.transit, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,10 +196,42 @@ func newHarness(t *testing.T, be backend) *harness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &harness{
-		creds: credentialsv1.NewCredentialServiceClient(conn), sessions: credentialsv1.NewSessionServiceClient(conn),
-		svc: svc, store: st, transit: tr, sim: sim, simURL: simServer.URL, logs: logs, dump: dump,
+	h.creds, h.sessions, h.svc = credentialsv1.NewCredentialServiceClient(conn), credentialsv1.NewSessionServiceClient(conn), svc
+	h.dump = dumpRedis(t, h.rdb, h.prefix)
+}
+
+// replica returns another replica of h's service (same Redis, transit,
+// keys and simulator), configured by opts, on a Redis client of its own
+// whose commands the returned function counts from now on.
+func (h *harness) replica(t *testing.T, opts harnessOptions) (*harness, func() int) {
+	t.Helper()
+	base, ok := h.rdb.(*redis.Client)
+	if !ok {
+		t.Fatalf("replica needs a *redis.Client, not %T", h.rdb)
 	}
+	client := redis.NewClient(base.Options())
+	t.Cleanup(func() { _ = client.Close() })
+	counter := &commandCounter{}
+	client.AddHook(counter)
+	r := &harness{transit: h.transit, sim: h.sim, simURL: h.simURL, logs: h.logs, rdb: client, prefix: h.prefix, keys: h.keys}
+	r.start(t, opts)
+	// Connect first: the connection's handshake is not the service's doing.
+	if err := client.Ping(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	counter.n.Store(0)
+	return r, func() int { return int(counter.n.Load()) }
+}
+
+// commandCounter counts the Redis commands of a client.
+type commandCounter struct{ n atomic.Int64 }
+
+func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { c.n.Add(1); return next(ctx, cmd) }
+}
+func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { c.n.Add(int64(len(cmds))); return next(ctx, cmds) }
 }
 
 // forEachBackend runs test against every backend, so dev's embedded
@@ -204,6 +278,27 @@ func wantCode(t *testing.T, err error, code codes.Code) *status.Status {
 		t.Fatalf("got %v, want %v", err, code)
 	}
 	return st
+}
+
+// wantUndecryptable: a stored secret that does not open is
+// FAILED_PRECONDITION with reason CREDENTIAL_UNDECRYPTABLE.
+func wantUndecryptable(t *testing.T, err error) {
+	t.Helper()
+	wantCode(t, err, codes.FailedPrecondition)
+	if r := apierr.Reason(err); r != apierr.ReasonCredentialUndecryptable {
+		t.Fatalf("reason %q, want %q (%v)", r, apierr.ReasonCredentialUndecryptable, err)
+	}
+}
+
+// openSecret makes the service open the secret behind handle the way the
+// gateway does: resolve it, then mint an upstream session with it.
+func (h *harness) openSecret(ctx context.Context, handle string) error {
+	res, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handle})
+	if err != nil {
+		return err
+	}
+	_, err = h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: handle, CredentialGeneration: res.GetCredentialGeneration()})
+	return err
 }
 
 func badRequestFields(st *status.Status) []string {
@@ -468,9 +563,13 @@ func TestSessions(t *testing.T) {
 		if res.GetTenantId() != "acme" || res.GetCredentialId() != "w" || res.GetCredentialVersion() != 1 || len(res.GetScopes()) != 2 || res.GetBaseUrl() != h.simURL {
 			t.Fatalf("unexpected resolution %v", res)
 		}
-		sec, err := h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-		if err != nil || sec.GetWialon().GetToken() != canaryToken {
-			t.Fatalf("ResolveSecret did not return the stored token: %v", err)
+		minted, err := h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()})
+		if err != nil {
+			t.Fatalf("MintUpstreamSession: %v", err)
+		}
+		var eid credentialsv1.WialonUpstreamSession
+		if err := minted.GetUpstreamSession().UnmarshalTo(&eid); err != nil || eid.GetEid() == "" {
+			t.Fatalf("MintUpstreamSession gave no Wialon session: %v, %v", minted, err)
 		}
 
 		// Nothing that is not a live handle resolves, and every failure looks the same.
@@ -495,9 +594,9 @@ func TestSessions(t *testing.T) {
 		} {
 			_, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handle})
 			wantCode(t, err, codes.Unauthenticated)
-			_, err = h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: handle})
+			_, err = h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: handle, CredentialGeneration: res.GetCredentialGeneration()})
 			if status.Code(err) != codes.Unauthenticated {
-				t.Fatalf("%s handle: ResolveSecret = %v", name, err)
+				t.Fatalf("%s handle: MintUpstreamSession = %v", name, err)
 			}
 		}
 
@@ -581,17 +680,26 @@ func TestCiphertextIsBoundToItsRow(t *testing.T) {
 				t.Fatal(err)
 			}
 			// An attacker with Redis write access copies the ciphertext over.
-			if err := h.store.UpdateCiphertext(ctx, target.tenant, target.id, victim.Version, src.Ciphertext); err != nil {
+			if err := h.store.UpdateCiphertext(ctx, target.tenant, target.id, victim.Version, src.Ciphertext, src.ADVersion); err != nil {
 				t.Fatal(err)
 			}
 			issued, err := h.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: target.tenant, CredentialId: target.id})
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-			wantCode(t, err, codes.Internal)
+			// It does not decrypt there: the caller is told to put the
+			// credential again, and never gets the source's secret.
+			res, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: issued.GetHandle()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()})
+			wantCode(t, err, codes.FailedPrecondition)
+			if r := apierr.Reason(err); r != apierr.ReasonCredentialUndecryptable {
+				t.Errorf("reason %q, want %q", r, apierr.ReasonCredentialUndecryptable)
+			}
 			_, err = h.creds.ValidateCredential(ctx, &credentialsv1.ValidateCredentialRequest{TenantId: target.tenant, CredentialId: target.id})
-			wantCode(t, err, codes.Internal)
+			wantCode(t, err, codes.FailedPrecondition)
 			h.assertNoCanary(t, err)
 		}
 	})
@@ -621,13 +729,25 @@ func TestRewrapAfterKeyRotation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sec, err := h.sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: issued.GetHandle()})
-		if err != nil || sec.GetWialon().GetToken() != canaryToken {
-			t.Fatalf("secret unreadable after rewrap: %v", err)
+		res, err := h.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: issued.GetHandle()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		logins := h.sim.Stats().WialonLogins
+		if _, err := h.sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{Handle: issued.GetHandle(), CredentialGeneration: res.GetCredentialGeneration()}); err != nil {
+			t.Fatalf("secret unusable after rewrap: %v", err)
+		}
+		if h.sim.Stats().WialonLogins != logins+1 {
+			t.Fatal("the mint after rewrap did not log in with the stored token")
 		}
 		// A second run is harmless.
 		if p, err := h.svc.Rewrap(ctx, nil); err != nil || p.Rewrapped != 3 {
 			t.Fatalf("second rewrap = %+v, %v", p, err)
 		}
 	})
+}
+
+func codeOf(err error) codes.Code {
+	st, _ := status.FromError(err)
+	return st.Code()
 }

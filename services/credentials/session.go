@@ -2,8 +2,14 @@ package credentials
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"slices"
+	"strconv"
+	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -54,10 +60,11 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 		return nil, apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialRejected,
 			"the provider rejected this credential; replace it with PutCredential before issuing sessions", nil)
 	}
-	h, hash, err := handle.New()
+	h, hash, memo, err := s.newHandle(req.GetRequestId() != "")
 	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
 	}
+	s.closeLegacyWindow(ctx)
 	sessionID, err := handle.NewSessionID()
 	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
@@ -72,15 +79,34 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 		CreateTime:   now,
 		ExpireTime:   now.Add(ttl),
 	}
-	if err := s.cfg.Store.CreateSession(ctx, sess); err != nil {
+	sess.Binding = s.cfg.HandleKeys.Bind(h, bindingParts(sess)...)
+	idem, parts, err := s.idempotent(ctx, "issue", req.GetRequestId(), req)
+	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
 	}
-	s.cfg.Logger.InfoContext(ctx, "session issued", append(logAttrsSession(sessionID, rec.TenantID, rec.CredentialID), "ttl", ttl)...)
+	idem.Memo = memo
+	res, err := s.cfg.Store.CreateSession(ctx, sess, idem)
+	if err != nil {
+		return nil, s.toStatus(ctx, "issue session", err)
+	}
+	if err := s.checkReplay(res.Replay, parts); err != nil {
+		return nil, err
+	}
+	if res.Replayed {
+		// The first call's session; its handle is derived again from the
+		// seed stored with it (the handle itself was never stored).
+		if h, err = s.handleFromMemo(res.Memo, res.Session.HandleHash); err != nil {
+			return nil, s.toStatus(ctx, "issue session", err)
+		}
+		sess, sessionID = res.Session, res.Session.SessionID
+		authz.SetSubject(ctx, sess.TenantID, sess.CredentialID, sessionID)
+	}
+	s.cfg.Logger.InfoContext(ctx, "session issued", append(logAttrsSession(sessionID, rec.TenantID, rec.CredentialID), "ttl", ttl, "replayed", res.Replayed)...)
 	return &credentialsv1.IssueSessionResponse{
 		Handle:     h,
 		SessionId:  sessionID,
 		ExpireTime: timestamppb.New(sess.ExpireTime),
-		Scopes:     scopesToProto(scopes),
+		Scopes:     scopesToProto(sess.Scopes),
 	}, nil
 }
 
@@ -88,10 +114,11 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 // at once.
 func (c *sessionServer) RevokeSession(ctx context.Context, req *credentialsv1.RevokeSessionRequest) (*credentialsv1.RevokeSessionResponse, error) {
 	s := c.s
-	hash, err := handle.Parse(req.GetHandle())
+	checked, err := s.verifier().Verify(ctx, req.GetHandle())
 	if err != nil {
 		return nil, apierr.Field("handle", "not a session handle (expected fbs_...)")
 	}
+	hash := checked.Hash
 	errNoSession := apierr.New(codes.NotFound, apierr.ReasonSessionNotFound, "no live session for this handle", nil)
 	live, err := s.cfg.Store.GetSession(ctx, hash)
 	if errors.Is(err, store.ErrNotFound) {
@@ -117,7 +144,8 @@ func (c *sessionServer) RevokeSession(ctx context.Context, req *credentialsv1.Re
 
 // ResolveSession returns what a live handle is scoped to, without Vault.
 func (c *sessionServer) ResolveSession(ctx context.Context, req *credentialsv1.ResolveSessionRequest) (*credentialsv1.ResolveSessionResponse, error) {
-	sess, rec, err := c.s.resolve(ctx, req.GetHandle())
+	s := c.s
+	sess, rec, err := s.resolve(ctx, req.GetHandle())
 	if err != nil {
 		return nil, err
 	}
@@ -126,34 +154,21 @@ func (c *sessionServer) ResolveSession(ctx context.Context, req *credentialsv1.R
 		TenantId:             sess.TenantID,
 		CredentialId:         sess.CredentialID,
 		CredentialVersion:    rec.Version,
-		Provider:             providerToProto(rec.Provider),
+		Provider:             s.providerID(rec.Provider),
 		Scopes:               scopesToProto(sess.Scopes),
 		ExpireTime:           timestamppb.New(sess.ExpireTime),
 		BaseUrl:              rec.BaseURL,
 		CredentialGeneration: rec.Generation,
+		UpstreamAccount:      upstreamAccount(rec),
 	}, nil
 }
 
-// ResolveSecret returns the decrypted secret behind a live handle.
-func (c *sessionServer) ResolveSecret(ctx context.Context, req *credentialsv1.ResolveSecretRequest) (*credentialsv1.ResolveSecretResponse, error) {
-	s := c.s
-	sess, rec, err := s.resolve(ctx, req.GetHandle())
-	if err != nil {
-		return nil, err
+// upstreamAccount is the credential's public account id in decimal, or "".
+func upstreamAccount(rec store.Credential) string {
+	if rec.FleetUpAccountID == 0 {
+		return ""
 	}
-	sec, err := s.decrypt(ctx, rec)
-	if err != nil {
-		return nil, s.toStatus(ctx, "resolve secret", err)
-	}
-	resp := &credentialsv1.ResolveSecretResponse{SessionId: sess.SessionID, CredentialVersion: rec.Version}
-	switch {
-	case sec.wialon != nil:
-		resp.Secret = &credentialsv1.ResolveSecretResponse_Wialon{Wialon: sec.wialon}
-	case sec.fleetup != nil:
-		resp.Secret = &credentialsv1.ResolveSecretResponse_Fleetup{Fleetup: sec.fleetup}
-	}
-	s.cfg.Logger.InfoContext(ctx, "secret resolved", append(logAttrsSession(sess.SessionID, sess.TenantID, sess.CredentialID), "version", rec.Version)...)
-	return resp, nil
+	return strconv.FormatInt(rec.FleetUpAccountID, 10)
 }
 
 // ReportRejection marks the credential behind a live handle as rejected by
@@ -188,11 +203,11 @@ func (c *sessionServer) ReportRejection(ctx context.Context, req *credentialsv1.
 // session was issued, does not resolve: deleting a credential revokes its
 // sessions even if a crash left a session record behind.
 func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.Credential, error) {
-	hash, err := handle.Parse(h)
+	checked, err := s.verifier().Verify(ctx, h)
 	if err != nil {
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
-	sess, err := s.cfg.Store.GetSession(ctx, hash)
+	sess, err := s.cfg.Store.GetSession(ctx, checked.Hash)
 	if errors.Is(err, store.ErrNotFound) {
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
@@ -200,6 +215,11 @@ func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.C
 		return store.Session{}, store.Credential{}, s.toStatus(ctx, "resolve session", err)
 	}
 	if !s.cfg.Now().Before(sess.ExpireTime) {
+		return store.Session{}, store.Credential{}, errSessionInvalid
+	}
+	if !s.bound(h, checked, sess) {
+		s.cfg.Logger.WarnContext(ctx, "session record does not match its binding: written or changed by someone without the handle key",
+			logAttrsSession(sess.SessionID, sess.TenantID, sess.CredentialID)...)
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
 	authz.SetSubject(ctx, sess.TenantID, sess.CredentialID, sess.SessionID)
@@ -214,6 +234,107 @@ func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.C
 		return store.Session{}, store.Credential{}, s.toStatus(ctx, "resolve session", err)
 	}
 	return sess, rec, nil
+}
+
+// closeLegacyWindow records, once per replica and only if no replica did
+// before, when legacy handles stop being accepted: the first keyed handle
+// marks the moment this release took over issuing. A failure is logged and
+// tried again at the next issue; the window stays open meanwhile.
+func (s *Service) closeLegacyWindow(ctx context.Context) {
+	if s.cfg.WriteLegacyFormats || s.cfg.LegacyHandles == nil || s.legacyClosed.Load() {
+		return
+	}
+	until, err := s.cfg.LegacyHandles.Close(ctx, s.cfg.LegacyHandleLifetime)
+	if err != nil {
+		s.cfg.Logger.WarnContext(ctx, "could not record the end of legacy session handles; trying again at the next issue", "error", err)
+		return
+	}
+	s.legacyClosed.Store(true)
+	s.cfg.Logger.InfoContext(ctx, "legacy session handles (CRC32 checksum) are accepted until they can all have expired", "until", until)
+}
+
+// verifier checks handles: keyed ones by their MAC, legacy ones only while
+// their window is open.
+func (s *Service) verifier() handle.Verifier {
+	return handle.Verifier{Keys: s.cfg.HandleKeys, Legacy: s.cfg.LegacyHandles}
+}
+
+// newHandle makes the handle of a new session. With derived set (the
+// request has an id) the handle is derived from a fresh seed, which the
+// memo carries into the store so a retry gets the same handle back.
+// Under --write-legacy-formats it carries a CRC32 checksum.
+func (s *Service) newHandle(derived bool) (h string, hash handle.Hash, memo string, err error) {
+	keys := s.cfg.HandleKeys
+	if !derived {
+		if s.cfg.WriteLegacyFormats {
+			h, hash, err = handle.NewLegacy()
+		} else {
+			h, hash, err = keys.New()
+		}
+		return h, hash, "", err
+	}
+	seed, err := handle.NewSeed()
+	if err != nil {
+		return "", handle.Hash{}, "", err
+	}
+	format := memoKeyed
+	if s.cfg.WriteLegacyFormats {
+		format = memoLegacy
+	}
+	memo = format + "." + keys.SigningKeyID() + "." + base64.RawURLEncoding.EncodeToString(seed)
+	h, err = s.handleFromMemo(memo, handle.Hash{})
+	if err != nil {
+		return "", handle.Hash{}, "", err
+	}
+	return h, handle.Hash(sha256.Sum256([]byte(h))), memo, nil
+}
+
+// Formats of a handle memo: "<format>.<key id>.<seed>".
+const (
+	memoKeyed  = "k"
+	memoLegacy = "l"
+)
+
+// handleFromMemo derives the handle a memo describes and, unless want is
+// zero, checks it is the one whose hash was stored.
+func (s *Service) handleFromMemo(memo string, want handle.Hash) (string, error) {
+	parts := strings.Split(memo, ".")
+	if len(parts) != 3 {
+		return "", errors.New("malformed handle memo")
+	}
+	seed, err := base64.RawURLEncoding.DecodeString(parts[2])
+	if err != nil {
+		return "", errors.New("malformed handle memo")
+	}
+	derive := s.cfg.HandleKeys.FromSeed
+	if parts[0] == memoLegacy {
+		derive = s.cfg.HandleKeys.LegacyFromSeed
+	}
+	h, hash, err := derive(parts[1], seed)
+	if err != nil {
+		return "", fmt.Errorf("derive the handle of a repeated request: its key %s is no longer configured", parts[1])
+	}
+	if want != (handle.Hash{}) && hash != want {
+		return "", errors.New("the handle derived for a repeated request does not match its session")
+	}
+	return h, nil
+}
+
+// bindingParts are the session fields its binding covers: all that
+// decides what the handle may do, and until when.
+func bindingParts(sess store.Session) []string {
+	return []string{sess.SessionID, sess.TenantID, sess.CredentialID, strings.Join(sess.Scopes, ","),
+		sess.CreateTime.UTC().Format(time.RFC3339Nano), sess.ExpireTime.UTC().Format(time.RFC3339Nano)}
+}
+
+// bound reports whether sess may be served for handle h: its binding must
+// be the handle key's MAC of its contents and h. Only sessions of legacy
+// handles, issued by releases before bindings, may have none.
+func (s *Service) bound(h string, c handle.Checked, sess store.Session) bool {
+	if sess.Binding == "" {
+		return c.Legacy
+	}
+	return s.cfg.HandleKeys.VerifyBinding(h, sess.Binding, bindingParts(sess)...)
 }
 
 func scopesFromProto(in []credentialsv1.Scope) []string {

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
@@ -27,12 +28,20 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := status.FromError(err); ok {
-		return err // already a status (from the credentials service or built here)
+	var st interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &st) {
+		// Already a status, from the credentials service or built here:
+		// passed on as it was made, without the text of any wrapping.
+		return st.GRPCStatus().Err()
 	}
 	var limited *ratelimit.LimitedError
 	var ue *upstream.Error
+	var field *provider.FieldError
 	switch {
+	case errors.As(err, &field):
+		return apierr.Field(field.Field, field.Description)
+	case errors.Is(err, provider.ErrWrongProvider):
+		return errWrongProvider
 	case errors.As(err, &limited):
 		return apierr.Retryable(codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited, "provider rate limit for this account reached; retry later", limited.RetryAfter)
 	case errors.Is(err, context.DeadlineExceeded):
@@ -44,6 +53,12 @@ func (s *Service) toStatus(ctx context.Context, op string, err error) error {
 	case errors.Is(err, transit.ErrUnavailable):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonVaultUnavailable, "encryption service unavailable", time.Second)
+	case errors.Is(err, transit.ErrKeyMissing), errors.Is(err, transit.ErrDecrypt):
+		// The token cache's data key: its transit key is missing, or the
+		// wrapped data key no longer unwraps and was replaced too recently
+		// to replace it again (tokencache).
+		s.cfg.Logger.ErrorContext(ctx, op+" failed: the gateway's transit key is missing or changed; restore it (docs/reliability.md)", "error", err)
+		return apierr.Retryable(codes.Unavailable, apierr.ReasonEncryptionKeyUnusable, "the session cache's encryption key is unusable; an operator must restore it", 30*time.Second)
 	case isRedisUnavailable(err):
 		s.cfg.Logger.ErrorContext(ctx, op+" failed", "error", err)
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonStoreUnavailable, "session cache unavailable", time.Second)

@@ -1,14 +1,20 @@
 // Package gateway is the telematics gateway: it serves normalized telematics
 // calls (units, positions, history, trips, a position stream, a raw
-// pass-through) for a session handle, calling Wialon and FleetUp for it.
+// pass-through) for a session handle, calling the credential's provider
+// through the seam in internal/provider; nothing here knows one provider
+// from another.
 //
-// Upstream sessions (Wialon eid, FleetUp JWT) are shared by every replica
-// through tokencache, so any number of callers causes one upstream login per
-// account per token lifetime. The gateway never logs a handle, a secret, an
-// eid or a JWT, and never returns a stored secret to a caller.
+// Upstream sessions (a Wialon eid, a FleetUp JWT) are minted by the
+// credentials service, which alone holds the long-lived secrets, and shared
+// by every replica through tokencache, bound to the credential generation
+// and base URL they were minted for; any number of callers causes one
+// upstream login per account per session lifetime. Sessions of deleted or
+// replaced credentials are purged (purge.go). The gateway never logs a
+// handle, an eid, a JWT or an API key, and never sees a long-lived secret.
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -21,6 +27,8 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -31,44 +39,57 @@ import (
 
 // Defaults of the upstream behaviour.
 const (
-	// DefaultJWTSafetyMargin: a cached FleetUp JWT is dropped this long
-	// before its exp, so it is re-minted ahead of expiry, never used stale.
-	DefaultJWTSafetyMargin = 2 * time.Minute
-	// DefaultWialonSessionTTL bounds how long a shared Wialon eid is reused.
-	// Wialon idles a session out after ~5 minutes without calls; that case
-	// is handled by error 1 → one re-login.
-	DefaultWialonSessionTTL = 30 * time.Minute
-	// DefaultWialonConcurrency is Wialon's limit of concurrent requests per session.
-	DefaultWialonConcurrency = 10
-	// loaderLockTTL bounds how long a crashed replica can hold a session's
-	// message loader: longer than any one load (upstream timeout) takes.
-	loaderLockTTL = 60 * time.Second
+	// DefaultJWTSafetyMargin is the default of --jwt-safety-margin: a cached
+	// FleetUp JWT is dropped this long before its exp.
+	DefaultJWTSafetyMargin = fleetup.DefaultExpiryMargin
+	// DefaultWialonSessionTTL is the default of --wialon-session-ttl: how
+	// long a shared Wialon eid is reused.
+	DefaultWialonSessionTTL = wialon.DefaultSessionReuse
+	// sessionLockTTL bounds how long a crashed replica can hold a lock on a
+	// shared session (Wialon's message loader): longer than any one load
+	// (upstream timeout) takes.
+	sessionLockTTL = 60 * time.Second
 	// DefaultWatchInterval is the poll interval of a watcher that names none.
 	DefaultWatchInterval = 5 * time.Second
+	// DefaultPurgeInterval is how often one replica asks the credentials
+	// service which cached upstream sessions belong to deleted or replaced
+	// credentials, and purges them (see purge.go).
+	DefaultPurgeInterval = 30 * time.Second
 )
 
 // Config wires the gateway to its dependencies.
 type Config struct {
 	// Sessions is the credentials service's SessionService, reached with the
-	// gateway's own identity.
+	// gateway's own identity. The gateway calls ResolveSession,
+	// MintUpstreamSession, ReportRejection and ListRetiredGenerations.
 	Sessions credentialsv1.SessionServiceClient
-	Cache    *tokencache.Cache
-	Limiter  *ratelimit.Limiter
-	// Redis holds the cross-replica lock of Wialon's per-session message
-	// loader; RedisPrefix prefixes its keys.
+	// Providers are the providers this gateway serves, built with the
+	// gateway's upstream HTTP clients and tuning.
+	Providers *provider.Registry
+	Cache     *tokencache.Cache
+	// Limiter holds the per-account request budgets providers pace with
+	// (provider.Conn.Pace).
+	Limiter *ratelimit.Limiter
+	// Redis holds the cross-replica session locks and the index of cached
+	// sessions the purge reads; RedisPrefix prefixes their keys.
 	Redis       redis.UniversalClient
 	RedisPrefix string
-	Wialon      *wialon.Client
-	FleetUp     *fleetup.Client
 	// AllowList is checked again before every upstream call: the gateway
 	// does not trust that a base URL was checked when it was stored.
 	AllowList *upstream.AllowList
 	// HandleCacheTTL is how long a handle resolution is reused (≤ 5 s).
-	HandleCacheTTL    time.Duration
-	FleetUpRate       ratelimit.Limit
-	JWTSafetyMargin   time.Duration
-	WialonSessionTTL  time.Duration
-	WialonConcurrency int
+	HandleCacheTTL time.Duration
+	// PurgeInterval is how often one replica purges the cached sessions of
+	// deleted or replaced credentials; 0 means DefaultPurgeInterval, a
+	// negative value turns the periodic purge off (PurgeRetired still works).
+	PurgeInterval time.Duration
+	// HandleKeys check a handle's keyed checksum before it is resolved
+	// (--handle-key-file, the credentials service's keys); required.
+	HandleKeys *handle.Keys
+	// InvalidHandleRate and InvalidHandleBurst are each peer's budget of
+	// invalid handles (per second, at once); defaults 1 and 20.
+	InvalidHandleRate  float64
+	InvalidHandleBurst int
 	// TenantLimit, if set, takes one request of the tenant's budget once
 	// the handle has told which tenant a call is for.
 	TenantLimit func(ctx context.Context, tenant string) error
@@ -85,19 +106,21 @@ type Service struct {
 	telematicsv1.UnimplementedTelematicsServiceServer
 	cfg      Config
 	resolver *resolver
-	// wialonSlots bounds concurrent requests per shared Wialon session in
-	// this replica (Wialon allows ~10 per session).
-	wialonSlots sync.Map // tokencache.Key → chan struct{}
-	hubs        *hubs
-	loader      *loaderLock
+	hubs     *hubs
+	locks    *sessionLock
+	held     *heldIndex
 	// reads coalesces equal concurrent upstream reads (see shared).
 	reads singleflight.Group
+
+	stopPurge context.CancelFunc
+	purgeDone sync.WaitGroup
 }
 
-// New checks cfg and returns the gateway.
+// New checks cfg and returns the gateway, with its periodic purge running
+// until Close.
 func New(cfg Config) (*Service, error) {
-	if cfg.Sessions == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.Wialon == nil || cfg.FleetUp == nil {
-		return nil, fmt.Errorf("gateway: sessions client, token cache, limiter, redis and provider clients are required")
+	if cfg.Sessions == nil || cfg.Providers == nil || cfg.Cache == nil || cfg.Limiter == nil || cfg.Redis == nil || cfg.HandleKeys == nil {
+		return nil, fmt.Errorf("gateway: sessions client, providers, token cache, limiter, redis and handle keys are required")
 	}
 	if cfg.AllowList == nil {
 		allow, err := upstream.ParseAllowList("")
@@ -109,25 +132,42 @@ func New(cfg Config) (*Service, error) {
 	if cfg.HandleCacheTTL < 0 || cfg.HandleCacheTTL > maxHandleCacheTTL {
 		return nil, fmt.Errorf("gateway: handle cache TTL must be between 0 and %s", maxHandleCacheTTL)
 	}
-	if cfg.FleetUpRate.Rate <= 0 {
-		cfg.FleetUpRate = ratelimit.FleetUp
-	}
-	if cfg.JWTSafetyMargin <= 0 {
-		cfg.JWTSafetyMargin = DefaultJWTSafetyMargin
-	}
-	if cfg.WialonSessionTTL <= 0 {
-		cfg.WialonSessionTTL = DefaultWialonSessionTTL
-	}
-	if cfg.WialonConcurrency <= 0 {
-		cfg.WialonConcurrency = DefaultWialonConcurrency
+	if cfg.PurgeInterval == 0 {
+		cfg.PurgeInterval = DefaultPurgeInterval
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, cfg.HandleCacheTTL),
-		loader: &loaderLock{client: cfg.Redis, prefix: cfg.RedisPrefix + ":gw", ttl: loaderLockTTL}}
+	if cfg.InvalidHandleRate <= 0 {
+		cfg.InvalidHandleRate = DefaultInvalidHandleRate
+	}
+	if cfg.InvalidHandleBurst <= 0 {
+		cfg.InvalidHandleBurst = DefaultInvalidHandleBurst
+	}
+	// Legacy (CRC32) handles pass until the credentials service records
+	// that they have all expired, under the same prefix as its own keys.
+	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
+	prefix := cfg.RedisPrefix + ":gw"
+	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, verifier, cfg.HandleCacheTTL, cfg.InvalidHandleRate, cfg.InvalidHandleBurst),
+		locks: &sessionLock{client: cfg.Redis, prefix: prefix, ttl: sessionLockTTL},
+		held:  &heldIndex{client: cfg.Redis, prefix: prefix}}
 	s.hubs = newHubs(s)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopPurge = cancel
+	if cfg.PurgeInterval > 0 {
+		s.purgeDone.Add(1)
+		go func() {
+			defer s.purgeDone.Done()
+			s.purgeLoop(ctx)
+		}()
+	}
 	return s, nil
+}
+
+// Close stops the periodic purge. Calls in flight are not affected.
+func (s *Service) Close() {
+	s.stopPurge()
+	s.purgeDone.Wait()
 }
 
 // Register adds TelematicsService to g.

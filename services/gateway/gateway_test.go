@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,9 +25,12 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -51,8 +53,15 @@ type syncBuffer = testenv.LogBuffer
 // stack is a credentials service and n gateway replicas sharing one real
 // Redis and one real Vault, in front of one simulator.
 type stack struct {
-	sim      *simulator.Simulator
-	simURL   string
+	sim     *simulator.Simulator
+	simURL  string
+	simSeen *upstreamLog
+	// sim2 is a second upstream on another host (stackOptions.secondUpstream).
+	sim2     *simulator.Simulator
+	sim2URL  string
+	sim2Seen *upstreamLog
+	// services are the gateway replicas behind gateways.
+	services []*gateway.Service
 	simClock *atomic.Int64 // offset of the simulator's clock, in ns
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
@@ -60,6 +69,26 @@ type stack struct {
 	redis    redis.UniversalClient
 	prefix   string
 	logs     *syncBuffer
+	// handleKeys are the credentials service's and every gateway's.
+	handleKeys *handle.Keys
+	// resolves counts the gateways' ResolveSession calls.
+	resolves *atomic.Int64
+	// credSvc is the credentials service; credentials builds another one
+	// on the same Redis, Vault key and handle keys.
+	credSvc     *credentials.Service
+	credentials func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient
+}
+
+// countingSessions counts ResolveSession calls on their way to the
+// credentials service.
+type countingSessions struct {
+	credentialsv1.SessionServiceClient
+	n *atomic.Int64
+}
+
+func (c countingSessions) ResolveSession(ctx context.Context, in *credentialsv1.ResolveSessionRequest, opts ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
+	c.n.Add(1)
+	return c.SessionServiceClient.ResolveSession(ctx, in, opts...)
 }
 
 type stackOptions struct {
@@ -68,6 +97,14 @@ type stackOptions struct {
 	// fleetupRate is FleetUp requests per second per account (default 1000,
 	// so tests that are not about the rate budget do not wait for it).
 	fleetupRate int
+	// secondUpstream starts sim2, a second simulator on another host.
+	secondUpstream bool
+	// providers, if set, are the providers both services serve.
+	providers []provider.Factory
+	// extraAllowed are more host:port upstreams to allow.
+	extraAllowed []string
+	// wialonSessionTTL is --wialon-session-ttl (0: the default).
+	wialonSessionTTL time.Duration
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -78,14 +115,20 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if opts.fleetupRate == 0 {
 		opts.fleetupRate = 1000
 	}
-	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}}
+	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}, resolves: &atomic.Int64{}}
 	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
 	st.sim.AddWialonToken(canaryToken)
 	st.sim.AddFleetUpAccount(canaryAPIKey, canaryAccount, canarySecret)
-	simServer := httptest.NewServer(st.sim.Handler())
-	t.Cleanup(simServer.Close)
-	st.simURL = simServer.URL
-	allowed := strings.TrimPrefix(simServer.URL, "http://")
+	st.simURL, st.simSeen = serveUpstream(t, st.sim.Handler())
+	allowed := strings.TrimPrefix(st.simURL, "http://")
+	if opts.secondUpstream {
+		st.sim2 = simulator.New(simulator.Config{})
+		st.sim2URL, st.sim2Seen = serveUpstream(t, st.sim2.Handler())
+		allowed += "," + strings.TrimPrefix(st.sim2URL, "http://")
+	}
+	for _, a := range opts.extraAllowed {
+		allowed += "," + a
+	}
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 
 	rs := testenv.Redis(t)
@@ -95,12 +138,28 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	credTransit := newVault(t, vs, vs.NewKeyName(t))
 	gwKey := vs.NewKeyName(t) // the gateway's data keys live under their own transit key
 
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second},
+	var err error
+	st.handleKeys, err = handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers,
+		HandleKeys: st.handleKeys, LegacyHandles: handle.NewLegacyWindow(st.redis, st.prefix)},
 		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
+	st.credSvc = credSvc
 	credConn := serve(t, logger, credSvc.Register)
+	st.credentials = func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient {
+		t.Helper()
+		cfg.AllowedUpstreams, cfg.UpstreamTimeout, cfg.HandleKeys = allowed, 5*time.Second, st.handleKeys
+		svc, err := app.NewCredentialsService(cfg, store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return credentialsv1.NewCredentialServiceClient(serve(t, logger, svc.Register))
+	}
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
 
@@ -112,10 +171,16 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			FleetUpRate:      opts.fleetupRate,
 			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
-		}, credentialsv1.NewSessionServiceClient(credConn), rs.Client(t), newVault(t, vs, gwKey), logger)
+			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
+			WialonSessionTTL: opts.wialonSessionTTL,
+			Providers:        opts.providers,
+			HandleKeys:       st.handleKeys,
+		}, countingSessions{credentialsv1.NewSessionServiceClient(credConn), st.resolves}, rs.Client(t), newVault(t, vs, gwKey), logger)
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(gw.Close)
+		st.services = append(st.services, gw)
 		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(serve(t, logger, gw.Register)))
 	}
 	return st

@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"strconv"
 	"time"
 )
 
@@ -11,11 +10,11 @@ import (
 const sharedReadTimeout = 30 * time.Second
 
 // shared runs read once for all concurrent callers asking the same thing
-// (op) of the same credential version, so a burst of callers and watch polls
+// (op) of the same credential generation, so a burst of callers and watch polls
 // costs one upstream request. Only reads whose answer does not depend on the
 // caller may be shared; the caller's own session was checked before.
 func shared[T any](ctx context.Context, s *Service, sess *session, op string, read func(context.Context) (T, error)) (T, error) {
-	key := op + "\x00" + sess.tenantID + "\x00" + sess.credentialID + "\x00" + strconv.FormatInt(sess.version, 10)
+	key := op + "\x00" + sess.target().SessionKey()
 	ch := s.reads.DoChan(key, func() (any, error) {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sharedReadTimeout)
 		defer cancel()

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
@@ -36,18 +37,13 @@ func InstrumentTokenCache(opts tokencache.Options, m *telemetry.Metrics) tokenca
 	return opts
 }
 
-// Provider names of the metrics' provider label.
-const (
-	wialonProvider  = telemetry.ProviderWialon
-	fleetupProvider = telemetry.ProviderFleetUp
-)
-
 // observeUpstream counts a failed upstream call by what it means
 // (upstream.Kind): the HTTP metrics of telemetry.InstrumentTransport cannot
 // see Wialon's errors, which come with HTTP 200, nor calls refused before
-// any request by the account's shared rate budget. Errors that are neither
-// (the caller gave up, Redis failed) are not upstream errors and are not
-// counted here.
+// any request by the account's shared rate budget, nor logins, which the
+// credentials service makes and reports as statuses. Errors that are none
+// of these (the caller gave up, Redis failed) are not upstream errors and
+// are not counted here.
 func (s *Service) observeUpstream(provider string, err error) {
 	if err == nil || s.cfg.Metrics == nil {
 		return
@@ -59,5 +55,20 @@ func (s *Service) observeUpstream(provider string, err error) {
 		s.cfg.Metrics.ObserveUpstreamError(provider, ue.Kind.String())
 	case errors.As(err, &limited):
 		s.cfg.Metrics.ObserveUpstreamError(provider, "rate_budget")
+	default:
+		if kind, ok := mintFailures[apierr.Reason(err)]; ok {
+			s.cfg.Metrics.ObserveUpstreamError(provider, kind.String())
+		}
 	}
+}
+
+// mintFailures are the reasons with which the credentials service reports
+// a failed upstream login (MintUpstreamSession), by what they mean.
+var mintFailures = map[string]upstream.Kind{
+	apierr.ReasonCredentialRejected:   upstream.KindRejected,
+	apierr.ReasonUpstreamRateLimited:  upstream.KindRateLimited,
+	apierr.ReasonUpstreamUnavailable:  upstream.KindUnavailable,
+	apierr.ReasonUpstreamAccessDenied: upstream.KindAccessDenied,
+	apierr.ReasonUpstreamNotAllowed:   upstream.KindNotAllowed,
+	apierr.ReasonUpstreamRefused:      upstream.KindInternal,
 }

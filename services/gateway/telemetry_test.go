@@ -17,13 +17,14 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
-	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/providers"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -36,10 +37,12 @@ import (
 // the Wialon token: none of them may become a label value.
 const metricsCanary = "MetricsCanary7f3"
 
-// fakeSessions resolves every handle to one Wialon credential at baseURL.
+// fakeSessions resolves every handle to one Wialon credential at baseURL
+// and mints its sessions as the credentials service would.
 type fakeSessions struct {
 	credentialsv1.SessionServiceClient // nil: other methods are not called
 	baseURL                            string
+	mints                              atomic.Int32
 }
 
 func (f *fakeSessions) ResolveSession(context.Context, *credentialsv1.ResolveSessionRequest, ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
@@ -48,17 +51,22 @@ func (f *fakeSessions) ResolveSession(context.Context, *credentialsv1.ResolveSes
 		CredentialVersion: 1, Provider: credentialsv1.Provider_PROVIDER_WIALON,
 		Scopes:     []credentialsv1.Scope{credentialsv1.Scope_SCOPE_READ},
 		ExpireTime: timestamppb.New(time.Now().Add(time.Hour)), BaseUrl: f.baseURL,
+		CredentialGeneration: "gen-" + metricsCanary,
 	}, nil
 }
 
-func (f *fakeSessions) ResolveSecret(context.Context, *credentialsv1.ResolveSecretRequest, ...grpc.CallOption) (*credentialsv1.ResolveSecretResponse, error) {
-	return &credentialsv1.ResolveSecretResponse{Secret: &credentialsv1.ResolveSecretResponse_Wialon{
-		Wialon: &credentialsv1.WialonSecret{Token: strings.Repeat(metricsCanary, 5)[:72]},
-	}}, nil
+func (f *fakeSessions) MintUpstreamSession(_ context.Context, req *credentialsv1.MintUpstreamSessionRequest, _ ...grpc.CallOption) (*credentialsv1.MintUpstreamSessionResponse, error) {
+	f.mints.Add(1)
+	session, err := anypb.New(&credentialsv1.WialonUpstreamSession{Eid: "eid-" + metricsCanary, User: "demo"})
+	if err != nil {
+		return nil, err
+	}
+	return &credentialsv1.MintUpstreamSessionResponse{SessionId: "ses_" + metricsCanary, CredentialVersion: 1,
+		CredentialGeneration: req.GetCredentialGeneration(), BaseUrl: f.baseURL, UpstreamSession: session}, nil
 }
 
 // TestGatewayMetrics runs a ListUnits against a Wialon that first reports
-// the session lost (error 1), then — after the gateway's one re-login —
+// the session lost (error 1), then — after the gateway's one new session —
 // its concurrency limit (error 10), both with HTTP 200, and checks what
 // the metrics say: the upstream errors by kind, the token cache lookups
 // and logins, the upstream HTTP calls by Wialon service; and that no
@@ -69,8 +77,8 @@ func TestGatewayMetrics(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		var reply any
 		switch r.FormValue("svc") {
-		case "token/login":
-			reply = map[string]any{"eid": "eid-" + metricsCanary, "au": "demo"}
+		case "core/logout":
+			reply = map[string]any{"error": 0}
 		case "core/search_items":
 			if searches.Add(1) == 1 {
 				reply = map[string]any{"error": 1}
@@ -97,27 +105,39 @@ func TestGatewayMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	keys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var hookMints atomic.Int32 // a hook set before instrumenting still runs
 	cacheOpts := gateway.InstrumentTokenCache(tokencache.Options{
 		OnMint: func(tokencache.Key, time.Duration, error) { hookMints.Add(1) },
 	}, m)
 	base := http.DefaultTransport
+	reg, err := provider.NewRegistry(provider.Env{HTTPClient: func(name string) *http.Client {
+		return &http.Client{Transport: telemetry.InstrumentTransport(base, name, m)}
+	}}, providers.All()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sessions := &fakeSessions{baseURL: wialonSrv.URL}
 	svc, err := gateway.New(gateway.Config{
-		Sessions: &fakeSessions{baseURL: wialonSrv.URL},
-		Cache:    tokencache.New(rdb, tr, cacheOpts),
-		Limiter:  ratelimit.New(rdb, "fbtest:rl"),
-		Redis:    rdb,
-		Wialon: wialon.New(&http.Client{Transport: telemetry.InstrumentTransport(base, telemetry.ProviderWialon, m)},
-			wialon.WithRetry(1, 0, 0)),
-		FleetUp:   fleetup.New(&http.Client{Transport: telemetry.InstrumentTransport(base, telemetry.ProviderFleetUp, m)}),
-		AllowList: allow,
-		Metrics:   m,
-		Logger:    slog.New(slog.DiscardHandler),
+		Sessions:      sessions,
+		Providers:     reg,
+		Cache:         tokencache.New(rdb, tr, cacheOpts),
+		Limiter:       ratelimit.New(rdb, "fbtest:rl"),
+		Redis:         rdb,
+		AllowList:     allow,
+		HandleKeys:    keys,
+		Metrics:       m,
+		PurgeInterval: -1,
+		Logger:        slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, _, err := handle.New()
+	t.Cleanup(svc.Close)
+	h, _, err := keys.New()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +159,6 @@ func TestGatewayMetrics(t *testing.T) {
 		{"fleetbroker_token_cache_lookups_total", map[string]string{"provider": "wialon", "kind": "wialon-eid", "result": "miss"}, 2},
 		{"fleetbroker_token_cache_mints_total", map[string]string{"provider": "wialon", "kind": "wialon-eid", "result": "ok"}, 2},
 		{"fleetbroker_token_cache_mint_duration_seconds", map[string]string{"provider": "wialon", "kind": "wialon-eid"}, 2},
-		{"fleetbroker_upstream_request_duration_seconds", map[string]string{"provider": "wialon", "endpoint": "token/login", "status": "200"}, 2},
 		{"fleetbroker_upstream_request_duration_seconds", map[string]string{"provider": "wialon", "endpoint": "core/search_items", "status": "200"}, 2},
 	} {
 		if got := metricValue(t, m, tt.name, tt.labels); got != tt.want {
@@ -148,6 +167,14 @@ func TestGatewayMetrics(t *testing.T) {
 	}
 	if got := hookMints.Load(); got != 2 {
 		t.Errorf("the OnMint hook set before InstrumentTokenCache ran %d times, want 2", got)
+	}
+	// Custody: the gateway asked the credentials service for each session
+	// and never logged in upstream itself.
+	if got := sessions.mints.Load(); got != 2 {
+		t.Errorf("MintUpstreamSession called %d times, want 2", got)
+	}
+	if got := metricValue(t, m, "fleetbroker_upstream_request_duration_seconds", map[string]string{"provider": "wialon", "endpoint": "token/login", "status": "200"}); got != 0 {
+		t.Errorf("the gateway logged in upstream itself %v times", got)
 	}
 	if metricValue(t, m, "fleetbroker_redis_command_duration_seconds", map[string]string{"command": "set", "result": "ok"}) == 0 {
 		t.Error("no Redis SET recorded (the token cache stores the eid)")

@@ -2,42 +2,43 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
-	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
 const (
-	// maxRateWait bounds how long a call queues for the FleetUp account's
-	// rate budget before it is answered RESOURCE_EXHAUSTED.
+	// maxRateWait bounds how long a call queues for an account's request
+	// budget before it is answered RESOURCE_EXHAUSTED.
 	maxRateWait = 5 * time.Second
 	// reportTimeout bounds the best-effort rejection report.
 	reportTimeout = 3 * time.Second
+	// logoutTimeout bounds the best-effort upstream logout of a session the
+	// gateway dropped or purged.
+	logoutTimeout = 5 * time.Second
+	// replaceGrace keeps a session cached this long past the time the
+	// gateway stops using it, so the call that replaces it finds it and
+	// logs it out upstream.
+	replaceGrace = time.Minute
 )
 
-// fleetupToken is what the gateway caches for a FleetUp account: the JWT
-// and the API key that must travel with it. Both are secret; tokencache
-// seals the whole value before it reaches Redis.
-type fleetupToken struct {
-	JWT       string `json:"jwt"`
-	APIKey    string `json:"key"`
-	AccountID int64  `json:"acct"`
-}
-
-func cacheKey(sess *session, kind string) tokencache.Key {
-	return tokencache.Key{Tenant: sess.tenantID, Credential: sess.credentialID, Version: sess.version, Kind: kind}
+// cacheKey binds a cached upstream session to the exact secret (the
+// credential generation) and upstream (the base URL) it was minted for.
+func cacheKey(sess *session, p provider.Provider) tokencache.Key {
+	return tokencache.Key{Tenant: sess.tenantID, Credential: sess.credentialID, Generation: sess.generation,
+		BaseURL: sess.baseURL, Kind: p.Info().TokenKind}
 }
 
 // checkBaseURL re-checks the credential's base URL against this gateway's
@@ -50,174 +51,160 @@ func (s *Service) checkBaseURL(sess *session) error {
 	return nil
 }
 
-// withWialon runs call with the credential's shared Wialon session. On
-// error 1 / 1011 (session gone) it drops that session from the shared cache
-// — only if no replica replaced it meanwhile — logs in once more and retries
-// once.
-func (s *Service) withWialon(ctx context.Context, sess *session, call func(ctx context.Context, sid string) error) error {
-	if sess.provider != credentialsv1.Provider_PROVIDER_WIALON {
-		return errWrongProvider
+// conn lends a provider what one call on sess needs: the minted session
+// (nil before a mint) and the primitives shared by every replica.
+func (s *Service) conn(sess *session, minted *credentialsv1.MintUpstreamSessionResponse, key tokencache.Key) *provider.Conn {
+	return &provider.Conn{
+		Target:  sess.target(),
+		Session: minted,
+		Pace:    s.pace,
+		Lock: func(ctx context.Context, name string) (func(), error) {
+			return s.locks.lock(ctx, key, name)
+		},
 	}
+}
+
+// withUpstream runs call with the credential's shared upstream session and
+// returns what the call returned. A session past the time the gateway may
+// use it (the provider's CacheTTL) is replaced: dropped from the shared
+// cache, logged out upstream, minted anew. On a lost session (Wialon error
+// 1/1011, FleetUp 401: upstream.KindSessionInvalid) it drops that session
+// — only if no replica replaced it meanwhile — logs it out (best effort),
+// mints once more and calls once more; each try's value is its own.
+func withUpstream[T any](ctx context.Context, s *Service, sess *session, p provider.Provider, call func(context.Context, *provider.Conn) (T, error)) (T, error) {
+	var zero T
 	if err := s.checkBaseURL(sess); err != nil {
-		return err
+		return zero, err
 	}
-	key := cacheKey(sess, tokencache.KindWialonEID)
-	release, err := s.wialonSlot(ctx, key)
-	if err != nil {
-		return err
-	}
-	defer release()
-	for attempt := 0; ; attempt++ {
-		entry, err := s.cfg.Cache.GetOrMint(ctx, key, authz.AuditedMint(wialonProvider, s.mintWialon(sess)))
+	name, key := p.Info().Name, cacheKey(sess, p)
+	replaced, retried := false, false
+	for {
+		entry, err := s.cfg.Cache.GetOrMint(ctx, key, authz.AuditedMint(name, s.mint(sess, p, key)))
 		if err != nil {
-			s.observeUpstream(wialonProvider, err)
-			return s.upstreamFailed(sess, err)
+			s.observeUpstream(name, err)
+			return zero, s.upstreamFailed(sess, err)
 		}
-		err = call(ctx, entry.Token())
-		s.observeUpstream(wialonProvider, err)
-		if upstream.KindOf(err) == upstream.KindSessionInvalid && attempt == 0 {
+		minted, err := openEntry(entry, sess)
+		if err != nil {
+			// Never reached through the key binding; if it were, the value
+			// must not be used for this credential.
+			_ = s.cfg.Cache.Invalidate(ctx, entry)
+			return zero, err
+		}
+		c := s.conn(sess, minted, key)
+		if exp := minted.GetExpireTime(); !replaced && exp != nil && !time.Now().Before(exp.AsTime()) {
+			replaced = true
 			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
-				return err
+				return zero, err
 			}
+			s.logoutLater(ctx, p, c, "session replaced after its reuse bound")
 			continue
 		}
-		return s.upstreamFailed(sess, err)
-	}
-}
-
-// withWialonLoader is withWialon for calls that use the session's message
-// loader: it holds the loader lock of the shared session across replicas.
-func (s *Service) withWialonLoader(ctx context.Context, sess *session, call func(ctx context.Context, sid string) error) error {
-	release, err := s.loader.lock(ctx, cacheKey(sess, tokencache.KindWialonEID))
-	if err != nil {
-		return err
-	}
-	defer release()
-	return s.withWialon(ctx, sess, call)
-}
-
-func (s *Service) mintWialon(sess *session) tokencache.MintFunc {
-	return func(ctx context.Context) (string, time.Duration, error) {
-		sec, err := s.cfg.Sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: sess.handle})
-		if err != nil {
-			return "", 0, err
-		}
-		if sec.GetWialon() == nil {
-			return "", 0, errWrongProvider
-		}
-		ws, err := s.cfg.Wialon.Login(ctx, sess.baseURL, sec.GetWialon().GetToken())
-		if err != nil {
-			return "", 0, err
-		}
-		s.cfg.Logger.InfoContext(ctx, "wialon login", "tenant_id", sess.tenantID, "credential_id", sess.credentialID, "version", sess.version)
-		return ws.SID, s.cfg.WialonSessionTTL, nil
-	}
-}
-
-// wialonSlot takes one of the credential's concurrent-request slots in
-// this replica, waiting at most as long as ctx allows.
-func (s *Service) wialonSlot(ctx context.Context, key tokencache.Key) (func(), error) {
-	v, _ := s.wialonSlots.LoadOrStore(key, make(chan struct{}, s.cfg.WialonConcurrency))
-	slots := v.(chan struct{})
-	select {
-	case slots <- struct{}{}:
-		return func() { <-slots }, nil
-	case <-ctx.Done():
-		return func() {}, ctx.Err()
-	}
-}
-
-// withFleetUp runs call with the account's shared JWT. On 401 it drops that
-// JWT — only if it is still the cached one — mints once more and retries
-// once. Every upstream request first takes a slot of the account's rate
-// budget, shared by all replicas through Redis.
-func (s *Service) withFleetUp(ctx context.Context, sess *session, call func(ctx context.Context, auth fleetup.Auth) error) error {
-	if sess.provider != credentialsv1.Provider_PROVIDER_FLEETUP {
-		return errWrongProvider
-	}
-	if err := s.checkBaseURL(sess); err != nil {
-		return err
-	}
-	key := cacheKey(sess, tokencache.KindFleetUpJWT)
-	for attempt := 0; ; attempt++ {
-		entry, err := s.cfg.Cache.GetOrMint(ctx, key, authz.AuditedMint(fleetupProvider, s.mintFleetUp(sess)))
-		if err != nil {
-			s.observeUpstream(fleetupProvider, err)
-			return s.upstreamFailed(sess, err)
-		}
-		var tok fleetupToken
-		if err := json.Unmarshal([]byte(entry.Token()), &tok); err != nil {
-			return errors.New("cached fleetup token is malformed")
-		}
-		if err := s.fleetupRate(ctx, tok.AccountID); err != nil {
-			s.observeUpstream(fleetupProvider, err)
-			return err
-		}
-		err = call(ctx, fleetup.Auth{BaseURL: sess.baseURL, APIKey: tok.APIKey, JWT: tok.JWT, AccountID: tok.AccountID})
-		s.observeUpstream(fleetupProvider, err)
-		if upstream.KindOf(err) == upstream.KindSessionInvalid && attempt == 0 {
+		v, err := call(ctx, c)
+		s.observeUpstream(name, err)
+		if upstream.KindOf(err) == upstream.KindSessionInvalid && !retried {
+			retried = true
 			if err := s.cfg.Cache.Invalidate(ctx, entry); err != nil {
-				return err
+				return zero, err
 			}
+			s.logoutLater(ctx, p, c, "session lost upstream")
 			continue
 		}
-		return s.upstreamFailed(sess, err)
+		if err != nil {
+			return zero, s.upstreamFailed(sess, err)
+		}
+		return v, nil
 	}
 }
 
-func (s *Service) mintFleetUp(sess *session) tokencache.MintFunc {
+// openEntry decodes a cached session and checks it belongs to sess's
+// credential generation and upstream.
+func openEntry(entry tokencache.Entry, sess *session) (*credentialsv1.MintUpstreamSessionResponse, error) {
+	var minted credentialsv1.MintUpstreamSessionResponse
+	if err := proto.Unmarshal([]byte(entry.Token()), &minted); err != nil {
+		return nil, errors.New("cached upstream session is malformed")
+	}
+	if minted.GetCredentialGeneration() != sess.generation || minted.GetBaseUrl() != sess.baseURL {
+		return nil, errCredentialChanged
+	}
+	return &minted, nil
+}
+
+// mint asks the credentials service for a new upstream session of exactly
+// sess's credential generation. The long-lived secret never comes here:
+// the credentials service logs in and returns only the session.
+func (s *Service) mint(sess *session, p provider.Provider, key tokencache.Key) tokencache.MintFunc {
 	return func(ctx context.Context) (string, time.Duration, error) {
-		sec, err := s.cfg.Sessions.ResolveSecret(ctx, &credentialsv1.ResolveSecretRequest{Handle: sess.handle})
+		if err := p.BeforeMint(ctx, s.conn(sess, nil, key)); err != nil {
+			return "", 0, err
+		}
+		minted, err := s.cfg.Sessions.MintUpstreamSession(ctx, &credentialsv1.MintUpstreamSessionRequest{
+			Handle: sess.handle, CredentialGeneration: sess.generation})
 		if err != nil {
+			if apierr.Reason(err) == apierr.ReasonCredentialChanged {
+				s.resolver.forget(sess.handle) // the caller's retry resolves afresh
+			}
 			return "", 0, err
 		}
-		fu := sec.GetFleetup()
-		if fu == nil {
-			return "", 0, errWrongProvider
+		if minted.GetCredentialGeneration() != sess.generation || minted.GetBaseUrl() != sess.baseURL {
+			s.resolver.forget(sess.handle)
+			return "", 0, errCredentialChanged
 		}
-		if err := s.fleetupRate(ctx, fu.GetAccountId()); err != nil {
-			return "", 0, err
-		}
-		tok, err := s.cfg.FleetUp.MintToken(ctx, sess.baseURL, fu.GetApiKey(), fu.GetAccountId(), fu.GetSecret())
+		ttl := p.CacheTTL(minted)
+		minted.SessionId = "" // the session is shared by every caller of the credential
+		// In the cached copy, expire_time is when the gateway stops using
+		// the session (the provider's CacheTTL from now), not the upstream's
+		// expiry; the entry outlives it by replaceGrace, so the call that
+		// replaces the session can log it out.
+		minted.ExpireTime = timestamppb.New(time.Now().Add(ttl))
+		value, err := proto.MarshalOptions{Deterministic: true}.Marshal(minted)
 		if err != nil {
-			return "", 0, err
+			return "", 0, fmt.Errorf("encode upstream session: %w", err)
 		}
-		value, err := json.Marshal(fleetupToken{JWT: tok.JWT, APIKey: fu.GetApiKey(), AccountID: fu.GetAccountId()})
-		if err != nil {
-			return "", 0, err
-		}
-		s.cfg.Logger.InfoContext(ctx, "fleetup token minted", "tenant_id", sess.tenantID, "credential_id", sess.credentialID, "version", sess.version, "expires", tok.Expiry)
-		return string(value), s.jwtCacheTTL(tok.Expiry), nil
+		s.afterMint(ctx, p, key, ttl+replaceGrace)
+		s.cfg.Logger.InfoContext(ctx, "upstream session minted", "provider", p.Info().Name, "tenant_id", sess.tenantID,
+			"credential_id", sess.credentialID, "version", sess.version, "generation", sess.generation, "cache_ttl", ttl)
+		return string(value), ttl + replaceGrace, nil
 	}
 }
 
-// jwtCacheTTL caches a JWT until its exp minus the safety margin, so it is
-// replaced ahead of expiry; a JWT that already lives less than the margin is
-// cached for half its remaining life (at least a second).
-func (s *Service) jwtCacheTTL(expiry time.Time) time.Duration {
-	left := time.Until(expiry)
-	if ttl := left - s.cfg.JWTSafetyMargin; ttl > 0 && ttl > left/2 {
-		return ttl
-	}
-	return max(left/2, time.Second)
-}
-
-// fleetupRate takes a slot of the account's shared rate budget.
-func (s *Service) fleetupRate(ctx context.Context, accountID int64) error {
-	account := "fleetup:" + strconv.FormatInt(accountID, 10)
+// pace takes one slot of a shared request budget (provider.Conn.Pace).
+func (s *Service) pace(ctx context.Context, budget string, limit provider.Limit) error {
 	waitCtx, cancel := context.WithTimeout(ctx, maxRateWait)
 	defer cancel()
-	err := s.cfg.Limiter.Wait(waitCtx, account, s.cfg.FleetUpRate)
+	err := s.cfg.Limiter.Wait(waitCtx, budget, ratelimit.Limit{Rate: limit.Rate, Period: limit.Period, Burst: limit.Burst})
 	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 		// Our own bound ran out, not the caller's: the account is busy.
-		return &ratelimit.LimitedError{Account: account, RetryAfter: time.Second}
+		return &ratelimit.LimitedError{Account: budget, RetryAfter: time.Second}
 	}
 	return err
 }
 
+// logoutLater ends a session the gateway dropped, upstream, without
+// holding up the caller. Best effort: a failure is logged.
+func (s *Service) logoutLater(ctx context.Context, p provider.Provider, c *provider.Conn, why string) {
+	ctx = context.WithoutCancel(ctx)
+	go func() {
+		ctx, cancel := context.WithTimeout(ctx, logoutTimeout)
+		defer cancel()
+		s.logout(ctx, p, c, why)
+	}()
+}
+
+func (s *Service) logout(ctx context.Context, p provider.Provider, c *provider.Conn, why string) {
+	attrs := []any{"provider", p.Info().Name, "tenant_id", c.Tenant, "credential_id", c.Credential, "generation", c.Generation, "why", why}
+	if err := p.Logout(ctx, c); err != nil {
+		s.cfg.Logger.WarnContext(ctx, "upstream logout failed", append(attrs, "error", err)...)
+		return
+	}
+	s.cfg.Logger.InfoContext(ctx, "upstream session logged out", attrs...)
+}
+
 // upstreamFailed reports a provider's rejection of the stored credential to
 // the credentials service (so GetCredential shows it and no new sessions are
-// issued) and passes err on.
+// issued) and passes err on. Rejections at login are recorded by the
+// credentials service itself, which logs in; this covers a provider that
+// rejects the credential on a data call.
 func (s *Service) upstreamFailed(sess *session, err error) error {
 	if upstream.KindOf(err) != upstream.KindRejected {
 		return err
@@ -234,4 +221,8 @@ func (s *Service) upstreamFailed(sess *session, err error) error {
 	return err
 }
 
-var errWrongProvider = apierr.New(codes.FailedPrecondition, apierr.ReasonUpstreamRefused, "the session's credential belongs to another provider", nil)
+var (
+	errWrongProvider     = apierr.New(codes.FailedPrecondition, apierr.ReasonUpstreamRefused, "the session's credential belongs to another provider", nil)
+	errUnknownProvider   = apierr.New(codes.FailedPrecondition, apierr.ReasonUpstreamRefused, "this gateway does not serve the session's provider", nil)
+	errCredentialChanged = apierr.New(codes.Aborted, apierr.ReasonCredentialChanged, "the credential was replaced while the call was under way; retry", nil)
+)

@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"strconv"
 	"sync"
 	"time"
 
@@ -18,7 +17,7 @@ import (
 // one-request-per-second guidance.
 const minWatchInterval = time.Second
 
-// hubs runs one upstream poll per credential version, shared by every
+// hubs runs one upstream poll per credential generation, shared by every
 // watcher of that credential in this replica.
 type hubs struct {
 	s     *Service
@@ -59,7 +58,7 @@ func newHubs(s *Service) *hubs { return &hubs{s: s, byKey: map[string]*hub{}} }
 
 // join adds w to the hub of its credential, starting the poll if needed.
 func (hs *hubs) join(w *watcher) *hub {
-	key := w.sess.tenantID + "\x00" + w.sess.credentialID + "\x00" + strconv.FormatInt(w.sess.version, 10)
+	key := w.sess.target().SessionKey()
 	hs.mu.Lock()
 	defer hs.mu.Unlock()
 	h, ok := hs.byKey[key]
@@ -185,7 +184,7 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
 		case <-recheck.C:
-			if _, err := s.resolver.resolve(ctx, sess.handle); err != nil {
+			if _, err := s.resolver.revalidate(ctx, sess.handle); err != nil {
 				return s.toStatus(ctx, "watch positions", err)
 			}
 		case r := <-w.updates:

@@ -235,7 +235,12 @@ func gatewayRPCs() []gatewayRPC {
 // raw pass-through. Every call is refused and on record.
 func TestAttackerCallsEveryGatewayRPC(t *testing.T) {
 	s := Start(t, Options{})
-	forged, _, err := handle.New()
+	// Well-formed and signed, but with a key that is not the broker's.
+	attackerKeys, err := handle.GenerateKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged, _, err := attackerKeys.New()
 	if err != nil {
 		t.Fatal(err)
 	}

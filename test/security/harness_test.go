@@ -38,6 +38,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -184,8 +185,13 @@ func Start(t *testing.T, opts Options) *Stack {
 	gwOpts.URIs = []string{PrincipalGateway}
 	gwCert, gwKeyFile := s.PKI.Issue(t, "gateway", gwOpts)
 
+	handleKeys, err := handle.GenerateKeys() // --handle-key-file, shared by both services
+	if err != nil {
+		t.Fatal(err)
+	}
 	credCfg := app.CredentialsConfig{
-		Server: server.Config{Reflection: true},
+		HandleKeys: handleKeys,
+		Server:     server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: credCert, TLSKey: credKeyFile, TLSClientCA: s.PKI.CAFile(),
 			PolicyFile: s.PolicyFile, AuditLog: s.CredsAudit,
@@ -210,7 +216,8 @@ func Start(t *testing.T, opts Options) *Stack {
 		return built.GRPC, func() { <-beside; closeAll() }, nil
 	})
 	gwCfg := app.GatewayConfig{
-		Server: server.Config{Reflection: true},
+		HandleKeys: handleKeys,
+		Server:     server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: gwCert, TLSKey: gwKeyFile, TLSClientCA: s.PKI.CAFile(),
 			AuditLog: s.GatewayAudit,

@@ -1,9 +1,11 @@
-// Package fleetup is a small client for the FleetUp API: POST /token mints
-// a JWT from an API key, account id and secret; every other call sends
-// Authorization: Bearer <JWT> and the same x-api-key header. The HTTP status
-// is the error signal.
+// Package fleetup is FleetUp behind fleetbroker's provider seam: a small
+// client for the FleetUp API — POST /token mints a JWT from an API key,
+// account id and secret; every other call sends Authorization: Bearer <JWT>
+// and the same x-api-key header; the HTTP status is the error signal — and
+// Provider (provider.go), which mints for the credentials service and makes
+// the gateway's calls with a shared JWT.
 //
-// It keeps no state: callers mint, cache the JWT until Token.Expiry, and mint
+// The client keeps no state: callers mint, cache the JWT until Token.Expiry, and mint
 // again (once) when a call fails with upstream.KindSessionInvalid. FleetUp
 // asks integrations not to mint repeatedly and to make about one request per
 // second per account; pacing is the caller's job.
@@ -30,7 +32,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
-const provider = "fleetup"
+const providerName = "fleetup"
 
 // DefaultTimeout bounds each HTTP request when the http.Client given to New
 // has no Timeout of its own.
@@ -129,12 +131,7 @@ func (c *Client) MintToken(ctx context.Context, baseURL, apiKey string, accountI
 // Devices lists the account's devices (POST /devices).
 func (c *Client) Devices(ctx context.Context, cred Auth) ([]Device, error) {
 	const op = "POST /devices"
-	var out []Device
-	err := c.read(ctx, cred, op, "/devices", requestBody(cred, nil), func(reply []byte) (err error) {
-		out, err = decodeDevices(reply)
-		return err
-	})
-	return out, err
+	return read(ctx, c, cred, op, "/devices", requestBody(cred, nil), decodeDevices)
 }
 
 // LastLocations returns the last known position of the given devices, or of
@@ -142,10 +139,8 @@ func (c *Client) Devices(ctx context.Context, cred Auth) ([]Device, error) {
 // The endpoint answers for the whole account; filtering happens here.
 func (c *Client) LastLocations(ctx context.Context, cred Auth, deviceIDs []string) ([]Location, error) {
 	const op = "POST /gpsdata/device-last-location"
-	var all []Location
-	err := c.read(ctx, cred, op, "/gpsdata/device-last-location", requestBody(cred, nil), func(reply []byte) (err error) {
-		all, err = decodeLocations(reply, "")
-		return err
+	all, err := read(ctx, c, cred, op, "/gpsdata/device-last-location", requestBody(cred, nil), func(reply []byte) ([]Location, error) {
+		return decodeLocations(reply, "")
 	})
 	if err != nil || len(deviceIDs) == 0 {
 		return all, err
@@ -173,14 +168,13 @@ func (c *Client) GPSHistory(ctx context.Context, cred Auth, deviceID string, fro
 	for start := from.Unix(); start <= to.Unix(); {
 		end := min(start+int64(gpsWindow/time.Second), to.Unix())
 		body := requestBody(cred, map[string]any{"devId": deviceID, "startTime": start, "endTime": end})
-		err := c.read(ctx, cred, op, "/gpsdata", body, func(reply []byte) error {
-			locs, err := decodeLocations(reply, deviceID)
-			out = append(out, locs...)
-			return err
+		locs, err := read(ctx, c, cred, op, "/gpsdata", body, func(reply []byte) ([]Location, error) {
+			return decodeLocations(reply, deviceID)
 		})
 		if err != nil {
 			return nil, err
 		}
+		out = append(out, locs...)
 		start = end + 1
 	}
 	return out, nil
@@ -211,20 +205,19 @@ func (c *Client) Trips(ctx context.Context, cred Auth, deviceID string, from, to
 		body := requestBody(cred, map[string]any{
 			"devId": deviceID, "startDate": start.Format("20060102"), "endDate": end.Format("20060102"),
 		})
-		err := c.read(ctx, cred, op, "/trips/history", body, func(reply []byte) error {
-			trips, err := decodeTrips(reply, deviceID)
-			for _, t := range trips {
-				k := key{t.From.Time, t.To.Time}
-				if t.To.Time.Before(from) || t.From.Time.After(to) || seen[k] {
-					continue
-				}
-				seen[k] = true
-				out = append(out, t)
-			}
-			return err
+		trips, err := read(ctx, c, cred, op, "/trips/history", body, func(reply []byte) ([]Trip, error) {
+			return decodeTrips(reply, deviceID)
 		})
 		if err != nil {
 			return nil, err
+		}
+		for _, t := range trips {
+			k := key{t.From.Time, t.To.Time}
+			if t.To.Time.Before(from) || t.From.Time.After(to) || seen[k] {
+				continue
+			}
+			seen[k] = true
+			out = append(out, t)
 		}
 	}
 	return out, nil
@@ -238,9 +231,9 @@ func day(t time.Time) time.Time {
 func checkRange(op, deviceID string, from, to time.Time) error {
 	switch {
 	case deviceID == "":
-		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: op, Reason: "device id is required"}
+		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "device id is required"}
 	case from.IsZero() || to.Before(from):
-		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: op, Reason: "need from <= to"}
+		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "need from <= to"}
 	}
 	return nil
 }
@@ -255,19 +248,19 @@ var rawMethods = []string{http.MethodGet, http.MethodPost, http.MethodPut, http.
 func (c *Client) Raw(ctx context.Context, cred Auth, method, urlPath string, body json.RawMessage) (int, json.RawMessage, error) {
 	op := method + " " + urlPath
 	if !slices.Contains(rawMethods, method) {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: "raw", Reason: "unsupported method"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "unsupported method"}
 	}
 	u, err := url.Parse(urlPath)
 	if err != nil || u.Scheme != "" || u.Host != "" || u.User != nil || !strings.HasPrefix(u.Path, "/") || u.Fragment != "" ||
 		path.Clean(u.Path) != strings.TrimSuffix(u.Path, "/") && u.Path != "/" {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: "raw", Reason: "path must be a clean absolute path"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "path must be a clean absolute path"}
 	}
 	op = method + " " + u.Path
 	if strings.EqualFold(path.Clean(u.Path), "/token") {
-		return 0, nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: provider, Op: op, Reason: "minting is reserved for the broker"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: providerName, Op: op, Reason: "minting is reserved for the broker"}
 	}
 	if len(body) > 0 && !json.Valid(body) {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: op, Reason: "body is not valid JSON"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "body is not valid JSON"}
 	}
 	if method == http.MethodGet || method == http.MethodDelete {
 		body = nil
@@ -316,7 +309,7 @@ func authHeaders(cred Auth) map[string]string {
 func checkAuth(op string, cred Auth) error {
 	if cred.JWT == "" {
 		// Nothing minted yet: the caller's remedy is the same as for an expired JWT.
-		return &upstream.Error{Kind: upstream.KindSessionInvalid, Provider: provider, Op: op, Reason: "no JWT"}
+		return &upstream.Error{Kind: upstream.KindSessionInvalid, Provider: providerName, Op: op, Reason: "no JWT"}
 	}
 	if err := checkHeaderValue(op, "API key", cred.APIKey); err != nil {
 		return err
@@ -328,27 +321,30 @@ func checkAuth(op string, cred Auth) error {
 // error that names the field instead of failing inside the transport.
 func checkHeaderValue(op, what, v string) error {
 	if v == "" || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
-		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: op, Reason: what + " is empty or has control characters"}
+		return &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: what + " is empty or has control characters"}
 	}
 	return nil
 }
 
-// read POSTs an idempotent read with retries on KindUnavailable and hands a
-// 200 reply to decode; 204 (no data) skips decode. Decoding failures are
-// KindInternal and not retried.
-func (c *Client) read(ctx context.Context, cred Auth, op, p string, body []byte, decode func([]byte) error) error {
+// read POSTs an idempotent read with retries on KindUnavailable and
+// returns what decode makes of the 200 reply of the try that succeeded; 204
+// (no data) is the zero value. Decoding failures are KindInternal and not
+// retried.
+func read[T any](ctx context.Context, c *Client, cred Auth, op, p string, body []byte, decode func([]byte) (T, error)) (T, error) {
+	var zero T
 	if err := checkAuth(op, cred); err != nil {
-		return err
+		return zero, err
 	}
-	return c.retry(ctx, op, func() error {
+	return upstream.Retry(ctx, c.retryPolicy(), providerName, op, func() (T, error) {
 		status, reply, err := c.do(ctx, op, http.MethodPost, cred.BaseURL, p, authHeaders(cred), body, false, cred.APIKey, cred.JWT)
 		if err != nil || status == http.StatusNoContent {
-			return err
+			return zero, err
 		}
-		if err := decode(reply); err != nil {
-			return malformed(op, err)
+		v, err := decode(reply)
+		if err != nil {
+			return zero, malformed(op, err)
 		}
-		return nil
+		return v, nil
 	})
 }
 
@@ -362,7 +358,7 @@ func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers 
 	}
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(baseURL, "/")+p, rd)
 	if err != nil {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: op, Reason: "invalid base URL"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "invalid base URL"}
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -381,7 +377,7 @@ func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers 
 		return 0, nil, transportError(ctx, op, err)
 	}
 	if len(reply) > maxReply {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: op, Reason: "reply too large"}
+		return 0, nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "reply too large"}
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return resp.StatusCode, reply, nil
@@ -392,7 +388,7 @@ func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers 
 // classify maps a non-2xx status to what the caller should do.
 func classify(op string, resp *http.Response, reply []byte, mint bool, secrets []string) *upstream.Error {
 	code := resp.StatusCode
-	e := &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: op, Code: code, Reason: scrub(reason(reply), secrets)}
+	e := &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Code: code, Reason: scrub(reason(reply), secrets)}
 	switch {
 	case code == http.StatusUnauthorized && mint:
 		e.Kind = upstream.KindRejected // the stored key/secret are wrong
@@ -445,22 +441,22 @@ func retryAfter(v string) time.Duration {
 // transportError classifies a failed round trip. The *url.Error wrapper is
 // dropped because its text repeats the request URL.
 func transportError(ctx context.Context, op string, err error) *upstream.Error {
-	return upstream.TransportError(ctx, provider, op, err)
+	return upstream.TransportError(ctx, providerName, op, err)
 }
 
 // ctxError reports the caller's cancellation or deadline as KindUnavailable
 // wrapping the context error, so errors.Is(err, context.Canceled) works.
 func ctxError(op string, err error) *upstream.Error {
-	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: provider, Op: op, Err: err}
+	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: providerName, Op: op, Err: err}
 }
 
 func malformed(op string, err error) *upstream.Error {
-	return &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: op, Reason: "malformed reply", Err: err}
+	return &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "malformed reply", Err: err}
 }
 
-// retry runs f with the client's bounded, jittered retries (reads only).
-func (c *Client) retry(ctx context.Context, op string, f func() error) error {
-	return upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}.Do(ctx, provider, op, f)
+// retryPolicy is the client's bounded, jittered retries (reads only).
+func (c *Client) retryPolicy() upstream.RetryPolicy {
+	return upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}
 }
 
 // scrub makes provider text safe to put in an error (see upstream.Scrub).

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 )
 
 // Auth is what every call after /token needs. APIKey and JWT are secrets:
@@ -58,16 +60,10 @@ type Location struct {
 	Heading  float64 // degrees
 }
 
-// TripPoint is where and when a trip started or ended (Lat/Lon 0 if unknown).
-type TripPoint struct {
-	Time     time.Time
-	Lat, Lon float64
-}
-
 // Trip is one trip from /trips/history.
 type Trip struct {
 	DeviceID string
-	From, To TripPoint
+	From, To provider.TripEnd
 	// Mileage is as FleetUp reports it; its unit is not documented (the
 	// simulator uses kilometres).
 	Mileage float64

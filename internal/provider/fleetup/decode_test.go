@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
@@ -156,8 +157,8 @@ func TestDecodeTrips(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Trip{
-		{DeviceID: "D1", From: TripPoint{time.Unix(1740636752, 0).UTC(), 1, 2}, To: TripPoint{time.Date(2025, 2, 27, 7, 0, 0, 0, time.UTC), 3, 4}, Mileage: 12.5},
-		{DeviceID: "DEF", From: TripPoint{Time: time.Unix(1740636752, 0).UTC()}, To: TripPoint{Time: time.Unix(1740637752, 0).UTC()}, Mileage: 3},
+		{DeviceID: "D1", From: provider.TripEnd{Time: time.Unix(1740636752, 0).UTC(), Lat: 1, Lon: 2}, To: provider.TripEnd{Time: time.Date(2025, 2, 27, 7, 0, 0, 0, time.UTC), Lat: 3, Lon: 4}, Mileage: 12.5},
+		{DeviceID: "DEF", From: provider.TripEnd{Time: time.Unix(1740636752, 0).UTC()}, To: provider.TripEnd{Time: time.Unix(1740637752, 0).UTC()}, Mileage: 3},
 	}
 	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
 		t.Errorf("trips = %+v\nwant %+v", got, want)

@@ -1,9 +1,12 @@
-// Package wialon is a small client for the Wialon Remote API
-// (POST <base>/wialon/ajax.html with form fields svc, params and sid).
+// Package wialon is Wialon behind fleetbroker's provider seam: a small
+// client for the Wialon Remote API (POST <base>/wialon/ajax.html with form
+// fields svc, params and sid), and Provider (provider.go), which logs in
+// for the credentials service and makes the gateway's calls with a shared
+// session.
 //
-// It keeps no state about sessions: callers log in, keep the sid wherever
-// they share sessions, and log in again (once) when a call fails with
-// upstream.KindSessionInvalid.
+// The client keeps no state about sessions: callers log in, keep the sid
+// wherever they share sessions, and log in again (once) when a call fails
+// with upstream.KindSessionInvalid.
 //
 // It must never log, and never put into an error, the access token or a
 // session id. Tokens and sids travel only in the POST body — never in a URL,
@@ -28,7 +31,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
-const provider = "wialon"
+const providerName = "wialon"
 
 // DefaultTimeout bounds each HTTP request when the http.Client given to New
 // has no Timeout of its own.
@@ -119,18 +122,17 @@ var searchUnitsParams = []byte(`{"spec":{"itemsType":"avl_unit","propName":"sys_
 // (core/search_items). Retried on KindUnavailable.
 func (c *Client) SearchUnits(ctx context.Context, baseURL, sid string) ([]Unit, error) {
 	const svc = "core/search_items"
-	var units []Unit
-	err := c.retry(ctx, svc, func() error {
+	return retry(ctx, c, svc, func() ([]Unit, error) {
 		body, err := c.call(ctx, baseURL, sid, svc, searchUnitsParams, sid)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if units, err = decodeUnits(body); err != nil {
-			return malformed(svc, err)
+		units, err := decodeUnits(body)
+		if err != nil {
+			return nil, malformed(svc, err)
 		}
-		return nil
+		return units, nil
 	})
-	return units, err
 }
 
 // LoadMessages returns up to loadCount positional data messages of unitID in
@@ -183,18 +185,17 @@ func (c *Client) Trips(ctx context.Context, baseURL, sid string, unitID int64, f
 	params, _ := json.Marshal(map[string]any{
 		"itemId": unitID, "timeFrom": unixSec(from), "timeTo": unixSec(to), "msgsSource": 1,
 	})
-	var trips []Trip
-	err = c.retry(ctx, svc, func() error {
+	return retry(ctx, c, svc, func() ([]Trip, error) {
 		body, err := c.call(ctx, baseURL, sid, svc, params, sid)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if trips, err = decodeTrips(body); err != nil {
-			return malformed(svc, err)
+		trips, err := decodeTrips(body)
+		if err != nil {
+			return nil, malformed(svc, err)
 		}
-		return nil
+		return trips, nil
 	})
-	return trips, err
 }
 
 // loadInterval runs messages/load_interval with retries. A nil body and nil
@@ -202,17 +203,14 @@ func (c *Client) Trips(ctx context.Context, baseURL, sid string, unitID int64, f
 func (c *Client) loadInterval(ctx context.Context, baseURL, sid string, unitID int64, from, to time.Time, count uint32) ([]byte, error) {
 	const svc = "messages/load_interval"
 	if to.Before(from) {
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: svc, Reason: "to is before from"}
+		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: svc, Reason: "to is before from"}
 	}
 	params, _ := json.Marshal(map[string]any{
 		"itemId": unitID, "timeFrom": unixSec(from), "timeTo": unixSec(to),
 		"flags": 1, "flagsMask": 65281, "loadCount": count,
 	})
-	var body []byte
-	err := c.retry(ctx, svc, func() error {
-		var err error
-		body, err = c.call(ctx, baseURL, sid, svc, params, sid)
-		return err
+	body, err := retry(ctx, c, svc, func() ([]byte, error) {
+		return c.call(ctx, baseURL, sid, svc, params, sid)
 	})
 	var ue *upstream.Error
 	if errors.As(err, &ue) && ue.Code == errNoMessages {
@@ -256,18 +254,18 @@ var rawDenied = []string{"token/", "core/login", "core/logout", "core/create_aut
 // retried: the service may not be idempotent.
 func (c *Client) Raw(ctx context.Context, baseURL, sid, svc string, params json.RawMessage) (json.RawMessage, error) {
 	if !svcPattern.MatchString(svc) {
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: "raw", Reason: "svc must look like group/name"}
+		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "svc must look like group/name"}
 	}
 	for _, d := range rawDenied {
 		if strings.HasPrefix(svc, d) {
-			return nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: provider, Op: svc, Reason: "service is reserved for the broker"}
+			return nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: providerName, Op: svc, Reason: "service is reserved for the broker"}
 		}
 	}
 	if len(params) == 0 {
 		params = json.RawMessage("{}")
 	}
 	if !json.Valid(params) {
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: svc, Reason: "params is not valid JSON"}
+		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: svc, Reason: "params is not valid JSON"}
 	}
 	body, err := c.call(ctx, baseURL, sid, svc, params, sid)
 	if err != nil {
@@ -290,7 +288,7 @@ func (c *Client) call(ctx context.Context, baseURL, sid, svc string, params []by
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
 	if err != nil {
 		// The URL may hold anything the credential was stored with; don't quote it.
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: provider, Op: svc, Reason: "invalid base URL"}
+		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: svc, Reason: "invalid base URL"}
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
@@ -305,7 +303,7 @@ func (c *Client) call(ctx context.Context, baseURL, sid, svc string, params []by
 		return nil, transportError(ctx, svc, err)
 	}
 	if len(body) > maxReply {
-		return nil, &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: svc, Reason: "reply too large"}
+		return nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Reason: "reply too large"}
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, statusError(svc, resp)
@@ -336,7 +334,7 @@ const (
 
 // classify maps a Wialon error number to what the caller should do.
 func classify(svc string, code int, reason string) *upstream.Error {
-	e := &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: svc, Code: code, Reason: reason}
+	e := &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Code: code, Reason: reason}
 	switch code {
 	case errInvalidSession, errSessionExpired:
 		e.Kind = upstream.KindSessionInvalid
@@ -360,7 +358,7 @@ func classify(svc string, code int, reason string) *upstream.Error {
 }
 
 func statusError(svc string, resp *http.Response) *upstream.Error {
-	e := &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: svc, Reason: "HTTP " + strconv.Itoa(resp.StatusCode)}
+	e := &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Reason: "HTTP " + strconv.Itoa(resp.StatusCode)}
 	switch {
 	case resp.StatusCode >= 500:
 		e.Kind = upstream.KindUnavailable
@@ -388,23 +386,24 @@ func retryAfter(v string) time.Duration {
 // transportError classifies a failed round trip. The *url.Error wrapper is
 // dropped because its text repeats the request URL.
 func transportError(ctx context.Context, svc string, err error) *upstream.Error {
-	return upstream.TransportError(ctx, provider, svc, err)
+	return upstream.TransportError(ctx, providerName, svc, err)
 }
 
 // ctxError reports the caller's cancellation or deadline. It is
 // KindUnavailable (no answer was had) and wraps the context error, so
 // errors.Is(err, context.DeadlineExceeded) works.
 func ctxError(svc string, err error) *upstream.Error {
-	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: provider, Op: svc, Err: err}
+	return &upstream.Error{Kind: upstream.KindUnavailable, Provider: providerName, Op: svc, Err: err}
 }
 
 func malformed(svc string, err error) *upstream.Error {
-	return &upstream.Error{Kind: upstream.KindInternal, Provider: provider, Op: svc, Reason: "malformed reply", Err: err}
+	return &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Reason: "malformed reply", Err: err}
 }
 
-// retry runs f with the client's bounded, jittered retries (reads only).
-func (c *Client) retry(ctx context.Context, op string, f func() error) error {
-	return upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}.Do(ctx, provider, op, f)
+// retry runs f with the client's bounded, jittered retries (reads only)
+// and returns the value of the try that succeeded.
+func retry[T any](ctx context.Context, c *Client, op string, f func() (T, error)) (T, error) {
+	return upstream.Retry(ctx, upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}, providerName, op, f)
 }
 
 // scrub makes provider text safe to put in an error (see upstream.Scrub).

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 )
 
 // Session is an open Wialon session.
@@ -49,15 +51,9 @@ type Message struct {
 	Params json.RawMessage
 }
 
-// TripPoint is where and when a trip started or ended.
-type TripPoint struct {
-	Time     time.Time
-	Lat, Lon float64
-}
-
 // Trip is one trip from unit/get_trips.
 type Trip struct {
-	From, To       TripPoint
+	From, To       provider.TripEnd
 	DistanceMeters float64
 }
 
@@ -222,11 +218,11 @@ func decodeTrips(body []byte) ([]Trip, error) {
 	if err := json.Unmarshal(body, &r); err != nil {
 		return nil, typeError(err)
 	}
-	conv := func(p *point) (TripPoint, error) {
+	conv := func(p *point) (provider.TripEnd, error) {
 		if p == nil || p.T == nil {
-			return TripPoint{}, errors.New("trip point without time")
+			return provider.TripEnd{}, errors.New("trip point without time")
 		}
-		tp := TripPoint{Time: unixTime(*p.T)}
+		tp := provider.TripEnd{Time: unixTime(*p.T)}
 		if p.P != nil && p.P.Y != nil && p.P.X != nil {
 			tp.Lat, tp.Lon = *p.P.Y, *p.P.X
 		}

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
 
@@ -107,7 +108,7 @@ func TestDecodeMessagesAndTrips(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Trip{From: TripPoint{time.Unix(100, 0).UTC(), 1, 2}, To: TripPoint{time.Unix(200, 0).UTC(), 3, 4}, DistanceMeters: 1500.5}
+	want := Trip{From: provider.TripEnd{Time: time.Unix(100, 0).UTC(), Lat: 1, Lon: 2}, To: provider.TripEnd{Time: time.Unix(200, 0).UTC(), Lat: 3, Lon: 4}, DistanceMeters: 1500.5}
 	if len(trips) != 1 || trips[0] != want {
 		t.Errorf("trips = %+v, want %+v", trips, want)
 	}

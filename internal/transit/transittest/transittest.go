@@ -39,6 +39,7 @@ func Run(t *testing.T, newTransit func(t *testing.T) transit.Rotatable) {
 		{"DataKey", testDataKey},
 		{"HMAC", testHMAC},
 		{"EmptyTenant", testEmptyTenant},
+		{"Probes", testProbes},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -449,6 +450,17 @@ func assertPlaintexts(t *testing.T, got [][]byte, want []transit.Item) {
 	for i := range want {
 		if !bytes.Equal(got[i], want[i].Plaintext) {
 			t.Errorf("item %d: got %q, want %q", i, got[i], want[i].Plaintext)
+		}
+	}
+}
+
+// testProbes: the readiness probes pass on a working key.
+func testProbes(t *testing.T, tr transit.Rotatable) {
+	for name, probe := range map[string]func(context.Context, transit.Transit) error{
+		"ProbeEncrypt": transit.ProbeEncrypt, "ProbeDataKey": transit.ProbeDataKey,
+	} {
+		if err := probe(t.Context(), tr); err != nil {
+			t.Errorf("%s: %v", name, err)
 		}
 	}
 }

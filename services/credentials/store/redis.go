@@ -22,6 +22,7 @@ import (
 //	<prefix>:{<tenant>}:cred:<id>           HASH  the credential record
 //	<prefix>:{<tenant>}:creds               ZSET  ids, all scores 0 (lexical paging)
 //	<prefix>:{<tenant>}:cred:<id>:sessions  ZSET  session-hash hex, scored by expiry (Unix ms)
+//	<prefix>:{<tenant>}:req:<op>:<req id>   HASH  first result of a request (PX RequestWindow)
 //	<prefix>:sess:<sha256 hex>              STRING session record (JSON), PX until expiry
 //
 // Session keys have no hash tag: handles spread over the cluster and a
@@ -41,6 +42,7 @@ const (
 	fVersion           = "version"
 	fGeneration        = "generation"
 	fCiphertext        = "ciphertext"
+	fADVersion         = "ad_version"
 	fFingerprint       = "fingerprint"
 	fBaseURL           = "base_url"
 	fFleetUpAccountID  = "fleetup_account_id"
@@ -59,20 +61,50 @@ const (
 	statusOK       = 1
 	statusNotFound = 0
 	statusConflict = -1
+	statusReplay   = 2
 )
 
+// Fields of a request record beside the stored result.
+const (
+	rRequest  = "_request"  // the request hash of the first run
+	rCreated  = "_created"  // put: 1 if the first run created the record
+	rSessions = "_sessions" // delete: the session hashes it revoked, comma-separated
+	rRevoked  = "_revoked"  // delete: how many of them were live
+	rSession  = "_session"  // issue: the session record (JSON)
+	rMemo     = "_memo"     // issue: the caller's memo
+	rMember   = "_member"   // issue: the session hash the first run registered
+	rLive     = "_live"     // issue, in a replay reply: 1 if the session is still listed
+)
+
+// autoRequestWindow keeps the request record of a write whose caller gave
+// no request id: long enough for the client's own retry of that write.
+const autoRequestWindow = time.Minute
+
 // putScript creates or replaces a record in one step, so concurrent puts
-// serialize in Redis and every put gets its own version.
+// serialize in Redis and every put gets its own version. A request seen
+// before returns its first result and changes nothing but a replay count,
+// so a second run of the same put (a retry after a lost reply) does not add
+// another version; counting is a write, so a WAIT after the replay also
+// waits for the first run's write to reach the replicas.
 //
-// KEYS[1] record, KEYS[2] tenant index.
+// KEYS[1] record, KEYS[2] tenant index, KEYS[3] request record.
 // ARGV[1] credential id, ARGV[2] create time for a new record,
-// ARGV[3..] the remaining field/value pairs.
-// Reply: {created (0|1), HGETALL of the stored record...}.
+// ARGV[3] request hash, ARGV[4] request window (ms), ARGV[5] expected
+// version (” for any, '0' for none), ARGV[6..] the other field/value pairs.
+// Reply: {created (0|1), HGETALL of the stored record...} |
+// {2, HGETALL of the request record...} replay | {-1} version differs.
 var putScript = redis.NewScript(`
+local first = redis.call('HGETALL', KEYS[3])
+if #first > 0 then
+  -- A write, so a WAIT after the replay also covers the first run's write.
+  redis.call('HINCRBY', KEYS[3], '_replays', 1)
+  return {2, unpack(first)}
+end
 local created = 0
 local version = 1
 local createTime = ARGV[2]
 local old = redis.call('HMGET', KEYS[1], 'version', 'create_time')
+if ARGV[5] ~= '' and tonumber(old[1] or '0') ~= tonumber(ARGV[5]) then return {-1} end
 if old[1] then
   version = tonumber(old[1]) + 1
   createTime = old[2] or createTime
@@ -81,9 +113,21 @@ if old[1] then
 else
   created = 1
 end
-redis.call('HSET', KEYS[1], 'version', tostring(version), 'create_time', createTime, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'version', tostring(version), 'create_time', createTime, unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
-return {created, unpack(redis.call('HGETALL', KEYS[1]))}
+local rec = redis.call('HGETALL', KEYS[1])
+-- The first result, for a repeat of this request: the record's metadata
+-- (its ciphertext is not needed to answer, and is not copied).
+local result = {'_request', ARGV[3], '_created', tostring(created)}
+for i = 1, #rec, 2 do
+  if rec[i] ~= 'ciphertext' then
+    result[#result + 1] = rec[i]
+    result[#result + 1] = rec[i + 1]
+  end
+end
+redis.call('HSET', KEYS[3], unpack(result))
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return {created, unpack(rec)}
 `)
 
 // casFieldsScript sets fields of a record only if it is still at the
@@ -101,16 +145,37 @@ return {1, unpack(redis.call('HGETALL', KEYS[1]))}
 
 // deleteScript removes a record, its index entry and its session set, and
 // hands back the session hashes so the caller can delete the session keys,
-// which live in other slots.
+// which live in other slots. A request seen before returns its first result
+// and deletes nothing (a second run would otherwise find no credential);
+// like putScript, it counts the replay, so a WAIT after it covers the first
+// run's write.
 //
-// KEYS[1] record, KEYS[2] tenant index, KEYS[3] session set. ARGV[1] id.
-// Reply: {1, session hex...} | {0} missing.
+// KEYS[1] record, KEYS[2] tenant index, KEYS[3] session set, KEYS[4]
+// request record. ARGV[1] id, ARGV[2] request hash, ARGV[3] window (ms).
+// Reply: {1, session hex...} | {0} missing | {2, HGETALL of the request
+// record...} replay.
 var deleteScript = redis.NewScript(`
+local first = redis.call('HGETALL', KEYS[4])
+if #first > 0 then
+  redis.call('HINCRBY', KEYS[4], '_replays', 1)
+  return {2, unpack(first)}
+end
 if redis.call('DEL', KEYS[1]) == 0 then return {0} end
 redis.call('ZREM', KEYS[2], ARGV[1])
 local members = redis.call('ZRANGE', KEYS[3], 0, -1)
 redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[4], '_request', ARGV[2], '_sessions', table.concat(members, ','))
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return {1, unpack(members)}
+`)
+
+// setIfExistsScript sets one field of a hash that still exists, so a
+// request record that expired meanwhile is not brought back without a TTL.
+//
+// KEYS[1] hash. ARGV[1] field, ARGV[2] value. Reply: 1.
+var setIfExistsScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
 `)
 
 // addSessionScript registers a session with its credential, if the
@@ -126,11 +191,50 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return {1}
 `)
 
+// issueScript is addSessionScript for a request with an id: the first run
+// also stores the session record and the caller's memo under the request;
+// a later run returns them, and whether the first session is still listed
+// (not revoked since), without registering anything.
+//
+// KEYS[1] record, KEYS[2] session set, KEYS[3] request record.
+// ARGV[1] session hex, ARGV[2] expiry (Unix ms), ARGV[3] now (Unix ms),
+// ARGV[4] request hash, ARGV[5] window (ms), ARGV[6] session record (JSON),
+// ARGV[7] memo.
+// Reply: {1} | {0} credential missing | {2, HGETALL of the request
+// record..., '_live', 0|1} replay.
+var issueScript = redis.NewScript(`
+local first = redis.call('HGETALL', KEYS[3])
+if #first > 0 then
+  local member = ''
+  for i = 1, #first, 2 do
+    if first[i] == '_member' then member = first[i + 1] end
+  end
+  first[#first + 1] = '_live'
+  first[#first + 1] = redis.call('ZSCORE', KEYS[2], member) and '1' or '0'
+  return {2, unpack(first)}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[3], '_request', ARGV[4], '_member', ARGV[1], '_session', ARGV[6], '_memo', ARGV[7])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return {1}
+`)
+
 // RedisOptions configures NewRedis.
 type RedisOptions struct {
 	// Prefix starts every key; default "fb". It must not contain '{' or
 	// '}', which would break the hash tags.
 	Prefix string
+	// WaitReplicas is how many replicas must acknowledge a credential
+	// write (and a revocation) before it is reported done: Redis replicates
+	// asynchronously, so without it a failover can lose a write that was
+	// acknowledged. 0 does not wait (a topology without replicas).
+	WaitReplicas int
+	// WaitTimeout bounds that wait (default 1 s); a write the replicas did
+	// not acknowledge in time is reported as ErrUnavailable. It is applied
+	// all the same: retry it with the same request id.
+	WaitTimeout time.Duration
 }
 
 // Redis is the Store on Redis: single node, Sentinel or Cluster.
@@ -140,8 +244,10 @@ type RedisOptions struct {
 // context deadline. Errors reaching Redis wrap ErrUnavailable (and the
 // cause, e.g. context.DeadlineExceeded).
 type Redis struct {
-	client redis.UniversalClient
-	prefix string
+	client       redis.UniversalClient
+	prefix       string
+	waitReplicas int
+	waitTimeout  time.Duration
 }
 
 var _ Store = (*Redis)(nil)
@@ -156,19 +262,118 @@ func NewRedis(client redis.UniversalClient, opts RedisOptions) *Redis {
 	if strings.ContainsAny(prefix, "{}") {
 		panic(fmt.Sprintf("store: Redis key prefix %q must not contain '{' or '}'", prefix))
 	}
-	return &Redis{client: client, prefix: prefix}
+	wait := opts.WaitTimeout
+	if wait <= 0 {
+		wait = time.Second
+	}
+	return &Redis{client: client, prefix: prefix, waitReplicas: max(opts.WaitReplicas, 0), waitTimeout: wait}
+}
+
+// CountReplicas returns how many replicas the topology behind client has:
+// those connected to the master (Sentinel, single node), or the fewest any
+// Cluster master has. It is how `auto` picks RedisOptions.WaitReplicas.
+func CountReplicas(ctx context.Context, client redis.UniversalClient) (int, error) {
+	count := func(ctx context.Context, c redis.Cmdable) (int, error) {
+		info, err := c.Info(ctx, "replication").Result()
+		if err != nil {
+			return 0, mapErr(err)
+		}
+		for _, line := range strings.Split(info, "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "connected_slaves:"); ok {
+				return strconv.Atoi(v)
+			}
+		}
+		return 0, fmt.Errorf("store: INFO replication has no connected_slaves")
+	}
+	cc, ok := client.(*redis.ClusterClient)
+	if !ok {
+		return count(ctx, client)
+	}
+	var (
+		mu     sync.Mutex
+		fewest = -1
+	)
+	err := cc.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error {
+		n, err := count(ctx, node)
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if fewest < 0 || n < fewest {
+			fewest = n
+		}
+		return nil
+	})
+	return max(fewest, 0), err
+}
+
+// durable runs write on a connection of its own to the master owning key
+// and then, if replicas must acknowledge, WAITs on that same connection
+// (WAIT covers the writes of the connection it runs on).
+func (r *Redis) durable(ctx context.Context, key string, write func(c redis.Cmdable) error) error {
+	if r.waitReplicas == 0 {
+		return write(r.client)
+	}
+	var master *redis.Client
+	switch c := r.client.(type) {
+	case *redis.ClusterClient:
+		m, err := c.MasterForKey(ctx, key)
+		if err != nil {
+			return mapErr(err)
+		}
+		master = m
+	case *redis.Client:
+		master = c
+	default:
+		return fmt.Errorf("store: waiting for replicas needs a single-node, Sentinel or Cluster client, not %T", r.client)
+	}
+	conn := master.Conn()
+	defer conn.Close()
+	if err := write(conn); err != nil {
+		return err
+	}
+	acked, err := conn.Wait(ctx, r.waitReplicas, r.waitTimeout).Result()
+	if err != nil {
+		return mapErr(err)
+	}
+	if acked < int64(r.waitReplicas) {
+		return fmt.Errorf("%w: %d of %d replicas acknowledged the write within %s", ErrUnavailable, acked, r.waitReplicas, r.waitTimeout)
+	}
+	return nil
+}
+
+// requestKey is where the first result of request id of op is kept. An
+// empty id gets a random one with a short window: the record then only
+// serves the Redis client's retry of this very call.
+func (r *Redis) requestKey(tenantID, op, id string) (string, time.Duration, error) {
+	window := RequestWindow
+	if id == "" {
+		gen, err := NewGeneration()
+		if err != nil {
+			return "", 0, err
+		}
+		id, window = "auto-"+gen, autoRequestWindow
+	} else if err := checkID("request", id); err != nil {
+		return "", 0, err
+	}
+	return r.tenantTag(tenantID) + ":req:" + op + ":" + id, window, nil
 }
 
 // PutCredential implements Store. A zero CreateTime or UpdateTime is set
 // to the current time; an empty Generation gets a fresh random one.
-func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bool, error) {
+func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error) {
 	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
-		return Credential{}, false, err
+		return PutResult{}, err
+	}
+	reqKey, window, err := r.requestKey(c.TenantID, "put", opts.Request.ID)
+	if err != nil {
+		return PutResult{}, err
 	}
 	if c.Generation == "" {
 		gen, err := NewGeneration()
 		if err != nil {
-			return Credential{}, false, err
+			return PutResult{}, err
 		}
 		c.Generation = gen
 	}
@@ -181,15 +386,21 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bo
 	}
 	labels, err := encodeLabels(c.Labels)
 	if err != nil {
-		return Credential{}, false, err
+		return PutResult{}, err
+	}
+	expected := ""
+	if opts.ExpectedVersion != nil {
+		expected = strconv.FormatInt(*opts.ExpectedVersion, 10)
 	}
 	args := []any{
 		c.CredentialID, formatTime(c.CreateTime),
+		opts.Request.Hash, window.Milliseconds(), expected,
 		fTenant, c.TenantID,
 		fID, c.CredentialID,
 		fProvider, c.Provider,
 		fGeneration, c.Generation,
 		fCiphertext, c.Ciphertext,
+		fADVersion, strconv.Itoa(max(c.ADVersion, 1)),
 		fFingerprint, c.Fingerprint,
 		fBaseURL, c.BaseURL,
 		fFleetUpAccountID, strconv.FormatInt(c.FleetUpAccountID, 10),
@@ -201,21 +412,33 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential) (Credential, bo
 		State: c.ValidationState, Message: c.ValidationMessage,
 		UpstreamUser: c.UpstreamUser, Time: c.ValidateTime,
 	})...)
-	keys := []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID)}
-	reply, err := putScript.Run(ctx, r.client, keys, args...).Slice()
+	keys := []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}
+	var reply []any
+	err = r.durable(ctx, keys[0], func(cl redis.Cmdable) error {
+		var err error
+		reply, err = putScript.Run(ctx, cl, keys, args...).Slice()
+		return mapErr(err)
+	})
 	if err != nil {
-		return Credential{}, false, mapErr(err)
+		return PutResult{}, err
 	}
-	created, pairs, err := splitReply(reply)
+	status, pairs, err := splitReply(reply)
 	if err != nil {
-		return Credential{}, false, err
+		return PutResult{}, err
+	}
+	if status == statusConflict {
+		return PutResult{}, ErrVersionConflict
 	}
 	fields, err := pairsToMap(pairs)
 	if err != nil {
-		return Credential{}, false, err
+		return PutResult{}, err
 	}
-	stored, err := parseCredential(fields)
-	return stored, created == 1, err
+	res := PutResult{Created: status == 1}
+	if status == statusReplay {
+		res.Replayed, res.RequestHash, res.Created = true, fields[rRequest], fields[rCreated] == "1"
+	}
+	res.Credential, err = parseCredential(fields)
+	return res, err
 }
 
 // GetCredential implements Store.
@@ -281,55 +504,89 @@ func (r *Redis) ListCredentials(ctx context.Context, tenantID string, pageSize i
 // leaves session keys whose credential is gone: the service rejects every
 // session whose credential is missing or was re-created after the session's
 // CreateTime, so such leftovers grant nothing and expire by their TTL.
-// The count is of session keys actually deleted, i.e. sessions still live.
-// If deleting them fails, the error wraps ErrUnavailable although the
-// credential is already gone (a retry gets ErrNotFound).
-func (r *Redis) DeleteCredential(ctx context.Context, tenantID, credentialID string) (int64, error) {
+func (r *Redis) DeleteCredential(ctx context.Context, tenantID, credentialID string, req Request) (DeleteResult, error) {
 	if err := checkIDs(tenantID, credentialID); err != nil {
-		return 0, err
+		return DeleteResult{}, err
 	}
-	keys := []string{
-		r.credKey(tenantID, credentialID),
-		r.indexKey(tenantID),
-		r.sessionSetKey(tenantID, credentialID),
-	}
-	reply, err := deleteScript.Run(ctx, r.client, keys, credentialID).Slice()
+	reqKey, window, err := r.requestKey(tenantID, "delete", req.ID)
 	if err != nil {
-		return 0, mapErr(err)
+		return DeleteResult{}, err
 	}
-	status, members, err := splitReply(reply)
+	keys := []string{r.credKey(tenantID, credentialID), r.indexKey(tenantID), r.sessionSetKey(tenantID, credentialID), reqKey}
+	var reply []any
+	err = r.durable(ctx, keys[0], func(c redis.Cmdable) error {
+		var err error
+		reply, err = deleteScript.Run(ctx, c, keys, credentialID, req.Hash, window.Milliseconds()).Slice()
+		return mapErr(err)
+	})
 	if err != nil {
-		return 0, err
+		return DeleteResult{}, err
 	}
-	if status == statusNotFound {
-		return 0, ErrNotFound
+	status, rest, err := splitReply(reply)
+	if err != nil {
+		return DeleteResult{}, err
 	}
-	return r.deleteSessionKeys(ctx, members)
+	var res DeleteResult
+	var members []string
+	switch status {
+	case statusNotFound:
+		return DeleteResult{}, ErrNotFound
+	case statusOK:
+		members = rest
+	case statusReplay:
+		first, err := pairsToMap(rest)
+		if err != nil {
+			return DeleteResult{}, err
+		}
+		res.Replayed, res.RequestHash = true, first[rRequest]
+		if n, err := strconv.ParseInt(first[rRevoked], 10, 64); err == nil {
+			res.Revoked = n
+			return res, nil
+		}
+		// The first run stopped before counting: finish its work.
+		if first[rSessions] != "" {
+			members = strings.Split(first[rSessions], ",")
+		}
+	default:
+		return DeleteResult{}, fmt.Errorf("store: unexpected script status %d", status)
+	}
+	res.Revoked, err = r.deleteSessionKeys(ctx, members)
+	if err != nil {
+		return DeleteResult{}, err
+	}
+	if err := setIfExistsScript.Run(ctx, r.client, []string{reqKey}, rRevoked, res.Revoked).Err(); err != nil {
+		return DeleteResult{}, mapErr(err)
+	}
+	return res, nil
 }
 
-// deleteSessionKeys deletes session keys one DEL each (they may live in
-// different cluster slots) in one pipeline and counts those that existed.
+// deleteSessionKeys deletes the session keys of members (session hashes in
+// hex) and returns how many existed, i.e. were live.
 func (r *Redis) deleteSessionKeys(ctx context.Context, members []string) (int64, error) {
-	if len(members) == 0 {
-		return 0, nil
-	}
+	// One DEL per key: in a Cluster the keys live in different slots.
 	pipe := r.client.Pipeline()
-	dels := make([]*redis.IntCmd, len(members))
-	for i, m := range members {
-		dels[i] = pipe.Del(ctx, r.prefix+":sess:"+m)
+	cmds := make([]*redis.IntCmd, 0, len(members))
+	for _, m := range members {
+		h, err := hex.DecodeString(m)
+		if err != nil || len(h) != 32 {
+			continue
+		}
+		cmds = append(cmds, pipe.Del(ctx, r.prefix+":sess:"+m))
+	}
+	if len(cmds) == 0 {
+		return 0, nil
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
 		return 0, mapErr(err)
 	}
 	var n int64
-	for _, d := range dels {
-		n += d.Val()
+	for _, c := range cmds {
+		n += c.Val()
 	}
 	return n, nil
 }
 
-// SetValidation implements Store. It leaves Version and UpdateTime alone:
-// a validation describes the stored secret, it does not change it.
+// SetValidation implements Store.
 func (r *Redis) SetValidation(ctx context.Context, tenantID, credentialID string, version int64, v Validation) (Credential, error) {
 	fields, err := r.casFields(ctx, tenantID, credentialID, version, validationFields(v)...)
 	if err != nil {
@@ -339,20 +596,27 @@ func (r *Redis) SetValidation(ctx context.Context, tenantID, credentialID string
 }
 
 // UpdateCiphertext implements Store.
-func (r *Redis) UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string) error {
-	_, err := r.casFields(ctx, tenantID, credentialID, version, fCiphertext, ciphertext)
+func (r *Redis) UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string, adVersion int) error {
+	_, err := r.casFields(ctx, tenantID, credentialID, version, fCiphertext, ciphertext, fADVersion, strconv.Itoa(max(adVersion, 1)))
 	return err
 }
 
 // casFields runs casFieldsScript and returns the updated record's fields.
+// Running it twice sets the same values twice: idempotent by itself.
 func (r *Redis) casFields(ctx context.Context, tenantID, credentialID string, version int64, pairs ...any) (map[string]string, error) {
 	if err := checkIDs(tenantID, credentialID); err != nil {
 		return nil, err
 	}
 	args := append([]any{strconv.FormatInt(version, 10)}, pairs...)
-	reply, err := casFieldsScript.Run(ctx, r.client, []string{r.credKey(tenantID, credentialID)}, args...).Slice()
+	key := r.credKey(tenantID, credentialID)
+	var reply []any
+	err := r.durable(ctx, key, func(c redis.Cmdable) error {
+		var err error
+		reply, err = casFieldsScript.Run(ctx, c, []string{key}, args...).Slice()
+		return mapErr(err)
+	})
 	if err != nil {
-		return nil, mapErr(err)
+		return nil, err
 	}
 	status, fields, err := splitReply(reply)
 	if err != nil {
@@ -490,30 +754,75 @@ func loadRecords(ctx context.Context, c redis.Cmdable, keys []string) ([]Credent
 // member without a key, which is harmless. A DeleteCredential running in
 // between can miss the new key; the service's check that the credential
 // still exists, and predates the session, covers that window.
-func (r *Redis) CreateSession(ctx context.Context, s Session) error {
+//
+// A replayed request writes the first session's key again if it is still
+// listed with its credential (the first run may have stopped before
+// writing it), never over an existing key; a revoked or deleted session is
+// not listed and stays gone.
+func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (SessionResult, error) {
 	if err := checkIDs(s.TenantID, s.CredentialID); err != nil {
-		return err
+		return SessionResult{}, err
 	}
 	rec, err := json.Marshal(newSessionRecord(s))
 	if err != nil {
-		return fmt.Errorf("store: encode session: %w", err)
+		return SessionResult{}, fmt.Errorf("store: encode session: %w", err)
 	}
 	now := time.Now()
-	ttl := ceilMillis(s.ExpireTime.Sub(now))
 	member := hex.EncodeToString(s.HandleHash[:])
 	keys := []string{r.credKey(s.TenantID, s.CredentialID), r.sessionSetKey(s.TenantID, s.CredentialID)}
-	reply, err := addSessionScript.Run(ctx, r.client, keys, member, s.ExpireTime.UnixMilli(), now.UnixMilli()).Slice()
+	args := []any{member, s.ExpireTime.UnixMilli(), now.UnixMilli()}
+	script := addSessionScript
+	if req.ID != "" {
+		reqKey, window, err := r.requestKey(s.TenantID, "issue", req.ID)
+		if err != nil {
+			return SessionResult{}, err
+		}
+		keys = append(keys, reqKey)
+		args = append(args, req.Hash, window.Milliseconds(), string(rec), req.Memo)
+		script = issueScript
+	}
+	reply, err := script.Run(ctx, r.client, keys, args...).Slice()
 	if err != nil {
-		return mapErr(err)
+		return SessionResult{}, mapErr(err)
 	}
-	status, _, err := splitReply(reply)
+	status, rest, err := splitReply(reply)
 	if err != nil {
-		return err
+		return SessionResult{}, err
 	}
-	if status == statusNotFound {
-		return ErrNotFound
+	res := SessionResult{Session: s, Memo: req.Memo}
+	switch status {
+	case statusNotFound:
+		return SessionResult{}, ErrNotFound
+	case statusOK:
+	case statusReplay:
+		first, err := pairsToMap(rest)
+		if err != nil {
+			return SessionResult{}, err
+		}
+		res.Replayed, res.RequestHash, res.Memo = true, first[rRequest], first[rMemo]
+		if rec = []byte(first[rSession]); !json.Valid(rec) {
+			return SessionResult{}, errors.New("store: corrupt request record of a session")
+		}
+		if res.Session, err = decodeSession(rec); err != nil {
+			return SessionResult{}, err
+		}
+		if first[rLive] != "1" {
+			return res, nil
+		}
+	default:
+		return SessionResult{}, fmt.Errorf("store: unexpected script status %d", status)
 	}
-	return mapErr(r.client.Set(ctx, r.sessionKey(s.HandleHash), rec, ttl).Err())
+	ttl := ceilMillis(res.Session.ExpireTime.Sub(now))
+	key := r.sessionKey(res.Session.HandleHash)
+	if res.Replayed {
+		err = r.client.SetNX(ctx, key, rec, ttl).Err()
+	} else {
+		err = r.client.Set(ctx, key, rec, ttl).Err()
+	}
+	if err != nil {
+		return SessionResult{}, mapErr(err)
+	}
+	return res, nil
 }
 
 // ceilMillis rounds a TTL up to whole milliseconds (the key may outlive the
@@ -534,12 +843,14 @@ func (r *Redis) GetSession(ctx context.Context, handleHash [32]byte) (Session, e
 	return r.liveSession(raw)
 }
 
-// DeleteSession implements Store. The key goes first, so the handle stops
-// working even if removing the set member then fails; a stale member only
-// costs a no-op DEL when the credential is deleted, and is pruned on the
-// credential's next CreateSession, so that failure is not reported.
+// DeleteSession implements Store. The session leaves its credential's set
+// first, then its key goes (waiting for replicas, so a failover does not
+// bring a revoked handle back); if the second step fails the call fails and
+// the handle still works until the caller retries. Leaving the set first
+// means a replayed IssueSession never writes a revoked session again.
 func (r *Redis) DeleteSession(ctx context.Context, handleHash [32]byte) (Session, error) {
-	raw, err := r.client.GetDel(ctx, r.sessionKey(handleHash)).Bytes()
+	key := r.sessionKey(handleHash)
+	raw, err := r.client.Get(ctx, key).Bytes()
 	if err != nil {
 		return Session{}, mapErr(err)
 	}
@@ -548,18 +859,23 @@ func (r *Redis) DeleteSession(ctx context.Context, handleHash [32]byte) (Session
 		return Session{}, err
 	}
 	member := hex.EncodeToString(handleHash[:])
-	_ = r.client.ZRem(ctx, r.sessionSetKey(s.TenantID, s.CredentialID), member).Err()
-	return s, nil
+	if err := r.client.ZRem(ctx, r.sessionSetKey(s.TenantID, s.CredentialID), member).Err(); err != nil {
+		return Session{}, mapErr(err)
+	}
+	err = r.durable(ctx, key, func(c redis.Cmdable) error {
+		raw, err = c.GetDel(ctx, key).Bytes()
+		return mapErr(err)
+	})
+	if err != nil {
+		return Session{}, err // ErrNotFound if revoked concurrently
+	}
+	return r.liveSession(raw)
 }
 
 // liveSession decodes a session record; one past its ExpireTime is not
 // found, even if its key has not expired yet.
 func (r *Redis) liveSession(raw []byte) (Session, error) {
-	var rec sessionRecord
-	if err := json.Unmarshal(raw, &rec); err != nil {
-		return Session{}, fmt.Errorf("store: decode session: %w", err)
-	}
-	s, err := rec.session()
+	s, err := decodeSession(raw)
 	if err != nil {
 		return Session{}, err
 	}
@@ -723,6 +1039,9 @@ func parseCredential(m map[string]string) (Credential, error) {
 	var errs []error
 	c.Version, errs = parseInt(m[fVersion], errs)
 	c.FleetUpAccountID, errs = parseInt(m[fFleetUpAccountID], errs)
+	var ad int64
+	ad, errs = parseInt(m[fADVersion], errs)
+	c.ADVersion = max(int(ad), 1) // absent: written before versions, sealed with version 1
 	c.CreateTime, errs = parseTime(m[fCreateTime], errs)
 	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
 	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
@@ -787,6 +1106,14 @@ func parseTime(s string, errs []error) (time.Time, []error) {
 	return t, errs
 }
 
+func decodeSession(raw []byte) (Session, error) {
+	var rec sessionRecord
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return Session{}, fmt.Errorf("store: decode session: %w", err)
+	}
+	return rec.session()
+}
+
 // sessionRecord is a Session as stored (JSON).
 type sessionRecord struct {
 	HandleHash   string    `json:"handle_hash"`
@@ -796,6 +1123,7 @@ type sessionRecord struct {
 	Scopes       []string  `json:"scopes,omitempty"`
 	CreateTime   time.Time `json:"create_time"`
 	ExpireTime   time.Time `json:"expire_time"`
+	Binding      string    `json:"binding,omitempty"`
 }
 
 func newSessionRecord(s Session) sessionRecord {
@@ -807,6 +1135,7 @@ func newSessionRecord(s Session) sessionRecord {
 		Scopes:       s.Scopes,
 		CreateTime:   s.CreateTime.UTC(),
 		ExpireTime:   s.ExpireTime.UTC(),
+		Binding:      s.Binding,
 	}
 }
 
@@ -818,6 +1147,7 @@ func (rec sessionRecord) session() (Session, error) {
 		Scopes:       rec.Scopes,
 		CreateTime:   rec.CreateTime,
 		ExpireTime:   rec.ExpireTime,
+		Binding:      rec.Binding,
 	}
 	h, err := hex.DecodeString(rec.HandleHash)
 	if err != nil || len(h) != len(s.HandleHash) {

@@ -88,7 +88,7 @@ func TestRedisShardedClusterSpreadsTenants(t *testing.T) {
 		// exerciseStore deletes its credential; leave one behind, with a
 		// session, for the walk and the key census below.
 		c := store.Credential{TenantID: tenant, CredentialID: "kept", Provider: store.ProviderFleetUp, Ciphertext: "vault:v1:x"}
-		if _, _, err := st.PutCredential(ctx, c); err != nil {
+		if _, err := st.PutCredential(ctx, c, store.PutOptions{}); err != nil {
 			t.Fatalf("PutCredential: %v", err)
 		}
 		s := store.Session{
@@ -96,7 +96,7 @@ func TestRedisShardedClusterSpreadsTenants(t *testing.T) {
 			TenantID: tenant, CredentialID: c.CredentialID,
 			CreateTime: time.Now(), ExpireTime: time.Now().Add(time.Minute),
 		}
-		if err := st.CreateSession(ctx, s); err != nil {
+		if _, err := st.CreateSession(ctx, s, store.Request{}); err != nil {
 			t.Fatalf("CreateSession: %v", err)
 		}
 	}
@@ -207,9 +207,9 @@ func exerciseStore(t *testing.T, st store.Store, tenant string) {
 			t.Fatalf("%s: %v", what, err)
 		}
 	}
-	_, _, err := st.PutCredential(ctx, c)
+	_, err := st.PutCredential(ctx, c, store.PutOptions{})
 	must("PutCredential", err)
-	_, _, err = st.PutCredential(ctx, c)
+	_, err = st.PutCredential(ctx, c, store.PutOptions{Request: store.Request{ID: "req-1", Hash: "h"}})
 	must("PutCredential", err)
 	_, err = st.GetCredential(ctx, c.TenantID, c.CredentialID)
 	must("GetCredential", err)
@@ -217,7 +217,7 @@ func exerciseStore(t *testing.T, st store.Store, tenant string) {
 	must("ListCredentials", err)
 	_, err = st.SetValidation(ctx, c.TenantID, c.CredentialID, 2, store.Validation{State: store.ValidationValid, Time: time.Now()})
 	must("SetValidation", err)
-	must("UpdateCiphertext", st.UpdateCiphertext(ctx, c.TenantID, c.CredentialID, 2, "vault:v2:x"))
+	must("UpdateCiphertext", st.UpdateCiphertext(ctx, c.TenantID, c.CredentialID, 2, "vault:v2:x", 2))
 	must("ForEachCredential", st.ForEachCredential(ctx, func(store.Credential) error { return nil }))
 	var sessions []store.Session
 	for i := range 3 {
@@ -226,17 +226,20 @@ func exerciseStore(t *testing.T, st store.Store, tenant string) {
 			TenantID: c.TenantID, CredentialID: c.CredentialID,
 			CreateTime: time.Now(), ExpireTime: time.Now().Add(time.Minute),
 		}
-		must("CreateSession", st.CreateSession(ctx, s))
+		_, err := st.CreateSession(ctx, s, store.Request{ID: "issue-" + strconv.Itoa(i%2), Hash: "h"})
+		must("CreateSession", err)
 		sessions = append(sessions, s)
 	}
 	_, err = st.GetSession(ctx, sessions[0].HandleHash)
 	must("GetSession", err)
 	_, err = st.DeleteSession(ctx, sessions[0].HandleHash)
 	must("DeleteSession", err)
-	n, err := st.DeleteCredential(ctx, c.TenantID, c.CredentialID)
+	del, err := st.DeleteCredential(ctx, c.TenantID, c.CredentialID, store.Request{ID: "del-1", Hash: "h"})
 	must("DeleteCredential", err)
-	if n != 2 {
-		t.Fatalf("DeleteCredential revoked %d sessions, want 2", n)
+	// Sessions 0 and 2 share a request id: the second is a replay of the
+	// first, and the first was revoked; only session 1 was live.
+	if del.Revoked != 1 {
+		t.Fatalf("DeleteCredential revoked %d sessions, want 1", del.Revoked)
 	}
 }
 
@@ -311,7 +314,7 @@ func storeCalls() map[string]func(context.Context, store.Store) error {
 	var hash [32]byte
 	return map[string]func(context.Context, store.Store) error{
 		"PutCredential": func(ctx context.Context, st store.Store) error {
-			_, _, err := st.PutCredential(ctx, store.Credential{TenantID: tenant, CredentialID: id})
+			_, err := st.PutCredential(ctx, store.Credential{TenantID: tenant, CredentialID: id}, store.PutOptions{})
 			return err
 		},
 		"GetCredential": func(ctx context.Context, st store.Store) error {
@@ -323,7 +326,7 @@ func storeCalls() map[string]func(context.Context, store.Store) error {
 			return err
 		},
 		"DeleteCredential": func(ctx context.Context, st store.Store) error {
-			_, err := st.DeleteCredential(ctx, tenant, id)
+			_, err := st.DeleteCredential(ctx, tenant, id, store.Request{})
 			return err
 		},
 		"SetValidation": func(ctx context.Context, st store.Store) error {
@@ -331,13 +334,14 @@ func storeCalls() map[string]func(context.Context, store.Store) error {
 			return err
 		},
 		"UpdateCiphertext": func(ctx context.Context, st store.Store) error {
-			return st.UpdateCiphertext(ctx, tenant, id, 1, "c")
+			return st.UpdateCiphertext(ctx, tenant, id, 1, "c", 2)
 		},
 		"ForEachCredential": func(ctx context.Context, st store.Store) error {
 			return st.ForEachCredential(ctx, func(store.Credential) error { return nil })
 		},
 		"CreateSession": func(ctx context.Context, st store.Store) error {
-			return st.CreateSession(ctx, store.Session{TenantID: tenant, CredentialID: id, ExpireTime: time.Now().Add(time.Minute)})
+			_, err := st.CreateSession(ctx, store.Session{TenantID: tenant, CredentialID: id, ExpireTime: time.Now().Add(time.Minute)}, store.Request{})
+			return err
 		},
 		"GetSession": func(ctx context.Context, st store.Store) error {
 			_, err := st.GetSession(ctx, hash)

@@ -3,6 +3,13 @@
 // secrets or handles: credentials arrive already encrypted and sessions are
 // keyed by the SHA-256 of the handle.
 //
+// Every write is idempotent under retry: PutCredential, DeleteCredential
+// and CreateSession carry a Request whose first result is kept for a
+// window, so a second run of the same request (a client's retry, or the
+// Redis client's after a lost reply) writes nothing and returns the first
+// result; the other writes set values or compare versions, so running them
+// twice changes nothing.
+//
 // Redis is the production implementation (through go-redis's UniversalClient:
 // single node, Sentinel or Cluster). `fleetbroker dev` runs the same code
 // against an in-process Redis-protocol server. One conformance suite
@@ -43,8 +50,13 @@ type Credential struct {
 	// cached upstream session) can be bound to it. Unlike Version it does
 	// not restart when a credential is deleted and created again.
 	Generation string
-	// Ciphertext is the transit ciphertext of the secret.
+	// Ciphertext is the transit ciphertext of the secret. Empty in the
+	// first result of a replayed PutCredential (see Request).
 	Ciphertext string
+	// ADVersion is the version of the associated data Ciphertext was sealed
+	// with (the service defines them). 0 is stored as 1: records written
+	// before the field existed were sealed with version 1.
+	ADVersion int
 	// Fingerprint is a keyed, non-reversible fingerprint of the secret.
 	Fingerprint       string
 	BaseURL           string
@@ -82,6 +94,69 @@ type Session struct {
 	Scopes       []string
 	CreateTime   time.Time
 	ExpireTime   time.Time
+	// Binding is a keyed MAC of the session's contents and its handle,
+	// made by the service, so a record that someone without the key wrote
+	// or edited is refused. Empty in records written before bindings.
+	Binding string
+}
+
+// Request makes a write idempotent. ID names the caller's request (AIP-155
+// request_id); Hash is a fingerprint of its content. The first run of an ID
+// stores the result beside the write for RequestWindow; a later run with
+// the same ID writes nothing and returns that first result, marked
+// Replayed, with the Hash it was stored with, for the caller to refuse a
+// reuse of the ID for another request. An empty ID still makes the one
+// call idempotent (the store picks an ID kept for a minute), against the
+// Redis client retrying a write whose reply was lost.
+type Request struct {
+	ID   string
+	Hash string
+	// Memo is kept with the first result of CreateSession and returned on
+	// a replay: what the service needs to rebuild the first reply (which
+	// holds a handle, and handles are never stored).
+	Memo string
+}
+
+// RequestWindow is how long the first result of a request id is kept.
+const RequestWindow = 15 * time.Minute
+
+// Replay says whether a write was a replay of an earlier request.
+type Replay struct {
+	// Replayed is set when the request id had been seen within the
+	// window: nothing was written and the result is the first run's.
+	Replayed bool
+	// RequestHash is the Hash stored by the first run (set when Replayed).
+	RequestHash string
+}
+
+// PutOptions qualify PutCredential.
+type PutOptions struct {
+	Request Request
+	// ExpectedVersion, if set, makes the put fail with ErrVersionConflict
+	// unless the stored credential is at this version; 0 means it must not
+	// exist.
+	ExpectedVersion *int64
+}
+
+// PutResult is what PutCredential stored (or, replayed, first stored).
+type PutResult struct {
+	Replay
+	Credential Credential
+	Created    bool
+}
+
+// DeleteResult is how many live sessions a DeleteCredential revoked.
+type DeleteResult struct {
+	Replay
+	Revoked int64
+}
+
+// SessionResult is the session CreateSession stored (or, replayed, first
+// stored) and its memo.
+type SessionResult struct {
+	Replay
+	Session Session
+	Memo    string
 }
 
 // Validation is the outcome of asking the provider about a secret.
@@ -112,29 +187,34 @@ type Store interface {
 	// same tenant and id, atomically: on replace, Version becomes the old
 	// version + 1 and CreateTime is kept; every Put stores a new
 	// Generation (a fresh one when c has none). It returns the stored
-	// record and whether it was created.
-	PutCredential(ctx context.Context, c Credential) (Credential, bool, error)
+	// record and whether it was created; a replay returns the first
+	// result, whose Credential has no Ciphertext.
+	PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error)
 	GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error)
 	// ListCredentials pages through a tenant's credentials ordered by id.
 	// pageToken is opaque ("" for the first page); the returned token is ""
 	// on the last page.
 	ListCredentials(ctx context.Context, tenantID string, pageSize int, pageToken string) ([]Credential, string, error)
 	// DeleteCredential deletes the credential and revokes all of its
-	// sessions; it returns how many live sessions were revoked.
-	DeleteCredential(ctx context.Context, tenantID, credentialID string) (int64, error)
+	// sessions; it returns how many live sessions were revoked. A replay
+	// returns the first count, where a repeated delete would find nothing.
+	DeleteCredential(ctx context.Context, tenantID, credentialID string, req Request) (DeleteResult, error)
 	// SetValidation records a validation outcome if the credential is still
 	// at version; otherwise ErrVersionConflict.
 	SetValidation(ctx context.Context, tenantID, credentialID string, version int64, v Validation) (Credential, error)
-	// UpdateCiphertext replaces the ciphertext of the credential at version
-	// (after a transit rewrap) without bumping the version; ErrVersionConflict
-	// if the credential changed meanwhile.
-	UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string) error
+	// UpdateCiphertext replaces the ciphertext of the credential at version,
+	// sealed with associated data version adVersion (after a transit rewrap
+	// or a migration), without bumping the version or the generation;
+	// ErrVersionConflict if the credential changed meanwhile.
+	UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string, adVersion int) error
 	// ForEachCredential calls fn for every credential of every tenant (rewrap).
 	ForEachCredential(ctx context.Context, fn func(Credential) error) error
 
 	// CreateSession stores s with a TTL until s.ExpireTime and adds it to
-	// its credential's session set; ErrNotFound if the credential does not exist.
-	CreateSession(ctx context.Context, s Session) error
+	// its credential's session set; ErrNotFound if the credential does not
+	// exist. Only a request with an ID is remembered (a session write is
+	// idempotent by itself); its replay returns the first session and memo.
+	CreateSession(ctx context.Context, s Session, req Request) (SessionResult, error)
 	// GetSession returns the live session stored under handleHash.
 	GetSession(ctx context.Context, handleHash [32]byte) (Session, error)
 	// DeleteSession revokes the session stored under handleHash.

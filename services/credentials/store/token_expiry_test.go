@@ -33,7 +33,7 @@ func TestTokenExpireTime(t *testing.T) {
 			expire := time.Date(2027, 3, 4, 5, 6, 7, 891011121, time.FixedZone("x", 3600))
 			rec := store.Credential{TenantID: "acme", CredentialID: "w", Provider: store.ProviderWialon, Ciphertext: "vault:v1:x",
 				ValidationState: store.ValidationValid, TokenExpireTime: expire}
-			if _, _, err := st.PutCredential(ctx, rec); err != nil {
+			if _, err := st.PutCredential(ctx, rec, store.PutOptions{}); err != nil {
 				t.Fatal(err)
 			}
 			got, err := st.GetCredential(ctx, "acme", "w")
@@ -63,12 +63,12 @@ func TestTokenExpireTime(t *testing.T) {
 				t.Errorf("ForEachCredential TokenExpireTime = %v, want %v", seen, expire)
 			}
 			rec.TokenExpireTime = time.Time{}
-			replaced, _, err := st.PutCredential(ctx, rec)
+			replaced, err := st.PutCredential(ctx, rec, store.PutOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !replaced.TokenExpireTime.IsZero() {
-				t.Errorf("a Put without expiry left TokenExpireTime = %v", replaced.TokenExpireTime)
+			if !replaced.Credential.TokenExpireTime.IsZero() {
+				t.Errorf("a Put without expiry left TokenExpireTime = %v", replaced.Credential.TokenExpireTime)
 			}
 		})
 	}

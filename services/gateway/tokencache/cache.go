@@ -90,6 +90,9 @@ type Stats struct {
 	LockWaits int64
 	// Invalidations counts Invalidate calls that dropped a token.
 	Invalidations int64
+	// DataKeyReplacements counts tenant data keys this process replaced
+	// because transit no longer unwrapped them.
+	DataKeyReplacements int64
 }
 
 type counters struct {
@@ -142,7 +145,7 @@ func New(client redis.UniversalClient, tr transit.Transit, opts Options) *Cache 
 	}
 	return &Cache{
 		client:   client,
-		keys:     newDataKeys(client, tr, opts.Prefix),
+		keys:     newDataKeys(client, tr, opts.Prefix, opts.Logger),
 		prefix:   opts.Prefix,
 		lockTTL:  opts.LockTTL,
 		waitPoll: opts.WaitPoll,
@@ -194,6 +197,8 @@ func (c *Cache) Stats() Stats {
 		Misses:        c.stats.misses.Load(),
 		LockWaits:     c.stats.lockWaits.Load(),
 		Invalidations: c.stats.invalidations.Load(),
+		// Kept by the data keys, which replace keys on their own.
+		DataKeyReplacements: c.keys.replaced.Load(),
 	}
 }
 
@@ -386,6 +391,16 @@ func (c *Cache) store(ctx context.Context, key Key, n names, dk *dataKey, token 
 			slog.GroupAttrs("key", keyAttrs(key)...), slog.String("error", err.Error()))
 	}
 	return Entry{key: key, token: token, stored: stored}, nil
+}
+
+// Get returns the token cached for key, without minting one: found is
+// false when there is none (or what is there does not decrypt). The
+// gateway uses it to log a session out upstream before purging it.
+func (c *Cache) Get(ctx context.Context, key Key) (e Entry, found bool, err error) {
+	if err := key.validate(); err != nil {
+		return Entry{}, false, err
+	}
+	return c.read(ctx, key, c.names(key))
 }
 
 // Invalidate drops e's token from Redis if Redis still holds exactly that

@@ -69,11 +69,12 @@ func TestGetOrMintKeysAreIndependent(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		c := replicas(t, b, newTransit(t), 1, Options{})[0]
 		keys := []Key{
-			{Tenant: "acme", Credential: "c1", Version: 1, Kind: KindFleetUpJWT},
-			{Tenant: "acme", Credential: "c1", Version: 2, Kind: KindFleetUpJWT},
-			{Tenant: "acme", Credential: "c1", Version: 1, Kind: KindWialonEID},
-			{Tenant: "acme", Credential: "c2", Version: 1, Kind: KindFleetUpJWT},
-			{Tenant: "globex", Credential: "c1", Version: 1, Kind: KindFleetUpJWT},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
+			{Tenant: "acme", Credential: "c1", Generation: "g2", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://other.example", Kind: KindFleetUpJWT},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindWialonEID},
+			{Tenant: "acme", Credential: "c2", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
+			{Tenant: "globex", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
 		}
 		m := newMinter("tok")
 		seen := map[string]Key{}
@@ -103,7 +104,7 @@ func TestGetOrMintRemintsAfterTTL(t *testing.T) {
 		caches := replicas(t, b, newTransit(t), 2, Options{})
 		m := newMinter("eid")
 		m.ttl = time.Second
-		key := Key{Tenant: "acme", Credential: "wialon-1", Version: 3, Kind: KindWialonEID}
+		key := Key{Tenant: "acme", Credential: "wialon-1", Generation: "g3", BaseURL: "https://up.example", Kind: KindWialonEID}
 
 		get := func(c *Cache, want string) {
 			t.Helper()
@@ -445,6 +446,9 @@ func TestInvalidKeys(t *testing.T) {
 			{"empty tenant", func(k *Key) { k.Tenant = "" }},
 			{"empty credential", func(k *Key) { k.Credential = "" }},
 			{"empty kind", func(k *Key) { k.Kind = "" }},
+			{"empty generation", func(k *Key) { k.Generation = "" }},
+			{"empty base URL", func(k *Key) { k.BaseURL = "" }},
+			{"colon in generation", func(k *Key) { k.Generation = "g1:x" }},
 			{"colon in credential", func(k *Key) { k.Credential = "c1:2" }},
 			{"brace in tenant", func(k *Key) { k.Tenant = "ac}me" }},
 			{"brace in kind", func(k *Key) { k.Kind = "{x" }},

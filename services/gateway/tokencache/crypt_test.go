@@ -210,17 +210,258 @@ func TestTenantsHaveSeparateDataKeys(t *testing.T) {
 		if _, err := tr.UnwrapDataKey(ctx, "globex", wrapped); err == nil {
 			t.Fatal("globex unwrapped acme's data key")
 		}
-		// A wrapped key planted under another tenant makes that tenant's
-		// calls fail rather than seal with a key it cannot vouch for.
-		if err := c.client.Set(ctx, tenantDataKeyName(b.prefix, "initech"), wrapped, 0).Err(); err != nil {
+		// A wrapped key planted under another tenant does not unwrap for
+		// it, so it is replaced by a key transit made for that tenant: the
+		// planted key never seals or opens anything.
+		dkName := tenantDataKeyName(b.prefix, "initech")
+		if err := c.client.Set(ctx, dkName, wrapped, 0).Err(); err != nil {
 			t.Fatal(err)
 		}
 		m := newMinter("jwt")
-		if _, err := c.GetOrMint(ctx, testKey("initech", "c1"), m.mint); !errors.Is(err, transit.ErrDecrypt) {
-			t.Fatalf("GetOrMint with a planted data key: %v, want transit.ErrDecrypt", err)
+		if _, err := c.GetOrMint(ctx, testKey("initech", "c1"), m.mint); err != nil {
+			t.Fatalf("GetOrMint with a planted data key: %v", err)
 		}
-		if m.calls.Load() != 0 {
-			t.Fatal("minted although no data key could seal the token")
+		replacement, err := c.client.Get(ctx, dkName).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if replacement == wrapped {
+			t.Fatal("the planted data key is still in place")
+		}
+		if _, err := tr.UnwrapDataKey(ctx, "initech", replacement); err != nil {
+			t.Fatalf("the replacement is not initech's own key: %v", err)
+		}
+		sealedToken, err := c.client.Get(ctx, c.names(testKey("initech", "c1")).token).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id, _, _ := parseSealed(sealedToken); id != wrappedID(replacement) || id == acme.id {
+			t.Fatalf("initech's token is sealed with key %s, want its replacement %s", id, wrappedID(replacement))
+		}
+		if got := c.Stats().DataKeyReplacements; got != 1 {
+			t.Errorf("DataKeyReplacements = %d, want 1", got)
+		}
+	})
+}
+
+// switchableTransit is one transit whose backend can be swapped, as a Vault
+// that restarts without its keys (a dev server, a restore without the
+// transit key) swaps the key material under every replica at once.
+type switchableTransit struct {
+	mu sync.RWMutex
+	t  transit.Transit
+}
+
+func (s *switchableTransit) get() transit.Transit {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.t
+}
+
+func (s *switchableTransit) swap(t transit.Transit) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.t = t
+}
+
+func (s *switchableTransit) Encrypt(ctx context.Context, tenant string, items []transit.Item) ([]string, error) {
+	return s.get().Encrypt(ctx, tenant, items)
+}
+
+func (s *switchableTransit) Decrypt(ctx context.Context, tenant string, items []transit.Item) ([][]byte, error) {
+	return s.get().Decrypt(ctx, tenant, items)
+}
+
+func (s *switchableTransit) Rewrap(ctx context.Context, tenant string, items []transit.Item) ([]string, error) {
+	return s.get().Rewrap(ctx, tenant, items)
+}
+
+func (s *switchableTransit) GenerateDataKey(ctx context.Context, tenant string) (transit.DataKey, error) {
+	return s.get().GenerateDataKey(ctx, tenant)
+}
+
+func (s *switchableTransit) UnwrapDataKey(ctx context.Context, tenant, wrapped string) ([]byte, error) {
+	return s.get().UnwrapDataKey(ctx, tenant, wrapped)
+}
+
+func (s *switchableTransit) HMAC(ctx context.Context, data []byte) ([]byte, error) {
+	return s.get().HMAC(ctx, data)
+}
+
+// downTransit is a transit that cannot be reached (Vault down or sealed).
+type downTransit struct{ transit.Transit }
+
+func (downTransit) GenerateDataKey(context.Context, string) (transit.DataKey, error) {
+	return transit.DataKey{}, fmt.Errorf("vault down: %w", transit.ErrUnavailable)
+}
+
+func (downTransit) UnwrapDataKey(context.Context, string, string) ([]byte, error) {
+	return nil, fmt.Errorf("vault down: %w", transit.ErrUnavailable)
+}
+
+// TestDataKeyReplacedWhenTransitKeyLost: after the transit key is lost
+// (Vault restarted with new key material), a replica that holds the old
+// data key in memory keeps serving its cached tokens; cold replicas replace
+// the data key that no longer unwraps — exactly one of them, however many
+// race — mint over the tokens sealed with the old key, and every replica
+// converges on the new key. No token sealed with one key is ever returned
+// as read with another: every token returned is the one its key sealed.
+func TestDataKeyReplacedWhenTransitKeyLost(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		tr := &switchableTransit{t: newTransit(t)}
+		warm := replicas(t, b, tr, 1, Options{WaitPoll: 5 * time.Millisecond})[0]
+		m := newMinter("jwt")
+		const creds = 4
+		for i := range creds {
+			if e, err := warm.GetOrMint(t.Context(), testKey("acme", fmt.Sprint("c", i)), m.mint); err != nil || e.Token() != fmt.Sprint("jwt-", i+1) {
+				t.Fatalf("before the loss: %q, %v", e.Token(), err)
+			}
+		}
+		dkName := tenantDataKeyName(b.prefix, "acme")
+		oldWrapped, err := warm.client.Get(t.Context(), dkName).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		tr.swap(newTransit(t)) // Vault comes back without the old key
+
+		// The warm replica still reads what it cached, without transit.
+		if e, err := warm.GetOrMint(t.Context(), testKey("acme", "c0"), m.mint); err != nil || e.Token() != "jwt-1" {
+			t.Fatalf("warm replica after the loss: %q, %v; want the cached jwt-1", e.Token(), err)
+		}
+
+		// Cold replicas race: each must end up with a working token.
+		cold := replicas(t, b, tr, 3, Options{WaitPoll: 5 * time.Millisecond})
+		var wg sync.WaitGroup
+		tokens := make([][]string, len(cold))
+		for i, c := range cold {
+			tokens[i] = make([]string, creds)
+			for j := range creds {
+				wg.Go(func() {
+					e, err := c.GetOrMint(t.Context(), testKey("acme", fmt.Sprint("c", j)), m.mint)
+					if err != nil {
+						t.Errorf("cold replica %d, c%d: %v", i, j, err)
+						return
+					}
+					tokens[i][j] = e.Token()
+				})
+			}
+		}
+		wg.Wait()
+		if got := totalStats(cold...).DataKeyReplacements; got != 1 {
+			t.Errorf("%d replacements by racing replicas, want exactly 1", got)
+		}
+		newWrapped, err := warm.client.Get(t.Context(), dkName).Result()
+		if err != nil || newWrapped == oldWrapped {
+			t.Fatalf("data key in Redis after recovery: changed=%v, %v", newWrapped != oldWrapped, err)
+		}
+		for i, c := range cold {
+			if k := c.keys.cached("acme"); k == nil || k.id != wrappedID(newWrapped) {
+				t.Errorf("cold replica %d does not hold the new data key", i)
+			}
+			for j, tok := range tokens[i] {
+				// Minted after the loss: the old tokens (jwt-1..4) were
+				// sealed with the lost key and must not come back.
+				if tok == fmt.Sprint("jwt-", j+1) {
+					t.Errorf("cold replica %d got the token sealed with the lost key for c%d", i, j)
+				}
+			}
+		}
+		if n := m.calls.Load(); n != 2*creds {
+			t.Errorf("%d mints, want %d: one per credential before the loss and one after", n, 2*creds)
+		}
+
+		// The warm replica meets a token sealed with the new key and
+		// converges on it, without replacing anything.
+		if e, err := warm.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); err != nil || e.Token() != tokens[0][1] {
+			t.Fatalf("warm replica reading the new token: %q, %v; want %q", e.Token(), err, tokens[0][1])
+		}
+		if k := warm.keys.cached("acme"); k == nil || k.id != wrappedID(newWrapped) {
+			t.Error("the warm replica did not move to the new data key")
+		}
+		if got := warm.Stats().DataKeyReplacements; got != 0 {
+			t.Errorf("the warm replica replaced the data key %d times, want 0", got)
+		}
+	})
+}
+
+// TestDataKeyNotReplacedWhileTransitDown: a data key that cannot be
+// unwrapped because Vault is unreachable or sealed is kept: the call fails
+// with ErrUnavailable and Redis is untouched.
+func TestDataKeyNotReplacedWhileTransitDown(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		tr := newTransit(t)
+		c := replicas(t, b, tr, 1, Options{})[0]
+		m := newMinter("jwt")
+		if _, err := c.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); err != nil {
+			t.Fatal(err)
+		}
+		dkName := tenantDataKeyName(b.prefix, "acme")
+		before, err := c.client.Get(t.Context(), dkName).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cold := replicas(t, b, downTransit{tr}, 1, Options{})[0]
+		if _, err := cold.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); !errors.Is(err, transit.ErrUnavailable) {
+			t.Fatalf("GetOrMint with Vault down: %v, want transit.ErrUnavailable", err)
+		}
+		if after, err := c.client.Get(t.Context(), dkName).Result(); err != nil || after != before {
+			t.Fatalf("the data key changed while Vault was down (%v)", err)
+		}
+		if got := cold.Stats().DataKeyReplacements; got != 0 {
+			t.Errorf("DataKeyReplacements = %d, want 0", got)
+		}
+		if n := m.calls.Load(); n != 1 {
+			t.Errorf("%d mints, want 1: nothing is minted without a data key", n)
+		}
+	})
+}
+
+// TestDataKeyReplacedAtMostOncePerInterval: a process does not replace a
+// tenant's data key again right after it replaced it (a replica pointed at
+// the wrong Vault must not make the fleet mint again on every call); the
+// call fails with ErrDecrypt and Redis keeps what it holds.
+func TestDataKeyReplacedAtMostOncePerInterval(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		tr := &switchableTransit{t: newTransit(t)}
+		c := replicas(t, b, tr, 1, Options{})[0]
+		m := newMinter("jwt")
+		if _, err := c.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); err != nil {
+			t.Fatal(err)
+		}
+		dkName := tenantDataKeyName(b.prefix, "acme")
+		first, err := c.client.Get(t.Context(), dkName).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tokName := c.names(testKey("acme", "c1")).token
+		firstToken, err := c.client.Get(t.Context(), tokName).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr.swap(newTransit(t))
+		fresh := replicas(t, b, tr, 1, Options{})[0]
+		if _, err := fresh.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); err != nil {
+			t.Fatal(err)
+		}
+		// The old key and a token sealed with it come back into Redis, and
+		// the key material changes again: within the interval, no second
+		// replacement.
+		if err := c.client.Set(t.Context(), dkName, first, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.client.Set(t.Context(), tokName, firstToken, time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		tr.swap(newTransit(t))
+		if _, err := fresh.GetOrMint(t.Context(), testKey("acme", "c1"), m.mint); !errors.Is(err, transit.ErrDecrypt) {
+			t.Fatalf("second replacement within the interval: %v, want transit.ErrDecrypt", err)
+		}
+		if after, err := c.client.Get(t.Context(), dkName).Result(); err != nil || after != first {
+			t.Fatalf("the data key was replaced again within the interval (%v)", err)
+		}
+		if got := fresh.Stats().DataKeyReplacements; got != 1 {
+			t.Errorf("DataKeyReplacements = %d, want 1", got)
 		}
 	})
 }

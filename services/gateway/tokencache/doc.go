@@ -19,12 +19,17 @@
 //
 // # Key layout
 //
-//	<prefix>:{<tenant>}:dk                                      the tenant's wrapped data key
-//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>       encrypted token, PX = token TTL
-//	<prefix>:{<tenant>}:tok:<credential>:<version>:<kind>:lock  mint lock, PX = LockTTL
+//	<prefix>:{<tenant>}:dk                                                 the tenant's wrapped data key
+//	<prefix>:{<tenant>}:tok:<credential>:<generation>:<upstream>:<kind>       encrypted token, PX = token TTL
+//	<prefix>:{<tenant>}:tok:<credential>:<generation>:<upstream>:<kind>:lock  mint lock, PX = LockTTL
 //
-// The tenant is the Redis Cluster hash tag, so a token, its lock and the
-// data key share a slot. Each Lua script touches exactly one key.
+// <generation> is the credential's generation id (new on every put, never
+// repeated) and <upstream> 128 bits of the SHA-256 of its base URL: a token
+// is bound to the exact secret and upstream it was minted for, so no other
+// secret's caller — after a rotation, or a delete and re-create under the
+// same id — can ever read it. The tenant is the Redis Cluster hash tag, so a
+// token, its lock and the data key share a slot. Each Lua script touches
+// exactly one key.
 //
 // # Encryption at rest
 //
@@ -33,6 +38,14 @@
 // with SET NX, so all replicas converge on one; each process unwraps it once
 // and keeps the plaintext key only in memory. The GCM associated data is the
 // full Redis key name, so a value copied to another key does not decrypt.
+//
+// A wrapped data key that transit answers "does not decrypt" for — its
+// transit key was lost or recreated, or the value was planted — is replaced
+// by a fresh one with a compare-and-set, so exactly one replica replaces it
+// and the others adopt the winner's; tokens sealed with the old key name its
+// id, so they read as misses and are minted again, never opened with the
+// new key. A transit that is down or sealed never causes a replacement, and
+// a process replaces a tenant's key at most once a minute.
 //
 // # What this package must never do
 //

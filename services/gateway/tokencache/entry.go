@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strconv"
 )
 
 // Entry is a token handed out by GetOrMint. Its fields are unexported and it
@@ -30,7 +29,7 @@ func (e Entry) Key() Key { return e.key }
 func (e Entry) String() string {
 	return "tokencache.Entry{tenant=" + e.key.Tenant +
 		" credential=" + e.key.Credential +
-		" version=" + strconv.FormatInt(e.key.Version, 10) +
+		" generation=" + e.key.Generation +
 		" kind=" + e.key.Kind + " token=REDACTED}"
 }
 
@@ -48,7 +47,7 @@ func keyAttrs(k Key) []slog.Attr {
 	return []slog.Attr{
 		slog.String("tenant", k.Tenant),
 		slog.String("credential", k.Credential),
-		slog.Int64("version", k.Version),
+		slog.String("generation", k.Generation),
 		slog.String("kind", k.Kind),
 	}
 }

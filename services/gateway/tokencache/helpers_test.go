@@ -134,7 +134,7 @@ func newMinter(name string) *minter {
 }
 
 func testKey(tenant, credential string) Key {
-	return Key{Tenant: tenant, Credential: credential, Version: 1, Kind: KindFleetUpJWT}
+	return Key{Tenant: tenant, Credential: credential, Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT}
 }
 
 // totalStats sums the counters of several replicas.
@@ -148,6 +148,7 @@ func totalStats(caches ...*Cache) Stats {
 		s.Misses += cs.Misses
 		s.LockWaits += cs.LockWaits
 		s.Invalidations += cs.Invalidations
+		s.DataKeyReplacements += cs.DataKeyReplacements
 	}
 	return s
 }

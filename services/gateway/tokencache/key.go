@@ -1,9 +1,10 @@
 package tokencache
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 )
 
@@ -17,20 +18,27 @@ const (
 // safely: an empty field, or one containing ':', '{' or '}'.
 var ErrInvalidKey = errors.New("tokencache: invalid key")
 
-// Key names one cached upstream token.
+// Key names one cached upstream token, bound to the exact secret and
+// upstream it was minted from: a token is found only under the generation
+// and base URL of its credential, so a rotated, deleted or re-created
+// credential (whose version may start at 1 again) never reuses a token of
+// another secret, and a token is never sent to another upstream.
 type Key struct {
 	Tenant     string
 	Credential string
-	// Version is the credential's version: a rotated secret gets a new
-	// version and so never reuses a token minted from the old secret.
-	Version int64
-	// Kind is KindWialonEID, KindFleetUpJWT or another short name.
+	// Generation identifies the credential's secret (ResolveSession's
+	// credential_generation): it changes on every put and never repeats.
+	Generation string
+	// BaseURL is the upstream the token belongs to. Only its SHA-256 is
+	// part of the Redis key name (and so of the value's associated data).
+	BaseURL string
+	// Kind is KindWialonEID, KindFleetUpJWT or another provider's token kind.
 	Kind string
 }
 
 func (k Key) validate() error {
 	for _, f := range []struct{ name, value string }{
-		{"tenant", k.Tenant}, {"credential", k.Credential}, {"kind", k.Kind},
+		{"tenant", k.Tenant}, {"credential", k.Credential}, {"generation", k.Generation}, {"kind", k.Kind},
 	} {
 		if f.value == "" {
 			return fmt.Errorf("%w: empty %s", ErrInvalidKey, f.name)
@@ -41,7 +49,16 @@ func (k Key) validate() error {
 			return fmt.Errorf("%w: %s %q contains ':', '{' or '}'", ErrInvalidKey, f.name, f.value)
 		}
 	}
+	if k.BaseURL == "" {
+		return fmt.Errorf("%w: empty base URL", ErrInvalidKey)
+	}
 	return nil
+}
+
+// upstreamID names a base URL in a key: 128 bits of its SHA-256.
+func upstreamID(baseURL string) string {
+	sum := sha256.Sum256([]byte(baseURL))
+	return hex.EncodeToString(sum[:16])
 }
 
 // names are the Redis key names that belong to one Key.
@@ -53,7 +70,7 @@ type names struct {
 
 func (c *Cache) names(k Key) names {
 	tenant := c.prefix + ":{" + k.Tenant + "}"
-	token := tenant + ":tok:" + k.Credential + ":" + strconv.FormatInt(k.Version, 10) + ":" + k.Kind
+	token := tenant + ":tok:" + k.Credential + ":" + k.Generation + ":" + upstreamID(k.BaseURL) + ":" + k.Kind
 	return names{token: token, lock: token + ":lock", dataKey: tenantDataKeyName(c.prefix, k.Tenant)}
 }
 

@@ -74,6 +74,13 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"ForEachCredentialStopsOnError", testForEachCredentialStopsOnError},
 		{"ConcurrentPut", testConcurrentPut},
 		{"CancelledContext", testCancelledContext},
+		{"PutRequestReplays", testPutRequestReplays},
+		{"PutExpectedVersion", testPutExpectedVersion},
+		{"ConcurrentPutOneRequest", testConcurrentPutOneRequest},
+		{"DeleteRequestReplays", testDeleteRequestReplays},
+		{"CreateSessionRequestReplays", testCreateSessionRequestReplays},
+		{"RequestIDsPerTenantAndOperation", testRequestIDsPerTenantAndOperation},
+		{"InvalidRequestID", testInvalidRequestID},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -88,6 +95,7 @@ func testPutGetRoundTrip(t *testing.T, h Harness) {
 	minimal := newCredential("tenant-a", "minimal")
 	minimal.Labels, minimal.BaseURL, minimal.ValidateTime = nil, "", time.Time{}
 	minimal.ValidationState, minimal.ValidationMessage, minimal.UpstreamUser = store.ValidationNotValidated, "", ""
+	minimal.ADVersion = 0
 	fleetUp := newCredential("tenant-a", "fleetup-1")
 	fleetUp.Provider, fleetUp.FleetUpAccountID, fleetUp.BaseURL = store.ProviderFleetUp, 9_007_199_254_740_993, "" // > 2^53
 	callerVersion := newCredential("tenant-b", "caller-version")
@@ -95,12 +103,14 @@ func testPutGetRoundTrip(t *testing.T, h Harness) {
 
 	for _, c := range []store.Credential{newCredential("tenant-a", "wialon-1"), minimal, fleetUp, callerVersion} {
 		t.Run(c.CredentialID, func(t *testing.T) {
-			got, created, err := h.Store.PutCredential(ctx, c)
-			if err != nil || !created {
-				t.Fatalf("PutCredential(new) = created %v, err %v; want created, nil", created, err)
+			res, err := h.Store.PutCredential(ctx, c, store.PutOptions{})
+			if err != nil || !res.Created || res.Replayed {
+				t.Fatalf("PutCredential(new) = %+v, err %v; want created, nil", res, err)
 			}
 			want := c
 			want.Version = 1
+			want.ADVersion = max(c.ADVersion, 1) // 0 is stored as 1
+			got := res.Credential
 			assertCredential(t, "PutCredential", got, want)
 			got, err = h.Store.GetCredential(ctx, c.TenantID, c.CredentialID)
 			if err != nil {
@@ -127,15 +137,16 @@ func testPutReplace(t *testing.T, h Harness) {
 	second.ValidateTime = time.Time{}
 	second.ValidationState, second.ValidationMessage, second.UpstreamUser = store.ValidationNotValidated, "", ""
 
-	got, created, err := h.Store.PutCredential(ctx, second)
-	if err != nil || created {
-		t.Fatalf("PutCredential(existing) = created %v, err %v; want replaced, nil", created, err)
+	second.ADVersion = 1
+	res, err := h.Store.PutCredential(ctx, second, store.PutOptions{})
+	if err != nil || res.Created {
+		t.Fatalf("PutCredential(existing) = created %v, err %v; want replaced, nil", res.Created, err)
 	}
 	want := second
 	want.Version = 2
 	want.CreateTime = first.CreateTime
-	assertCredential(t, "PutCredential(replace)", got, want)
-	got, err = h.Store.GetCredential(ctx, first.TenantID, first.CredentialID)
+	assertCredential(t, "PutCredential(replace)", res.Credential, want)
+	got, err := h.Store.GetCredential(ctx, first.TenantID, first.CredentialID)
 	if err != nil {
 		t.Fatalf("GetCredential: %v", err)
 	}
@@ -166,7 +177,7 @@ func testGenerationNeverRepeats(t *testing.T, h Harness) {
 	first := mustPut(t, h, c)
 	record("first put", first)
 	record("replace", mustPut(t, h, c))
-	if _, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID); err != nil {
+	if _, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID, store.Request{}); err != nil {
 		t.Fatalf("DeleteCredential: %v", err)
 	}
 	recreated := mustPut(t, h, c)
@@ -179,7 +190,7 @@ func testGenerationNeverRepeats(t *testing.T, h Harness) {
 	if err != nil {
 		t.Fatalf("SetValidation: %v", err)
 	}
-	if err := h.Store.UpdateCiphertext(ctx, c.TenantID, c.CredentialID, recreated.Version, "vault:v2:rewrapped"); err != nil {
+	if err := h.Store.UpdateCiphertext(ctx, c.TenantID, c.CredentialID, recreated.Version, "vault:v2:rewrapped", 2); err != nil {
 		t.Fatalf("UpdateCiphertext: %v", err)
 	}
 	got, err := h.Store.GetCredential(ctx, c.TenantID, c.CredentialID)
@@ -216,7 +227,7 @@ func testInvalidIDs(t *testing.T, h Harness) {
 		{"close brace in tenant", "tenant}", "cred-1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := h.Store.PutCredential(ctx, newCredential(tc.tenant, tc.id))
+			_, err := h.Store.PutCredential(ctx, newCredential(tc.tenant, tc.id), store.PutOptions{})
 			assertIs(t, "PutCredential", err, store.ErrInvalidArgument)
 			_, err = h.Store.GetCredential(ctx, tc.tenant, tc.id)
 			assertIs(t, "GetCredential", err, store.ErrInvalidArgument)
@@ -344,9 +355,9 @@ func testDeleteCredential(t *testing.T, h Harness) {
 	mustPut(t, h, c) // version 2
 	keep := mustPut(t, h, newCredential("tenant-a", "cred-2"))
 
-	n, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID)
-	if err != nil || n != 0 {
-		t.Fatalf("DeleteCredential = %d, %v; want 0 sessions, nil", n, err)
+	res, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID, store.Request{})
+	if err != nil || res.Revoked != 0 || res.Replayed {
+		t.Fatalf("DeleteCredential = %+v, %v; want 0 sessions, nil", res, err)
 	}
 	_, err = h.Store.GetCredential(ctx, c.TenantID, c.CredentialID)
 	assertIs(t, "GetCredential after delete", err, store.ErrNotFound)
@@ -356,15 +367,15 @@ func testDeleteCredential(t *testing.T, h Harness) {
 		t.Errorf("ListCredentials after delete = %v, next %q, %v; want only %s on one page",
 			credentialIDs(creds), next, err, keep.CredentialID)
 	}
-	_, err = h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID)
+	_, err = h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID, store.Request{})
 	assertIs(t, "DeleteCredential again", err, store.ErrNotFound)
-	_, err = h.Store.DeleteCredential(ctx, "tenant-z", "cred-1")
+	_, err = h.Store.DeleteCredential(ctx, "tenant-z", "cred-1", store.Request{})
 	assertIs(t, "DeleteCredential of unknown tenant", err, store.ErrNotFound)
 
 	// Re-created, it is a new credential: version history is gone.
-	got, created, err := h.Store.PutCredential(ctx, c)
-	if err != nil || !created || got.Version != 1 {
-		t.Errorf("PutCredential after delete = version %d, created %v, %v; want 1, true, nil", got.Version, created, err)
+	put, err := h.Store.PutCredential(ctx, c, store.PutOptions{})
+	if err != nil || !put.Created || put.Credential.Version != 1 {
+		t.Errorf("PutCredential after delete = version %d, created %v, %v; want 1, true, nil", put.Credential.Version, put.Created, err)
 	}
 }
 
@@ -377,12 +388,12 @@ func testDeleteCredentialRevokesSessions(t *testing.T, h Harness) {
 	survivor := mustSession(t, h, other, longTTL)
 	h.advance(shortTTL + expiryMargin)
 
-	n, err := h.Store.DeleteCredential(ctx, doomed.TenantID, doomed.CredentialID)
+	res, err := h.Store.DeleteCredential(ctx, doomed.TenantID, doomed.CredentialID, store.Request{})
 	if err != nil {
 		t.Fatalf("DeleteCredential: %v", err)
 	}
-	if n != int64(len(live)) {
-		t.Errorf("DeleteCredential revoked %d sessions, want %d (the live ones)", n, len(live))
+	if res.Revoked != int64(len(live)) {
+		t.Errorf("DeleteCredential revoked %d sessions, want %d (the live ones)", res.Revoked, len(live))
 	}
 	for _, s := range append(live, expired) {
 		_, err := h.Store.GetSession(ctx, s.HandleHash)
@@ -402,7 +413,7 @@ func testDeleteCredentialRevokesSessions(t *testing.T, h Harness) {
 func testCreateSessionMissingCredential(t *testing.T, h Harness) {
 	ctx := testContext(t)
 	deleted := mustPut(t, h, newCredential("tenant-a", "deleted"))
-	if _, err := h.Store.DeleteCredential(ctx, deleted.TenantID, deleted.CredentialID); err != nil {
+	if _, err := h.Store.DeleteCredential(ctx, deleted.TenantID, deleted.CredentialID, store.Request{}); err != nil {
 		t.Fatalf("DeleteCredential: %v", err)
 	}
 	for _, tc := range []struct{ name, tenant, id string }{
@@ -412,8 +423,11 @@ func testCreateSessionMissingCredential(t *testing.T, h Harness) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newSession(store.Credential{TenantID: tc.tenant, CredentialID: tc.id}, longTTL)
-			assertIs(t, "CreateSession", h.Store.CreateSession(ctx, s), store.ErrNotFound)
-			_, err := h.Store.GetSession(ctx, s.HandleHash)
+			_, err := h.Store.CreateSession(ctx, s, store.Request{})
+			assertIs(t, "CreateSession", err, store.ErrNotFound)
+			_, err = h.Store.CreateSession(ctx, s, store.Request{ID: "req-" + tc.id, Hash: "h"})
+			assertIs(t, "CreateSession with a request id", err, store.ErrNotFound)
+			_, err = h.Store.GetSession(ctx, s.HandleHash)
 			assertIs(t, "GetSession of refused session", err, store.ErrNotFound)
 		})
 	}
@@ -481,9 +495,9 @@ func testDeleteSession(t *testing.T, h Harness) {
 		t.Fatalf("GetSession of the other session: %v", err)
 	}
 	// The revoked session no longer counts against its credential.
-	n, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID)
-	if err != nil || n != 1 {
-		t.Errorf("DeleteCredential = %d, %v; want 1 (only the kept session), nil", n, err)
+	res, err := h.Store.DeleteCredential(ctx, c.TenantID, c.CredentialID, store.Request{})
+	if err != nil || res.Revoked != 1 {
+		t.Errorf("DeleteCredential = %d, %v; want 1 (only the kept session), nil", res.Revoked, err)
 	}
 }
 
@@ -549,7 +563,7 @@ func testUpdateCiphertext(t *testing.T, h Harness) {
 			c := newCredential("tenant-a", "cred-1")
 			mustPut(t, h, c)
 			before := mustPut(t, h, c)
-			err := h.Store.UpdateCiphertext(ctx, c.TenantID, cmp.Or(tc.id, c.CredentialID), tc.version, "vault:v2:rewrapped")
+			err := h.Store.UpdateCiphertext(ctx, c.TenantID, cmp.Or(tc.id, c.CredentialID), tc.version, "vault:v2:rewrapped", 1)
 			if tc.wantErr != nil {
 				assertIs(t, "UpdateCiphertext", err, tc.wantErr)
 				assertUnchanged(t, h, before)
@@ -559,7 +573,9 @@ func testUpdateCiphertext(t *testing.T, h Harness) {
 				t.Fatalf("UpdateCiphertext: %v", err)
 			}
 			want := before
-			want.Ciphertext = "vault:v2:rewrapped" // and nothing else, not even the version
+			// The ciphertext and its associated data version, and nothing
+			// else: not the version, not the generation.
+			want.Ciphertext, want.ADVersion = "vault:v2:rewrapped", 1
 			assertUnchanged(t, h, want)
 		})
 	}
@@ -634,15 +650,15 @@ func testConcurrentPut(t *testing.T, h Harness) {
 		wg.Go(func() {
 			c := c
 			c.Ciphertext = fmt.Sprintf("vault:v1:writer-%d", i)
-			got, created, err := h.Store.PutCredential(ctx, c)
+			res, err := h.Store.PutCredential(ctx, c, store.PutOptions{})
 			if err != nil {
 				t.Errorf("PutCredential: %v", err)
 				return
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			versions = append(versions, got.Version)
-			if created {
+			versions = append(versions, res.Credential.Version)
+			if res.Created {
 				creates++
 			}
 		})
@@ -675,7 +691,7 @@ func testCancelledContext(t *testing.T, h Harness) {
 		call func() error
 	}{
 		{"GetCredential", func() error { _, err := h.Store.GetCredential(ctx, c.TenantID, c.CredentialID); return err }},
-		{"PutCredential", func() error { _, _, err := h.Store.PutCredential(ctx, c); return err }},
+		{"PutCredential", func() error { _, err := h.Store.PutCredential(ctx, c, store.PutOptions{}); return err }},
 		{"GetSession", func() error { _, err := h.Store.GetSession(ctx, s.HandleHash); return err }},
 		{"ForEachCredential", func() error {
 			return h.Store.ForEachCredential(ctx, func(store.Credential) error { return nil })
@@ -697,6 +713,7 @@ func newCredential(tenant, id string) store.Credential {
 		CredentialID:      id,
 		Provider:          store.ProviderWialon,
 		Ciphertext:        "vault:v1:" + tenant + ":" + id,
+		ADVersion:         2,
 		Fingerprint:       "fp-" + id,
 		BaseURL:           "https://hst-api.wialon.com",
 		Labels:            map[string]string{"env": "prod", "region": "eu-west", "empty": ""},
@@ -722,22 +739,23 @@ func newSession(c store.Credential, ttl time.Duration) store.Session {
 		Scopes:       []string{"units:read", "history:read"},
 		CreateTime:   now,
 		ExpireTime:   now.Add(ttl),
+		Binding:      "k1." + id,
 	}
 }
 
 func mustPut(t *testing.T, h Harness, c store.Credential) store.Credential {
 	t.Helper()
-	got, _, err := h.Store.PutCredential(testContext(t), c)
+	res, err := h.Store.PutCredential(testContext(t), c, store.PutOptions{})
 	if err != nil {
 		t.Fatalf("PutCredential(%s/%s): %v", c.TenantID, c.CredentialID, err)
 	}
-	return got
+	return res.Credential
 }
 
 func mustSession(t *testing.T, h Harness, c store.Credential, ttl time.Duration) store.Session {
 	t.Helper()
 	s := newSession(c, ttl)
-	if err := h.Store.CreateSession(testContext(t), s); err != nil {
+	if _, err := h.Store.CreateSession(testContext(t), s, store.Request{}); err != nil {
 		t.Fatalf("CreateSession(%s/%s): %v", c.TenantID, c.CredentialID, err)
 	}
 	return s

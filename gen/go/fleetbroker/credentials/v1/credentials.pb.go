@@ -10,6 +10,7 @@ import (
 	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
@@ -560,8 +561,18 @@ type PutCredentialRequest struct {
 	// Store without asking the provider; validation_state is NOT_VALIDATED.
 	SkipValidation bool              `protobuf:"varint,5,opt,name=skip_validation,json=skipValidation,proto3" json:"skip_validation,omitempty"`
 	Labels         map[string]string `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's result and stores nothing
+	// again. Use a fresh UUID per logical request; reusing one for a
+	// different request is INVALID_ARGUMENT. Empty: no such guarantee
+	// across calls.
+	RequestId string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// If set, store only if the credential is at this version (0: only if it
+	// does not exist yet); otherwise ABORTED with nothing stored. Read the
+	// version from GetCredential to replace exactly what you saw.
+	ExpectedVersion *int64 `protobuf:"varint,8,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *PutCredentialRequest) Reset() {
@@ -645,6 +656,20 @@ func (x *PutCredentialRequest) GetLabels() map[string]string {
 		return x.Labels
 	}
 	return nil
+}
+
+func (x *PutCredentialRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *PutCredentialRequest) GetExpectedVersion() int64 {
+	if x != nil && x.ExpectedVersion != nil {
+		return *x.ExpectedVersion
+	}
+	return 0
 }
 
 type isPutCredentialRequest_Secret interface {
@@ -928,9 +953,12 @@ func (x *ListCredentialsResponse) GetNextPageToken() string {
 }
 
 type DeleteCredentialRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TenantId      string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
-	CredentialId  string                 `protobuf:"bytes,2,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	TenantId     string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	CredentialId string                 `protobuf:"bytes,2,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's result (not NOT_FOUND).
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -975,6 +1003,13 @@ func (x *DeleteCredentialRequest) GetTenantId() string {
 func (x *DeleteCredentialRequest) GetCredentialId() string {
 	if x != nil {
 		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *DeleteCredentialRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
 	}
 	return ""
 }
@@ -1130,7 +1165,11 @@ type IssueSessionRequest struct {
 	// server's maximum (--max-session-ttl, default 1 h) is INVALID_ARGUMENT.
 	Ttl *durationpb.Duration `protobuf:"bytes,3,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// What the handle may do; empty means [SCOPE_READ].
-	Scopes        []Scope `protobuf:"varint,4,rep,packed,name=scopes,proto3,enum=fleetbroker.credentials.v1.Scope" json:"scopes,omitempty"`
+	Scopes []Scope `protobuf:"varint,4,rep,packed,name=scopes,proto3,enum=fleetbroker.credentials.v1.Scope" json:"scopes,omitempty"`
+	// Makes the call idempotent (AIP-155): a retry with the same request_id
+	// within 15 minutes returns the first call's session and handle, and
+	// issues no second one.
+	RequestId     string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1193,9 +1232,17 @@ func (x *IssueSessionRequest) GetScopes() []Scope {
 	return nil
 }
 
+func (x *IssueSessionRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type IssueSessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The bearer handle (fbs_...). Shown only here; keep it secret.
+	// The bearer handle (fbs_...). Shown only here (and to a retry with the
+	// same request_id); keep it secret.
 	Handle string `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
 	// An identifier of the session that is safe to log.
 	SessionId     string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -1413,8 +1460,12 @@ type ResolveSessionResponse struct {
 	// derived from the secret, such as a cached upstream session, must be
 	// bound to it.
 	CredentialGeneration string `protobuf:"bytes,9,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// The provider account the credential opens, where the provider has a
+	// public account id (the FleetUp acctId, in decimal); empty otherwise.
+	// Not secret: the gateway paces upstream requests per account with it.
+	UpstreamAccount string `protobuf:"bytes,10,opt,name=upstream_account,json=upstreamAccount,proto3" json:"upstream_account,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ResolveSessionResponse) Reset() {
@@ -1510,6 +1561,16 @@ func (x *ResolveSessionResponse) GetCredentialGeneration() string {
 	return ""
 }
 
+func (x *ResolveSessionResponse) GetUpstreamAccount() string {
+	if x != nil {
+		return x.UpstreamAccount
+	}
+	return ""
+}
+
+// Deprecated: see SessionService.ResolveSecret.
+//
+// Deprecated: Marked as deprecated in fleetbroker/credentials/v1/credentials.proto.
 type ResolveSecretRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Handle        string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
@@ -1554,6 +1615,9 @@ func (x *ResolveSecretRequest) GetHandle() string {
 	return ""
 }
 
+// Deprecated: see SessionService.ResolveSecret.
+//
+// Deprecated: Marked as deprecated in fleetbroker/credentials/v1/credentials.proto.
 type ResolveSecretResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -1751,6 +1815,425 @@ func (*ReportRejectionResponse) Descriptor() ([]byte, []int) {
 	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{22}
 }
 
+type MintUpstreamSessionRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Handle string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`
+	// The credential_generation ResolveSession returned for the handle. The
+	// session is minted only from exactly that secret, so the gateway never
+	// caches a session under the wrong generation.
+	CredentialGeneration string `protobuf:"bytes,2,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *MintUpstreamSessionRequest) Reset() {
+	*x = MintUpstreamSessionRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintUpstreamSessionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintUpstreamSessionRequest) ProtoMessage() {}
+
+func (x *MintUpstreamSessionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintUpstreamSessionRequest.ProtoReflect.Descriptor instead.
+func (*MintUpstreamSessionRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *MintUpstreamSessionRequest) GetHandle() string {
+	if x != nil {
+		return x.Handle
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionRequest) GetCredentialGeneration() string {
+	if x != nil {
+		return x.CredentialGeneration
+	}
+	return ""
+}
+
+type MintUpstreamSessionResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The version and generation of the credential the session was opened
+	// with (the generation is the one asked for).
+	CredentialVersion    int64  `protobuf:"varint,2,opt,name=credential_version,json=credentialVersion,proto3" json:"credential_version,omitempty"`
+	CredentialGeneration string `protobuf:"bytes,3,opt,name=credential_generation,json=credentialGeneration,proto3" json:"credential_generation,omitempty"`
+	// The upstream base URL the session belongs to; it must be used there only.
+	BaseUrl string `protobuf:"bytes,4,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// When the upstream session expires, where the provider says (the FleetUp
+	// JWT's exp); unset where it ends only by idling (Wialon).
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The provider's session message: WialonUpstreamSession or
+	// FleetUpUpstreamSession. Secret: hold it encrypted, never log it.
+	UpstreamSession *anypb.Any `protobuf:"bytes,6,opt,name=upstream_session,json=upstreamSession,proto3" json:"upstream_session,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *MintUpstreamSessionResponse) Reset() {
+	*x = MintUpstreamSessionResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintUpstreamSessionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintUpstreamSessionResponse) ProtoMessage() {}
+
+func (x *MintUpstreamSessionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintUpstreamSessionResponse.ProtoReflect.Descriptor instead.
+func (*MintUpstreamSessionResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *MintUpstreamSessionResponse) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetCredentialVersion() int64 {
+	if x != nil {
+		return x.CredentialVersion
+	}
+	return 0
+}
+
+func (x *MintUpstreamSessionResponse) GetCredentialGeneration() string {
+	if x != nil {
+		return x.CredentialGeneration
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetBaseUrl() string {
+	if x != nil {
+		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *MintUpstreamSessionResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *MintUpstreamSessionResponse) GetUpstreamSession() *anypb.Any {
+	if x != nil {
+		return x.UpstreamSession
+	}
+	return nil
+}
+
+// WialonUpstreamSession is an open Wialon session.
+type WialonUpstreamSession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session id (token/login's eid), sent as sid.
+	Eid string `protobuf:"bytes,1,opt,name=eid,proto3" json:"eid,omitempty"`
+	// The user name Wialon returned (au).
+	User          string `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WialonUpstreamSession) Reset() {
+	*x = WialonUpstreamSession{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WialonUpstreamSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WialonUpstreamSession) ProtoMessage() {}
+
+func (x *WialonUpstreamSession) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WialonUpstreamSession.ProtoReflect.Descriptor instead.
+func (*WialonUpstreamSession) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *WialonUpstreamSession) GetEid() string {
+	if x != nil {
+		return x.Eid
+	}
+	return ""
+}
+
+func (x *WialonUpstreamSession) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+// FleetUpUpstreamSession is a minted FleetUp JWT and what every data call
+// must send beside it. The API key is a long-lived secret that FleetUp
+// requires on every call: it is the one long-lived value that leaves the
+// credentials service (docs/security.md, residual risks).
+type FleetUpUpstreamSession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Jwt   string                 `protobuf:"bytes,1,opt,name=jwt,proto3" json:"jwt,omitempty"`
+	// Sent as the x-api-key header.
+	ApiKey string `protobuf:"bytes,2,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// The FleetUp account id (acctId).
+	AccountId     int64 `protobuf:"varint,3,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FleetUpUpstreamSession) Reset() {
+	*x = FleetUpUpstreamSession{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FleetUpUpstreamSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FleetUpUpstreamSession) ProtoMessage() {}
+
+func (x *FleetUpUpstreamSession) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FleetUpUpstreamSession.ProtoReflect.Descriptor instead.
+func (*FleetUpUpstreamSession) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *FleetUpUpstreamSession) GetJwt() string {
+	if x != nil {
+		return x.Jwt
+	}
+	return ""
+}
+
+func (x *FleetUpUpstreamSession) GetApiKey() string {
+	if x != nil {
+		return x.ApiKey
+	}
+	return ""
+}
+
+func (x *FleetUpUpstreamSession) GetAccountId() int64 {
+	if x != nil {
+		return x.AccountId
+	}
+	return 0
+}
+
+type ListRetiredGenerationsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	TenantId string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The generations to check, all of tenant_id.
+	Generations   []*CredentialGeneration `protobuf:"bytes,2,rep,name=generations,proto3" json:"generations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRetiredGenerationsRequest) Reset() {
+	*x = ListRetiredGenerationsRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRetiredGenerationsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRetiredGenerationsRequest) ProtoMessage() {}
+
+func (x *ListRetiredGenerationsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRetiredGenerationsRequest.ProtoReflect.Descriptor instead.
+func (*ListRetiredGenerationsRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ListRetiredGenerationsRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ListRetiredGenerationsRequest) GetGenerations() []*CredentialGeneration {
+	if x != nil {
+		return x.Generations
+	}
+	return nil
+}
+
+// CredentialGeneration names one stored secret of a credential.
+type CredentialGeneration struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CredentialId  string                 `protobuf:"bytes,1,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	Generation    string                 `protobuf:"bytes,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CredentialGeneration) Reset() {
+	*x = CredentialGeneration{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CredentialGeneration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CredentialGeneration) ProtoMessage() {}
+
+func (x *CredentialGeneration) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CredentialGeneration.ProtoReflect.Descriptor instead.
+func (*CredentialGeneration) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CredentialGeneration) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *CredentialGeneration) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
+}
+
+type ListRetiredGenerationsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The generations asked about that are no longer the credential's
+	// current one, because it was replaced or deleted.
+	Retired       []*CredentialGeneration `protobuf:"bytes,1,rep,name=retired,proto3" json:"retired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRetiredGenerationsResponse) Reset() {
+	*x = ListRetiredGenerationsResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRetiredGenerationsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRetiredGenerationsResponse) ProtoMessage() {}
+
+func (x *ListRetiredGenerationsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRetiredGenerationsResponse.ProtoReflect.Descriptor instead.
+func (*ListRetiredGenerationsResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListRetiredGenerationsResponse) GetRetired() []*CredentialGeneration {
+	if x != nil {
+		return x.Retired
+	}
+	return nil
+}
+
 type StartWialonAuthorizationRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	TenantId string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
@@ -1773,7 +2256,7 @@ type StartWialonAuthorizationRequest struct {
 
 func (x *StartWialonAuthorizationRequest) Reset() {
 	*x = StartWialonAuthorizationRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1785,7 +2268,7 @@ func (x *StartWialonAuthorizationRequest) String() string {
 func (*StartWialonAuthorizationRequest) ProtoMessage() {}
 
 func (x *StartWialonAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1798,7 +2281,7 @@ func (x *StartWialonAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartWialonAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*StartWialonAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{23}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StartWialonAuthorizationRequest) GetTenantId() string {
@@ -1857,7 +2340,7 @@ type StartWialonAuthorizationResponse struct {
 
 func (x *StartWialonAuthorizationResponse) Reset() {
 	*x = StartWialonAuthorizationResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1869,7 +2352,7 @@ func (x *StartWialonAuthorizationResponse) String() string {
 func (*StartWialonAuthorizationResponse) ProtoMessage() {}
 
 func (x *StartWialonAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1882,7 +2365,7 @@ func (x *StartWialonAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartWialonAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*StartWialonAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{24}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StartWialonAuthorizationResponse) GetAuthorizeUrl() string {
@@ -1922,7 +2405,7 @@ type CredentialEvent struct {
 
 func (x *CredentialEvent) Reset() {
 	*x = CredentialEvent{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1934,7 +2417,7 @@ func (x *CredentialEvent) String() string {
 func (*CredentialEvent) ProtoMessage() {}
 
 func (x *CredentialEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1947,7 +2430,7 @@ func (x *CredentialEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialEvent.ProtoReflect.Descriptor instead.
 func (*CredentialEvent) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{25}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CredentialEvent) GetEventId() string {
@@ -2026,7 +2509,7 @@ type WatchCredentialEventsRequest struct {
 
 func (x *WatchCredentialEventsRequest) Reset() {
 	*x = WatchCredentialEventsRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2521,7 @@ func (x *WatchCredentialEventsRequest) String() string {
 func (*WatchCredentialEventsRequest) ProtoMessage() {}
 
 func (x *WatchCredentialEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2534,7 @@ func (x *WatchCredentialEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchCredentialEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchCredentialEventsRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{26}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WatchCredentialEventsRequest) GetTenantId() string {
@@ -2077,7 +2560,7 @@ type WatchCredentialEventsResponse struct {
 
 func (x *WatchCredentialEventsResponse) Reset() {
 	*x = WatchCredentialEventsResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2089,7 +2572,7 @@ func (x *WatchCredentialEventsResponse) String() string {
 func (*WatchCredentialEventsResponse) ProtoMessage() {}
 
 func (x *WatchCredentialEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2102,7 +2585,7 @@ func (x *WatchCredentialEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchCredentialEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchCredentialEventsResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{27}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *WatchCredentialEventsResponse) GetEvent() *CredentialEvent {
@@ -2116,7 +2599,7 @@ var File_fleetbroker_credentials_v1_credentials_proto protoreflect.FileDescripto
 
 const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\n" +
-	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
+	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
 	"\fWialonSecret\x12.\n" +
 	"\x05token\x18\x01 \x01(\tB\x18\xbaH\x15r\x132\x0e^[A-Za-z0-9]*$\x98\x01HR\x05token\x12)\n" +
 	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xab\x01\n" +
@@ -2150,18 +2633,22 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x11token_expire_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbd\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x05\n" +
 	"\x14PutCredentialRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12B\n" +
 	"\x06wialon\x18\x03 \x01(\v2(.fleetbroker.credentials.v1.WialonSecretH\x00R\x06wialon\x12E\n" +
 	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetup\x12'\n" +
 	"\x0fskip_validation\x18\x05 \x01(\bR\x0eskipValidation\x12\x90\x01\n" +
-	"\x06labels\x18\x06 \x03(\v2<.fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x1a9\n" +
+	"\x06labels\x18\x06 \x03(\v2<.fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x12H\n" +
+	"\n" +
+	"request_id\x18\a \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\x127\n" +
+	"\x10expected_version\x18\b \x01(\x03B\a\xbaH\x04\"\x02(\x00H\x01R\x0fexpectedVersion\x88\x01\x01\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0f\n" +
-	"\x06secret\x12\x05\xbaH\x02\b\x01\"y\n" +
+	"\x06secret\x12\x05\xbaH\x02\b\x01B\x13\n" +
+	"\x11_expected_version\"y\n" +
 	"\x15PutCredentialResponse\x12F\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
@@ -2182,10 +2669,12 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x02R\tpageToken\"\x8b\x01\n" +
 	"\x17ListCredentialsResponse\x12H\n" +
 	"\vcredentials\x18\x01 \x03(\v2&.fleetbroker.credentials.v1.CredentialR\vcredentials\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xad\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf7\x01\n" +
 	"\x17DeleteCredentialRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
-	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\"E\n" +
+	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12H\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\"E\n" +
 	"\x18DeleteCredentialResponse\x12)\n" +
 	"\x10revoked_sessions\x18\x01 \x01(\x03R\x0frevokedSessions\"\xaf\x01\n" +
 	"\x19ValidateCredentialRequest\x12D\n" +
@@ -2194,13 +2683,15 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x1aValidateCredentialResponse\x12F\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
-	"credential\"\xb2\x02\n" +
+	"credential\"\xfc\x02\n" +
 	"\x13IssueSessionRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x127\n" +
 	"\x03ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationB\n" +
 	"\xbaH\a\xaa\x01\x042\x02\b\x01R\x03ttl\x12N\n" +
-	"\x06scopes\x18\x04 \x03(\x0e2!.fleetbroker.credentials.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\a\x82\x01\x04\x10\x01 \x00R\x06scopes\"\xc5\x01\n" +
+	"\x06scopes\x18\x04 \x03(\x0e2!.fleetbroker.credentials.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\a\x82\x01\x04\x10\x01 \x00R\x06scopes\x12H\n" +
+	"\n" +
+	"request_id\x18\x05 \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId\"\xc5\x01\n" +
 	"\x14IssueSessionResponse\x12\x16\n" +
 	"\x06handle\x18\x01 \x01(\tR\x06handle\x12\x1d\n" +
 	"\n" +
@@ -2216,7 +2707,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\";\n" +
 	"\x15ResolveSessionRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
-	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xb2\x03\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xdd\x03\n" +
 	"\x16ResolveSessionResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n" +
@@ -2228,23 +2719,56 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\vexpire_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x19\n" +
 	"\bbase_url\x18\b \x01(\tR\abaseUrl\x123\n" +
-	"\x15credential_generation\x18\t \x01(\tR\x14credentialGeneration\":\n" +
+	"\x15credential_generation\x18\t \x01(\tR\x14credentialGeneration\x12)\n" +
+	"\x10upstream_account\x18\n" +
+	" \x01(\tR\x0fupstreamAccount\">\n" +
 	"\x14ResolveSecretRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
-	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\"\xfa\x01\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle:\x02\x18\x01\"\xfe\x01\n" +
 	"\x15ResolveSecretResponse\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12-\n" +
 	"\x12credential_version\x18\x02 \x01(\x03R\x11credentialVersion\x12B\n" +
 	"\x06wialon\x18\x03 \x01(\v2(.fleetbroker.credentials.v1.WialonSecretH\x00R\x06wialon\x12E\n" +
-	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetupB\b\n" +
+	"\afleetup\x18\x04 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetup:\x02\x18\x01B\b\n" +
 	"\x06secret\"\x96\x01\n" +
 	"\x16ReportRejectionRequest\x12\"\n" +
 	"\x06handle\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\x126\n" +
 	"\x12credential_version\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02 \x00R\x11credentialVersion\x12 \n" +
 	"\x06reason\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x02R\x06reason\"\x19\n" +
-	"\x17ReportRejectionResponse\"\xad\x04\n" +
+	"\x17ReportRejectionResponse\"\x80\x01\n" +
+	"\x1aMintUpstreamSessionRequest\x12\"\n" +
+	"\x06handle\x18\x01 \x01(\tB\n" +
+	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x06handle\x12>\n" +
+	"\x15credential_generation\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x14credentialGeneration\"\xb9\x02\n" +
+	"\x1bMintUpstreamSessionResponse\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12-\n" +
+	"\x12credential_version\x18\x02 \x01(\x03R\x11credentialVersion\x123\n" +
+	"\x15credential_generation\x18\x03 \x01(\tR\x14credentialGeneration\x12\x19\n" +
+	"\bbase_url\x18\x04 \x01(\tR\abaseUrl\x12;\n" +
+	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12?\n" +
+	"\x10upstream_session\x18\x06 \x01(\v2\x14.google.protobuf.AnyR\x0fupstreamSession\"=\n" +
+	"\x15WialonUpstreamSession\x12\x10\n" +
+	"\x03eid\x18\x01 \x01(\tR\x03eid\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"b\n" +
+	"\x16FleetUpUpstreamSession\x12\x10\n" +
+	"\x03jwt\x18\x01 \x01(\tR\x03jwt\x12\x17\n" +
+	"\aapi_key\x18\x02 \x01(\tR\x06apiKey\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x03 \x01(\x03R\taccountId\"\xc6\x01\n" +
+	"\x1dListRetiredGenerationsRequest\x12D\n" +
+	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12_\n" +
+	"\vgenerations\x18\x02 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationB\v\xbaH\b\x92\x01\x05\b\x01\x10\xe8\aR\vgenerations\"\x8f\x01\n" +
+	"\x14CredentialGeneration\x12L\n" +
+	"\rcredential_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12)\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\n" +
+	"generation\"l\n" +
+	"\x1eListRetiredGenerationsResponse\x12J\n" +
+	"\aretired\x18\x01 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationR\aretired\"\xad\x04\n" +
 	"\x1fStartWialonAuthorizationRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12*\n" +
@@ -2304,13 +2828,15 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x10DeleteCredential\x123.fleetbroker.credentials.v1.DeleteCredentialRequest\x1a4.fleetbroker.credentials.v1.DeleteCredentialResponse\x12\x83\x01\n" +
 	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse\x12\x95\x01\n" +
 	"\x18StartWialonAuthorization\x12;.fleetbroker.credentials.v1.StartWialonAuthorizationRequest\x1a<.fleetbroker.credentials.v1.StartWialonAuthorizationResponse\x12\x8e\x01\n" +
-	"\x15WatchCredentialEvents\x128.fleetbroker.credentials.v1.WatchCredentialEventsRequest\x1a9.fleetbroker.credentials.v1.WatchCredentialEventsResponse0\x012\xee\x04\n" +
+	"\x15WatchCredentialEvents\x128.fleetbroker.credentials.v1.WatchCredentialEventsRequest\x1a9.fleetbroker.credentials.v1.WatchCredentialEventsResponse0\x012\x91\a\n" +
 	"\x0eSessionService\x12q\n" +
 	"\fIssueSession\x12/.fleetbroker.credentials.v1.IssueSessionRequest\x1a0.fleetbroker.credentials.v1.IssueSessionResponse\x12t\n" +
 	"\rRevokeSession\x120.fleetbroker.credentials.v1.RevokeSessionRequest\x1a1.fleetbroker.credentials.v1.RevokeSessionResponse\x12|\n" +
-	"\x0eResolveSession\x121.fleetbroker.credentials.v1.ResolveSessionRequest\x1a2.fleetbroker.credentials.v1.ResolveSessionResponse\"\x03\x90\x02\x01\x12y\n" +
-	"\rResolveSecret\x120.fleetbroker.credentials.v1.ResolveSecretRequest\x1a1.fleetbroker.credentials.v1.ResolveSecretResponse\"\x03\x90\x02\x01\x12z\n" +
-	"\x0fReportRejection\x122.fleetbroker.credentials.v1.ReportRejectionRequest\x1a3.fleetbroker.credentials.v1.ReportRejectionResponseBTZRgithub.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1;credentialsv1b\x06proto3"
+	"\x0eResolveSession\x121.fleetbroker.credentials.v1.ResolveSessionRequest\x1a2.fleetbroker.credentials.v1.ResolveSessionResponse\"\x03\x90\x02\x01\x12|\n" +
+	"\rResolveSecret\x120.fleetbroker.credentials.v1.ResolveSecretRequest\x1a1.fleetbroker.credentials.v1.ResolveSecretResponse\"\x06\x88\x02\x01\x90\x02\x01\x12z\n" +
+	"\x0fReportRejection\x122.fleetbroker.credentials.v1.ReportRejectionRequest\x1a3.fleetbroker.credentials.v1.ReportRejectionResponse\x12\x86\x01\n" +
+	"\x13MintUpstreamSession\x126.fleetbroker.credentials.v1.MintUpstreamSessionRequest\x1a7.fleetbroker.credentials.v1.MintUpstreamSessionResponse\x12\x94\x01\n" +
+	"\x16ListRetiredGenerations\x129.fleetbroker.credentials.v1.ListRetiredGenerationsRequest\x1a:.fleetbroker.credentials.v1.ListRetiredGenerationsResponse\"\x03\x90\x02\x01BTZRgithub.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1;credentialsv1b\x06proto3"
 
 var (
 	file_fleetbroker_credentials_v1_credentials_proto_rawDescOnce sync.Once
@@ -2325,7 +2851,7 @@ func file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP() []byte {
 }
 
 var file_fleetbroker_credentials_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
 	(Provider)(0),                            // 0: fleetbroker.credentials.v1.Provider
 	(ValidationState)(0),                     // 1: fleetbroker.credentials.v1.ValidationState
@@ -2354,78 +2880,94 @@ var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
 	(*ResolveSecretResponse)(nil),            // 24: fleetbroker.credentials.v1.ResolveSecretResponse
 	(*ReportRejectionRequest)(nil),           // 25: fleetbroker.credentials.v1.ReportRejectionRequest
 	(*ReportRejectionResponse)(nil),          // 26: fleetbroker.credentials.v1.ReportRejectionResponse
-	(*StartWialonAuthorizationRequest)(nil),  // 27: fleetbroker.credentials.v1.StartWialonAuthorizationRequest
-	(*StartWialonAuthorizationResponse)(nil), // 28: fleetbroker.credentials.v1.StartWialonAuthorizationResponse
-	(*CredentialEvent)(nil),                  // 29: fleetbroker.credentials.v1.CredentialEvent
-	(*WatchCredentialEventsRequest)(nil),     // 30: fleetbroker.credentials.v1.WatchCredentialEventsRequest
-	(*WatchCredentialEventsResponse)(nil),    // 31: fleetbroker.credentials.v1.WatchCredentialEventsResponse
-	nil,                                      // 32: fleetbroker.credentials.v1.Credential.LabelsEntry
-	nil,                                      // 33: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	nil,                                      // 34: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),            // 35: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),              // 36: google.protobuf.Duration
+	(*MintUpstreamSessionRequest)(nil),       // 27: fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	(*MintUpstreamSessionResponse)(nil),      // 28: fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	(*WialonUpstreamSession)(nil),            // 29: fleetbroker.credentials.v1.WialonUpstreamSession
+	(*FleetUpUpstreamSession)(nil),           // 30: fleetbroker.credentials.v1.FleetUpUpstreamSession
+	(*ListRetiredGenerationsRequest)(nil),    // 31: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	(*CredentialGeneration)(nil),             // 32: fleetbroker.credentials.v1.CredentialGeneration
+	(*ListRetiredGenerationsResponse)(nil),   // 33: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	(*StartWialonAuthorizationRequest)(nil),  // 34: fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	(*StartWialonAuthorizationResponse)(nil), // 35: fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	(*CredentialEvent)(nil),                  // 36: fleetbroker.credentials.v1.CredentialEvent
+	(*WatchCredentialEventsRequest)(nil),     // 37: fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	(*WatchCredentialEventsResponse)(nil),    // 38: fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	nil,                                      // 39: fleetbroker.credentials.v1.Credential.LabelsEntry
+	nil,                                      // 40: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	nil,                                      // 41: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),            // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),              // 43: google.protobuf.Duration
+	(*anypb.Any)(nil),                        // 44: google.protobuf.Any
 }
 var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	0,  // 0: fleetbroker.credentials.v1.Credential.provider:type_name -> fleetbroker.credentials.v1.Provider
-	35, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
-	35, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
-	35, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
+	42, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
+	42, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
+	42, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
-	32, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
-	35, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
+	39, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
+	42, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
 	4,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
 	5,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	33, // 9: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	40, // 9: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
 	6,  // 10: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
 	6,  // 11: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
 	6,  // 12: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
 	6,  // 13: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	36, // 14: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	43, // 14: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
 	2,  // 15: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 16: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 16: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 17: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
 	0,  // 18: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
 	2,  // 19: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 20: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 20: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
 	4,  // 21: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
 	5,  // 22: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	36, // 23: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
-	34, // 24: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
-	35, // 25: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 26: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
-	0,  // 27: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
-	35, // 28: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
-	35, // 29: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
-	29, // 30: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
-	7,  // 31: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	9,  // 32: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	11, // 33: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	13, // 34: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	15, // 35: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	27, // 36: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
-	30, // 37: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
-	17, // 38: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	19, // 39: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	21, // 40: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	23, // 41: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	25, // 42: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	8,  // 43: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	10, // 44: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	12, // 45: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	14, // 46: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	16, // 47: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	28, // 48: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
-	31, // 49: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
-	18, // 50: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	20, // 51: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	22, // 52: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	24, // 53: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	26, // 54: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	43, // [43:55] is the sub-list for method output_type
-	31, // [31:43] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	42, // 23: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 24: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	32, // 25: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	32, // 26: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	43, // 27: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
+	41, // 28: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	42, // 29: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 30: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
+	0,  // 31: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
+	42, // 32: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
+	42, // 33: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
+	36, // 34: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
+	7,  // 35: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	9,  // 36: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	11, // 37: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	13, // 38: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	15, // 39: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	34, // 40: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	37, // 41: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	17, // 42: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	19, // 43: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	21, // 44: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	23, // 45: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	25, // 46: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	27, // 47: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	31, // 48: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	8,  // 49: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	10, // 50: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	12, // 51: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	14, // 52: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	16, // 53: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	35, // 54: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	38, // 55: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	18, // 56: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	20, // 57: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	22, // 58: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	24, // 59: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	26, // 60: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	28, // 61: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	33, // 62: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	49, // [49:63] is the sub-list for method output_type
+	35, // [35:49] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }
@@ -2447,7 +2989,7 @@ func file_fleetbroker_credentials_v1_credentials_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fleetbroker_credentials_v1_credentials_proto_rawDesc), len(file_fleetbroker_credentials_v1_credentials_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   31,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -399,11 +399,13 @@ var CredentialService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	SessionService_IssueSession_FullMethodName    = "/fleetbroker.credentials.v1.SessionService/IssueSession"
-	SessionService_RevokeSession_FullMethodName   = "/fleetbroker.credentials.v1.SessionService/RevokeSession"
-	SessionService_ResolveSession_FullMethodName  = "/fleetbroker.credentials.v1.SessionService/ResolveSession"
-	SessionService_ResolveSecret_FullMethodName   = "/fleetbroker.credentials.v1.SessionService/ResolveSecret"
-	SessionService_ReportRejection_FullMethodName = "/fleetbroker.credentials.v1.SessionService/ReportRejection"
+	SessionService_IssueSession_FullMethodName           = "/fleetbroker.credentials.v1.SessionService/IssueSession"
+	SessionService_RevokeSession_FullMethodName          = "/fleetbroker.credentials.v1.SessionService/RevokeSession"
+	SessionService_ResolveSession_FullMethodName         = "/fleetbroker.credentials.v1.SessionService/ResolveSession"
+	SessionService_ResolveSecret_FullMethodName          = "/fleetbroker.credentials.v1.SessionService/ResolveSecret"
+	SessionService_ReportRejection_FullMethodName        = "/fleetbroker.credentials.v1.SessionService/ReportRejection"
+	SessionService_MintUpstreamSession_FullMethodName    = "/fleetbroker.credentials.v1.SessionService/MintUpstreamSession"
+	SessionService_ListRetiredGenerations_FullMethodName = "/fleetbroker.credentials.v1.SessionService/ListRetiredGenerations"
 )
 
 // SessionServiceClient is the client API for SessionService service.
@@ -421,14 +423,34 @@ type SessionServiceClient interface {
 	// metadata it is scoped to. Internal: for the telematics gateway only.
 	// It never touches Vault.
 	ResolveSession(ctx context.Context, in *ResolveSessionRequest, opts ...grpc.CallOption) (*ResolveSessionResponse, error)
-	// ResolveSecret returns the decrypted upstream secret behind a live handle,
-	// for the gateway to log in upstream on a cache miss. Internal: for the
-	// telematics gateway only.
+	// Deprecated: Do not use.
+	// Deprecated: use MintUpstreamSession. ResolveSecret returned the
+	// decrypted long-lived secret behind a live handle, so a compromised
+	// gateway could harvest the secret of every credential used through it.
+	// The server answers UNIMPLEMENTED (reason RETIRED) unless it runs with
+	// --legacy-resolve-secret, which exists only for a rolling upgrade from a
+	// gateway that still calls it (docs/gateway.md, "Custody").
 	ResolveSecret(ctx context.Context, in *ResolveSecretRequest, opts ...grpc.CallOption) (*ResolveSecretResponse, error)
 	// ReportRejection records that the provider rejected the credential behind
 	// a live handle (so GetCredential shows VALIDATION_STATE_REJECTED and new
 	// sessions are refused). Internal: for the telematics gateway only.
 	ReportRejection(ctx context.Context, in *ReportRejectionRequest, opts ...grpc.CallOption) (*ReportRejectionResponse, error)
+	// MintUpstreamSession logs in upstream with the secret behind a live
+	// handle and returns only the short-lived upstream session it opened (a
+	// Wialon eid, a FleetUp JWT with the x-api-key FleetUp needs beside it)
+	// and its expiry. The long-lived secret (Wialon token, FleetUp account
+	// secret) never leaves this service. Internal: for the telematics gateway
+	// only (action sessions.resolve). A provider's rejection of the secret is
+	// recorded (VALIDATION_STATE_REJECTED) and answered FAILED_PRECONDITION
+	// CREDENTIAL_REJECTED; a credential replaced since the gateway resolved
+	// the handle is ABORTED CREDENTIAL_CHANGED.
+	MintUpstreamSession(ctx context.Context, in *MintUpstreamSessionRequest, opts ...grpc.CallOption) (*MintUpstreamSessionResponse, error)
+	// ListRetiredGenerations tells the gateway which of the credential
+	// generations it holds upstream sessions for are no longer current (the
+	// credential was replaced or deleted), so it can purge those sessions.
+	// Internal: for the telematics gateway only (action sessions.resolve on
+	// the tenant). It never touches Vault.
+	ListRetiredGenerations(ctx context.Context, in *ListRetiredGenerationsRequest, opts ...grpc.CallOption) (*ListRetiredGenerationsResponse, error)
 }
 
 type sessionServiceClient struct {
@@ -469,6 +491,7 @@ func (c *sessionServiceClient) ResolveSession(ctx context.Context, in *ResolveSe
 	return out, nil
 }
 
+// Deprecated: Do not use.
 func (c *sessionServiceClient) ResolveSecret(ctx context.Context, in *ResolveSecretRequest, opts ...grpc.CallOption) (*ResolveSecretResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ResolveSecretResponse)
@@ -483,6 +506,26 @@ func (c *sessionServiceClient) ReportRejection(ctx context.Context, in *ReportRe
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ReportRejectionResponse)
 	err := c.cc.Invoke(ctx, SessionService_ReportRejection_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *sessionServiceClient) MintUpstreamSession(ctx context.Context, in *MintUpstreamSessionRequest, opts ...grpc.CallOption) (*MintUpstreamSessionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MintUpstreamSessionResponse)
+	err := c.cc.Invoke(ctx, SessionService_MintUpstreamSession_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *sessionServiceClient) ListRetiredGenerations(ctx context.Context, in *ListRetiredGenerationsRequest, opts ...grpc.CallOption) (*ListRetiredGenerationsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListRetiredGenerationsResponse)
+	err := c.cc.Invoke(ctx, SessionService_ListRetiredGenerations_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -504,14 +547,34 @@ type SessionServiceServer interface {
 	// metadata it is scoped to. Internal: for the telematics gateway only.
 	// It never touches Vault.
 	ResolveSession(context.Context, *ResolveSessionRequest) (*ResolveSessionResponse, error)
-	// ResolveSecret returns the decrypted upstream secret behind a live handle,
-	// for the gateway to log in upstream on a cache miss. Internal: for the
-	// telematics gateway only.
+	// Deprecated: Do not use.
+	// Deprecated: use MintUpstreamSession. ResolveSecret returned the
+	// decrypted long-lived secret behind a live handle, so a compromised
+	// gateway could harvest the secret of every credential used through it.
+	// The server answers UNIMPLEMENTED (reason RETIRED) unless it runs with
+	// --legacy-resolve-secret, which exists only for a rolling upgrade from a
+	// gateway that still calls it (docs/gateway.md, "Custody").
 	ResolveSecret(context.Context, *ResolveSecretRequest) (*ResolveSecretResponse, error)
 	// ReportRejection records that the provider rejected the credential behind
 	// a live handle (so GetCredential shows VALIDATION_STATE_REJECTED and new
 	// sessions are refused). Internal: for the telematics gateway only.
 	ReportRejection(context.Context, *ReportRejectionRequest) (*ReportRejectionResponse, error)
+	// MintUpstreamSession logs in upstream with the secret behind a live
+	// handle and returns only the short-lived upstream session it opened (a
+	// Wialon eid, a FleetUp JWT with the x-api-key FleetUp needs beside it)
+	// and its expiry. The long-lived secret (Wialon token, FleetUp account
+	// secret) never leaves this service. Internal: for the telematics gateway
+	// only (action sessions.resolve). A provider's rejection of the secret is
+	// recorded (VALIDATION_STATE_REJECTED) and answered FAILED_PRECONDITION
+	// CREDENTIAL_REJECTED; a credential replaced since the gateway resolved
+	// the handle is ABORTED CREDENTIAL_CHANGED.
+	MintUpstreamSession(context.Context, *MintUpstreamSessionRequest) (*MintUpstreamSessionResponse, error)
+	// ListRetiredGenerations tells the gateway which of the credential
+	// generations it holds upstream sessions for are no longer current (the
+	// credential was replaced or deleted), so it can purge those sessions.
+	// Internal: for the telematics gateway only (action sessions.resolve on
+	// the tenant). It never touches Vault.
+	ListRetiredGenerations(context.Context, *ListRetiredGenerationsRequest) (*ListRetiredGenerationsResponse, error)
 	mustEmbedUnimplementedSessionServiceServer()
 }
 
@@ -536,6 +599,12 @@ func (UnimplementedSessionServiceServer) ResolveSecret(context.Context, *Resolve
 }
 func (UnimplementedSessionServiceServer) ReportRejection(context.Context, *ReportRejectionRequest) (*ReportRejectionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportRejection not implemented")
+}
+func (UnimplementedSessionServiceServer) MintUpstreamSession(context.Context, *MintUpstreamSessionRequest) (*MintUpstreamSessionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MintUpstreamSession not implemented")
+}
+func (UnimplementedSessionServiceServer) ListRetiredGenerations(context.Context, *ListRetiredGenerationsRequest) (*ListRetiredGenerationsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListRetiredGenerations not implemented")
 }
 func (UnimplementedSessionServiceServer) mustEmbedUnimplementedSessionServiceServer() {}
 func (UnimplementedSessionServiceServer) testEmbeddedByValue()                        {}
@@ -648,6 +717,42 @@ func _SessionService_ReportRejection_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _SessionService_MintUpstreamSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MintUpstreamSessionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SessionServiceServer).MintUpstreamSession(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SessionService_MintUpstreamSession_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SessionServiceServer).MintUpstreamSession(ctx, req.(*MintUpstreamSessionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _SessionService_ListRetiredGenerations_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListRetiredGenerationsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SessionServiceServer).ListRetiredGenerations(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: SessionService_ListRetiredGenerations_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SessionServiceServer).ListRetiredGenerations(ctx, req.(*ListRetiredGenerationsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // SessionService_ServiceDesc is the grpc.ServiceDesc for SessionService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -674,6 +779,14 @@ var SessionService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReportRejection",
 			Handler:    _SessionService_ReportRejection_Handler,
+		},
+		{
+			MethodName: "MintUpstreamSession",
+			Handler:    _SessionService_MintUpstreamSession_Handler,
+		},
+		{
+			MethodName: "ListRetiredGenerations",
+			Handler:    _SessionService_ListRetiredGenerations_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

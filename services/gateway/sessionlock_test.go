@@ -10,20 +10,20 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
-func TestLoaderLockSerializesAcrossReplicas(t *testing.T) {
+func TestSessionLockSerializesAcrossReplicas(t *testing.T) {
 	rs := testenv.Redis(t)
 	prefix := testenv.RedisPrefix(t)
-	replicas := []*loaderLock{
+	replicas := []*sessionLock{
 		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
 		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
 	}
-	key := tokencache.Key{Tenant: "t", Credential: "c", Version: 1, Kind: tokencache.KindWialonEID}
+	key := tokencache.Key{Tenant: "t", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: tokencache.KindWialonEID}
 	var inside, maxInside atomic.Int32
 	done := make(chan struct{})
 	for i := range 6 {
 		go func() {
 			defer func() { done <- struct{}{} }()
-			release, err := replicas[i%2].lock(context.Background(), key)
+			release, err := replicas[i%2].lock(context.Background(), key, "loader")
 			if err != nil {
 				t.Error(err)
 				return
@@ -44,14 +44,14 @@ func TestLoaderLockSerializesAcrossReplicas(t *testing.T) {
 	}
 
 	// A holder that never releases blocks others only until the lock's TTL.
-	short := &loaderLock{client: rs.Client(t), prefix: prefix, ttl: 300 * time.Millisecond}
-	if _, err := short.lock(context.Background(), key); err != nil {
+	short := &sessionLock{client: rs.Client(t), prefix: prefix, ttl: 300 * time.Millisecond}
+	if _, err := short.lock(context.Background(), key, "loader"); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	start := time.Now()
-	release, err := short.lock(ctx, key)
+	release, err := short.lock(ctx, key, "loader")
 	if err != nil {
 		t.Fatalf("lock of a crashed holder never expired: %v", err)
 	}
