@@ -96,9 +96,10 @@ type ConnectConfig struct {
 type connector struct {
 	cfg    ConnectConfig
 	public *url.URL
-	// p is the provider whose accounts the flow connects, and pages its
-	// authorization page and inspections; rights are cfg.AccessType in
-	// its canonical form.
+	// p is the provider whose accounts the flow connects; pages is its
+	// provider.Connector (its authorization page, the secret in its
+	// redirect, its inspection). rights are cfg.AccessType in canonical
+	// form.
 	p        provider.Provider
 	pages    provider.Connector
 	rights   string
