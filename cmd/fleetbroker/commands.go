@@ -32,6 +32,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	addRedisWaitFlag(fs, &cfg.RedisWaitReplicas)
 	fs.BoolVar(&cfg.WriteLegacyFormats, "write-legacy-formats", false, "issue CRC32 session handles and seal secrets with version 1 associated data, which the previous release reads: only while upgrading from it (see docs/operations.md)")
 	legacyAD := fs.Bool("legacy-associated-data", true, "open secrets sealed with version 1 associated data (tenant + credential only); set false once `fleetbroker migrate` has re-sealed them all")
+	addAuthorizeFlags(fs, &cfg.Authorize, &cfg.Events)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)
@@ -90,6 +91,8 @@ func runDev(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 50, "FleetUp requests per second per account (the simulator needs no 1/s limit)")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "localhost:7490", "HTTP address serving Prometheus metrics at /metrics (empty: off)")
+	fs.StringVar(&cfg.AuthorizeListen, "authorize-listen", "localhost:7403", "listen address of the Wialon authorization callback (empty: off)")
+	fs.StringVar(&cfg.AuthorizeReturnURLs, "authorize-return-urls", "", "extra return URLs a Wialon authorization may end at (dev's own page is always allowed)")
 	fs.BoolVar(&cfg.ListenAnywhere, "dev-listen-anywhere", false, "let --listen and --metrics-listen bind non-loopback addresses (dev has no caller authentication: anyone who reaches the port may read and write every credential)")
 	logf := addLogFlags(fs, "text") // dev is read by humans
 	if err := parse(fs, args); err != nil {

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"maps"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -45,16 +48,30 @@ type authorizationPolicy struct {
 		} `yaml:"from"`
 		To []struct {
 			Operation struct {
-				Ports []string `yaml:"ports"`
-				Paths []string `yaml:"paths"`
+				Ports   []string `yaml:"ports"`
+				Methods []string `yaml:"methods"`
+				Paths   []string `yaml:"paths"`
 			} `yaml:"operation"`
 		} `yaml:"to"`
 	} `yaml:"rules"`
 }
 
 type virtualService struct {
-	Hosts []string `yaml:"hosts"`
-	HTTP  []struct {
+	Hosts    []string `yaml:"hosts"`
+	Gateways []string `yaml:"gateways"`
+	HTTP     []struct {
+		Match []struct {
+			URI    map[string]string `yaml:"uri"`
+			Method map[string]string `yaml:"method"`
+		} `yaml:"match"`
+		Route []struct {
+			Destination struct {
+				Host string `yaml:"host"`
+				Port struct {
+					Number int `yaml:"number"`
+				} `yaml:"port"`
+			} `yaml:"destination"`
+		} `yaml:"route"`
 		Retries *struct {
 			Attempts int    `yaml:"attempts"`
 			RetryOn  string `yaml:"retryOn"`
@@ -255,7 +272,7 @@ func TestIstioManifests(t *testing.T) {
 
 	t.Run("mesh retries inside the retry budget", func(t *testing.T) {
 		hosts := map[string]bool{}
-		for _, o := range loadIstioObjects(t, "traffic.yaml") {
+		for _, o := range append(loadIstioObjects(t, "traffic.yaml"), loadIstioObjects(t, "authorize-route.yaml")...) {
 			if o.Kind != "VirtualService" {
 				continue
 			}
@@ -287,6 +304,10 @@ func TestIstioManifests(t *testing.T) {
 		}
 	})
 
+	t.Run("authorization callback", func(t *testing.T) {
+		checkCallbackRoute(t, policies)
+	})
+
 	t.Run("mesh policy names the same identities", func(t *testing.T) {
 		objs := loadIstioObjects(t, "policy-mesh.yaml")
 		if len(objs) != 1 {
@@ -316,6 +337,16 @@ func TestIstioManifests(t *testing.T) {
 			if cfg.Security.PolicyFile == "" || cfg.HandleKeyFile == "" {
 				t.Error("credentials in the mesh lost --policy or --handle-key-file")
 			}
+			// The callback keeps the base manifest's settings; behind the
+			// sidecar it has no certificate of its own (--insecure).
+			base, _, _, _ := credentialsFlags()
+			if err := parse(base, baseArgs(t, "credentials")[1:]); err != nil {
+				t.Fatal(err)
+			}
+			if a, b := cfg.Authorize, base.Lookup; a.Listen != b("authorize-listen").Value.String() ||
+				a.PublicURL != b("public-url").Value.String() || a.ReturnURLs != b("authorize-return-urls").Value.String() || a.TLSCert != "" {
+				t.Errorf("credentials in the mesh: callback %+v, want the base manifest's --authorize-listen, --public-url and --authorize-return-urls without a certificate", a)
+			}
 		})
 		checkSidecarPatch(t, "gateway-sidecar-mtls.yaml", "gateway", func(args []string) {
 			fs, cfg, _, _ := gatewayFlags()
@@ -340,7 +371,8 @@ func TestIstioManifests(t *testing.T) {
 		var k struct {
 			Resources []string `yaml:"resources"`
 			Patches   []struct {
-				Path string `yaml:"path"`
+				Path  string `yaml:"path"`
+				Patch string `yaml:"patch"`
 			} `yaml:"patches"`
 		}
 		if err := yaml.Unmarshal(data, &k); err != nil {
@@ -351,8 +383,14 @@ func TestIstioManifests(t *testing.T) {
 		for _, r := range k.Resources {
 			used[r] = true
 		}
+		deletesIngress := false
 		for _, p := range k.Patches {
 			used[p.Path] = true
+			deletesIngress = deletesIngress || (strings.Contains(p.Patch, "$patch: delete") && strings.Contains(p.Patch, "kind: Ingress") &&
+				strings.Contains(p.Patch, "name: credentials-authorize"))
+		}
+		if !deletesIngress {
+			t.Error("the overlay keeps the nginx Ingress of the callback: in the mesh its route is the ingress gateway's (authorize-route.yaml)")
 		}
 		if !used["../kubernetes"] {
 			t.Error("the overlay does not build on ../kubernetes")
@@ -363,6 +401,161 @@ func TestIstioManifests(t *testing.T) {
 			}
 		}
 	})
+}
+
+// ingressGatewayPrincipal is the identity of Istio's ingress gateway
+// (istioctl's default install).
+const ingressGatewayPrincipal = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+
+// checkCallbackRoute: the browser-facing callback port is open to the
+// ingress gateway alone, for GET of the callback path alone; the ingress
+// gateway routes only that path of the --public-url host to it, over a
+// Service the sidecar speaks HTTP on; the credentials sidecars record no
+// request URL.
+func checkCallbackRoute(t *testing.T, policies map[string]authorizationPolicy) {
+	t.Helper()
+	port := containerPort(t, "credentials", "authorize")
+	pol, ok := policies["credentials-authorize-callback"]
+	if !ok || pol.Action != "ALLOW" || pol.Selector.MatchLabels["app.kubernetes.io/name"] != "credentials" || len(pol.Rules) != 1 {
+		t.Fatalf("want one ALLOW rule for the callback on the credentials pods, got %+v", pol)
+	}
+	r := pol.Rules[0]
+	if len(r.From) != 1 || !slices.Equal(r.From[0].Source.Principals, []string{ingressGatewayPrincipal}) || len(r.From[0].Source.Namespaces) > 0 {
+		t.Errorf("the callback is open to %+v, want the ingress gateway %s only", r.From, ingressGatewayPrincipal)
+	}
+	if len(r.To) != 1 || !slices.Equal(r.To[0].Operation.Ports, []string{port}) || !slices.Equal(r.To[0].Operation.Methods, []string{"GET"}) ||
+		!slices.Equal(r.To[0].Operation.Paths, []string{credentials.CallbackPath + "*"}) {
+		t.Errorf("the callback rule opens %+v, want GET %s* on port %s only", r.To, credentials.CallbackPath, port)
+	}
+	for name, p := range policies {
+		if name == "credentials-authorize-callback" {
+			continue
+		}
+		for _, rule := range p.Rules {
+			for _, to := range rule.To {
+				if slices.Contains(to.Operation.Ports, port) || (p.Action == "ALLOW" && len(to.Operation.Ports) == 0) {
+					t.Errorf("policy %s opens the callback port %s (or every port) to %+v", name, port, rule.From)
+				}
+			}
+		}
+	}
+
+	fs, _, _, _ := credentialsFlags()
+	if err := parse(fs, baseArgs(t, "credentials")[1:]); err != nil {
+		t.Fatal(err)
+	}
+	public, err := url.Parse(fs.Lookup("public-url").Value.String())
+	if err != nil || public.Host == "" {
+		t.Fatalf("base manifest --public-url: %v", err)
+	}
+	objs := loadIstioObjects(t, "authorize-route.yaml")
+	kinds := map[string]istioObject{}
+	for _, o := range objs {
+		if o.Metadata.Namespace != "fleetbroker" {
+			t.Errorf("%s %s in namespace %q", o.Kind, o.Metadata.Name, o.Metadata.Namespace)
+		}
+		kinds[o.Kind] = o
+	}
+	gw := decodeSpec[struct {
+		Servers []struct {
+			Port struct {
+				Protocol string `yaml:"protocol"`
+			} `yaml:"port"`
+			TLS struct {
+				Mode string `yaml:"mode"`
+			} `yaml:"tls"`
+			Hosts []string `yaml:"hosts"`
+		} `yaml:"servers"`
+	}](t, kinds["Gateway"])
+	if len(gw.Servers) != 1 || gw.Servers[0].Port.Protocol != "HTTPS" || gw.Servers[0].TLS.Mode != "SIMPLE" || !slices.Equal(gw.Servers[0].Hosts, []string{public.Host}) {
+		t.Errorf("Gateway %s: %+v, want one HTTPS server for %s", kinds["Gateway"].Metadata.Name, gw.Servers, public.Host)
+	}
+	vs := decodeSpec[virtualService](t, kinds["VirtualService"])
+	if !slices.Equal(vs.Hosts, []string{public.Host}) || !slices.Equal(vs.Gateways, []string{kinds["Gateway"].Metadata.Name}) || len(vs.HTTP) != 1 {
+		t.Fatalf("VirtualService: hosts %v gateways %v with %d routes, want %s through the Gateway, one route", vs.Hosts, vs.Gateways, len(vs.HTTP), public.Host)
+	}
+	route := vs.HTTP[0]
+	if len(route.Match) != 1 || !maps.Equal(route.Match[0].URI, map[string]string{"prefix": credentials.CallbackPath}) ||
+		!maps.Equal(route.Match[0].Method, map[string]string{"exact": "GET"}) {
+		t.Errorf("the route matches %+v, want GET of the prefix %s only", route.Match, credentials.CallbackPath)
+	}
+	svc, svcPort := callbackService(t)
+	if len(route.Route) != 1 || route.Route[0].Destination.Host != svc+".fleetbroker.svc.cluster.local" || route.Route[0].Destination.Port.Number != svcPort {
+		t.Errorf("the route goes to %+v, want %s port %d", route.Route, svc, svcPort)
+	}
+	tel := decodeSpec[struct {
+		Selector struct {
+			MatchLabels map[string]string `yaml:"matchLabels"`
+		} `yaml:"selector"`
+		AccessLogging []struct {
+			Disabled bool `yaml:"disabled"`
+		} `yaml:"accessLogging"`
+		Tracing []struct {
+			DisableSpanReporting bool `yaml:"disableSpanReporting"`
+		} `yaml:"tracing"`
+	}](t, kinds["Telemetry"])
+	if tel.Selector.MatchLabels["app.kubernetes.io/name"] != "credentials" || len(tel.AccessLogging) != 1 || !tel.AccessLogging[0].Disabled ||
+		len(tel.Tracing) != 1 || !tel.Tracing[0].DisableSpanReporting {
+		t.Errorf("Telemetry %+v: want the credentials sidecars' access log and spans off (the callback URL holds the token)", tel)
+	}
+}
+
+// baseArgs returns the args of service's container in deploy/kubernetes.
+func baseArgs(t *testing.T, service string) []string {
+	t.Helper()
+	containers, _ := baseStatefulSet(t, service)["spec"].(map[string]any)["template"].(map[string]any)["spec"].(map[string]any)["containers"].([]any)
+	if len(containers) == 0 {
+		t.Fatalf("%s: no containers", service)
+	}
+	var args []string
+	for _, a := range containers[0].(map[string]any)["args"].([]any) {
+		args = append(args, a.(string))
+	}
+	return args
+}
+
+// containerPort returns the number of service's container port name.
+func containerPort(t *testing.T, service, name string) string {
+	t.Helper()
+	containers, _ := baseStatefulSet(t, service)["spec"].(map[string]any)["template"].(map[string]any)["spec"].(map[string]any)["containers"].([]any)
+	for _, p := range containers[0].(map[string]any)["ports"].([]any) {
+		if p := p.(map[string]any); p["name"] == name {
+			return strconv.Itoa(p["containerPort"].(int))
+		}
+	}
+	t.Fatalf("%s: no container port %q", service, name)
+	return ""
+}
+
+// callbackService returns the name and port of the Service in
+// deploy/kubernetes/authorize.yaml.
+func callbackService(t *testing.T) (string, int) {
+	t.Helper()
+	f, err := os.Open("../../deploy/kubernetes/authorize.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	for {
+		var doc struct {
+			Kind     string `yaml:"kind"`
+			Metadata struct {
+				Name string `yaml:"name"`
+			} `yaml:"metadata"`
+			Spec struct {
+				Ports []struct {
+					Port int `yaml:"port"`
+				} `yaml:"ports"`
+			} `yaml:"spec"`
+		}
+		if err := dec.Decode(&doc); err != nil {
+			t.Fatalf("no Service in authorize.yaml: %v", err)
+		}
+		if doc.Kind == "Service" && len(doc.Spec.Ports) == 1 {
+			return doc.Metadata.Name, doc.Spec.Ports[0].Port
+		}
+	}
 }
 
 // checkSidecarSecurity: plaintext behind the sidecar, the identity from

@@ -277,6 +277,11 @@ func (r *Registry) ByName(name string) (Provider, bool) {
 	return p, ok
 }
 
+// All returns every provider, ordered by ID, in a new slice.
+func (r *Registry) All() []Provider {
+	return append([]Provider(nil), r.order...)
+}
+
 // ForPut finds the provider a PutCredential request is for.
 func (r *Registry) ForPut(req *credentialsv1.PutCredentialRequest) (p Provider, secret proto.Message, baseURL, baseURLField string, ok bool) {
 	for _, p := range r.order {

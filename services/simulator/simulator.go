@@ -116,7 +116,8 @@ type Simulator struct {
 	mu       sync.Mutex
 	rng      *mrand.Rand
 	faults   Faults
-	tokens   map[string]string // Wialon token -> user name
+	tokens   map[string]string    // Wialon token -> user name
+	issued   map[string]tokenMeta // Wialon tokens made by login.html (login.go)
 	sessions map[string]*session
 	accounts map[string]account // FleetUp API key -> account
 	stats    Stats
@@ -149,6 +150,7 @@ func New(cfg Config) *Simulator {
 		rng:      mrand.New(mrand.NewPCG(uint64(cfg.Seed), 0x5eed)),
 		faults:   cfg.Faults,
 		tokens:   map[string]string{},
+		issued:   map[string]tokenMeta{},
 		sessions: map[string]*session{},
 		accounts: map[string]account{},
 		stats: Stats{
@@ -183,6 +185,7 @@ func (s *Simulator) RemoveWialonToken(token string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.tokens, token)
+	delete(s.issued, token)
 }
 
 // AddFleetUpAccount registers an API key with the account it opens.
@@ -244,6 +247,8 @@ func (s *Simulator) routes() http.Handler {
 	})
 
 	mux.Handle("/wialon/ajax.html", s.inject(protoWialon, http.HandlerFunc(s.serveWialon)))
+	mux.HandleFunc("GET /login.html", s.loginPage)
+	mux.HandleFunc("POST /login.html", s.loginSubmit)
 	for path, h := range map[string]http.HandlerFunc{
 		"/token":                        s.fleetupToken,
 		"/devices":                      s.fleetupAuthed(s.fleetupDevices),

@@ -12,6 +12,8 @@ import (
 type session struct {
 	user     string
 	lastUsed time.Time
+	// tokenFlags is the access type of the token that opened the session.
+	tokenFlags int64
 	// loaded is the message loader's content (messages/load_interval),
 	// cleared by messages/unload.
 	loaded *loaderState
@@ -70,6 +72,8 @@ func (s *Simulator) serveWialon(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]any{})
 	case "unit/get_trips":
 		s.wialonTrips(w, sess, params)
+	case "token/list":
+		s.wialonTokenList(w, sess)
 	case "core/logout":
 		s.mu.Lock()
 		delete(s.sessions, r.Form.Get("sid"))
@@ -92,14 +96,14 @@ func (s *Simulator) wialonLogin(w http.ResponseWriter, params json.RawMessage) {
 	now := s.now()
 	s.mu.Lock()
 	user, ok := s.tokens[p.Token]
-	if !ok {
+	if !ok || s.tokenExpiredLocked(p.Token, now) {
 		s.mu.Unlock()
 		wialonError(w, wErrBadCredentials, "invalid token")
 		return
 	}
 	s.sweepSessionsLocked()
 	sid := randomHex(16)
-	s.sessions[sid] = &session{user: user, lastUsed: now}
+	s.sessions[sid] = &session{user: user, lastUsed: now, tokenFlags: s.tokenFlagsLocked(p.Token)}
 	s.stats.WialonLogins++
 	s.stats.WialonLoginsByToken[Fingerprint(p.Token)]++
 	s.mu.Unlock()

@@ -53,6 +53,7 @@ const (
 	fValidationState   = "validation_state"
 	fValidationMessage = "validation_message"
 	fUpstreamUser      = "upstream_user"
+	fTokenExpireTime   = "token_expire_time"
 )
 
 // Script reply status, the first element of every script's reply.
@@ -405,6 +406,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 		fFleetUpAccountID, strconv.FormatInt(c.FleetUpAccountID, 10),
 		fLabels, labels,
 		fUpdateTime, formatTime(c.UpdateTime),
+		fTokenExpireTime, formatTime(c.TokenExpireTime),
 	}
 	args = append(args, validationFields(Validation{
 		State: c.ValidationState, Message: c.ValidationMessage,
@@ -1043,6 +1045,7 @@ func parseCredential(m map[string]string) (Credential, error) {
 	c.CreateTime, errs = parseTime(m[fCreateTime], errs)
 	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
 	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
+	c.TokenExpireTime, errs = parseTime(m[fTokenExpireTime], errs)
 	if c.Generation == "" && len(errs) == 0 {
 		// A record written before generations existed: derive one that
 		// still changes when the credential is deleted and created again.

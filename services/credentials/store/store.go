@@ -68,6 +68,10 @@ type Credential struct {
 	ValidationState   string
 	ValidationMessage string
 	UpstreamUser      string
+	// TokenExpireTime is when the stored token stops working, when known
+	// (zero: unlimited or unknown). It belongs to the secret: every Put
+	// sets it, and a validation leaves it alone.
+	TokenExpireTime time.Time
 }
 
 // NewGeneration returns a fresh credential generation id: 128 random bits,
