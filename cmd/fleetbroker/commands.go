@@ -190,6 +190,8 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
 	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")
+	fs.IntVar(&cfg.MaxStreamsPerHandle, "max-streams-per-handle", gateway.DefaultMaxStreamsPerHandle, "open WatchPositions streams one session handle may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
+	fs.IntVar(&cfg.MaxStreamsPerTenant, "max-streams-per-tenant", gateway.DefaultMaxStreamsPerTenant, "open WatchPositions streams one tenant may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
 	addHandleKeyFlag(fs, &cfg.HandleKeyFile)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {

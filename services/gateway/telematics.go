@@ -144,7 +144,9 @@ func (s *Service) GetPositionHistory(ctx context.Context, req *telematicsv1.GetP
 		return nil, err
 	}
 	from, to := req.GetStartTime().AsTime(), req.GetEndTime().AsTime()
-	positions, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Position, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	positions, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Position, error) {
 		return p.History(ctx, c, req.GetUnitId(), from, to)
 	})
 	if err != nil {
@@ -160,7 +162,9 @@ func (s *Service) ListTrips(ctx context.Context, req *telematicsv1.ListTripsRequ
 		return nil, err
 	}
 	from, to := req.GetStartTime().AsTime(), req.GetEndTime().AsTime()
-	trips, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Trip, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	trips, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Trip, error) {
 		return p.Trips(ctx, c, req.GetUnitId(), from, to)
 	})
 	if err != nil {
@@ -179,7 +183,9 @@ func (s *Service) CallProvider(ctx context.Context, req *telematicsv1.CallProvid
 	// The audit record names what the raw call asked for, never its
 	// parameters or body.
 	authz.SetTarget(ctx, p.Info().Name, p.RawTarget(req))
-	resp, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) (*telematicsv1.CallProviderResponse, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	resp, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) (*telematicsv1.CallProviderResponse, error) {
 		return p.Raw(ctx, c, req)
 	})
 	if err != nil {
