@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -16,6 +17,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -64,6 +66,10 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
+	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
+	// CallProvider may reach (--fleetup-raw-paths); empty means
+	// fleetup.DefaultRawPaths.
+	FleetUpRawPaths string
 	// PurgeInterval is how often the sessions of deleted or replaced
 	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
 	// never, except through Service.PurgeRetired).
@@ -96,6 +102,9 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	if _, err := cfg.tuning(); err != nil {
+		return closers.fail(err) // checked before anything is dialed
+	}
 	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
 	if err != nil {
 		return closers.fail(err)
@@ -192,7 +201,11 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if err != nil {
 		return nil, err
 	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, cfg.tuning(), logger)
+	tuning, err := cfg.tuning()
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -217,13 +230,20 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	return svc, nil
 }
 
-// tuning is what the gateway's flags tell the providers.
-func (cfg GatewayConfig) tuning() provider.Tuning {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin}
+// tuning is what the gateway's flags tell the providers, checked.
+func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
 	}
-	return t
+	if cfg.FleetUpRawPaths != "" {
+		paths := strings.Split(cfg.FleetUpRawPaths, ",")
+		if _, err := fleetup.NewRawPaths(paths); err != nil {
+			return t, fmt.Errorf("--fleetup-raw-paths: %w", err)
+		}
+		t.RawAllow[fleetup.Name] = paths
+	}
+	return t, nil
 }
 
 // apiKeyCredentials sends the gateway's API key with every call to the
