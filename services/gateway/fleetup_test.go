@@ -94,13 +94,14 @@ func TestFleetUpTripsAreInMetresWithPositions(t *testing.T) {
 			StartTime, EndTime         string
 			StartLocation, EndLocation string
 			TripMileage                float64
+			FuelWear                   float64
 		}
 	}
 	if err := json.Unmarshal([]byte(raw.GetJson()), &reply); err != nil {
 		t.Fatalf("raw /trips/history: %v", err)
 	}
 	type want struct {
-		distance                           float64
+		distance, fuel                     float64
 		startLat, startLon, endLat, endLon float64
 		end                                time.Time
 	}
@@ -114,7 +115,7 @@ func TestFleetUpTripsAreInMetresWithPositions(t *testing.T) {
 		if to.Before(start) || from.After(end) {
 			continue
 		}
-		w := want{distance: r.TripMileage, end: to}
+		w := want{distance: r.TripMileage, fuel: r.FuelWear / 100, end: to}
 		w.startLat, w.startLon = masPair(t, r.StartLocation)
 		w.endLat, w.endLon = masPair(t, r.EndLocation)
 		byStart[from] = w
@@ -138,6 +139,9 @@ func TestFleetUpTripsAreInMetresWithPositions(t *testing.T) {
 		if !near(sp.GetLatitude(), w.startLat) || !near(sp.GetLongitude(), w.startLon) || !near(ep.GetLatitude(), w.endLat) || !near(ep.GetLongitude(), w.endLon) {
 			t.Errorf("trip at %v: positions %v,%v → %v,%v; want %v,%v → %v,%v (milliarcseconds / 3,600,000)", tr.GetStartTime().AsTime(),
 				sp.GetLatitude(), sp.GetLongitude(), ep.GetLatitude(), ep.GetLongitude(), w.startLat, w.startLon, w.endLat, w.endLon)
+		}
+		if tr.FuelUsedL == nil || !near(tr.GetFuelUsedL(), w.fuel) {
+			t.Errorf("trip at %v: fuel_used_l %v, want fuelWear %v l", tr.GetStartTime().AsTime(), tr.FuelUsedL, w.fuel)
 		}
 		if !tr.GetEndTime().AsTime().Equal(w.end) {
 			t.Errorf("trip at %v ends %v, want %v", tr.GetStartTime().AsTime(), tr.GetEndTime().AsTime(), w.end)

@@ -295,7 +295,11 @@ func (p *Provider) Trips(ctx context.Context, c *provider.Conn, unitID string, f
 	}
 	out := make([]*telematicsv1.Trip, 0, len(trips))
 	for _, t := range trips {
-		out = append(out, provider.NewTrip(unitID, t.From, t.To, t.DistanceM))
+		trip := provider.NewTrip(unitID, t.From, t.To, t.DistanceM)
+		if t.FuelKnown {
+			trip.FuelUsedL = proto.Float64(t.FuelL)
+		}
+		out = append(out, trip)
 	}
 	return out, nil
 }
