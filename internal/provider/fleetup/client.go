@@ -380,7 +380,7 @@ func (c *Client) Raw(ctx context.Context, cred Auth, allow *RawPaths, method, ur
 		callErr = c.sessionOrRefused(ctx, cred, op, path, resp, callErr)
 	}
 	if upstream.KindOf(callErr) == upstream.KindRateLimited {
-		c.hold(ctx, cred, callErr)
+		c.hold(ctx, cred, callErr) // not retried: the hold is for the next call
 	}
 	reply := resp.body
 	if len(bytes.TrimSpace(reply)) == 0 {
@@ -453,9 +453,10 @@ func read[T any](ctx context.Context, c *Client, cred Auth, op, p string, body [
 		return zero, err
 	}
 	var last error
+	held := false // the last 429's wait is held on the shared budget
 	for try := range c.attempts {
 		if try > 0 {
-			if err := c.pause(ctx, op, cred, last); err != nil {
+			if err := c.pause(ctx, op, last, held); err != nil {
 				return zero, err
 			}
 		}
@@ -477,7 +478,8 @@ func read[T any](ctx context.Context, c *Client, cred Auth, op, p string, body [
 		case upstream.KindSessionInvalid:
 			return zero, c.sessionOrRefused(ctx, cred, op, p, resp, err)
 		case upstream.KindRateLimited:
-			if !c.hold(ctx, cred, err) {
+			var retry bool
+			if retry, held = c.hold(ctx, cred, err); !retry {
 				return zero, err
 			}
 		case upstream.KindUnavailable:
@@ -492,37 +494,37 @@ func read[T any](ctx context.Context, c *Client, cred Auth, op, p string, body [
 	return zero, last
 }
 
-// hold shares a 429's Retry-After through cred's budget, and reports
-// whether the read should wait it out and try again.
-func (c *Client) hold(ctx context.Context, cred Auth, err error) bool {
+// hold shares a 429's Retry-After through cred's budget (held reports
+// whether it could), and reports whether the read should wait it out and
+// try again: not when the wait is longer than the client waits or than ctx
+// allows.
+func (c *Client) hold(ctx context.Context, cred Auth, err error) (retry, held bool) {
 	var ue *upstream.Error
 	if !errors.As(err, &ue) {
-		return false
+		return false, false
 	}
-	if cred.Budget != nil {
-		// Best effort: if the budget cannot record the hold, this read
-		// still waits it out below.
-		_ = cred.Budget.Hold(ctx, ue.RetryAfter)
-	}
+	// If the budget cannot record the hold, this read still waits it out
+	// itself (pause).
+	held = cred.Budget != nil && cred.Budget.Hold(ctx, ue.RetryAfter) == nil
 	if ue.RetryAfter > c.maxRetryAfter {
-		return false
+		return false, held
 	}
 	if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) <= ue.RetryAfter {
-		return false
+		return false, held
 	}
-	return true
+	return true, held
 }
 
-// pause waits before the next try of a read: after a 429, its Retry-After
-// plus up to a tenth more (a budget that holds it makes Take wait instead);
-// after a 5xx or network failure, a jittered delay.
-func (c *Client) pause(ctx context.Context, op string, cred Auth, last error) error {
+// pause waits before the next try of a read: after a 429 its Retry-After
+// plus up to a tenth more, unless the budget holds it (then Take waits, on
+// every replica); after a 5xx or network failure, a jittered delay.
+func (c *Client) pause(ctx context.Context, op string, last error, held bool) error {
 	var d time.Duration
 	var ue *upstream.Error
 	switch {
 	case errors.As(last, &ue) && ue.Kind == upstream.KindRateLimited:
-		if cred.Budget != nil {
-			return nil // Take waits for the end of the hold, on every replica
+		if held {
+			return nil
 		}
 		d = ue.RetryAfter + rand.N(ue.RetryAfter/10+time.Millisecond)
 	default:
@@ -583,6 +585,9 @@ func (c *Client) sessionOrRefused(ctx context.Context, cred Auth, op, p string, 
 	switch upstream.KindOf(err) {
 	case upstream.KindSessionInvalid:
 		return unauthorized
+	case upstream.KindRateLimited:
+		c.hold(ctx, cred, err)
+		return err
 	default:
 		if err != nil {
 			return err

@@ -270,3 +270,35 @@ func FuzzDecodeResponse(f *testing.F) {
 		}
 	})
 }
+
+// The claims read besides exp: iat (how old a token is) and
+// sessionInfo.accountId (whose budget its calls take). Odd values of either
+// leave exp usable.
+func TestJWTClaims(t *testing.T) {
+	tests := []struct {
+		name    string
+		payload string
+		iat     time.Time
+		account int64
+	}{
+		{"FleetUp's documented shape", `{"sessionInfo":{"accountId":16816,"roleType":2},"exp":1740636752,"iat":1740633152}`, time.Unix(1740633152, 0).UTC(), 16816},
+		{"no iat, no session info", `{"exp":1740636752}`, time.Time{}, 0},
+		{"account id as a string", `{"sessionInfo":{"accountId":"16816"},"exp":1740636752}`, time.Time{}, 0},
+		{"session info not an object", `{"sessionInfo":"x","exp":1740636752,"iat":"soon"}`, time.Time{}, 0},
+		{"negative account, iat zero", `{"sessionInfo":{"accountId":-1},"exp":1740636752,"iat":0}`, time.Time{}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseClaims(jwtWith(tt.payload))
+			if err != nil || !c.Exp.Equal(time.Unix(1740636752, 0)) {
+				t.Fatalf("claims %+v, %v: exp must stay readable", c, err)
+			}
+			if !c.Iat.Equal(tt.iat) || c.AccountID != tt.account {
+				t.Errorf("iat %v account %d, want %v and %d", c.Iat, c.AccountID, tt.iat, tt.account)
+			}
+		})
+	}
+	if at, ok := issuedAt(jwtWith(`{"exp":1740636752}`)); !ok || !at.Equal(time.Unix(1740636752-3600, 0)) {
+		t.Errorf("issuedAt without iat = %v, %v; want exp minus an hour", at, ok)
+	}
+}

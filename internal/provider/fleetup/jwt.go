@@ -45,11 +45,11 @@ func parseClaims(jwt string) (claims, error) {
 	// A float64 holds any plausible date exactly, and json refuses to put a
 	// string into it: RFC 7519 NumericDate is a JSON number.
 	var raw struct {
-		Exp         *float64 `json:"exp"`
-		Iat         *float64 `json:"iat"`
-		SessionInfo struct {
-			AccountID json.Number `json:"accountId"`
-		} `json:"sessionInfo"`
+		Exp *float64 `json:"exp"`
+		// Iat and SessionInfo are read leniently below: a token whose
+		// other claims are odd still has a usable exp.
+		Iat         json.RawMessage `json:"iat"`
+		SessionInfo json.RawMessage `json:"sessionInfo"`
 	}
 	if err := json.Unmarshal(payload, &raw); err != nil {
 		return claims{}, errors.New("fleetup: JWT payload is not a JSON object with a numeric exp")
@@ -62,11 +62,15 @@ func parseClaims(jwt string) (claims, error) {
 	if c.Exp, ok = numericDate(*raw.Exp); !ok {
 		return claims{}, errors.New("fleetup: JWT exp is out of range")
 	}
-	if raw.Iat != nil {
-		c.Iat, _ = numericDate(*raw.Iat) // an unreadable iat is as good as none
+	var iat float64
+	if json.Unmarshal(raw.Iat, &iat) == nil {
+		c.Iat, _ = numericDate(iat) // an unreadable iat is as good as none
 	}
-	if id, err := raw.SessionInfo.AccountID.Int64(); err == nil && id > 0 {
-		c.AccountID = id
+	var info struct {
+		AccountID int64 `json:"accountId"`
+	}
+	if json.Unmarshal(raw.SessionInfo, &info) == nil && info.AccountID > 0 {
+		c.AccountID = info.AccountID
 	}
 	return c, nil
 }

@@ -98,6 +98,14 @@ func TestOneBudgetSlotPerRequest(t *testing.T) {
 	}
 }
 
+// brokenBudget hands out slots but cannot record a hold (Redis down).
+type brokenBudget struct{}
+
+func (brokenBudget) Take(context.Context) error { return nil }
+func (brokenBudget) Hold(context.Context, time.Duration) error {
+	return errors.New("redis unavailable")
+}
+
 // rateLimited answers 429 with Retry-After to the first n requests, then
 // passes them on; it records when each request came.
 type rateLimited struct {
@@ -175,6 +183,22 @@ func TestRateLimitRetries(t *testing.T) {
 		}
 		if takes, holds := b.counts(); takes != 2 || len(holds) != 1 || holds[0] != time.Second {
 			t.Errorf("budget saw %d takes and holds %v; want 2 takes and a 1s hold", takes, holds)
+		}
+	})
+
+	t.Run("waits itself when the budget cannot hold", func(t *testing.T) {
+		h := &rateLimited{next: sim.Handler(), retryAfter: "1", n: 1}
+		c := fleetup.New(nil, fleetup.WithRetry(3, time.Millisecond, 2*time.Millisecond))
+		tok, err := c.MintToken(ctx, serve(t, sim.Handler()), canaryKey, canaryAcct, canarySecret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cred := fleetup.Auth{BaseURL: serve(t, h), APIKey: canaryKey, AccountID: canaryAcct, JWT: tok.JWT, Budget: brokenBudget{}}
+		if _, err := c.Devices(ctx, cred); err != nil {
+			t.Fatal(err)
+		}
+		if times := h.seen(); len(times) != 2 || times[1].Sub(times[0]) < time.Second {
+			t.Errorf("requests at %v: want a second one at least 1s after the 429", times)
 		}
 	})
 
