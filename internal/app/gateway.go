@@ -59,6 +59,10 @@ type GatewayConfig struct {
 	// are used instead (tests, dev).
 	HandleKeyFile string
 	HandleKeys    *handle.Keys
+	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
+	// CallProvider may reach (--fleetup-raw-paths); empty means
+	// fleetup.DefaultRawPaths.
+	FleetUpRawPaths string
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -66,10 +70,6 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
-	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
-	// CallProvider may reach (--fleetup-raw-paths); empty means
-	// fleetup.DefaultRawPaths.
-	FleetUpRawPaths string
 	// PurgeInterval is how often the sessions of deleted or replaced
 	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
 	// never, except through Service.PurgeRetired).

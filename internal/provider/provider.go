@@ -228,13 +228,13 @@ type Tuning struct {
 	// ExpiryMargin replaces a session with an upstream expiry this long
 	// before it (--jwt-safety-margin).
 	ExpiryMargin time.Duration
-	// AccountLimit is the per-account request budget of providers that ask
-	// for one (--fleetup-rate, --fleetup-burst).
-	AccountLimit Limit
 	// RawAllow is the operator's allow-list of raw pass-through targets,
 	// by provider name (--fleetup-raw-paths); a provider without an entry
 	// uses its own default list.
 	RawAllow map[string][]string
+	// AccountLimit is the per-account request budget of providers that ask
+	// for one (--fleetup-rate, --fleetup-burst).
+	AccountLimit Limit
 }
 
 // Factory builds a provider for one process.
