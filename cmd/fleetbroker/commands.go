@@ -187,6 +187,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.DurationVar(&cfg.HandleCacheTTL, "handle-cache-ttl", gateway.DefaultHandleCacheTTL, "how long a handle resolution is reused (at most 5s; revocation takes effect within it)")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 1, "FleetUp requests per second per account, shared by all replicas")
 	fs.IntVar(&cfg.FleetUpBurst, "fleetup-burst", 2, "FleetUp requests allowed in a burst above --fleetup-rate")
+	fs.StringVar(&cfg.FleetUpRawPaths, "fleetup-raw-paths", "", "comma-separated FleetUp paths CallProvider may reach, exactly (default: the documented read-only endpoints; /token is never allowed)")
 	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
 	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -20,6 +21,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -61,6 +63,10 @@ type GatewayConfig struct {
 	// are used instead (tests, dev).
 	HandleKeyFile string
 	HandleKeys    *handle.Keys
+	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
+	// CallProvider may reach (--fleetup-raw-paths); empty means
+	// fleetup.DefaultRawPaths.
+	FleetUpRawPaths string
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -105,6 +111,9 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	if _, err := cfg.tuning(); err != nil {
+		return closers.fail(err) // checked before anything is dialed
+	}
 	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
 	if err != nil {
 		return closers.fail(err)
@@ -233,7 +242,11 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if err != nil {
 		return nil, err
 	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, cfg.tuning(), logger)
+	tuning, err := cfg.tuning()
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -261,13 +274,20 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	return svc, nil
 }
 
-// tuning is what the gateway's flags tell the providers.
-func (cfg GatewayConfig) tuning() provider.Tuning {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin}
+// tuning is what the gateway's flags tell the providers, checked.
+func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
 	}
-	return t
+	if cfg.FleetUpRawPaths != "" {
+		paths := strings.Split(cfg.FleetUpRawPaths, ",")
+		if _, err := fleetup.NewRawPaths(paths); err != nil {
+			return t, fmt.Errorf("--fleetup-raw-paths: %w", err)
+		}
+		t.RawAllow[fleetup.Name] = paths
+	}
+	return t, nil
 }
 
 // apiKeyCredentials sends the gateway's API key with every call to the
