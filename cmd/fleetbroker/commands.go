@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 )
@@ -27,11 +28,20 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each provider validation call")
+	addTransitBatchFlags(fs, &cfg.TransitBatch)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)
 		cfg.Redis = redis.config()
 	}
+}
+
+// addTransitBatchFlags adds the flags that shape how concurrent Vault
+// transit calls share batch calls.
+func addTransitBatchFlags(fs *flag.FlagSet, opts *transit.BatchOptions) {
+	fs.IntVar(&opts.MaxItems, "transit-batch-size", transit.DefaultBatchMaxItems, "most items in one Vault transit batch call made of concurrent calls; 1 turns batching off")
+	fs.IntVar(&opts.MaxInFlight, "transit-batch-calls", transit.DefaultBatchMaxInFlight, "Vault transit calls of one operation (encrypt, decrypt, hmac) under way at once; calls arriving beyond that wait and share the next")
+	fs.DurationVar(&opts.MaxWait, "transit-batch-wait", 0, "hold a transit batch this long for more calls even when it could go at once (0: a lone call goes at once)")
 }
 
 func runCredentials(ctx context.Context, args []string) error {
