@@ -26,6 +26,16 @@ const (
 	opRedisGet     = "redis GET (reference)"
 	opEncrypt1     = "transit encrypt (1 item/call)"
 	opEncryptBatch = "transit encrypt (batch of 100)"
+	// opSeal is PutCredential's transit work alone (an encrypt and an
+	// HMAC) through transit.Batching: sequential, as the credentials
+	// service does it, or both at once.
+	opSeal = "transit encrypt+hmac (batched)"
+)
+
+// Variants of opSeal.
+const (
+	sealSequential = "sequential"
+	sealConcurrent = "concurrent"
 )
 
 // refVariant is the variant name of the reference rows, which call Redis or
@@ -200,6 +210,9 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				return err
 			}, nil
 		}},
+		{opSeal, 2, []string{sealSequential, sealConcurrent}, func(v string) (Op, error) {
+			return e.sealOp(v, []byte(a.token)), nil
+		}},
 	}
 
 	ops = slices.DeleteFunc(ops, func(o controlOp) bool {
@@ -207,7 +220,7 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 	})
 	for i := range ops {
 		ops[i].variants = slices.DeleteFunc(slices.Clone(ops[i].variants), func(v string) bool {
-			return v != refVariant && !opts.hasVariant(v)
+			return v != refVariant && v != sealSequential && v != sealConcurrent && !opts.hasVariant(v)
 		})
 	}
 	type key struct {
@@ -272,8 +285,12 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				if v != lvlPlain && len(plainSum.Rounds) > 0 {
 					row.ThroughputVsPlain = pairedThroughput(s, plainSum)
 				}
-				if o.name == opPut {
+				if o.name == opPut || o.name == opSeal {
 					row.ThroughputVsEncrypt1 = pairedThroughput(s, summarize(results[key{opEncrypt1, refVariant, c}]))
+				}
+				if v == sealConcurrent {
+					b := sum(sealSequential)
+					row.Base, row.ThroughputVsBase, row.AddedCPUVsBaseUs = sealSequential, pairedThroughput(s, b), pairedAddedCPU(s, b)
 				}
 				if b := batching[key{o.name, v, c}]; b[0] > 0 {
 					var total int64
@@ -288,6 +305,44 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 		}
 	}
 	return rep, nil
+}
+
+// sealOp is PutCredential's transit work on its own, through the run's
+// transit batching: an encrypt bound to tenant and credential, and an HMAC
+// fingerprint, one after the other (sequential) or at once (concurrent).
+func (e *env) sealOp(variant string, plain []byte) Op {
+	tr := e.sealTransit()
+	var seq atomic.Int64
+	return func(ctx context.Context, _ int) error {
+		aad := []byte("bench/seal/" + strconv.FormatInt(seq.Add(1), 10))
+		encrypt := func() error {
+			_, err := tr.Encrypt(ctx, cpTenant, []transit.Item{{AssociatedData: aad, Plaintext: plain}})
+			return err
+		}
+		mac := func() error {
+			_, err := tr.HMAC(ctx, append([]byte(cpTenant+"\x00wialon\x00"), plain...))
+			return err
+		}
+		if variant == sealSequential {
+			if err := encrypt(); err != nil {
+				return err
+			}
+			return mac()
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- mac() }()
+		return errors.Join(encrypt(), <-errc)
+	}
+}
+
+// sealTransit is the batching transit of opSeal, made once.
+func (e *env) sealTransit() *transit.Batching {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.sealTr == nil {
+		e.sealTr = transit.NewBatching(e.credTr.(transit.BatchingBackend), e.opts.TransitBatch)
+	}
+	return e.sealTr
 }
 
 // putVia stores a through creds as a credential of tenant, without asking

@@ -73,6 +73,7 @@ type env struct {
 	policyFile    string
 	auditSeq      int
 	credsVariants map[string]*credsService
+	sealTr        *transit.Batching // control phase's opSeal
 }
 
 func (e *env) onClose(f func()) {
