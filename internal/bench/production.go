@@ -198,9 +198,8 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	}
 	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix}
 	s := &credsService{}
-	var err error
 	switch v.level {
-	case lvlPlain: // plain+batch
+	case lvlPlain: // plain+batch (plain itself is the env's own service)
 		s.batches = &batchCounter{}
 		opts := e.opts.TransitBatch
 		opts.OnBatch = s.batches.add
@@ -256,7 +255,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	s.creds = credentialsv1.NewCredentialServiceClient(caller)
 	s.sessions = credentialsv1.NewSessionServiceClient(caller)
 	s.resolver = credentialsv1.NewSessionServiceClient(gw)
-	return s, err
+	return s, nil
 }
 
 // dialAs connects to a service of level as the bench's caller (or, with
@@ -321,8 +320,7 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 	if err != nil {
 		return nil, err
 	}
-	credsName := level
-	creds, err := e.credentialsVariant(ctx, credsVariantNamed(credsName))
+	creds, err := e.credentialsVariant(ctx, credsVariantNamed(level))
 	if err != nil {
 		return nil, err
 	}
