@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"strconv"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -81,13 +83,24 @@ func (s *Service) seal(ctx context.Context, rec store.Credential, sec secret) (s
 
 // sealRecord seals sec for rec, whose routing fields (tenant, id,
 // provider, base URL, account id) must be set, and fills in its
-// ciphertext, associated data version and fingerprint.
+// ciphertext, associated data version and fingerprint. The encrypt and the
+// HMAC run at once (two transit calls, which batching shares with other
+// callers), so a put waits for one transit round trip, not two.
 func (s *Service) sealRecord(ctx context.Context, rec *store.Credential, sec secret) error {
-	ct, v, err := s.seal(ctx, *rec, sec)
-	if err != nil {
+	var (
+		ct string
+		v  int
+		fp string
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		fp, err = s.fingerprint(gctx, rec.TenantID, sec)
 		return err
+	})
+	ct, v, err := s.seal(gctx, *rec, sec)
+	if gerr := g.Wait(); err == nil {
+		err = gerr
 	}
-	fp, err := s.fingerprint(ctx, rec.TenantID, sec)
 	if err != nil {
 		return err
 	}
