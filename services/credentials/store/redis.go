@@ -62,6 +62,7 @@ const (
 	statusNotFound = 0
 	statusConflict = -1
 	statusReplay   = 2
+	statusRejected = 3
 )
 
 // Fields of a request record beside the stored result.
@@ -178,47 +179,76 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 
 return 1
 `)
 
-// addSessionScript registers a session with its credential, if the
-// credential exists, and prunes sessions that have expired.
+// issueScript registers a session with its credential, if the credential
+// exists and its provider has not rejected it, and prunes sessions that
+// have expired. With a request id (ARGV[8] = '1') the first run also
+// stores the session record and the caller's memo under the request; a
+// later run returns them, and whether the first session is still listed
+// (not revoked since), without registering anything. With the session key
+// (ARGV[9] = '1': a single Redis, where one script may write keys of
+// several slots) it also writes the session record there, so a new session
+// takes one round trip.
 //
-// KEYS[1] record, KEYS[2] session set.
-// ARGV[1] session hex, ARGV[2] expiry (Unix ms), ARGV[3] now (Unix ms).
-// Reply: {1} | {0} credential missing.
-var addSessionScript = redis.NewScript(`
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+// KEYS[1] record, KEYS[2] session set, then KEYS[3] request record if
+// ARGV[8] = '1', then the session key if ARGV[9] = '1'.
+// ARGV[1] session hex, ARGV[2] expiry (Unix ms), ARGV[3] now (Unix ms),
+// ARGV[4] request hash, ARGV[5] window (ms), ARGV[6] session record (JSON),
+// ARGV[7] memo, ARGV[8] request key given, ARGV[9] session key given,
+// ARGV[10] session key TTL (ms).
+// Reply: {1} | {0} credential missing | {3} credential rejected |
+// {2, HGETALL of the request record..., '_live', 0|1} replay.
+var issueScript = redis.NewScript(`
+local cred = redis.call('HMGET', KEYS[1], 'version', 'validation_state')
+if not cred[1] then return {0} end
+if cred[2] == 'rejected' then return {3} end
+local n = 3
+if ARGV[8] == '1' then
+  local first = redis.call('HGETALL', KEYS[3])
+  if #first > 0 then
+    local member = ''
+    for i = 1, #first, 2 do
+      if first[i] == '_member' then member = first[i + 1] end
+    end
+    first[#first + 1] = '_live'
+    first[#first + 1] = redis.call('ZSCORE', KEYS[2], member) and '1' or '0'
+    return {2, unpack(first)}
+  end
+  n = 4
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[3], '_request', ARGV[4], '_member', ARGV[1], '_session', ARGV[6], '_memo', ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+if ARGV[9] == '1' then
+  redis.call('SET', KEYS[n], ARGV[6], 'PX', ARGV[10])
+end
 return {1}
 `)
 
-// issueScript is addSessionScript for a request with an id: the first run
-// also stores the session record and the caller's memo under the request;
-// a later run returns them, and whether the first session is still listed
-// (not revoked since), without registering anything.
+// resolveScript reads a session record and, on a single Redis, the
+// credential record it names, in one round trip. The credential's key is
+// learnt from the session, so the script reads a key it was not given:
+// a single Redis allows that, a Cluster node does not (the key may live on
+// another master), so on a Cluster the two are read one after the other.
 //
-// KEYS[1] record, KEYS[2] session set, KEYS[3] request record.
-// ARGV[1] session hex, ARGV[2] expiry (Unix ms), ARGV[3] now (Unix ms),
-// ARGV[4] request hash, ARGV[5] window (ms), ARGV[6] session record (JSON),
-// ARGV[7] memo.
-// Reply: {1} | {0} credential missing | {2, HGETALL of the request
-// record..., '_live', 0|1} replay.
-var issueScript = redis.NewScript(`
-local first = redis.call('HGETALL', KEYS[3])
-if #first > 0 then
-  local member = ''
-  for i = 1, #first, 2 do
-    if first[i] == '_member' then member = first[i + 1] end
-  end
-  first[#first + 1] = '_live'
-  first[#first + 1] = redis.call('ZSCORE', KEYS[2], member) and '1' or '0'
-  return {2, unpack(first)}
+// KEYS[1] session key. ARGV[1] the store's key prefix.
+// Reply: {} no session | {session JSON, 0} credential not read (a
+// session record the script cannot follow; the caller checks it) |
+// {session JSON, 1, HGETALL of the credential...} (no fields: the
+// credential is gone).
+var resolveScript = redis.NewScript(`
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {} end
+local ok, rec = pcall(cjson.decode, raw)
+if not ok or type(rec) ~= 'table' then return {raw, 0} end
+local tenant, id = rec['tenant_id'], rec['credential_id']
+if type(tenant) ~= 'string' or type(id) ~= 'string' or tenant == '' or id == ''
+  or string.find(tenant, '[:{}]') or string.find(id, '[:{}]') then
+  return {raw, 0}
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[3], '_request', ARGV[4], '_member', ARGV[1], '_session', ARGV[6], '_memo', ARGV[7])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
-return {1}
+return {raw, 1, unpack(redis.call('HGETALL', ARGV[1] .. ':{' .. tenant .. '}:cred:' .. id))}
 `)
 
 // RedisOptions configures NewRedis.
@@ -235,6 +265,13 @@ type RedisOptions struct {
 	// not acknowledge in time is reported as ErrUnavailable. It is applied
 	// all the same: retry it with the same request id.
 	WaitTimeout time.Duration
+	// OneSlotPerCall keeps every script and multi-key command within one
+	// hash slot, as on a Cluster, even through a single-node client. Off,
+	// a single node (or Sentinel's master) takes one script for what a
+	// Cluster needs two round trips for (CreateSession,
+	// GetSessionCredential). For a proxy that shards keys behind one
+	// address, and for the test that checks every command's slots.
+	OneSlotPerCall bool
 }
 
 // Redis is the Store on Redis: single node, Sentinel or Cluster.
@@ -248,6 +285,10 @@ type Redis struct {
 	prefix       string
 	waitReplicas int
 	waitTimeout  time.Duration
+	// oneNode: every key is on one Redis (a single node or Sentinel's
+	// master, and not OneSlotPerCall), so one script may touch keys of
+	// several slots.
+	oneNode bool
 }
 
 var _ Store = (*Redis)(nil)
@@ -266,7 +307,9 @@ func NewRedis(client redis.UniversalClient, opts RedisOptions) *Redis {
 	if wait <= 0 {
 		wait = time.Second
 	}
-	return &Redis{client: client, prefix: prefix, waitReplicas: max(opts.WaitReplicas, 0), waitTimeout: wait}
+	_, oneNode := client.(*redis.Client)
+	return &Redis{client: client, prefix: prefix, waitReplicas: max(opts.WaitReplicas, 0), waitTimeout: wait,
+		oneNode: oneNode && !opts.OneSlotPerCall}
 }
 
 // CountReplicas returns how many replicas the topology behind client has:
@@ -749,11 +792,15 @@ func loadRecords(ctx context.Context, c redis.Cmdable, keys []string) ([]Credent
 
 // CreateSession implements Store.
 //
-// The session is registered with its credential (tenant slot) before its
-// own key is written (another slot): a failure in between leaves only a set
-// member without a key, which is harmless. A DeleteCredential running in
-// between can miss the new key; the service's check that the credential
-// still exists, and predates the session, covers that window.
+// On a single Redis (and Sentinel's master) one script does it all, in one
+// round trip: it checks the credential, registers the session with it and
+// writes the session key, atomically. On a Cluster the session key lives
+// in another slot than its credential, so the script registers the
+// session (tenant slot) and the key is written after it (another slot), in
+// a second round trip: a failure in between leaves only a set member
+// without a key, which is harmless. A DeleteCredential running in between
+// can miss the new key; the service's check that the credential still
+// exists, and predates the session, covers that window.
 //
 // A replayed request writes the first session's key again if it is still
 // listed with its credential (the first run may have stopped before
@@ -769,19 +816,24 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 	}
 	now := time.Now()
 	member := hex.EncodeToString(s.HandleHash[:])
+	key := r.sessionKey(s.HandleHash)
+	ttl := ceilMillis(s.ExpireTime.Sub(now))
 	keys := []string{r.credKey(s.TenantID, s.CredentialID), r.sessionSetKey(s.TenantID, s.CredentialID)}
-	args := []any{member, s.ExpireTime.UnixMilli(), now.UnixMilli()}
-	script := addSessionScript
+	args := []any{member, s.ExpireTime.UnixMilli(), now.UnixMilli(), req.Hash, 0, string(rec), req.Memo, "0", "0", ttl.Milliseconds()}
 	if req.ID != "" {
 		reqKey, window, err := r.requestKey(s.TenantID, "issue", req.ID)
 		if err != nil {
 			return SessionResult{}, err
 		}
 		keys = append(keys, reqKey)
-		args = append(args, req.Hash, window.Milliseconds(), string(rec), req.Memo)
-		script = issueScript
+		args[4], args[7] = window.Milliseconds(), "1"
 	}
-	reply, err := script.Run(ctx, r.client, keys, args...).Slice()
+	oneTrip := r.oneNode
+	if oneTrip {
+		keys = append(keys, key)
+		args[8] = "1"
+	}
+	reply, err := issueScript.Run(ctx, r.client, keys, args...).Slice()
 	if err != nil {
 		return SessionResult{}, mapErr(err)
 	}
@@ -793,7 +845,12 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 	switch status {
 	case statusNotFound:
 		return SessionResult{}, ErrNotFound
+	case statusRejected:
+		return SessionResult{}, ErrRejected
 	case statusOK:
+		if oneTrip {
+			return res, nil
+		}
 	case statusReplay:
 		first, err := pairsToMap(rest)
 		if err != nil {
@@ -809,11 +866,10 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 		if first[rLive] != "1" {
 			return res, nil
 		}
+		key, ttl = r.sessionKey(res.Session.HandleHash), ceilMillis(res.Session.ExpireTime.Sub(now))
 	default:
 		return SessionResult{}, fmt.Errorf("store: unexpected script status %d", status)
 	}
-	ttl := ceilMillis(res.Session.ExpireTime.Sub(now))
-	key := r.sessionKey(res.Session.HandleHash)
 	if res.Replayed {
 		err = r.client.SetNX(ctx, key, rec, ttl).Err()
 	} else {
@@ -841,6 +897,67 @@ func (r *Redis) GetSession(ctx context.Context, handleHash [32]byte) (Session, e
 		return Session{}, mapErr(err)
 	}
 	return r.liveSession(raw)
+}
+
+// GetSessionCredential implements Store: in one round trip on a single
+// Redis (resolveScript), in two on a Cluster.
+func (r *Redis) GetSessionCredential(ctx context.Context, handleHash [32]byte) (Session, *Credential, error) {
+	if !r.oneNode {
+		s, err := r.GetSession(ctx, handleHash)
+		if err != nil {
+			return Session{}, nil, err
+		}
+		return r.sessionCredential(ctx, s)
+	}
+	reply, err := resolveScript.Run(ctx, r.client, []string{r.sessionKey(handleHash)}, r.prefix).Slice()
+	if err != nil {
+		return Session{}, nil, mapErr(err)
+	}
+	if len(reply) == 0 {
+		return Session{}, nil, ErrNotFound
+	}
+	followed, parts, err := splitReply(reply[1:])
+	if err != nil {
+		return Session{}, nil, err
+	}
+	raw, ok := reply[0].(string)
+	if !ok {
+		return Session{}, nil, fmt.Errorf("store: script reply element is %T, not a string", reply[0])
+	}
+	s, err := r.liveSession([]byte(raw))
+	if err != nil {
+		return Session{}, nil, err
+	}
+	if followed != 1 {
+		// The script could not follow the record (it does not decode as
+		// the script expects, or names ids the store refuses).
+		return r.sessionCredential(ctx, s)
+	}
+	if len(parts) == 0 {
+		return s, nil, nil
+	}
+	fields, err := pairsToMap(parts)
+	if err != nil {
+		return Session{}, nil, err
+	}
+	c, err := parseCredential(fields)
+	if err != nil {
+		return Session{}, nil, err
+	}
+	return s, &c, nil
+}
+
+// sessionCredential reads the credential a live session names: nil if it
+// is gone.
+func (r *Redis) sessionCredential(ctx context.Context, s Session) (Session, *Credential, error) {
+	c, err := r.GetCredential(ctx, s.TenantID, s.CredentialID)
+	if errors.Is(err, ErrNotFound) {
+		return s, nil, nil
+	}
+	if err != nil {
+		return Session{}, nil, err
+	}
+	return s, &c, nil
 }
 
 // DeleteSession implements Store. The session leaves its credential's set

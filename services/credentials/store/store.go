@@ -172,6 +172,8 @@ var (
 	ErrNotFound = errors.New("store: not found")
 	// ErrVersionConflict: the credential changed since it was read.
 	ErrVersionConflict = errors.New("store: version conflict")
+	// ErrRejected: the credential's provider rejected it (CreateSession).
+	ErrRejected = errors.New("store: credential rejected by its provider")
 	// ErrInvalidArgument: an id the store cannot key safely (empty, or with
 	// ':', '{' or '}'), a page size ≤ 0, or a page token it did not make.
 	// The service validates ids first, so outside of page tokens this
@@ -212,11 +214,17 @@ type Store interface {
 
 	// CreateSession stores s with a TTL until s.ExpireTime and adds it to
 	// its credential's session set; ErrNotFound if the credential does not
-	// exist. Only a request with an ID is remembered (a session write is
-	// idempotent by itself); its replay returns the first session and memo.
+	// exist, ErrRejected if its provider rejected it (its validation state
+	// is ValidationRejected). Only a request with an ID is remembered (a
+	// session write is idempotent by itself); its replay returns the first
+	// session and memo.
 	CreateSession(ctx context.Context, s Session, req Request) (SessionResult, error)
 	// GetSession returns the live session stored under handleHash.
 	GetSession(ctx context.Context, handleHash [32]byte) (Session, error)
+	// GetSessionCredential returns the live session stored under
+	// handleHash and the credential it names, read together (ErrNotFound
+	// if there is no live session; a nil credential if it is gone).
+	GetSessionCredential(ctx context.Context, handleHash [32]byte) (Session, *Credential, error)
 	// DeleteSession revokes the session stored under handleHash.
 	DeleteSession(ctx context.Context, handleHash [32]byte) (Session, error)
 }

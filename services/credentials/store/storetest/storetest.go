@@ -64,6 +64,8 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"DeleteCredential", testDeleteCredential},
 		{"DeleteCredentialRevokesSessions", testDeleteCredentialRevokesSessions},
 		{"CreateSessionMissingCredential", testCreateSessionMissingCredential},
+		{"CreateSessionRejectedCredential", testCreateSessionRejectedCredential},
+		{"SessionCredential", testSessionCredential},
 		{"SessionRoundTrip", testSessionRoundTrip},
 		{"SessionExpires", testSessionExpires},
 		{"SessionNotFound", testSessionNotFound},
