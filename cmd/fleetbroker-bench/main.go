@@ -47,7 +47,7 @@ func run() error {
 	fs.IntVar(&opts.ScalingMax, "scaling-max", opts.ScalingMax, "largest caller count of the scaling curve (doubling from 1)")
 	fs.IntVar(&opts.ScalingRounds, "scaling-rounds", opts.ScalingRounds, "rounds per scaling point")
 	control := fs.String("control-concurrency", joinInts(opts.ControlConcurrency), "concurrent callers of the control-plane phase")
-	controlOps := fs.String("control-ops", "", "control-plane operations to run (default all): IssueSession, ResolveSession, PutCredential, and the references; -variants also filters its variants (plain, plain+batch, tls, policy, limits, production-nobatch, production)")
+	controlOps := fs.String("control-ops", "", "control-plane operations to run (default all): IssueSession, ResolveSession, PutCredential, BatchPutCredentials, and the references (e.g. \"no-op unary (reference)\"); -variants also filters its variants (plain, plain+batch, tls, policy, limits, production-nobatch, production)")
 	fs.DurationVar(&opts.AmpLifetime, "amp-lifetime", opts.AmpLifetime, "FleetUp JWT lifetime in the amplification phase")
 	fs.DurationVar(&opts.AmpDuration, "amp-duration", opts.AmpDuration, "length of each amplification run")
 	fs.DurationVar(&opts.AmpInterval, "amp-interval", opts.AmpInterval, "time between two calls of one amplification caller")

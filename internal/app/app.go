@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc"
 
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
@@ -82,6 +83,12 @@ type CredentialsConfig struct {
 	// turns the flow and the events off).
 	RedisClient redis.UniversalClient
 	Audit       *audit.Logger
+	// BesideRegister registers more services on the same gRPC server,
+	// behind the same interceptors, and BesideActions maps their methods
+	// to the policy action a caller needs: the benchmark's no-op reference
+	// (internal/bench). No flag sets them.
+	BesideRegister func(*grpc.Server)
+	BesideActions  map[string]policy.Action
 }
 
 // RunCredentials serves the credentials service until ctx is done.
@@ -129,7 +136,11 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 		return fail(err)
 	}
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), nil, true, nil, rdb, logger)
+	rules := authz.Rules(credentials.Actions, nil)
+	for m, a := range cfg.BesideActions {
+		rules[m] = authz.Rule{Action: a}
+	}
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, rules, nil, true, nil, rdb, logger)
 	if err != nil {
 		return fail(err)
 	}
@@ -153,7 +164,11 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 		return fail(err)
 	}
 	srvCfg.Logger = logger
-	srv, err := server.New(srvCfg, svc.Register)
+	register := []func(*grpc.Server){svc.Register}
+	if cfg.BesideRegister != nil {
+		register = append(register, cfg.BesideRegister)
+	}
+	srv, err := server.New(srvCfg, register...)
 	if err != nil {
 		return fail(err)
 	}

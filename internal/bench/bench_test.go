@@ -84,8 +84,13 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	for _, v := range []string{lvlPlain, lvlTLS, lvlPolicy, lvlLimits, lvlProduction} {
-		if !seen[opIssue+"/"+v] || !seen[opResolve+"/"+v] {
-			t.Errorf("control: no IssueSession/ResolveSession rows for variant %s", v)
+		if !seen[opIssue+"/"+v] || !seen[opResolve+"/"+v] || !seen[opNoop+"/"+v] {
+			t.Errorf("control: no IssueSession/ResolveSession/no-op rows for variant %s", v)
+		}
+	}
+	for _, r := range rep.Control.Rows {
+		if (r.Op == opIssue || r.Op == opResolve) && r.ThroughputVsNoop <= 0 {
+			t.Errorf("control %s %s: no ratio to the no-op call", r.Op, r.Variant)
 		}
 	}
 	// The production services kept an audit trail on disk: intent and

@@ -23,6 +23,9 @@ const (
 	opIssue        = "IssueSession"
 	opResolve      = "ResolveSession"
 	opPut          = "PutCredential"
+	// opNoop is a unary method that does nothing, through the same server,
+	// interceptors and TLS as the credentials service (noop.go).
+	opNoop = "no-op unary (reference)"
 	opRedisGet     = "redis GET (reference)"
 	opEncrypt1     = "transit encrypt (1 item/call)"
 	opEncryptBatch = "transit encrypt (batch of 100)"
@@ -61,6 +64,10 @@ type ControlRow struct {
 	AddedCPUVsBaseUs float64 `json:"added_cpu_vs_base_us,omitempty"`
 	// ThroughputVsPlain is over the plain variant of the same operation.
 	ThroughputVsPlain float64 `json:"throughput_vs_plain,omitempty"`
+	// ThroughputVsNoop (IssueSession, ResolveSession) is over the no-op
+	// unary method served by the same variant, paired by round: the
+	// handles target.
+	ThroughputVsNoop float64 `json:"throughput_vs_noop,omitempty"`
 	// ThroughputVsEncrypt1 (PutCredential only) is over transit's
 	// single-item encrypt rate at the same concurrency, paired by round:
 	// the transit batching target.
@@ -170,6 +177,13 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				_, err := s.resolver.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handles[seq.Add(1)%nHandles]})
 				return err
 			}, nil
+		}},
+		{opNoop, 1, rpcVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error { return callNoop(ctx, s.conn) }, nil
 		}},
 		{opPut, 1, putVariants, func(v string) (Op, error) {
 			s, err := service(v)
@@ -284,6 +298,11 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				}
 				if v != lvlPlain && len(plainSum.Rounds) > 0 {
 					row.ThroughputVsPlain = pairedThroughput(s, plainSum)
+				}
+				if o.name == opIssue || o.name == opResolve {
+					if n := summarize(results[key{opNoop, v, c}]); len(n.Rounds) > 0 {
+						row.ThroughputVsNoop = pairedThroughput(s, n)
+					}
 				}
 				if o.name == opPut || o.name == opSeal {
 					row.ThroughputVsEncrypt1 = pairedThroughput(s, summarize(results[key{opEncrypt1, refVariant, c}]))

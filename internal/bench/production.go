@@ -17,6 +17,7 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -107,6 +108,7 @@ var credsVariants = []credsVariant{
 // bench's caller, and as the gateway (ResolveSession).
 type credsService struct {
 	addr     string
+	conn     grpc.ClientConnInterface // as the bench's caller
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
 	resolver credentialsv1.SessionServiceClient
@@ -194,7 +196,7 @@ func (e *env) credentialsVariant(ctx context.Context, v credsVariant) (*credsSer
 
 func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsService, error) {
 	if v.name == lvlPlain {
-		return &credsService{addr: e.credsAddr, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
+		return &credsService{addr: e.credsAddr, conn: e.credsConn, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
 	}
 	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix, HandleKeys: e.handleKeys}
 	s := &credsService{}
@@ -208,7 +210,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		if s.addr, err = e.serveGRPC(svc.Register); err != nil {
+		if s.addr, err = e.serveGRPC(svc.Register, registerNoop); err != nil {
 			return nil, err
 		}
 	case lvlTLS:
@@ -220,7 +222,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		if s.addr, err = e.serveTLS(pki.credsCert, pki.credsKey, svc.Register); err != nil {
+		if s.addr, err = e.serveTLS(pki.credsCert, pki.credsKey, svc.Register, registerNoop); err != nil {
 			return nil, err
 		}
 	default:
@@ -234,6 +236,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		cfg.Security = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: credentialsKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
+		cfg.BesideRegister, cfg.BesideActions = registerNoop, map[string]policy.Action{noopMethod: noopAction}
 		cfg.TransitBatch = transit.BatchOptions{MaxItems: 1}
 		if v.batch {
 			cfg.TransitBatch = e.opts.TransitBatch
@@ -252,6 +255,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	if err != nil {
 		return nil, err
 	}
+	s.conn = caller
 	s.creds = credentialsv1.NewCredentialServiceClient(caller)
 	s.sessions = credentialsv1.NewSessionServiceClient(caller)
 	s.resolver = credentialsv1.NewSessionServiceClient(gw)

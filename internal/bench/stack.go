@@ -65,6 +65,7 @@ type env struct {
 	handleKeys *handle.Keys
 
 	credsAddr string
+	credsConn *grpc.ClientConn
 	creds     credentialsv1.CredentialServiceClient
 	sessions  credentialsv1.SessionServiceClient
 
@@ -158,13 +159,14 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	if e.credsAddr, err = e.serveGRPC(credSvc.Register); err != nil {
+	if e.credsAddr, err = e.serveGRPC(credSvc.Register, registerNoop); err != nil {
 		return nil, err
 	}
 	conn, err := e.dial(e.credsAddr)
 	if err != nil {
 		return nil, err
 	}
+	e.credsConn = conn
 	e.creds = credentialsv1.NewCredentialServiceClient(conn)
 	e.sessions = credentialsv1.NewSessionServiceClient(conn)
 	ok = true
