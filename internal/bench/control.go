@@ -20,12 +20,12 @@ const cpTenant = "bench-cp"
 
 // Control-plane operations.
 const (
-	opIssue        = "IssueSession"
-	opResolve      = "ResolveSession"
-	opPut          = "PutCredential"
+	opIssue   = "IssueSession"
+	opResolve = "ResolveSession"
+	opPut     = "PutCredential"
 	// opNoop is a unary method that does nothing, through the same server,
 	// interceptors and TLS as the credentials service (noop.go).
-	opNoop = "no-op unary (reference)"
+	opNoop         = "no-op unary (reference)"
 	opRedisGet     = "redis GET (reference)"
 	opEncrypt1     = "transit encrypt (1 item/call)"
 	opEncryptBatch = "transit encrypt (batch of 100)"
