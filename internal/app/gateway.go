@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -16,6 +17,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -64,6 +66,16 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
+	// WialonSessionRequests and WialonSessionHeavy bound the requests, and
+	// heavy requests, one shared Wialon session serves at once across
+	// replicas (0: Wialon's 10 and 3); WialonLeaseTTL is how long a slot
+	// of a replica that died stays taken (0: 15 s).
+	WialonSessionRequests int
+	WialonSessionHeavy    int
+	WialonLeaseTTL        time.Duration
+	// WialonRawServices is the raw pass-through's allow-list of Wialon
+	// services, comma-separated ("": wialon.DefaultRawServices).
+	WialonRawServices string
 	// PurgeInterval is how often the sessions of deleted or replaced
 	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
 	// never, except through Service.PurgeRetired).
@@ -192,7 +204,11 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if err != nil {
 		return nil, err
 	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, cfg.tuning(), logger)
+	tuning, err := cfg.tuning()
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, nil, "", logger)
 	if err != nil {
 		return nil, err
 	}
@@ -218,12 +234,29 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 }
 
 // tuning is what the gateway's flags tell the providers.
-func (cfg GatewayConfig) tuning() provider.Tuning {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin}
+func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin,
+		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
 	}
-	return t
+	if cfg.WialonSessionRequests < 0 || cfg.WialonSessionHeavy < 0 || cfg.WialonLeaseTTL < 0 {
+		return t, fmt.Errorf("--wialon-session-requests, --wialon-session-heavy and --wialon-lease-ttl must not be negative")
+	}
+	if cfg.WialonLeaseTTL > 0 && cfg.WialonLeaseTTL < time.Second {
+		return t, fmt.Errorf("--wialon-lease-ttl must be at least 1s (it is renewed every third of it)")
+	}
+	if strings.TrimSpace(cfg.WialonRawServices) != "" {
+		for _, svc := range strings.Split(cfg.WialonRawServices, ",") {
+			if svc = strings.TrimSpace(svc); svc != "" {
+				t.RawServices = append(t.RawServices, svc)
+			}
+		}
+		if err := wialon.CheckRawServices(t.RawServices); err != nil {
+			return t, fmt.Errorf("--wialon-raw-services: %w", err)
+		}
+	}
+	return t, nil
 }
 
 // apiKeyCredentials sends the gateway's API key with every call to the

@@ -95,6 +95,7 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		ValidationState:   validation.State,
 		ValidationMessage: validation.Message,
 		UpstreamUser:      validation.UpstreamUser,
+		LastUsedTime:      validation.Time, // a validation logs in: zero when skipped
 	}
 	if err := s.sealRecord(ctx, &rec, sec); err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
@@ -193,6 +194,9 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 	} else if err != nil {
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
+	if err == nil {
+		s.recordUse(ctx, rec)
+	}
 	updated, err := s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, validation)
 	if err != nil {
 		return nil, s.toStatus(ctx, "validate credential", err)
@@ -220,6 +224,9 @@ func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	}
 	if !rec.ValidateTime.IsZero() {
 		out.ValidateTime = timestamppb.New(rec.ValidateTime)
+	}
+	if !rec.LastUsedTime.IsZero() {
+		out.LastUseTime = timestamppb.New(rec.LastUsedTime)
 	}
 	return out
 }

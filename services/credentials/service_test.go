@@ -131,6 +131,8 @@ type harnessOptions struct {
 	refuseLegacyAD bool
 	// adjust change the configuration further.
 	adjust []func(*app.CredentialsConfig)
+	// sim configures the simulator (newHarnessWith only).
+	sim simulator.Config
 }
 
 // syncBuffer collects log output for assertions.
@@ -148,7 +150,7 @@ func newHarnessWith(t *testing.T, be backend, opts harnessOptions) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sim := simulator.New(simulator.Config{})
+	sim := simulator.New(opts.sim)
 	sim.AddWialonToken(canaryToken)
 	sim.AddFleetUpAccount("canary-api-key", 4242, canaryFleetUpSecret)
 	simServer := httptest.NewServer(sim.Handler())

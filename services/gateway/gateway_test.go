@@ -105,6 +105,8 @@ type stackOptions struct {
 	extraAllowed []string
 	// wialonSessionTTL is --wialon-session-ttl (0: the default).
 	wialonSessionTTL time.Duration
+	// sim configures the simulator (its clock is the stack's).
+	sim simulator.Config
 }
 
 func newStack(t *testing.T, opts stackOptions) *stack {
@@ -116,7 +118,9 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 		opts.fleetupRate = 1000
 	}
 	st := &stack{simClock: &atomic.Int64{}, logs: &syncBuffer{}, resolves: &atomic.Int64{}}
-	st.sim = simulator.New(simulator.Config{Now: func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }})
+	simCfg := opts.sim
+	simCfg.Now = func() time.Time { return time.Now().Add(time.Duration(st.simClock.Load())) }
+	st.sim = simulator.New(simCfg)
 	st.sim.AddWialonToken(canaryToken)
 	st.sim.AddFleetUpAccount(canaryAPIKey, canaryAccount, canarySecret)
 	st.simURL, st.simSeen = serveUpstream(t, st.sim.Handler())

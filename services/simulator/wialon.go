@@ -134,6 +134,8 @@ func (s *Simulator) wialonCall(ip, sid string, sess *session, svc string, params
 		return s.wialonBatch(ip, sid, sess, params, depth)
 	case "core/search_items":
 		return s.wialonSearchItems(params)
+	case "core/search_item":
+		return s.wialonSearchItem(params)
 	case "messages/load_interval":
 		return s.wialonLoadInterval(sess, params)
 	case "messages/unload":
@@ -438,6 +440,33 @@ func (s *Simulator) wialonSearchItems(params json.RawMessage) wialonReply {
 		"indexTo":         to,
 		"items":           items,
 	})
+}
+
+// wialonSearchItem serves core/search_item: one item by id, as
+// core/search_items describes it (help.wialon.com …/core/search_item:
+// {"item": {...}, "flags": n}, error 7 for an item not found).
+func (s *Simulator) wialonSearchItem(params json.RawMessage) wialonReply {
+	var p struct {
+		ID    *int64 `json:"id"`
+		Flags int64  `json:"flags"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || p.ID == nil {
+		return fail(wErrInvalidInput, "id is required")
+	}
+	u, found := s.unitByID(*p.ID)
+	if !found {
+		return fail(wErrAccessDenied, "")
+	}
+	item := map[string]any{"id": u.ID}
+	if p.Flags&0x1 != 0 {
+		item["nm"], item["cls"], item["mu"], item["uacl"] = u.Name, 2, 0, 0x1ff
+	}
+	if p.Flags&0x400 != 0 {
+		f := u.at(s.now())
+		item["pos"] = toWialonPos(f, true)
+		item["lmsg"] = wialonMessage(f, 0)
+	}
+	return ok(map[string]any{"item": item, "flags": p.Flags})
 }
 
 // wialonLoadInterval serves messages/load_interval: it loads the interval

@@ -193,7 +193,10 @@ type WialonSecret struct {
 	// Base URL of a self-hosted Wialon (e.g. https://wialon.example.com).
 	// Empty means https://hst-api.wialon.com. The host must be on the server's
 	// allow-list.
-	BaseUrl       string `protobuf:"bytes,2,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	BaseUrl string `protobuf:"bytes,2,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// Log in as this user (token/login operateAs) instead of the token's
+	// own user; empty for the token's user.
+	OperateAs     string `protobuf:"bytes,3,opt,name=operate_as,json=operateAs,proto3" json:"operate_as,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -238,6 +241,13 @@ func (x *WialonSecret) GetToken() string {
 func (x *WialonSecret) GetBaseUrl() string {
 	if x != nil {
 		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *WialonSecret) GetOperateAs() string {
+	if x != nil {
+		return x.OperateAs
 	}
 	return ""
 }
@@ -341,8 +351,13 @@ type Credential struct {
 	BaseUrl string `protobuf:"bytes,13,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
 	// The FleetUp account id (not secret); 0 for Wialon.
 	FleetupAccountId int64 `protobuf:"varint,14,opt,name=fleetup_account_id,json=fleetupAccountId,proto3" json:"fleetup_account_id,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// When the broker last logged in upstream with the secret (a mint, a
+	// validation or a keep-alive); unset if never since it was stored. Wialon
+	// deletes a token unused for 100 days: the credentials service logs in
+	// with every stored token at least every --wialon-keepalive.
+	LastUseTime   *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Credential) Reset() {
@@ -471,6 +486,13 @@ func (x *Credential) GetFleetupAccountId() int64 {
 		return x.FleetupAccountId
 	}
 	return 0
+}
+
+func (x *Credential) GetLastUseTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUseTime
+	}
+	return nil
 }
 
 type PutCredentialRequest struct {
@@ -2162,10 +2184,12 @@ var File_fleetbroker_credentials_v1_credentials_proto protoreflect.FileDescripto
 
 const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\n" +
-	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
+	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n" +
 	"\fWialonSecret\x12.\n" +
 	"\x05token\x18\x01 \x01(\tB\x18\xbaH\x15r\x132\x0e^[A-Za-z0-9]*$\x98\x01HR\x05token\x12)\n" +
-	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xab\x01\n" +
+	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\x12'\n" +
+	"\n" +
+	"operate_as\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x01R\toperateAs\"\xab\x01\n" +
 	"\rFleetUpSecret\x12#\n" +
 	"\aapi_key\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x04R\x06apiKey\x12&\n" +
@@ -2173,7 +2197,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"account_id\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02 \x00R\taccountId\x12\"\n" +
 	"\x06secret\x18\x03 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\bR\x06secret\x12)\n" +
-	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\x83\x06\n" +
+	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xc3\x06\n" +
 	"\n" +
 	"Credential\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12#\n" +
@@ -2192,7 +2216,8 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\rupstream_user\x18\v \x01(\tR\fupstreamUser\x12J\n" +
 	"\x06labels\x18\f \x03(\v22.fleetbroker.credentials.v1.Credential.LabelsEntryR\x06labels\x12\x19\n" +
 	"\bbase_url\x18\r \x01(\tR\abaseUrl\x12,\n" +
-	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x1a9\n" +
+	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x12>\n" +
+	"\rlast_use_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x05\n" +
@@ -2421,55 +2446,56 @@ var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	35, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
 	33, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
-	3,  // 6: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	4,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	34, // 8: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	5,  // 9: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 10: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 11: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 12: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	36, // 13: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 14: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 15: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 16: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	0,  // 17: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
-	2,  // 18: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 19: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 20: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	4,  // 21: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	35, // 22: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 23: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
-	31, // 24: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	31, // 25: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	6,  // 26: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	8,  // 27: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	10, // 28: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	12, // 29: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	14, // 30: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	16, // 31: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	18, // 32: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	20, // 33: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	22, // 34: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	24, // 35: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	26, // 36: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	30, // 37: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	7,  // 38: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	9,  // 39: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	11, // 40: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	13, // 41: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	15, // 42: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	17, // 43: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	19, // 44: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	21, // 45: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	23, // 46: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	25, // 47: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	27, // 48: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	32, // 49: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	38, // [38:50] is the sub-list for method output_type
-	26, // [26:38] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	35, // 6: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
+	3,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	4,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	34, // 9: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	5,  // 10: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	5,  // 11: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	5,  // 12: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
+	5,  // 13: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	36, // 14: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	2,  // 15: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	35, // 16: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 17: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	0,  // 18: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
+	2,  // 19: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	35, // 20: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 21: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	4,  // 22: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	35, // 23: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	37, // 24: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	31, // 25: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	31, // 26: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	6,  // 27: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	8,  // 28: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	10, // 29: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	12, // 30: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	14, // 31: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	16, // 32: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	18, // 33: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	20, // 34: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	22, // 35: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	24, // 36: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	26, // 37: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	30, // 38: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	7,  // 39: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	9,  // 40: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	11, // 41: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	13, // 42: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	15, // 43: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	17, // 44: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	19, // 45: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	21, // 46: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	23, // 47: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	25, // 48: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	27, // 49: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	32, // 50: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	39, // [39:51] is the sub-list for method output_type
+	27, // [27:39] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }
