@@ -8,13 +8,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
 func leaseReplicas(t *testing.T, n int) ([]*sessionLeases, tokencache.Key) {
 	t.Helper()
-	rs := testenv.Redis(t)
+	return leaseReplicasOn(t, testenv.Redis(t), n)
+}
+
+func leaseReplicasOn(t *testing.T, rs interface {
+	Client(testing.TB) redis.UniversalClient
+}, n int) ([]*sessionLeases, tokencache.Key) {
+	t.Helper()
 	prefix := testenv.RedisPrefix(t)
 	out := make([]*sessionLeases, n)
 	for i := range out {
@@ -50,6 +58,28 @@ func TestLeaseLimitHoldsAcrossReplicas(t *testing.T) {
 	if p := peak.Load(); p > limit || p < 2 {
 		t.Errorf("peak of %d holders, want at most %d (and some overlap)", p, limit)
 	}
+}
+
+// The four keys of a lease share the tenant's slot: the scripts run on a
+// Redis Cluster too.
+func TestLeaseOnRedisCluster(t *testing.T) {
+	replicas, key := leaseReplicasOn(t, testenv.RedisShardedCluster(t), 2)
+	ctx := context.Background()
+	release, err := replicas[0].lease(ctx, key, "req", 1, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	if _, err := replicas[1].lease(wctx, key, "req", 1, time.Second); err == nil {
+		t.Fatal("a second holder of a one-slot lease")
+	}
+	release()
+	r, err := replicas[1].lease(ctx, key, "req", 1, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r()
 }
 
 // Waiters are served in the order they asked, whichever replica they ask.

@@ -372,6 +372,7 @@ func (c *Client) call(ctx context.Context, baseURL, sid, svc string, params []by
 // codes").
 const (
 	errInvalidSession  = 1
+	errInvalidService  = 2
 	errInvalidInput    = 4
 	errRequestFailed   = 5
 	errUnknown         = 6
@@ -379,11 +380,14 @@ const (
 	errBadCredentials  = 8
 	errAuthUnavailable = 9
 	errTooManyRequests = 10
+	errBilling         = 14
 	errNoMessages      = 1001
+	errItemExists      = 1002
 	errConcurrentLimit = 1003
 	errTooManyMessages = 1004
 	errTooLong         = 1005
 	errSessionExpired  = 1011
+	errTwoFactor       = 1006
 )
 
 // Waits suggested to callers where Wialon gives no hint.
@@ -414,6 +418,18 @@ func classify(svc string, code int, reason string) *upstream.Error {
 		e.Reason = "error 1011: the session expired or the broker's egress IP changed; Wialon binds a session to the IP address that logged in, so the broker needs one stable egress IP per Wialon host"
 	case errInvalidInput:
 		e.Kind = upstream.KindInvalidInput
+	case errInvalidService:
+		e.Kind = upstream.KindInvalidInput
+		e.Reason = "error 2: Wialon does not know this service"
+	case errItemExists:
+		e.Kind = upstream.KindInvalidInput
+		e.Reason = "error 1002: the item already exists, or the account's billing forbids it"
+	case errBilling:
+		e.Kind = upstream.KindAccessDenied
+		e.Reason = "error 14: the Wialon account's billing refuses this"
+	case errTwoFactor:
+		e.Kind = upstream.KindRateLimited
+		e.RetryAfter = 100 * time.Second // Wialon: at most 4 invalid codes in 100 s
 	case errTooManyMessages:
 		e.Kind = upstream.KindInvalidInput
 		e.Reason = "error 1004: Wialon's limit of loaded messages was exceeded; narrow the interval"
