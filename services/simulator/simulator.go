@@ -4,6 +4,12 @@
 // and Wialon at /wialon/ajax.html. /sim/... exposes counters and run-time
 // fault injection.
 //
+// It is a test double for the real APIs, not for fleetbroker's clients: it
+// enforces what the real ones enforce (Wialon's per-session and per-IP
+// limits, its idle timeout, its message layer: wialon_limits.go), citing
+// upstream-facts.md beside each behaviour, so a client that passes here is
+// not blocked there.
+//
 // It is a test double, not a security boundary: /sim endpoints are
 // unauthenticated. Still, it never logs and never reports credentials:
 // statistics name tokens and API keys only by a fingerprint.
