@@ -332,7 +332,10 @@ func (p *Provider) HistoryPage(ctx context.Context, c *provider.Conn, req provid
 			page.Positions = append(page.Positions, pos)
 		}
 	}
-	if total > len(msgs) && len(msgs) > 0 {
+	// Wialon's count says whether the range holds more. Should it count
+	// only what was returned (unverified which), a full page is taken to
+	// mean there may be more: at worst one empty page follows.
+	if len(msgs) > 0 && (total > len(msgs) || len(msgs) >= size+cur.skip) {
 		page.NextPageToken = nextPageToken(msgs, cur, req.UnitID, req.From, req.To)
 	}
 	return page, nil
