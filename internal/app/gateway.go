@@ -235,7 +235,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 
 // tuning is what the gateway's flags tell the providers.
 func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin,
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{},
 		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
@@ -247,14 +247,16 @@ func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
 		return t, fmt.Errorf("--wialon-lease-ttl must be at least 1s (it is renewed every third of it)")
 	}
 	if strings.TrimSpace(cfg.WialonRawServices) != "" {
+		var services []string
 		for _, svc := range strings.Split(cfg.WialonRawServices, ",") {
 			if svc = strings.TrimSpace(svc); svc != "" {
-				t.RawServices = append(t.RawServices, svc)
+				services = append(services, svc)
 			}
 		}
-		if err := wialon.CheckRawServices(t.RawServices); err != nil {
+		if err := wialon.CheckRawServices(services); err != nil {
 			return t, fmt.Errorf("--wialon-raw-services: %w", err)
 		}
+		t.RawAllow[wialon.Name] = services
 	}
 	return t, nil
 }

@@ -288,6 +288,10 @@ type Tuning struct {
 	// ExpiryMargin replaces a session with an upstream expiry this long
 	// before it (--jwt-safety-margin).
 	ExpiryMargin time.Duration
+	// RawAllow is the operator's allow-list of raw pass-through targets,
+	// by provider name (--fleetup-raw-paths); a provider without an entry
+	// uses its own default list.
+	RawAllow map[string][]string
 	// AccountLimit is the per-account request budget of providers that ask
 	// for one (--fleetup-rate, --fleetup-burst).
 	AccountLimit Limit
@@ -302,9 +306,6 @@ type Tuning struct {
 	// KeepAlive is how often at least a stored secret is used upstream, so
 	// the upstream does not delete it as unused (--wialon-keepalive).
 	KeepAlive time.Duration
-	// RawServices is the raw pass-through's allow-list (nil: the
-	// provider's default; --wialon-raw-services).
-	RawServices []string
 }
 
 // SessionLimits bound one upstream session's concurrent requests.

@@ -110,8 +110,8 @@ func NewProvider(env provider.Env) provider.Provider {
 	if keepAlive <= 0 {
 		keepAlive = DefaultKeepAlive
 	}
-	raw := t.RawServices
-	if raw == nil {
+	raw, ok := t.RawAllow[Name] // --wialon-raw-services
+	if !ok {
 		raw = DefaultRawServices
 	}
 	logger := env.Logger

@@ -355,7 +355,7 @@ type Credential struct {
 	// validation or a keep-alive); unset if never since it was stored. Wialon
 	// deletes a token unused for 100 days: the credentials service logs in
 	// with every stored token at least every --wialon-keepalive.
-	LastUseTime   *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
+	LastUseTime   *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2217,7 +2217,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x06labels\x18\f \x03(\v22.fleetbroker.credentials.v1.Credential.LabelsEntryR\x06labels\x12\x19\n" +
 	"\bbase_url\x18\r \x01(\tR\abaseUrl\x12,\n" +
 	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x12>\n" +
-	"\rlast_use_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x1a9\n" +
+	"\rlast_use_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x05\n" +
