@@ -156,7 +156,7 @@ func (s *Simulator) wialonCall(ip, sid string, sess *session, svc string, params
 	case "core/create_auth_hash":
 		return s.wialonCreateAuthHash(sess)
 	case "token/list":
-		return s.wialonTokenList(sess)
+		return s.wialonTokenListReply(sess)
 	case "token/update":
 		return s.wialonTokenUpdate(sess, params)
 	default:
@@ -305,10 +305,10 @@ func (s *Simulator) wialonCreateAuthHash(sess *session) wialonReply {
 	return ok(map[string]any{"authHash": h})
 }
 
-// wialonTokenList lists the user's tokens with the token strings
+// wialonTokenListReply lists the user's tokens with the token strings
 // themselves (h). facts: "token/list returns the user's tokens including
 // the token strings themselves (h)".
-func (s *Simulator) wialonTokenList(sess *session) wialonReply {
+func (s *Simulator) wialonTokenListReply(sess *session) wialonReply {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := []map[string]any{}
