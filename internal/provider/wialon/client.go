@@ -508,15 +508,19 @@ func malformed(svc string, err error) *upstream.Error {
 // Wialon refused for a concurrency limit (KindRateLimited: 1003, 10) did
 // not run and is retried whatever it is, with an exponential backoff that
 // stops short of ctx's deadline; a failed one (KindUnavailable) only when
-// idempotent. A login never goes through here.
+// idempotent. Another try starts only if the pause and a try as long as
+// the last one fit before ctx's deadline, so a slow upstream is reported as
+// such within the caller's deadline. A login never goes through here.
 func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f func() (T, error)) (T, error) {
 	var zero T
 	limited, failed := 0, 0
 	for {
+		start := time.Now()
 		v, err := f()
 		if err == nil {
 			return v, nil
 		}
+		last := max(time.Since(start), minAttempt)
 		var pause time.Duration
 		switch upstream.KindOf(err) {
 		case upstream.KindRateLimited:
@@ -537,8 +541,8 @@ func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f f
 		default:
 			return zero, err
 		}
-		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause {
-			return zero, err // the wait would outlast the caller
+		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause+last {
+			return zero, err // the wait and another try would outlast the caller
 		}
 		t := time.NewTimer(pause)
 		select {
@@ -549,6 +553,10 @@ func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f f
 		}
 	}
 }
+
+// minAttempt is the least time send counts another try as needing,
+// however fast the last one failed.
+const minAttempt = 50 * time.Millisecond
 
 // backoff is the n-th (from 1) pause of an exponential backoff from base
 // to max with full jitter, so replicas retrying together spread out.
