@@ -35,7 +35,7 @@ check-generated: generate
 
 ## test: every test, with the race detector, against real redis-server and Vault
 test: tools
-	@command -v redis-server >/dev/null || { echo 'redis-server missing: apt-get install -y redis-server'; exit 1; }
+	@scripts/redis.sh
 	go test -race -count=1 ./...
 
 ## test-fuzz: run every fuzz target briefly (seed corpora under */testdata/fuzz)

@@ -4,7 +4,7 @@
 # each only when its pinned version is missing:
 #   buf, protoc-gen-go, protoc-gen-go-grpc  from the Go module proxy
 #   vault 1.21.0                            built from tools/vault (10-15 min the first time)
-# redis-server comes from Debian: `apt-get install -y redis-server` (done by .ci/run).
+# redis-server comes from the system: scripts/redis.sh installs it where it can.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

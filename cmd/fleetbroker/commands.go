@@ -35,6 +35,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	fs.BoolVar(&cfg.WriteLegacyFormats, "write-legacy-formats", false, "issue CRC32 session handles and seal secrets with version 1 associated data, which the previous release reads: only while upgrading from it (see docs/operations.md)")
 	addWialonLoginFlags(fs, cfg)
 	legacyAD := fs.Bool("legacy-associated-data", true, "open secrets sealed with version 1 associated data (tenant + credential only); set false once `fleetbroker migrate` has re-sealed them all")
+	addAuthorizeFlags(fs, &cfg.Authorize, &cfg.Events)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)
@@ -104,6 +105,8 @@ func runDev(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.MaxSessionTTL, "max-session-ttl", credentials.DefaultMaxSessionTTL, "maximum session handle lifetime")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 50, "FleetUp requests per second per account (the simulator needs no 1/s limit)")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "localhost:7490", "HTTP address serving Prometheus metrics at /metrics (empty: off)")
+	fs.StringVar(&cfg.AuthorizeListen, "authorize-listen", "localhost:7403", "listen address of the Wialon authorization callback (empty: off)")
+	fs.StringVar(&cfg.AuthorizeReturnURLs, "authorize-return-urls", "", "extra return URLs a Wialon authorization may end at (dev's own page is always allowed)")
 	fs.BoolVar(&cfg.ListenAnywhere, "dev-listen-anywhere", false, "let --listen and --metrics-listen bind non-loopback addresses (dev has no caller authentication: anyone who reaches the port may read and write every credential)")
 	logf := addLogFlags(fs, "text") // dev is read by humans
 	if err := parse(fs, args); err != nil {
@@ -198,6 +201,7 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.DurationVar(&cfg.HandleCacheTTL, "handle-cache-ttl", gateway.DefaultHandleCacheTTL, "how long a handle resolution is reused (at most 5s; revocation takes effect within it)")
 	fs.IntVar(&cfg.FleetUpRate, "fleetup-rate", 1, "FleetUp requests per second per account, shared by all replicas")
 	fs.IntVar(&cfg.FleetUpBurst, "fleetup-burst", 2, "FleetUp requests allowed in a burst above --fleetup-rate")
+	fs.StringVar(&cfg.FleetUpRawPaths, "fleetup-raw-paths", "", "comma-separated FleetUp paths CallProvider may reach, exactly (default: the documented read-only endpoints; /token is never allowed)")
 	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
 	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")
@@ -205,6 +209,8 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.IntVar(&cfg.WialonSessionHeavy, "wialon-session-heavy", wialon.DefaultSessionHeavy, "heavy requests (message loads, trips, reports) one shared Wialon session serves at once, across replicas (Wialon: 3)")
 	fs.DurationVar(&cfg.WialonLeaseTTL, "wialon-lease-ttl", wialon.DefaultLeaseTTL, "how long a session slot of a replica that died stays taken (slots are renewed every third of it)")
 	fs.StringVar(&cfg.WialonRawServices, "wialon-raw-services", strings.Join(wialon.DefaultRawServices, ","), "comma-separated read-only Wialon services CallProvider may run, alone or in core/batch")
+	fs.IntVar(&cfg.MaxStreamsPerHandle, "max-streams-per-handle", gateway.DefaultMaxStreamsPerHandle, "open WatchPositions streams one session handle may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
+	fs.IntVar(&cfg.MaxStreamsPerTenant, "max-streams-per-tenant", gateway.DefaultMaxStreamsPerTenant, "open WatchPositions streams one tenant may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
 	addHandleKeyFlag(fs, &cfg.HandleKeyFile)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {

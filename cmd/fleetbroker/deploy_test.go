@@ -44,7 +44,7 @@ var serverFlagSets = map[string]func() *flag.FlagSet{
 
 // fileFlags are flags whose value is a file the container reads; in a pod it
 // must come from a mounted ConfigMap or Secret.
-var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key", "handle-key-file"}
+var fileFlags = []string{"tls-cert", "tls-key", "tls-client-ca", "policy", "credentials-ca", "credentials-cert", "credentials-key", "handle-key-file", "authorize-tls-cert", "authorize-tls-key"}
 
 // --- the subset of the Kubernetes API the checks read ---
 
@@ -510,8 +510,8 @@ func TestKubernetesManifests(t *testing.T) {
 				if !declaresPort(d, target) {
 					t.Errorf("Service %s port %d targets %q, which no container of Deployment %s declares", s.Metadata.Name, p.Port, target.value, d.Metadata.Name)
 				}
-				if p.AppProtocol != "grpc" {
-					t.Errorf("Service %s port %d: appProtocol %q, want grpc (meshes balance gRPC per call)", s.Metadata.Name, p.Port, p.AppProtocol)
+				if p.AppProtocol != "grpc" && !(p.AppProtocol == "https" && targetsCallback(d, target)) {
+					t.Errorf("Service %s port %d: appProtocol %q, want grpc (meshes balance gRPC per call), or https for the authorization callback", s.Metadata.Name, p.Port, p.AppProtocol)
 				}
 			}
 		}

@@ -136,6 +136,7 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 func addDeadlineFlags(fs *flag.FlagSet, cfg *server.Config) {
 	fs.DurationVar(&cfg.DefaultDeadline, "default-deadline", 30*time.Second, "deadline of a unary call whose caller set none")
 	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest inbound message in bytes")
+	fs.IntVar(&cfg.MaxConcurrentStreams, "max-concurrent-streams", server.DefaultMaxConcurrentStreams, "calls and streams one client connection may have open at once; more wait for a free one (negative: no bound)")
 }
 
 // addMeshFlags are the connection settings a mesh or L4 balancer needs.

@@ -24,6 +24,8 @@ func runSimulator(ctx context.Context, args []string) error {
 	fs.Float64Var(&cfg.Faults.RateLimitRate, "fault-rate-limit-rate", 0, "fraction of replies that are 429 / Wialon error 1003")
 	fs.Float64Var(&cfg.Faults.SlowRate, "fault-slow-rate", 0, "fraction of replies delayed by --fault-slow-delay")
 	fs.DurationVar(&cfg.Faults.SlowDelay, "fault-slow-delay", 2*time.Second, "delay of slow replies")
+	fs.Float64Var(&cfg.FleetUpAccountRate, "fleetup-account-rate", 0, "FleetUp requests per second each account may make before 429 with Retry-After (0: no limit)")
+	fs.IntVar(&cfg.FleetUpAccountBurst, "fleetup-account-burst", 1, "FleetUp requests each account may make at once above --fleetup-account-rate")
 	logf := addLogFlags(fs, "json")
 	if err := parse(fs, args); err != nil {
 		return err

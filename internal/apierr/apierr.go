@@ -59,6 +59,14 @@ const (
 	// ReasonRetired: the RPC is retired (UNIMPLEMENTED); its documentation
 	// names the replacement.
 	ReasonRetired = "RETIRED"
+	// ReasonCredentialsUnavailable: the gateway could not reach the
+	// credentials service (to resolve a handle or mint an upstream
+	// session). UNAVAILABLE with RetryInfo.
+	ReasonCredentialsUnavailable = "CREDENTIALS_SERVICE_UNAVAILABLE"
+	// ReasonTooManyStreams: the session handle or its tenant already holds
+	// as many open streams on this gateway replica as it may
+	// (RESOURCE_EXHAUSTED); close one first.
+	ReasonTooManyStreams = "TOO_MANY_STREAMS"
 )
 
 // New returns a status error with an ErrorInfo detail carrying reason and

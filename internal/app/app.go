@@ -13,6 +13,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
@@ -83,6 +84,15 @@ type CredentialsConfig struct {
 	// looks for tokens due (0: 1 h; negative: no sweeps).
 	WialonKeepAlive time.Duration
 	KeepAliveSweep  time.Duration
+	// Authorize is the Wialon authorization flow and its callback listener;
+	// Events the credential events and checks.
+	Authorize AuthorizeConfig
+	Events    EventsConfig
+	// RedisClient holds the flow's states and the events, and Audit records
+	// the flow's callbacks; BuildCredentials sets both (a nil RedisClient
+	// turns the flow and the events off).
+	RedisClient redis.UniversalClient
+	Audit       *audit.Logger
 }
 
 // tuning is what the credentials service's flags tell the providers.
@@ -108,37 +118,59 @@ func (cfg CredentialsConfig) tuning() (provider.Tuning, error) {
 
 // RunCredentials serves the credentials service until ctx is done.
 func RunCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) error {
+	var built *CredentialsServers
 	return runServer(ctx, "fleetbroker-credentials", cfg.MetricsListen, logger, func(m *telemetry.Metrics) (*server.Server, func(), error) {
 		cfg.Metrics = m
-		return BuildCredentials(ctx, cfg, logger)
-	})
+		b, closeAll, err := BuildCredentialsServers(ctx, cfg, logger)
+		if err != nil {
+			return nil, nil, err
+		}
+		built = b
+		return b.GRPC, closeAll, nil
+	}, func(ctx context.Context) error { return built.ServeBeside(ctx) })
 }
 
-// BuildCredentials builds the credentials service's server and everything
-// under it, in order: handle keys, Vault, Redis, security (TLS, policy,
-// audit), the store, the service. The returned func releases them after
-// serving.
+// BuildCredentials builds the credentials service's gRPC server and
+// everything under it (see BuildCredentialsServers), for callers that serve
+// only the gRPC port: --check-config.
 func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) (*server.Server, func(), error) {
+	b, closeAll, err := BuildCredentialsServers(ctx, cfg, logger)
+	if err != nil {
+		return nil, nil, err
+	}
+	return b.GRPC, closeAll, nil
+}
+
+// BuildCredentialsServers builds what the credentials service serves and
+// everything under it, in order: handle keys, Vault, Redis, security (TLS,
+// policy, audit), the store, the service, its gRPC server and its
+// authorization callback listener. The returned func releases them after serving.
+func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger *slog.Logger) (*CredentialsServers, func(), error) {
 	var closers closeStack
+	fail := func(err error) (*CredentialsServers, func(), error) {
+		closers.closeAll()
+		return nil, nil, err
+	}
 	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	cfg.HandleKeys = keys
 	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
 	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), nil, true, nil, rdb, logger)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	closers.push(sec.Close)
 	cfg.Authorizer = sec.authorizer
+	cfg.RedisClient, cfg.Audit = rdb, sec.audit
 	st, err := credentialStore(ctx, cfg, rdb, logger)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	cfg.LegacyHandles = handle.NewLegacyWindow(rdb, cmp.Or(cfg.RedisPrefix, "fb"))
 	if cfg.WriteLegacyFormats {
@@ -146,16 +178,20 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, logger *slog.L
 	}
 	svc, err := NewCredentialsService(cfg, st, vault, logger)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	closers.push(startKeepAlive(svc, cfg.KeepAliveSweep))
 	srvCfg.Logger = logger
 	srv, err := server.New(srvCfg, svc.Register)
 	if err != nil {
-		return closers.fail(err)
+		return fail(err)
 	}
 	sec.checkRules(srv, logger)
-	return srv, closers.closeAll, nil
+	authorize, err := buildAuthorizeServer(cfg, svc, logger, &closers)
+	if err != nil {
+		return fail(err)
+	}
+	return &CredentialsServers{GRPC: srv, Service: svc, Authorize: authorize}, closers.closeAll, nil
 }
 
 // startKeepAlive runs the keep-alive sweeps of svc every interval (0: the
@@ -254,6 +290,10 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	if cfg.LegacyResolveSecret {
 		logger.Warn("--legacy-resolve-secret: the retired ResolveSecret hands long-lived secrets to the gateway; turn it off once every gateway is upgraded")
 	}
+	connect, events, err := cfg.connectAndEvents(logger)
+	if err != nil {
+		return nil, err
+	}
 	svc, err := credentials.New(credentials.Config{
 		Authorizer:                 authorizer,
 		Store:                      st,
@@ -270,6 +310,8 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 		RefuseLegacyAssociatedData: cfg.RefuseLegacyAssociatedData,
 		Redis:                      rdb,
 		RedisPrefix:                prefix,
+		Connect:                    connect,
+		Events:                     events,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("credentials service: %w", err)

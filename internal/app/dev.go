@@ -49,6 +49,11 @@ type DevConfig struct {
 	ListenAnywhere bool
 	// Out receives the printed walkthrough (stdout).
 	Out io.Writer
+	// AuthorizeListen serves the Wialon authorization callback (default
+	// localhost:7403; empty: off); AuthorizeReturnURLs are return URLs
+	// allowed besides dev's own page.
+	AuthorizeListen     string
+	AuthorizeReturnURLs string
 }
 
 // Demo tenant and credential ids seeded by `fleetbroker dev`.
@@ -125,12 +130,19 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		MaxSessionTTL:    cfg.MaxSessionTTL,
 		Metrics:          metrics,
 		HandleKeys:       handleKeys,
+		RedisClient:      rdb,
 	}
 	// Nothing in a fresh in-process Redis predates keyed handles: legacy
 	// ones are refused from the start, by both services.
 	credCfg.LegacyHandles = handle.NewLegacyWindow(rdb, "fb")
 	if _, err := credCfg.LegacyHandles.Close(ctx, 0); err != nil {
 		return fmt.Errorf("in-process redis: %w", err)
+	}
+	authURL, err := devAuthorize(cfg, &credCfg)
+	if err != nil {
+		simLis.Close()
+		grpcLis.Close()
+		return err
 	}
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
@@ -141,6 +153,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	}
 	defer sec.Close()
 	credCfg.Authorizer = sec.authorizer
+	credCfg.Audit = sec.audit
 	svc, err := NewCredentialsService(credCfg, store.NewRedis(rdb, store.RedisOptions{}), keyring, logger)
 	if err != nil {
 		return err
@@ -176,6 +189,11 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return ServeHTTP(gctx, simServer, simLis) })
 	g.Go(func() error { return srv.ServeListener(gctx, grpcLis) })
+	g.Go(func() error { return svc.RunBackground(gctx) })
+	if credCfg.Authorize.enabled() {
+		authorize := newAuthorizeServer(credCfg.Authorize, devAuthorizeHandler(svc.AuthorizeHandler()), nil, logger)
+		g.Go(func() error { return authorize.Serve(gctx) })
+	}
 	if cfg.MetricsListen != "" {
 		g.Go(func() error { return telemetry.Serve(gctx, cfg.MetricsListen, metrics.Handler(), logger) })
 	}
@@ -183,7 +201,13 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 		if err := seedDemo(gctx, grpcLis.Addr().String(), simURL); err != nil {
 			return fmt.Errorf("seed demo tenant: %w", err)
 		}
-		printWalkthrough(cfg.Out, displayAddr(cfg.Listen, grpcLis), simURL)
+		// One write, so whoever waits for "is ready" reads all of it.
+		var walkthrough strings.Builder
+		printWalkthrough(&walkthrough, displayAddr(cfg.Listen, grpcLis), simURL)
+		if authURL != "" {
+			printConnectWalkthrough(&walkthrough, displayAddr(cfg.Listen, grpcLis), simURL, authURL)
+		}
+		fmt.Fprint(cfg.Out, walkthrough.String())
 		return nil
 	})
 	return g.Wait()

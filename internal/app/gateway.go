@@ -9,14 +9,19 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -59,6 +64,10 @@ type GatewayConfig struct {
 	// are used instead (tests, dev).
 	HandleKeyFile string
 	HandleKeys    *handle.Keys
+	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
+	// CallProvider may reach (--fleetup-raw-paths); empty means
+	// fleetup.DefaultRawPaths.
+	FleetUpRawPaths string
 	// FleetUpRate is requests per second per FleetUp account, shared by all
 	// replicas; FleetUpBurst the burst above it.
 	FleetUpRate      int
@@ -76,6 +85,11 @@ type GatewayConfig struct {
 	// WialonRawServices is the raw pass-through's allow-list of Wialon
 	// services, comma-separated ("": wialon.DefaultRawServices).
 	WialonRawServices string
+	// MaxStreamsPerHandle and MaxStreamsPerTenant bound the open
+	// WatchPositions streams of one session handle and of one tenant on
+	// this replica (0: the gateway's defaults; negative: no limit).
+	MaxStreamsPerHandle int
+	MaxStreamsPerTenant int
 	// PurgeInterval is how often the sessions of deleted or replaced
 	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
 	// never, except through Service.PurgeRetired).
@@ -108,6 +122,9 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) err
 // service. The returned func releases them after serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
 	var closers closeStack
+	if _, err := cfg.tuning(); err != nil {
+		return closers.fail(err) // checked before anything is dialed
+	}
 	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
 	if err != nil {
 		return closers.fail(err)
@@ -129,6 +146,9 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	if cfg.CredentialsAPIKey != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(apiKeyCredentials{key: cfg.CredentialsAPIKey, secure: !cfg.CredentialsInsecure}))
 	}
+	// Reconnect within a second of the credentials service's return, not
+	// after gRPC's default backoff of up to two minutes.
+	opts = append(opts, grpc.WithConnectParams(credentialsConnectParams))
 	conn, err := grpc.NewClient(cfg.CredentialsAddr, opts...)
 	if err != nil {
 		return closers.fail(fmt.Errorf("credentials service client for %s: %w", cfg.CredentialsAddr, err))
@@ -140,9 +160,11 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	if cfg.Security.PolicyFile != "" {
 		src = nil
 	}
-	// Readiness is Redis only: with Vault down the gateway still serves
-	// every account whose upstream session is cached.
-	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb))
+	// Readiness is Redis and reaching the credentials service: with Vault
+	// down the gateway still serves every account whose upstream session
+	// is cached, and a credentials service that answers (even NOT_SERVING,
+	// for its own Vault) still resolves handles.
+	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), credentialsReady(conn))
 	keys, err = loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
 	if err != nil {
 		return closers.fail(err)
@@ -166,6 +188,33 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 	}
 	sec.checkRules(srv, logger)
 	return srv, closers.closeAll, nil
+}
+
+// credentialsConnectParams redial the credentials service at most a second
+// apart while it is unreachable (gRPC's default backs off to two minutes).
+var credentialsConnectParams = grpc.ConnectParams{
+	Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+	MinConnectTimeout: 5 * time.Second,
+}
+
+// credentialsReady checks that the credentials service answers at all: a
+// health check over the gateway's own connection. Any answer passes — the
+// service reports NOT_SERVING for its own dependencies (Vault) while it
+// still resolves handles; only failing to reach it fails. A failing check
+// also cuts the connection's reconnect backoff short, so the gateway is
+// ready again, and calls work, within about a second of the service's
+// return.
+func credentialsReady(conn *grpc.ClientConn) server.Check {
+	health := healthpb.NewHealthClient(conn)
+	return server.Check{Name: "credentials", Check: func(ctx context.Context) error {
+		_, err := health.Check(ctx, &healthpb.HealthCheckRequest{})
+		switch status.Code(err) {
+		case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
+			conn.ResetConnectBackoff()
+			return fmt.Errorf("credentials service at %s: %w", conn.Target(), err)
+		}
+		return nil // any answer, SERVING or not, comes from a reachable service
+	}}
 }
 
 // credentialsTransport is how the gateway dials the credentials service:
@@ -226,6 +275,9 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 		PurgeInterval:  cfg.PurgeInterval,
 		TenantLimit:    cfg.tenantLimit,
 		Logger:         logger,
+
+		MaxStreamsPerHandle: cfg.MaxStreamsPerHandle,
+		MaxStreamsPerTenant: cfg.MaxStreamsPerTenant,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -233,12 +285,19 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	return svc, nil
 }
 
-// tuning is what the gateway's flags tell the providers.
+// tuning is what the gateway's flags tell the providers, checked.
 func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
 	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{},
 		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
+	}
+	if cfg.FleetUpRawPaths != "" {
+		paths := strings.Split(cfg.FleetUpRawPaths, ",")
+		if _, err := fleetup.NewRawPaths(paths); err != nil {
+			return t, fmt.Errorf("--fleetup-raw-paths: %w", err)
+		}
+		t.RawAllow[fleetup.Name] = paths
 	}
 	if cfg.WialonSessionRequests < 0 || cfg.WialonSessionHeavy < 0 || cfg.WialonLeaseTTL < 0 {
 		return t, fmt.Errorf("--wialon-session-requests, --wialon-session-heavy and --wialon-lease-ttl must not be negative")

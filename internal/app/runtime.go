@@ -88,9 +88,9 @@ func vaultReady(v *transit.Vault) server.Check {
 
 // runServer sets up tracing (a no-op unless OTEL_EXPORTER_OTLP_ENDPOINT is
 // set), builds the server with a fresh metrics registry, and serves it, with
-// the Prometheus listener beside it when metricsListen is set, until ctx is
-// done.
-func runServer(ctx context.Context, service, metricsListen string, logger *slog.Logger, build func(*telemetry.Metrics) (*server.Server, func(), error)) error {
+// the Prometheus listener and whatever beside runs (after the build) beside
+// it, until ctx is done.
+func runServer(ctx context.Context, service, metricsListen string, logger *slog.Logger, build func(*telemetry.Metrics) (*server.Server, func(), error), beside ...func(context.Context) error) error {
 	stopTracing, err := telemetry.SetupTracing(ctx, service)
 	if err != nil {
 		return fmt.Errorf("tracing: %w", err)
@@ -108,6 +108,9 @@ func runServer(ctx context.Context, service, metricsListen string, logger *slog.
 	defer closeAll()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(gctx) })
+	for _, f := range beside {
+		g.Go(func() error { return f(gctx) })
+	}
 	if metricsListen != "" {
 		g.Go(func() error { return telemetry.Serve(gctx, metricsListen, metrics.Handler(), logger) })
 	}

@@ -55,6 +55,7 @@ type SecurityConfig struct {
 type security struct {
 	authorizer *authz.Authorizer
 	limits     *authz.RateLimits
+	audit      *audit.Logger
 	closers    []io.Closer
 }
 
@@ -101,6 +102,7 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz
 		return fail(err)
 	}
 	out.closers = append(out.closers, auditLog)
+	out.audit = auditLog
 	proxies, err := parsePrefixes(sec.TrustedProxies)
 	if err != nil {
 		return fail(fmt.Errorf("--trusted-proxies: %w", err))

@@ -149,8 +149,11 @@ type Target struct {
 	// Generation identifies the exact secret (see ResolveSessionResponse).
 	Generation string
 	BaseURL    string
-	// Account is the public account the credential opens (FleetUp acctId
-	// in decimal), or "".
+	// Account is the public account the credential names (FleetUp acctId
+	// in decimal), or "". It is what the caller typed, proven by nothing:
+	// never key state shared with other credentials by it (a tenant could
+	// name another tenant's account); a provider learns its real account
+	// from a minted session.
 	Account string
 }
 
@@ -166,11 +169,16 @@ type Conn struct {
 	Target
 	// Session is the minted session the call must use; nil in BeforeMint.
 	Session *credentialsv1.MintUpstreamSessionResponse
-	// Pace waits for one request slot of budget (an account name, never a
-	// secret), shared by every replica at limit. It fails with a
-	// rate-limit error the gateway reports as RESOURCE_EXHAUSTED when no
-	// slot comes in time.
+	// Pace waits for one request slot of budget (a name the provider
+	// chooses, never a secret, and never a value the caller typed that
+	// could name another tenant's budget), shared by every replica at
+	// limit. It fails with a rate-limit error the gateway reports as
+	// RESOURCE_EXHAUSTED when no slot comes in time.
 	Pace func(ctx context.Context, budget string, limit Limit) error
+	// Hold hands out no slot of budget for d, on every replica: the
+	// upstream asked to wait (an HTTP 429's Retry-After). Nil when the
+	// gateway shares no budgets.
+	Hold func(ctx context.Context, budget string, limit Limit, d time.Duration) error
 	// Lock holds the cross-replica lock name of this upstream session until
 	// release is called, e.g. for state the provider keeps per session.
 	Lock func(ctx context.Context, name string) (release func(), err error)
@@ -289,8 +297,8 @@ type Tuning struct {
 	// before it (--jwt-safety-margin).
 	ExpiryMargin time.Duration
 	// RawAllow is the operator's allow-list of raw pass-through targets,
-	// by provider name (--fleetup-raw-paths); a provider without an entry
-	// uses its own default list.
+	// by provider name (--fleetup-raw-paths, --wialon-raw-services); a
+	// provider without an entry uses its own default list.
 	RawAllow map[string][]string
 	// AccountLimit is the per-account request budget of providers that ask
 	// for one (--fleetup-rate, --fleetup-burst).
@@ -380,6 +388,11 @@ func (r *Registry) Lookup(id ID) (Provider, bool) {
 func (r *Registry) ByName(name string) (Provider, bool) {
 	p, ok := r.byName[name]
 	return p, ok
+}
+
+// All returns every provider, ordered by ID, in a new slice.
+func (r *Registry) All() []Provider {
+	return append([]Provider(nil), r.order...)
 }
 
 // ForPut finds the provider a PutCredential request is for.

@@ -53,6 +53,13 @@ func TestRegistry(t *testing.T) {
 			t.Fatalf("ForPut(%s secret) = %v, %v, %q, %v", tt.name, p, secret, field, ok)
 		}
 	}
+	var names []string
+	for _, p := range reg.All() {
+		names = append(names, p.Info().Name)
+	}
+	if strings.Join(names, ",") != wialon.Name+","+fleetup.Name {
+		t.Fatalf("All() = %v, want every provider ordered by id", names)
+	}
 	if _, ok := reg.Lookup(credentialsv1.Provider(99)); ok {
 		t.Fatal("Lookup found an unregistered provider")
 	}

@@ -79,6 +79,13 @@ const (
 	DefaultReadinessInterval = 5 * time.Second
 	// DefaultReadinessTimeout bounds one run of one readiness check.
 	DefaultReadinessTimeout = 3 * time.Second
+	// DefaultMaxConcurrentStreams bounds the calls and streams one client
+	// connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS;
+	// gRPC's own default is unbounded). A client past it waits for a free
+	// stream, it is not refused; so one connection cannot make the server
+	// hold an unbounded number of handlers, and the per-handle and
+	// per-tenant stream limits of the gateway still apply within it.
+	DefaultMaxConcurrentStreams = 1000
 )
 
 // LivenessService is a grpc.health.v1 service name that reports SERVING
@@ -120,6 +127,9 @@ type Config struct {
 	DefaultDeadline time.Duration
 	// MaxRecvMsgSize caps inbound messages (default 1 MiB).
 	MaxRecvMsgSize int
+	// MaxConcurrentStreams bounds the calls and streams open at once on one
+	// client connection (0: DefaultMaxConcurrentStreams; negative: no bound).
+	MaxConcurrentStreams int
 	// Unary and Stream run after recovery and before validation: identity,
 	// authorization, audit and rate limits.
 	Unary  []grpc.UnaryServerInterceptor
@@ -220,6 +230,9 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	s := &Server{cfg: cfg, health: health.NewServer()}
 	s.stopping, s.stopStreams = context.WithCancel(context.Background())
 	opts := append(s.interceptors(validator), grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize))
+	if streams := maxConcurrentStreams(cfg.MaxConcurrentStreams); streams > 0 {
+		opts = append(opts, grpc.MaxConcurrentStreams(streams))
+	}
 	opts = append(opts, keepaliveOptions(cfg)...)
 	if cfg.TLS != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.TLS)))
@@ -246,6 +259,18 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 	s.setServing(s.readiness.ready)
 	s.health.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	return s, nil
+}
+
+// maxConcurrentStreams is the per-connection stream bound for n (see
+// Config.MaxConcurrentStreams); 0 means none.
+func maxConcurrentStreams(n int) uint32 {
+	switch {
+	case n == 0:
+		return DefaultMaxConcurrentStreams
+	case n < 0:
+		return 0
+	}
+	return uint32(min(n, math.MaxUint32))
 }
 
 // keepaliveOptions are the connection management options. A negative age

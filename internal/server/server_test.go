@@ -1173,3 +1173,39 @@ func waitUntilTrue(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestMaxConcurrentStreams: one connection may hold at most
+// MaxConcurrentStreams calls and streams at once; the next waits (it is
+// not refused) until one ends.
+func TestMaxConcurrentStreams(t *testing.T) {
+	const limit = 3
+	ts := startServer(t, server.Config{MaxConcurrentStreams: limit}, nil)
+	health := healthpb.NewHealthClient(ts.conn)
+	open := func(ctx context.Context) error {
+		stream, err := health.Watch(ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			return err
+		}
+		_, err = stream.Recv()
+		return err
+	}
+	var cancels []context.CancelFunc
+	for i := range limit {
+		ctx, cancel := context.WithCancel(callCtx(t))
+		cancels = append(cancels, cancel)
+		if err := open(ctx); err != nil {
+			t.Fatalf("stream %d of %d: %v", i+1, limit, err)
+		}
+	}
+	// One more must wait for a free stream: it gets nothing while the
+	// others are open (the timeout only bounds how long the test looks).
+	waiting, cancel := context.WithTimeout(callCtx(t), 300*time.Millisecond)
+	defer cancel()
+	if err := open(waiting); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("stream %d on one connection: %v; want it to wait for a free stream", limit+1, err)
+	}
+	cancels[0]()
+	if err := open(callCtx(t)); err != nil {
+		t.Fatalf("a stream after one ended: %v", err)
+	}
+}

@@ -2,7 +2,11 @@ package upstream
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
 	"math/rand/v2"
+	"net/url"
 	"strings"
 	"time"
 	"unicode"
@@ -14,14 +18,32 @@ type RetryPolicy struct {
 	MinDelay, MaxDelay time.Duration
 }
 
+// minAttemptBudget is the least time Retry counts another attempt as
+// needing, however fast the last one failed.
+const minAttemptBudget = 50 * time.Millisecond
+
+// ErrOutOfTime is wrapped by the error Retry returns when it stopped
+// because the caller's deadline left no room for another attempt (or the
+// deadline cut the last one short): a caller with more time may try again,
+// where a caller that ran out of attempts has the upstream's verdict.
+var ErrOutOfTime = errors.New("no time left before the deadline for another attempt")
+
 // Retry runs f up to p.Attempts times while it fails with KindUnavailable,
 // pausing a jittered delay between tries (so replicas retrying together do
 // not hit the provider in step), and returns the value of the last try.
 // Each try returns its own value: nothing a failed try decoded can leak
 // into the result of the next. Only idempotent reads may use it.
+//
+// Retries are budgeted inside ctx's deadline: another try starts only if
+// the pause and a try as long as the last one took both fit before the
+// deadline. Otherwise the last failure is returned as it is (wrapping
+// ErrOutOfTime), so a slow upstream is reported as unavailable within the
+// caller's deadline instead of as the deadline itself.
 func Retry[T any](ctx context.Context, p RetryPolicy, provider, op string, f func() (T, error)) (T, error) {
 	var zero T
-	for i := range max(p.Attempts, 1) {
+	attempts := max(p.Attempts, 1)
+	var last time.Duration
+	for i := range attempts {
 		if i > 0 {
 			d := p.MinDelay
 			if span := p.MaxDelay - p.MinDelay; span > 0 {
@@ -35,23 +57,86 @@ func Retry[T any](ctx context.Context, p RetryPolicy, provider, op string, f fun
 				return zero, &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: ctx.Err()}
 			}
 		}
+		start := time.Now()
 		v, err := f()
+		last = time.Since(start)
 		if err == nil {
 			return v, nil
 		}
-		if KindOf(err) != KindUnavailable || ctx.Err() != nil || i == max(p.Attempts, 1)-1 {
+		if KindOf(err) != KindUnavailable || i == attempts-1 {
 			return zero, err
+		}
+		if ctx.Err() != nil {
+			return zero, outOfTime{err}
+		}
+		if !fits(ctx, p.MaxDelay+max(last, minAttemptBudget)) {
+			return zero, outOfTime{err}
 		}
 	}
 	return zero, nil // unreachable: the last try returns
 }
 
-// Scrub makes provider text safe to put in an error: the secrets the
-// request carried are cut out, control characters dropped, length bounded.
+// fits reports whether need fits before ctx's deadline (always, without one).
+func fits(ctx context.Context, need time.Duration) bool {
+	deadline, ok := ctx.Deadline()
+	return !ok || time.Until(deadline) >= need
+}
+
+// OutOfTime marks err, a failure its caller did not try again for want of
+// time before the deadline, as ErrOutOfTime: for retry loops of their own
+// (Wialon's), so they report running out of time as Retry does.
+func OutOfTime(err error) error {
+	if err == nil || errors.Is(err, ErrOutOfTime) {
+		return err
+	}
+	return outOfTime{err}
+}
+
+// outOfTime is a failure Retry did not retry for want of time. It is the
+// failure itself (errors.As finds its *Error) and ErrOutOfTime.
+type outOfTime struct{ err error }
+
+func (e outOfTime) Error() string   { return e.err.Error() + " (" + ErrOutOfTime.Error() + ")" }
+func (e outOfTime) Unwrap() []error { return []error{e.err, ErrOutOfTime} }
+
+// Text of provider errors is bounded: scrubbing looks at most at
+// maxScrubInput bytes and keeps at most maxReasonRunes runes.
+const (
+	maxScrubInput  = 4096
+	maxReasonRunes = 200
+	// minScrubLen is the shortest secret Scrub can cut out of a text: a
+	// shorter one may occur by chance, inside other words, or in forms
+	// nobody can list, so text from a request that carried one is withheld.
+	minScrubLen = 8
+)
+
+// Withheld replaces provider text that Scrub could not make safe.
+const Withheld = "[provider text withheld]"
+
+// Scrub makes provider text safe to put in an error or a log line: each
+// secret the request carried is cut out in every form a provider might
+// quote it — as sent, in another letter case, URL-escaped, JSON-escaped,
+// base64 — control characters are dropped and the length is bounded. If a
+// secret is too short to be found reliably (an API key or account secret
+// of a few characters), the whole text is withheld. A provider that quotes
+// a fragment of a secret, or transforms it otherwise, defeats this: the
+// gateway never returns provider text to its callers for that reason.
 func Scrub(s string, secrets []string) string {
+	if s == "" {
+		return ""
+	}
+	if len(s) > maxScrubInput {
+		s = s[:maxScrubInput] // far beyond what is kept: a secret cut here is cut below too
+	}
 	for _, sec := range secrets {
-		if len(sec) >= 4 {
-			s = strings.ReplaceAll(s, sec, "[redacted]")
+		if sec == "" {
+			continue
+		}
+		if len(sec) < minScrubLen {
+			return Withheld
+		}
+		for _, form := range secretForms(sec) {
+			s = replaceFold(s, form, "[redacted]")
 		}
 	}
 	s = strings.Map(func(r rune) rune {
@@ -60,8 +145,39 @@ func Scrub(s string, secrets []string) string {
 		}
 		return r
 	}, s)
-	if r := []rune(s); len(r) > 200 {
-		s = string(r[:200]) + "…"
+	if r := []rune(s); len(r) > maxReasonRunes {
+		s = string(r[:maxReasonRunes]) + "…"
 	}
 	return strings.TrimSpace(s)
+}
+
+// secretForms are the ways a provider may quote sec.
+func secretForms(sec string) []string {
+	forms := []string{sec, url.QueryEscape(sec), url.PathEscape(sec),
+		base64.StdEncoding.EncodeToString([]byte(sec)), base64.RawURLEncoding.EncodeToString([]byte(sec))}
+	if b, err := json.Marshal(sec); err == nil {
+		escaped := string(b[1 : len(b)-1])
+		// PHP's json_encode, as Wialon's servers write it, escapes "/" too.
+		forms = append(forms, escaped, strings.ReplaceAll(escaped, "/", `\/`))
+	}
+	return forms
+}
+
+// replaceFold replaces every occurrence of old in s, ignoring letter case,
+// with repl.
+func replaceFold(s, old, repl string) string {
+	if old == "" || len(old) > len(s) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		if i+len(old) <= len(s) && strings.EqualFold(s[i:i+len(old)], old) {
+			b.WriteString(repl)
+			i += len(old)
+			continue
+		}
+		b.WriteByte(s[i])
+		i++
+	}
+	return b.String()
 }

@@ -3,6 +3,7 @@ package credentials
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -39,6 +40,13 @@ type putOptions struct {
 	requestID       string
 	request         proto.Message
 	expectedVersion *int64
+	// validated, if set, is the provider's answer about the secret that
+	// the caller already has (the Wialon authorization callback logged in
+	// with the token to inspect it): it is stored as is, and the provider
+	// is not asked again.
+	validated *store.Validation
+	// tokenExpireTime is when the secret stops working upstream, if known.
+	tokenExpireTime time.Time
 }
 
 // SecretPut is a PutCredential whose secret is already out of the request.
@@ -74,7 +82,10 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		return nil, apierr.Field(opts.baseURLField, "base URL not allowed: "+err.Error())
 	}
 	validation := store.Validation{State: store.ValidationNotValidated}
-	if !opts.skipValidation {
+	switch {
+	case opts.validated != nil:
+		validation = *opts.validated
+	case !opts.skipValidation:
 		v, err := s.validate(ctx, sec)
 		if err != nil {
 			return nil, s.toStatus(ctx, "validate credential", err)
@@ -95,6 +106,7 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		ValidationState:   validation.State,
 		ValidationMessage: validation.Message,
 		UpstreamUser:      validation.UpstreamUser,
+		TokenExpireTime:   opts.tokenExpireTime,
 		LastUsedTime:      validation.Time, // a validation logs in: zero when skipped
 	}
 	if err := s.sealRecord(ctx, &rec, sec); err != nil {
@@ -117,6 +129,9 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 	stored, created := res.Credential, res.Created
 	s.cfg.Logger.InfoContext(ctx, "credential stored", "tenant_id", stored.TenantID, "credential_id", stored.CredentialID,
 		"provider", stored.Provider, "version", stored.Version, "created", created, "validation_state", stored.ValidationState, "replayed", res.Replayed)
+	if !res.Replayed {
+		s.emitStored(ctx, stored, created)
+	}
 	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
 }
 
@@ -170,6 +185,9 @@ func (c *credentialServer) DeleteCredential(ctx context.Context, req *credential
 		return nil, err
 	}
 	c.s.cfg.Logger.InfoContext(ctx, "credential deleted", "tenant_id", req.GetTenantId(), "credential_id", req.GetCredentialId(), "revoked_sessions", res.Revoked, "replayed", res.Replayed)
+	if !res.Replayed {
+		c.s.emitDeleted(ctx, req.GetTenantId(), req.GetCredentialId())
+	}
 	return &credentialsv1.DeleteCredentialResponse{RevokedSessions: res.Revoked}, nil
 }
 
@@ -202,6 +220,9 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
 	s.cfg.Logger.InfoContext(ctx, "credential validated", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "version", rec.Version, "validation_state", validation.State)
+	if validation.State == store.ValidationRejected {
+		s.emitRejected(ctx, rec, validation.Message)
+	}
 	return &credentialsv1.ValidateCredentialResponse{Credential: s.toProto(updated)}, nil
 }
 
@@ -224,6 +245,9 @@ func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	}
 	if !rec.ValidateTime.IsZero() {
 		out.ValidateTime = timestamppb.New(rec.ValidateTime)
+	}
+	if !rec.TokenExpireTime.IsZero() {
+		out.TokenExpireTime = timestamppb.New(rec.TokenExpireTime)
 	}
 	if !rec.LastUsedTime.IsZero() {
 		out.LastUseTime = timestamppb.New(rec.LastUsedTime)

@@ -77,7 +77,7 @@ func (c *sessionServer) MintUpstreamSession(ctx context.Context, req *credential
 
 // recordLoginRejection marks the credential rejected when the provider
 // refused the login (as ValidateCredential would), if it is still at the
-// version that was tried.
+// version that was tried, and announces it (a REJECTED event).
 func (s *Service) recordLoginRejection(ctx context.Context, rec store.Credential, err error) {
 	var ue *upstream.Error
 	if !errors.As(err, &ue) || (ue.Kind != upstream.KindRejected && ue.Kind != upstream.KindAccessDenied) {
@@ -85,9 +85,13 @@ func (s *Service) recordLoginRejection(ctx context.Context, rec store.Credential
 	}
 	v := store.Validation{State: store.ValidationRejected, Message: ue.Provider + " rejected the credential: " + reasonOr(ue, "bad credentials"),
 		UpstreamUser: rec.UpstreamUser, Time: s.cfg.Now()}
-	if _, serr := s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, v); serr != nil && !errors.Is(serr, store.ErrVersionConflict) {
+	_, serr := s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, v)
+	if serr != nil && !errors.Is(serr, store.ErrVersionConflict) {
 		s.cfg.Logger.WarnContext(ctx, "could not record the provider's rejection", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID, "error", serr)
 		return
+	}
+	if serr == nil {
+		s.emitRejected(ctx, rec, v.Message)
 	}
 	s.cfg.Logger.WarnContext(ctx, "credential rejected upstream at login", "tenant_id", rec.TenantID, "credential_id", rec.CredentialID,
 		"version", rec.Version, "provider", ue.Provider)

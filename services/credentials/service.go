@@ -92,11 +92,18 @@ type Config struct {
 	// (<RedisPrefix>:keepalive), so one replica sweeps per interval.
 	Redis       redis.UniversalClient
 	RedisPrefix string
+	// Connect configures the Wialon authorization flow (nil: off).
+	Connect *ConnectConfig
+	// Events publishes credential events and serves WatchCredentialEvents
+	// (nil: off).
+	Events *Events
 }
 
 // Service implements CredentialService and SessionService.
 type Service struct {
 	cfg Config
+	// connect is the Wialon authorization flow; nil when it is off.
+	connect *connector
 	// legacyClosed is set once this replica has recorded the end of the
 	// legacy handle window.
 	legacyClosed atomic.Bool
@@ -126,7 +133,15 @@ func New(cfg Config) (*Service, error) {
 	if cfg.RedisPrefix == "" {
 		cfg.RedisPrefix = "fb"
 	}
-	return &Service{cfg: cfg}, nil
+	s := &Service{cfg: cfg}
+	if cfg.Connect != nil {
+		conn, err := newConnector(*cfg.Connect, cfg.Providers)
+		if err != nil {
+			return nil, fmt.Errorf("credentials service: %w", err)
+		}
+		s.connect = conn
+	}
+	return s, nil
 }
 
 // Actions maps each method of the service to the policy action it needs;
@@ -144,6 +159,12 @@ var Actions = map[string]policy.Action{
 	credentialsv1.SessionService_ReportRejection_FullMethodName:        policy.SessionsResolve,
 	credentialsv1.SessionService_MintUpstreamSession_FullMethodName:    policy.SessionsResolve,
 	credentialsv1.SessionService_ListRetiredGenerations_FullMethodName: policy.SessionsResolve,
+
+	// The Wialon authorization flow (authorize.go) and credential events
+	// (events.go). A stream's request arrives after the interceptor: the
+	// events handler checks the action on the tenant it names.
+	credentialsv1.CredentialService_StartWialonAuthorization_FullMethodName: policy.CredentialsWrite,
+	credentialsv1.CredentialService_WatchCredentialEvents_FullMethodName:    policy.CredentialsRead,
 }
 
 // Register adds both gRPC services to g.

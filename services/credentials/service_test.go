@@ -38,6 +38,9 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // log line, an error, or Redis.
 const canaryToken = "CANARY0123456789abcdefCANARY0123456789abcdefCANARY0123456789abcdefCANARY"
 
+// canaryToken2 is the customer's next token, after Wialon refused the first.
+const canaryToken2 = "CANARY2123456789abcdefCANARY2123456789abcdefCANARY2123456789abcdefCANAR2"
+
 const canaryFleetUpSecret = "canary-fleetup-secret-7d1f0c"
 
 // backend is one combination of store and transit the suite runs on.

@@ -187,8 +187,12 @@ func (c *sessionServer) ReportRejection(ctx context.Context, req *credentialsv1.
 		msg += ": " + req.GetReason()
 	}
 	v := store.Validation{State: store.ValidationRejected, Message: msg, UpstreamUser: rec.UpstreamUser, Time: s.cfg.Now()}
-	if _, err := s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, v); err != nil && !errors.Is(err, store.ErrVersionConflict) {
+	_, err = s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, v)
+	if err != nil && !errors.Is(err, store.ErrVersionConflict) {
 		return nil, s.toStatus(ctx, "report rejection", err)
+	}
+	if err == nil {
+		s.emitRejected(ctx, rec, msg)
 	}
 	s.cfg.Logger.WarnContext(ctx, "credential rejected upstream", append(logAttrsSession(sess.SessionID, sess.TenantID, sess.CredentialID), "version", rec.Version)...)
 	return &credentialsv1.ReportRejectionResponse{}, nil

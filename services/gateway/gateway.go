@@ -52,6 +52,12 @@ const (
 	sessionLockTTL = 60 * time.Second
 	// DefaultWatchInterval is the poll interval of a watcher that names none.
 	DefaultWatchInterval = 5 * time.Second
+	// DefaultMaxStreamsPerHandle and DefaultMaxStreamsPerTenant bound the
+	// WatchPositions streams one session handle, and one tenant, may hold
+	// open on a gateway replica (--max-streams-per-handle,
+	// --max-streams-per-tenant).
+	DefaultMaxStreamsPerHandle = 16
+	DefaultMaxStreamsPerTenant = 1000
 	// DefaultPurgeInterval is how often one replica asks the credentials
 	// service which cached upstream sessions belong to deleted or replaced
 	// credentials, and purges them (see purge.go).
@@ -91,6 +97,12 @@ type Config struct {
 	// invalid handles (per second, at once); defaults 1 and 20.
 	InvalidHandleRate  float64
 	InvalidHandleBurst int
+	// MaxStreamsPerHandle and MaxStreamsPerTenant bound the WatchPositions
+	// streams one session handle, and one tenant, may hold open on this
+	// replica (0: DefaultMaxStreamsPerHandle, DefaultMaxStreamsPerTenant;
+	// negative: no limit).
+	MaxStreamsPerHandle int
+	MaxStreamsPerTenant int
 	// TenantLimit, if set, takes one request of the tenant's budget once
 	// the handle has told which tenant a call is for.
 	TenantLimit func(ctx context.Context, tenant string) error
@@ -108,6 +120,7 @@ type Service struct {
 	cfg      Config
 	resolver *resolver
 	hubs     *hubs
+	streams  *streamLimits
 	locks    *sessionLock
 	leases   *sessionLeases
 	held     *heldIndex
@@ -150,6 +163,15 @@ func New(cfg Config) (*Service, error) {
 	if cfg.InvalidHandleBurst <= 0 {
 		cfg.InvalidHandleBurst = DefaultInvalidHandleBurst
 	}
+	if cfg.MaxStreamsPerHandle == 0 {
+		cfg.MaxStreamsPerHandle = DefaultMaxStreamsPerHandle
+	}
+	if cfg.MaxStreamsPerTenant == 0 {
+		cfg.MaxStreamsPerTenant = DefaultMaxStreamsPerTenant
+	}
+	// The credentials service's statuses are made for the gateway, never
+	// for its callers: mark them as such (errors.go).
+	cfg.Sessions = remoteSessions{cfg.Sessions}
 	// Legacy (CRC32) handles pass until the credentials service records
 	// that they have all expired, under the same prefix as its own keys.
 	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
@@ -159,6 +181,7 @@ func New(cfg Config) (*Service, error) {
 		leases: &sessionLeases{client: cfg.Redis, prefix: prefix, logger: cfg.Logger},
 		held:   &heldIndex{client: cfg.Redis, prefix: prefix}}
 	s.hubs = newHubs(s)
+	s.streams = newStreamLimits(cfg.MaxStreamsPerHandle, cfg.MaxStreamsPerTenant)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopPurge = cancel
 	if cfg.PurgeInterval > 0 {

@@ -38,6 +38,9 @@ const (
 	DefaultInvalidHandleBurst = 20
 	// maxCacheEntries bounds each of the resolver's maps.
 	maxCacheEntries = 16384
+	// resolveTimeout bounds one ResolveSession call (the credentials
+	// service answers it from Redis, without Vault).
+	resolveTimeout = 5 * time.Second
 )
 
 // session is a resolved handle: what the caller may do with which credential.
@@ -142,7 +145,7 @@ func (r *resolver) lookup(ctx context.Context, h string, limited bool) (*session
 	if limited && r.exhausted(peerKey) {
 		return nil, errTooManyInvalid
 	}
-	resp, err := r.client.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: h})
+	resp, err := r.resolveRemote(ctx, h)
 	if err != nil {
 		if status.Code(err) == codes.Unauthenticated {
 			r.rememberInvalid(checked.Hash, now)
@@ -158,6 +161,17 @@ func (r *resolver) lookup(ctx context.Context, h string, limited bool) (*session
 	}
 	r.store(checked.Hash, sess, now)
 	return sess, nil
+}
+
+// resolveRemote asks the credentials service, within the caller's budget
+// and resolveTimeout: an unreachable or hanging service is answered
+// UNAVAILABLE CREDENTIALS_SERVICE_UNAVAILABLE before the caller's deadline.
+func (r *resolver) resolveRemote(ctx context.Context, h string) (*credentialsv1.ResolveSessionResponse, error) {
+	ctx, cancel := callBudget(ctx)
+	defer cancel()
+	ctx, cancelTimeout := context.WithTimeout(ctx, resolveTimeout)
+	defer cancelTimeout()
+	return r.client.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: h})
 }
 
 var errTooManyInvalid = apierr.Retryable(codes.ResourceExhausted, apierr.ReasonRateLimited,

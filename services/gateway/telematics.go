@@ -148,7 +148,9 @@ func (s *Service) GetPositionHistory(ctx context.Context, req *telematicsv1.GetP
 	if !paged && req.GetPageToken() != "" {
 		return nil, apierr.Field("page_token", "this provider answers the whole range at once; there is no next page")
 	}
-	page, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) (provider.HistoryPage, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	page, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) (provider.HistoryPage, error) {
 		if paged {
 			return pager.HistoryPage(ctx, c, provider.HistoryPageRequest{UnitID: req.GetUnitId(), From: from, To: to,
 				PageSize: int(req.GetPageSize()), PageToken: req.GetPageToken()})
@@ -170,7 +172,9 @@ func (s *Service) ListTrips(ctx context.Context, req *telematicsv1.ListTripsRequ
 		return nil, err
 	}
 	from, to := req.GetStartTime().AsTime(), req.GetEndTime().AsTime()
-	trips, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Trip, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	trips, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Trip, error) {
 		return p.Trips(ctx, c, req.GetUnitId(), from, to)
 	})
 	if err != nil {
@@ -189,7 +193,9 @@ func (s *Service) CallProvider(ctx context.Context, req *telematicsv1.CallProvid
 	// The audit record names what the raw call asked for, never its
 	// parameters or body.
 	authz.SetTarget(ctx, p.Info().Name, p.RawTarget(req))
-	resp, err := withUpstream(ctx, s, sess, p, func(ctx context.Context, c *provider.Conn) (*telematicsv1.CallProviderResponse, error) {
+	budget, cancel := callBudget(ctx)
+	defer cancel()
+	resp, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) (*telematicsv1.CallProviderResponse, error) {
 		return p.Raw(ctx, c, req)
 	})
 	if err != nil {

@@ -125,6 +125,7 @@ func (s *Service) conn(sess *session, minted *credentialsv1.MintUpstreamSessionR
 		Target:  sess.target(),
 		Session: minted,
 		Pace:    s.pace,
+		Hold:    s.hold,
 		Lock: func(ctx context.Context, name string) (func(), error) {
 			return s.locks.lock(ctx, key, name)
 		},
@@ -249,6 +250,12 @@ func (s *Service) pace(ctx context.Context, budget string, limit provider.Limit)
 		return &ratelimit.LimitedError{Account: budget, RetryAfter: time.Second}
 	}
 	return err
+}
+
+// hold closes a shared request budget for d on every replica
+// (provider.Conn.Hold): the upstream asked to wait.
+func (s *Service) hold(ctx context.Context, budget string, limit provider.Limit, d time.Duration) error {
+	return s.cfg.Limiter.Hold(ctx, budget, ratelimit.Limit{Rate: limit.Rate, Period: limit.Period, Burst: limit.Burst}, d)
 }
 
 // logoutLater ends a session the gateway dropped, upstream, without

@@ -2,6 +2,9 @@ package gateway
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -10,6 +13,8 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 )
 
 // minWatchInterval is the shortest poll interval a watcher may ask for (the
@@ -147,6 +152,9 @@ func (hs *hubs) poll(ctx context.Context, h *hub) {
 		if ctx.Err() != nil {
 			return
 		}
+		if err != nil {
+			hs.s.logCause(ctx, slog.LevelWarn, "watch poll", err)
+		}
 		h.broadcast(pollResult{positions: positions, err: err})
 		select {
 		case <-ctx.Done():
@@ -165,6 +173,11 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 	if err != nil {
 		return err
 	}
+	release, err := s.streams.acquire(sess)
+	if err != nil {
+		return err
+	}
+	defer release()
 	w := &watcher{sess: sess, interval: DefaultWatchInterval, updates: make(chan pollResult, 1), values: context.WithoutCancel(ctx)}
 	if req.GetMinInterval() != nil {
 		w.interval = max(req.GetMinInterval().AsDuration(), minWatchInterval)
@@ -189,7 +202,8 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 			}
 		case r := <-w.updates:
 			if r.err != nil {
-				if st := s.toStatus(ctx, "watch positions", r.err); endsWatch(st) {
+				// Logged once by the poll, not once per watcher.
+				if st := s.mapStatus(ctx, "watch positions", r.err); endsWatch(st) {
 					return st
 				}
 				continue // transient: the next poll may succeed
@@ -229,4 +243,57 @@ func changedPositions(positions []*telematicsv1.Position, sent map[string]*telem
 		out = append(out, p)
 	}
 	return out
+}
+
+// streamLimits counts this replica's open WatchPositions streams per
+// session handle and per tenant, and refuses a stream past either limit.
+// The counts live in the replica's memory, like the streams themselves: a
+// limit bounds what one replica holds (the memory a stream costs is spent
+// where it is open), and needs no cross-replica state that a crashed
+// replica would leave behind. Across n replicas a handle may hold n times
+// its limit.
+type streamLimits struct {
+	perHandle, perTenant int // ≤ 0: no limit
+	mu                   sync.Mutex
+	byHandle             map[handle.Hash]int
+	byTenant             map[string]int
+}
+
+func newStreamLimits(perHandle, perTenant int) *streamLimits {
+	return &streamLimits{perHandle: perHandle, perTenant: perTenant, byHandle: map[handle.Hash]int{}, byTenant: map[string]int{}}
+}
+
+// acquire counts one more stream of sess, or refuses it with
+// RESOURCE_EXHAUSTED TOO_MANY_STREAMS. release uncounts it.
+func (l *streamLimits) acquire(sess *session) (release func(), err error) {
+	h := handle.HashOf(sess.handle)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.perHandle > 0 && l.byHandle[h] >= l.perHandle {
+		return nil, tooManyStreams("this session handle", "handle", l.perHandle)
+	}
+	if l.perTenant > 0 && l.byTenant[sess.tenantID] >= l.perTenant {
+		return nil, tooManyStreams("this tenant", "tenant", l.perTenant)
+	}
+	l.byHandle[h]++
+	l.byTenant[sess.tenantID]++
+	tenant := sess.tenantID
+	return func() { l.release(h, tenant) }, nil
+}
+
+func (l *streamLimits) release(h handle.Hash, tenant string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.byHandle[h]--; l.byHandle[h] <= 0 {
+		delete(l.byHandle, h)
+	}
+	if l.byTenant[tenant]--; l.byTenant[tenant] <= 0 {
+		delete(l.byTenant, tenant)
+	}
+}
+
+func tooManyStreams(who, scope string, limit int) error {
+	return apierr.New(codes.ResourceExhausted, apierr.ReasonTooManyStreams,
+		fmt.Sprintf("%s already holds %d open WatchPositions streams on this gateway, its limit; close one first (one stream can watch many units)", who, limit),
+		map[string]string{"limit_scope": scope, "limit": strconv.Itoa(limit)})
 }

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -218,7 +217,7 @@ func TestWialonLoginBudgetKeepsTheIPUnblocked(t *testing.T) {
 			case codes.FailedPrecondition:
 			case codes.ResourceExhausted:
 				limited.Add(1)
-				if retryDelay(err) <= 0 {
+				if retryDelay(status.Convert(err)) <= 0 {
 					t.Errorf("RESOURCE_EXHAUSTED without RetryInfo: %v", err)
 				}
 			default:
@@ -242,15 +241,6 @@ func TestWialonLoginBudgetKeepsTheIPUnblocked(t *testing.T) {
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("a login while the failed budget is spent: %v, want RESOURCE_EXHAUSTED", err)
 	}
-}
-
-func retryDelay(err error) time.Duration {
-	for _, d := range status.Convert(err).Details() {
-		if ri, ok := d.(*errdetails.RetryInfo); ok {
-			return ri.GetRetryDelay().AsDuration()
-		}
-	}
-	return 0
 }
 
 // TestWialonHistoryPagesPastTenThousand: eight days of one message a
@@ -397,9 +387,11 @@ func TestWialonErrorsCallersCanActOn(t *testing.T) {
 		{"1004 too many messages", map[string]string{"messages/load_interval": `{"error":1004}`}, history, codes.InvalidArgument, "narrow the interval", false, 1},
 		{"1005 too long", map[string]string{"messages/load_interval": `{"error":1005}`}, history, codes.InvalidArgument, "narrow the interval", false, 1},
 		{"6 unknown error", map[string]string{"core/search_items": `{"error":6}`}, units, codes.Unavailable, "unavailable", true, 1},
-		{"9 authorization server at login", map[string]string{"token/login": `{"error":9}`}, units, codes.Unavailable, "authorization server", true, 1},
+		// The login is the credentials service's: the gateway relays its
+		// code, reason and wait, never its text (errors.go, relayed).
+		{"9 authorization server at login", map[string]string{"token/login": `{"error":9}`}, units, codes.Unavailable, "unavailable", true, 1},
 		{"1011 session expired or IP changed, twice", map[string]string{"core/search_items": `{"error":1011}`}, units, codes.Unavailable, "egress IP changed", true, 2},
-		{"1003 that never clears", map[string]string{"core/search_items": `{"error":1003,"reason":"LIMIT api_concurrent"}`}, units, codes.ResourceExhausted, "rate_limited", true, 1},
+		{"1003 that never clears", map[string]string{"core/search_items": `{"error":1003,"reason":"LIMIT api_concurrent"}`}, units, codes.ResourceExhausted, "rate limit", true, 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -415,7 +407,7 @@ func TestWialonErrorsCallersCanActOn(t *testing.T) {
 			if status.Code(err) != tt.code || !strings.Contains(err.Error(), tt.text) {
 				t.Errorf("got %v, want %v saying %q", err, tt.code, tt.text)
 			}
-			if got := retryDelay(err) > 0; got != tt.retry {
+			if got := retryDelay(status.Convert(err)) > 0; got != tt.retry {
 				t.Errorf("RetryInfo: %v, want %v", got, tt.retry)
 			}
 			if got := fake.logins.Load(); got != tt.logins {

@@ -74,6 +74,14 @@ type Config struct {
 	// Now is the clock (default time.Now). Tests set it to move time
 	// without sleeping: JWT expiry, idle timeouts and positions all follow it.
 	Now func() time.Time
+	// FleetUpAccountRate, if positive, is the FleetUp requests per second
+	// each account may make (FleetUpAccountBurst at once, at least 1);
+	// past it FleetUp answers 429 with Retry-After (see fleetup.go).
+	FleetUpAccountRate  float64
+	FleetUpAccountBurst int
+	// FleetUpLocationsInMAS writes the lat/lng of FleetUp GPS fixes in
+	// milliarcseconds instead of degrees (their unit is unverified).
+	FleetUpLocationsInMAS bool
 }
 
 // Faults are probabilities in [0, 1], drawn independently per request.
@@ -110,6 +118,8 @@ type Stats struct {
 	// FleetUpMintsByAccount and FleetUpCallsByAccount are keyed by acctId.
 	FleetUpMintsByAccount map[int64]int64 `json:"fleetup_mints_by_account"`
 	FleetUpCallsByAccount map[int64]int64 `json:"fleetup_calls_by_account"`
+	// FleetUpThrottled counts 429s of Config.FleetUpAccountRate.
+	FleetUpThrottled int64 `json:"fleetup_throttled"`
 	// Faults counts injected faults: "error", "rate_limit", "slow".
 	Faults map[string]int64 `json:"faults"`
 	// ActiveWialonSessions is the number of sessions not yet logged out,
@@ -147,7 +157,8 @@ type Simulator struct {
 	mu       sync.Mutex
 	rng      *mrand.Rand
 	faults   Faults
-	tokens   map[string]string // Wialon token -> user name
+	tokens   map[string]string    // Wialon token -> user name
+	issued   map[string]tokenMeta // Wialon tokens made by login.html (login.go)
 	sessions map[string]*session
 	// authHashes are core/create_auth_hash's hashes -> user name.
 	authHashes map[string]string
@@ -155,6 +166,7 @@ type Simulator struct {
 	logins   map[string]*ipLogins
 	accounts map[string]account // FleetUp API key -> account
 	stats    Stats
+	fleetup  fleetupState
 }
 
 type account struct {
@@ -185,6 +197,7 @@ func New(cfg Config) *Simulator {
 		rng:        mrand.New(mrand.NewPCG(uint64(cfg.Seed), 0x5eed)),
 		faults:     cfg.Faults,
 		tokens:     map[string]string{},
+		issued:     map[string]tokenMeta{},
 		sessions:   map[string]*session{},
 		authHashes: map[string]string{},
 		logins:     map[string]*ipLogins{},
@@ -222,6 +235,7 @@ func (s *Simulator) RemoveWialonToken(token string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.tokens, token)
+	delete(s.issued, token)
 }
 
 // AddFleetUpAccount registers an API key with the account it opens.
@@ -284,6 +298,8 @@ func (s *Simulator) routes() http.Handler {
 	})
 
 	mux.Handle("/wialon/ajax.html", s.inject(protoWialon, http.HandlerFunc(s.serveWialon)))
+	mux.HandleFunc("GET /login.html", s.loginPage)
+	mux.HandleFunc("POST /login.html", s.loginSubmit)
 	for path, h := range map[string]http.HandlerFunc{
 		"/token":                        s.fleetupToken,
 		"/devices":                      s.fleetupAuthed(s.fleetupDevices),
@@ -293,6 +309,7 @@ func (s *Simulator) routes() http.Handler {
 	} {
 		mux.Handle("POST "+path, s.inject(protoFleetUp, h))
 	}
+	mux.Handle("GET /token", s.inject(protoFleetUp, http.HandlerFunc(s.fleetupTokenGET)))
 	// Anything else is a FleetUp-style 404, counted like any request.
 	mux.Handle("/", s.inject(protoFleetUp, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusNotFound, map[string]any{"code": 404, "message": "Not Found"})
@@ -321,6 +338,8 @@ func (s *Simulator) inject(p protocol, next http.Handler) http.Handler {
 			}
 			endpoint = "wialon " + r.Form.Get("svc")
 		} else {
+			// FleetUp's own clock, which the JWT's iat and exp follow.
+			w.Header().Set("Date", s.now().UTC().Format(http.TimeFormat))
 			// Read the body before any delay: net/http notices a client that
 			// gave up only once the body is consumed, and a slow fault must end
 			// when the client's deadline does.

@@ -23,6 +23,9 @@ type session struct {
 	// per user per IP are counted by it.
 	ip       string
 	lastUsed time.Time
+	// tokenFlags is the access type of the token that opened the session
+	// (login.go): token/list needs -1.
+	tokenFlags int64
 	// layer is the message layer (messages/load_interval), cleared by
 	// messages/unload. facts: "loads into the session's message layer".
 	layer *layer
@@ -242,9 +245,16 @@ func (s *Simulator) wialonLogin(ip, svc string, params json.RawMessage) wialonRe
 	var (
 		user  string
 		known bool
+		// An auth hash logs in with its user's own rights, not a token's
+		// (unverified: Wialon's docs do not say which rights it carries).
+		flags int64 = -1
 	)
 	if svc == "token/login" {
 		user, known = s.tokens[p.Token]
+		// A login.html token past its duration is refused like a bad one
+		// (login.go).
+		known = known && !s.tokenExpiredLocked(p.Token, now)
+		flags = s.tokenFlagsLocked(p.Token)
 	} else {
 		user, known = s.authHashes[p.AuthHash]
 		delete(s.authHashes, p.AuthHash) // an auth hash opens one session
@@ -266,7 +276,7 @@ func (s *Simulator) wialonLogin(ip, svc string, params json.RawMessage) wialonRe
 		return fail(wErrLimit, reason)
 	}
 	sid := randomHex(16)
-	s.sessions[sid] = &session{user: user, ip: ip, lastUsed: now}
+	s.sessions[sid] = &session{user: user, ip: ip, lastUsed: now, tokenFlags: flags}
 	s.stats.WialonLogins++
 	if svc == "token/login" {
 		s.stats.WialonLoginsByToken[Fingerprint(p.Token)]++
@@ -291,7 +301,7 @@ func (s *Simulator) wialonDuplicate(sess *session) wialonReply {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sid := randomHex(16)
-	s.sessions[sid] = &session{user: sess.user, ip: sess.ip, lastUsed: s.now()}
+	s.sessions[sid] = &session{user: sess.user, ip: sess.ip, lastUsed: s.now(), tokenFlags: sess.tokenFlags}
 	return ok(map[string]any{"eid": sid, "au": sess.user})
 }
 
@@ -307,15 +317,26 @@ func (s *Simulator) wialonCreateAuthHash(sess *session) wialonReply {
 
 // wialonTokenListReply lists the user's tokens with the token strings
 // themselves (h). facts: "token/list returns the user's tokens including
-// the token strings themselves (h)".
+// the token strings themselves (h)". Only a session opened with a token of
+// unlimited rights (-1) may list tokens (error 7 otherwise); a token made
+// by login.html is listed with its application, rights, activation,
+// creation and duration (login.go), any other as unlimited.
 func (s *Simulator) wialonTokenListReply(sess *session) wialonReply {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if sess.tokenFlags != -1 {
+		return fail(wErrAccessDenied, "ACCESS_DENIED")
+	}
 	out := []map[string]any{}
 	for tok, user := range s.tokens {
-		if user == sess.user {
-			out = append(out, map[string]any{"h": tok, "app": "fleetbroker", "at": 0, "dur": 0, "fl": -1, "p": "{}", "items": []any{}})
+		if user != sess.user {
+			continue
 		}
+		entry := map[string]any{"h": tok, "app": "fleetbroker", "at": 0, "ct": 0, "dur": 0, "fl": -1, "p": "{}", "items": []any{}}
+		if m, ok := s.issued[tok]; ok {
+			entry["app"], entry["at"], entry["ct"], entry["dur"], entry["fl"] = m.app, m.activated.Unix(), m.created.Unix(), int64(m.duration/time.Second), m.flags
+		}
+		out = append(out, entry)
 	}
 	return ok(out)
 }

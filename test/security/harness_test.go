@@ -205,7 +205,15 @@ func Start(t *testing.T, opts Options) *Stack {
 		opts.Credentials(&credCfg)
 	}
 	s.Credentials, s.CredsAddr = serve(t, func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildCredentials(ctx, credCfg, logger)
+		built, closeAll, err := app.BuildCredentialsServers(ctx, credCfg, logger)
+		if err != nil {
+			return nil, nil, err
+		}
+		// The authorization callback (when configured) and the background
+		// work run beside the gRPC port until the test ends.
+		beside := make(chan struct{})
+		go func() { defer close(beside); _ = built.ServeBeside(ctx) }()
+		return built.GRPC, func() { <-beside; closeAll() }, nil
 	})
 	gwCfg := app.GatewayConfig{
 		HandleKeys: handleKeys,

@@ -1,14 +1,23 @@
 // Package fleetup is FleetUp behind fleetbroker's provider seam: a small
-// client for the FleetUp API — POST /token mints a JWT from an API key,
-// account id and secret; every other call sends Authorization: Bearer <JWT>
-// and the same x-api-key header; the HTTP status is the error signal — and
-// Provider (provider.go), which mints for the credentials service and makes
-// the gateway's calls with a shared JWT.
+// client for the FleetUp API and Provider (provider.go), which mints for the
+// credentials service and makes the gateway's calls with a shared JWT.
 //
-// The client keeps no state: callers mint, cache the JWT until Token.Expiry, and mint
-// again (once) when a call fails with upstream.KindSessionInvalid. FleetUp
-// asks integrations not to mint repeatedly and to make about one request per
-// second per account; pacing is the caller's job.
+// What the client sends and expects follows shared/reference/upstream-facts.md
+// (FleetUp); docs/gateway.md lists every call with its source and marks what
+// no public source settles. In short: POST /token mints a JWT from an API
+// key, account id and secret; every other call is a POST with a JSON body
+// that sends x-api-key and the JWT, both as "Authorization: Bearer" (the
+// docs) and as a "token" header (what production clients send); the HTTP
+// status is the error signal.
+//
+// The client keeps no state: callers mint, cache the JWT until Token.Expiry,
+// and mint again (once) when a call fails with upstream.KindSessionInvalid.
+// A 401 the client can tell is not about the JWT — FleetUp refusing an
+// endpoint to the account, while the same JWT still works elsewhere — is
+// KindAccessDenied instead, so it never turns into a mint loop. Every HTTP
+// request takes one slot of the caller's Budget; idempotent reads are
+// retried a bounded number of times with jitter on 5xx and on 429 (after
+// the Retry-After FleetUp asks for, shared through the Budget).
 //
 // It must never log, and never put into an error, the API key, the account
 // secret or a JWT. Provider texts quoted in errors, and Raw replies, are
@@ -20,13 +29,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
-	"net/url"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
@@ -42,32 +52,86 @@ const DefaultTimeout = 30 * time.Second
 // minted token's expiry cannot be read from it.
 const DefaultJWTLifetime = 3600 * time.Second
 
-// Window limits of the history endpoints.
+// DefaultMaxRetryAfter is the longest Retry-After a read waits out before
+// trying again; a longer one is reported to the caller (RESOURCE_EXHAUSTED
+// with the wait), and still held on the shared budget.
+const DefaultMaxRetryAfter = 5 * time.Second
+
+// freshJWT: a 401 on a JWT FleetUp minted less than this long ago is not an
+// expired token (they live an hour) but FleetUp refusing the call to the
+// account (upstream-facts.md: enterprise accounts on JWT may use only
+// /devices and /gpsdata/*). Minting again could not help.
+const freshJWT = time.Minute
+
+// Window limits of the history endpoints (upstream-facts.md, FleetUp).
 const (
-	gpsWindow  = 24 * time.Hour // "Retrieve GPS data within a 24-hour time range"
-	tripWindow = 30             // /trips/history: at most 30 days
+	// gpsWindow: "Retrieve GPS data within a 24-hour time range". Windows
+	// span one second less, so a range with both ends inclusive never
+	// reaches 24 hours.
+	gpsWindow = 24*time.Hour - time.Second
+	// tripWindow: /trips/history refuses a range over 30 days with 400;
+	// windows cover at most 30 calendar days, both ends inclusive.
+	tripWindow = 30
+)
+
+// Endpoints the client calls.
+const (
+	pathToken        = "/token"
+	pathDevices      = "/devices"
+	pathLastLocation = "/gpsdata/device-last-location"
+	pathGPSHistory   = "/gpsdata"
+	pathTrips        = "/trips/history"
 )
 
 const maxReply = 64 << 20
 
+// Budget paces one credential's requests. The gateway lends one shared by
+// all its replicas; nil means unpaced (the credentials service's mints).
+type Budget interface {
+	// Take waits for one request slot; every HTTP request takes one.
+	Take(ctx context.Context) error
+	// Hold hands out no slot for d, on every replica: FleetUp answered
+	// 429 with Retry-After d.
+	Hold(ctx context.Context, d time.Duration) error
+}
+
 // Client calls the FleetUp API. It is safe for concurrent use.
 type Client struct {
-	hc       *http.Client
-	attempts int
-	minDelay time.Duration
-	maxDelay time.Duration
+	hc            *http.Client
+	attempts      int
+	minDelay      time.Duration
+	maxDelay      time.Duration
+	maxRetryAfter time.Duration
+	now           func() time.Time
+
+	// gpsTimes remembers, per base URL, which time encoding /gpsdata took
+	// (see GPSHistory).
+	gpsTimes sync.Map // base URL → gpsTimeEncoding
 }
 
 // Option configures a Client.
 type Option func(*Client)
 
 // WithRetry sets how often idempotent reads are tried (attempts >= 1) and
-// the jittered pause between tries. The default is 3 attempts, 50–200 ms.
+// the jittered pause between tries after a 5xx or a network failure. The
+// default is 3 attempts, 50–200 ms.
 func WithRetry(attempts int, minDelay, maxDelay time.Duration) Option {
 	return func(c *Client) {
 		c.attempts = max(attempts, 1)
 		c.minDelay, c.maxDelay = minDelay, max(maxDelay, minDelay)
 	}
+}
+
+// WithMaxRetryAfter sets the longest Retry-After a read waits out before
+// trying again (default DefaultMaxRetryAfter).
+func WithMaxRetryAfter(d time.Duration) Option {
+	return func(c *Client) { c.maxRetryAfter = max(d, 0) }
+}
+
+// WithClock sets the clock used when FleetUp's reply carries no Date
+// (default time.Now).
+func WithClock(now func() time.Time) Option {
+	return func(c *Client) { c.now = now }
 }
 
 // New returns a client using a copy of hc (nil means a fresh client). The
@@ -83,14 +147,16 @@ func New(hc *http.Client, opts ...Option) *Client {
 		cp.Timeout = DefaultTimeout
 	}
 	cp.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
-	c := &Client{hc: &cp, attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond}
+	c := &Client{hc: &cp, attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
+		maxRetryAfter: DefaultMaxRetryAfter, now: time.Now}
 	for _, o := range opts {
 		o(c)
 	}
 	return c
 }
 
-// MintToken exchanges the account's credentials for a JWT (POST /token).
+// MintToken exchanges the account's credentials for a JWT (POST /token with
+// x-api-key and {"acctId", "secret"}, as FleetUp's /token page documents).
 // A 401 here means the credentials themselves are wrong: KindRejected.
 // Never retried — FleetUp warns that repeated minting destabilises the
 // integration.
@@ -100,18 +166,18 @@ func (c *Client) MintToken(ctx context.Context, baseURL, apiKey string, accountI
 		return Token{}, err
 	}
 	body, _ := json.Marshal(map[string]any{"acctId": accountID, "secret": secret})
-	status, reply, err := c.do(ctx, op, http.MethodPost, baseURL, "/token", map[string]string{"x-api-key": apiKey}, body, true, apiKey, secret)
+	resp, err := c.do(ctx, op, http.MethodPost, baseURL, pathToken, map[string]string{"x-api-key": apiKey}, body, true, apiKey, secret)
 	if err != nil {
 		return Token{}, err
 	}
-	if status == http.StatusNoContent {
+	if resp.status == http.StatusNoContent {
 		return Token{}, malformed(op, errors.New("empty reply"))
 	}
 	var r struct {
 		Token      string      `json:"token"`
 		ExpireTime json.Number `json:"expireTime"`
 	}
-	if err := json.Unmarshal(reply, &r); err != nil || r.Token == "" {
+	if err := json.Unmarshal(resp.body, &r); err != nil || r.Token == "" {
 		return Token{}, malformed(op, errors.New("reply has no token"))
 	}
 	exp, err := JWTExpiry(r.Token)
@@ -131,15 +197,16 @@ func (c *Client) MintToken(ctx context.Context, baseURL, apiKey string, accountI
 // Devices lists the account's devices (POST /devices).
 func (c *Client) Devices(ctx context.Context, cred Auth) ([]Device, error) {
 	const op = "POST /devices"
-	return read(ctx, c, cred, op, "/devices", requestBody(cred, nil), decodeDevices)
+	return read(ctx, c, cred, op, pathDevices, requestBody(cred, nil), decodeDevices)
 }
 
 // LastLocations returns the last known position of the given devices, or of
-// all devices when deviceIDs is empty (POST /gpsdata/device-last-location).
-// The endpoint answers for the whole account; filtering happens here.
+// all devices when deviceIDs is empty (POST /gpsdata/device-last-location,
+// body {acctId}). The endpoint answers for the whole account; filtering
+// happens here.
 func (c *Client) LastLocations(ctx context.Context, cred Auth, deviceIDs []string) ([]Location, error) {
 	const op = "POST /gpsdata/device-last-location"
-	all, err := read(ctx, c, cred, op, "/gpsdata/device-last-location", requestBody(cred, nil), func(reply []byte) ([]Location, error) {
+	all, err := read(ctx, c, cred, op, pathLastLocation, requestBody(cred, nil), func(reply []byte) ([]Location, error) {
 		return decodeLocations(reply, "")
 	})
 	if err != nil || len(deviceIDs) == 0 {
@@ -154,42 +221,85 @@ func (c *Client) LastLocations(ctx context.Context, cred Auth, deviceIDs []strin
 	return out, nil
 }
 
+// gpsTimeEncoding is how /gpsdata's startTime and endTime are written. No
+// public source settles it (upstream-facts.md); FleetUp's other endpoints
+// write times as YYYYMMDD / YYYYMMDDHHMMSS strings, so that goes first.
+type gpsTimeEncoding int
+
+const (
+	gpsTimeCompact gpsTimeEncoding = iota // "YYYYMMDDHHMMSS", UTC
+	gpsTimeUnix                           // Unix seconds, a number
+)
+
+func (e gpsTimeEncoding) format(t time.Time) any {
+	if e == gpsTimeUnix {
+		return t.Unix()
+	}
+	return t.UTC().Format("20060102150405")
+}
+
 // GPSHistory returns deviceID's fixes in [from, to] (POST /gpsdata, FleetUp's
-// "Retrieve GPS data within a 24-hour time range"), one request per 24-hour
-// window, oldest first. Times go out as Unix seconds.
+// "Retrieve GPS data within a 24-hour time range"), one request per window
+// of less than 24 hours, oldest first. The body is {acctId, devId,
+// startTime, endTime}; the time encoding is unverified, so when FleetUp
+// refuses the first window's input (400/422), that window is asked once
+// more in the other plausible encoding, and the one that worked is kept
+// for the base URL.
 func (c *Client) GPSHistory(ctx context.Context, cred Auth, deviceID string, from, to time.Time) ([]Location, error) {
 	const op = "POST /gpsdata"
 	if err := checkRange(op, deviceID, from, to); err != nil {
 		return nil, err
 	}
+	enc := gpsTimeCompact
+	known := false
+	if v, ok := c.gpsTimes.Load(cred.BaseURL); ok {
+		enc, known = v.(gpsTimeEncoding), true
+	}
 	var out []Location
-	// Windows are [start, start+24h] in whole seconds; the next starts one
-	// second later so a fix on a boundary is not returned twice.
-	for start := from.Unix(); start <= to.Unix(); {
-		end := min(start+int64(gpsWindow/time.Second), to.Unix())
-		body := requestBody(cred, map[string]any{"devId": deviceID, "startTime": start, "endTime": end})
-		locs, err := read(ctx, c, cred, op, "/gpsdata", body, func(reply []byte) ([]Location, error) {
-			return decodeLocations(reply, deviceID)
-		})
+	// Windows are [start, start+gpsWindow] in whole seconds; the next starts
+	// one second later so a fix on a boundary is not returned twice.
+	for start := from.Truncate(time.Second); !start.After(to); {
+		end := start.Add(gpsWindow)
+		if end.After(to) {
+			end = to
+		}
+		ask := func(enc gpsTimeEncoding) ([]Location, error) {
+			body := requestBody(cred, map[string]any{"devId": deviceID, "startTime": enc.format(start), "endTime": enc.format(end)})
+			return read(ctx, c, cred, op, pathGPSHistory, body, func(reply []byte) ([]Location, error) {
+				return decodeLocations(reply, deviceID)
+			})
+		}
+		locs, err := ask(enc)
+		if err != nil && !known && upstream.KindOf(err) == upstream.KindInvalidInput {
+			enc = 1 - enc
+			locs, err = ask(enc)
+		}
 		if err != nil {
 			return nil, err
 		}
+		if !known {
+			c.gpsTimes.Store(cred.BaseURL, enc)
+			known = true
+		}
 		out = append(out, locs...)
-		start = end + 1
+		start = end.Add(time.Second)
 	}
 	return out, nil
 }
 
 // Trips returns deviceID's trips overlapping [from, to] (POST /trips/history
-// with startDate/endDate as YYYYMMDD in UTC, both inclusive), one request per
-// 30 days. The endpoint works in whole days, so trips outside [from, to] are
-// dropped here, and a trip reported by two windows is kept once.
+// with {acctId, devId, startDate, endDate}, dates YYYYMMDD in UTC, both
+// inclusive), one request per 30 days, so no range is ever refused for its
+// length. FleetUp lists a trip under the day it started, so the day before
+// from is asked too (a trip that started then may still overlap from);
+// trips outside [from, to] are dropped here, and a trip reported by two
+// windows is kept once.
 func (c *Client) Trips(ctx context.Context, cred Auth, deviceID string, from, to time.Time) ([]Trip, error) {
 	const op = "POST /trips/history"
 	if err := checkRange(op, deviceID, from, to); err != nil {
 		return nil, err
 	}
-	first := day(from)
+	first := day(from).AddDate(0, 0, -1)
 	last := day(to)
 	if to.After(from) && to.Equal(last) {
 		last = last.AddDate(0, 0, -1) // an interval ending at midnight does not touch that day
@@ -205,7 +315,7 @@ func (c *Client) Trips(ctx context.Context, cred Auth, deviceID string, from, to
 		body := requestBody(cred, map[string]any{
 			"devId": deviceID, "startDate": start.Format("20060102"), "endDate": end.Format("20060102"),
 		})
-		trips, err := read(ctx, c, cred, op, "/trips/history", body, func(reply []byte) ([]Trip, error) {
+		trips, err := read(ctx, c, cred, op, pathTrips, body, func(reply []byte) ([]Trip, error) {
 			return decodeTrips(reply, deviceID)
 		})
 		if err != nil {
@@ -238,42 +348,43 @@ func checkRange(op, deviceID string, from, to time.Time) error {
 	return nil
 }
 
-var rawMethods = []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete}
-
-// Raw calls any other endpoint and returns the status and the JSON reply
-// as-is, except that the credential's API key and JWT are cut out of it. A
-// non-2xx status also comes back as an *upstream.Error (with the status and
-// reply still returned). 204 is status 204, no reply, no error. Raw is never
-// retried, and refuses /token: minting belongs to the broker.
-func (c *Client) Raw(ctx context.Context, cred Auth, method, urlPath string, body json.RawMessage) (int, json.RawMessage, error) {
-	op := method + " " + urlPath
-	if !slices.Contains(rawMethods, method) {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "unsupported method"}
+// Raw calls a read-only endpoint on allow and returns the status and the
+// JSON reply as-is, except that the credential's API key and JWT are cut
+// out of it. The method and path are checked first (see RawPaths.Check):
+// a refused call never leaves the broker. A non-2xx status also comes back
+// as an *upstream.Error (with the status and reply still returned). 204 is
+// status 204, no reply, no error. Raw is never retried.
+func (c *Client) Raw(ctx context.Context, cred Auth, allow *RawPaths, method, urlPath string, body json.RawMessage) (int, json.RawMessage, error) {
+	if err := allow.Check(method, urlPath); err != nil {
+		return 0, nil, err
 	}
-	u, err := url.Parse(urlPath)
-	if err != nil || u.Scheme != "" || u.Host != "" || u.User != nil || !strings.HasPrefix(u.Path, "/") || u.Fragment != "" ||
-		path.Clean(u.Path) != strings.TrimSuffix(u.Path, "/") && u.Path != "/" {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "path must be a clean absolute path"}
-	}
-	op = method + " " + u.Path
-	if strings.EqualFold(path.Clean(u.Path), "/token") {
-		return 0, nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: providerName, Op: op, Reason: "minting is reserved for the broker"}
-	}
+	path, _, _ := strings.Cut(urlPath, "?")
+	op := method + " " + path
 	if len(body) > 0 && !json.Valid(body) {
 		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "body is not valid JSON"}
 	}
-	if method == http.MethodGet || method == http.MethodDelete {
+	if method == http.MethodGet {
 		body = nil
 	}
 	if err := checkAuth(op, cred); err != nil {
 		return 0, nil, err
 	}
-	status, reply, callErr := c.do(ctx, op, method, cred.BaseURL, urlPath, authHeaders(cred), body, false, cred.APIKey, cred.JWT)
-	if status == 0 {
+	if err := cred.take(ctx); err != nil {
+		return 0, nil, err
+	}
+	resp, callErr := c.do(ctx, op, method, cred.BaseURL, urlPath, authHeaders(cred), body, false, cred.APIKey, cred.JWT)
+	if resp == nil {
 		return 0, nil, callErr
 	}
+	if upstream.KindOf(callErr) == upstream.KindSessionInvalid {
+		callErr = c.sessionOrRefused(ctx, cred, op, path, resp, callErr)
+	}
+	if upstream.KindOf(callErr) == upstream.KindRateLimited {
+		c.hold(ctx, cred, callErr) // not retried: the hold is for the next call
+	}
+	reply := resp.body
 	if len(bytes.TrimSpace(reply)) == 0 {
-		return status, nil, callErr
+		return resp.status, nil, callErr
 	}
 	for _, sec := range []string{cred.APIKey, cred.JWT} {
 		if len(sec) >= 4 {
@@ -282,11 +393,11 @@ func (c *Client) Raw(ctx context.Context, cred Auth, method, urlPath string, bod
 	}
 	if !json.Valid(reply) {
 		if callErr != nil {
-			return status, nil, callErr
+			return resp.status, nil, callErr
 		}
-		return status, nil, malformed(op, errors.New("reply is not JSON"))
+		return resp.status, nil, malformed(op, errors.New("reply is not JSON"))
 	}
-	return status, reply, callErr
+	return resp.status, reply, callErr
 }
 
 // requestBody is a request body: fields plus acctId when the account is known.
@@ -302,8 +413,11 @@ func requestBody(cred Auth, fields map[string]any) []byte {
 	return b
 }
 
+// authHeaders sends the JWT both ways FleetUp is known to read it: the docs
+// say Authorization: Bearer, production clients send a "token" header;
+// which one every endpoint accepts is unverified (upstream-facts.md).
 func authHeaders(cred Auth) map[string]string {
-	return map[string]string{"x-api-key": cred.APIKey, "Authorization": "Bearer " + cred.JWT}
+	return map[string]string{"x-api-key": cred.APIKey, "Authorization": "Bearer " + cred.JWT, "token": cred.JWT}
 }
 
 func checkAuth(op string, cred Auth) error {
@@ -326,39 +440,181 @@ func checkHeaderValue(op, what, v string) error {
 	return nil
 }
 
-// read POSTs an idempotent read with retries on KindUnavailable and
-// returns what decode makes of the 200 reply of the try that succeeded; 204
-// (no data) is the zero value. Decoding failures are KindInternal and not
-// retried.
+// read POSTs an idempotent read and returns what decode makes of the 200
+// reply of the try that succeeded; 204 (no data) is the zero value. Every
+// try takes a slot of cred's budget. A 5xx or a network failure is tried
+// again after a jittered pause; a 429 after its Retry-After (held on the
+// shared budget, so no replica asks sooner), unless that is longer than the
+// client waits or than ctx allows. At most c.attempts tries in all.
+// Decoding failures are KindInternal and not retried.
 func read[T any](ctx context.Context, c *Client, cred Auth, op, p string, body []byte, decode func([]byte) (T, error)) (T, error) {
 	var zero T
 	if err := checkAuth(op, cred); err != nil {
 		return zero, err
 	}
-	return upstream.Retry(ctx, c.retryPolicy(), providerName, op, func() (T, error) {
-		status, reply, err := c.do(ctx, op, http.MethodPost, cred.BaseURL, p, authHeaders(cred), body, false, cred.APIKey, cred.JWT)
-		if err != nil || status == http.StatusNoContent {
+	var last error
+	held := false // the last 429's wait is held on the shared budget
+	for try := range c.attempts {
+		if try > 0 {
+			if err := c.pause(ctx, op, last, held); err != nil {
+				return zero, err
+			}
+		}
+		if err := cred.take(ctx); err != nil {
 			return zero, err
 		}
-		v, err := decode(reply)
-		if err != nil {
-			return zero, malformed(op, err)
+		resp, err := c.do(ctx, op, http.MethodPost, cred.BaseURL, p, authHeaders(cred), body, false, cred.APIKey, cred.JWT)
+		if err == nil {
+			if resp.status == http.StatusNoContent {
+				return zero, nil
+			}
+			v, err := decode(resp.body)
+			if err != nil {
+				return zero, malformed(op, err)
+			}
+			return v, nil
 		}
-		return v, nil
-	})
+		switch upstream.KindOf(err) {
+		case upstream.KindSessionInvalid:
+			return zero, c.sessionOrRefused(ctx, cred, op, p, resp, err)
+		case upstream.KindRateLimited:
+			var retry bool
+			if retry, held = c.hold(ctx, cred, err); !retry {
+				return zero, err
+			}
+		case upstream.KindUnavailable:
+			if ctx.Err() != nil {
+				return zero, err
+			}
+		default:
+			return zero, err
+		}
+		last = err
+	}
+	return zero, last
 }
 
-// do sends one request. It returns the status and body of any response; err
-// is an *upstream.Error for transport failures and non-2xx statuses. mint
-// selects the /token reading of 401. secrets are scrubbed from provider text.
-func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers map[string]string, body []byte, mint bool, secrets ...string) (int, []byte, error) {
+// hold shares a 429's Retry-After through cred's budget (held reports
+// whether it could), and reports whether the read should wait it out and
+// try again: not when the wait is longer than the client waits or than ctx
+// allows.
+func (c *Client) hold(ctx context.Context, cred Auth, err error) (retry, held bool) {
+	var ue *upstream.Error
+	if !errors.As(err, &ue) {
+		return false, false
+	}
+	// If the budget cannot record the hold, this read still waits it out
+	// itself (pause).
+	held = cred.Budget != nil && cred.Budget.Hold(ctx, ue.RetryAfter) == nil
+	if ue.RetryAfter > c.maxRetryAfter {
+		return false, held
+	}
+	if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) <= ue.RetryAfter {
+		return false, held
+	}
+	return true, held
+}
+
+// pause waits before the next try of a read: after a 429 its Retry-After
+// plus up to a tenth more, unless the budget holds it (then Take waits, on
+// every replica); after a 5xx or network failure, a jittered delay.
+func (c *Client) pause(ctx context.Context, op string, last error, held bool) error {
+	var d time.Duration
+	var ue *upstream.Error
+	switch {
+	case errors.As(last, &ue) && ue.Kind == upstream.KindRateLimited:
+		if held {
+			return nil
+		}
+		d = ue.RetryAfter + rand.N(ue.RetryAfter/10+time.Millisecond)
+	default:
+		d = c.minDelay
+		if span := c.maxDelay - c.minDelay; span > 0 {
+			d += rand.N(span)
+		}
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctxError(op, ctx.Err())
+	}
+}
+
+// sessionOrRefused decides what a 401 on a data call means. FleetUp
+// answers 401 both for a JWT that expired or was revoked (mint again,
+// once) and, upstream-facts.md notes, may refuse endpoints to enterprise
+// accounts on JWT (unverified whether with 401 or 403). Minting again cannot
+// help the second and would loop, so the 401 stays KindSessionInvalid only
+// when the JWT is not fresh and fails on another endpoint too:
+//
+//   - a JWT past its exp (by FleetUp's clock when its reply has a Date):
+//     KindSessionInvalid;
+//   - a JWT FleetUp minted less than freshJWT ago (by FleetUp's own clock
+//     when its reply has a Date): KindAccessDenied;
+//   - otherwise the same JWT is tried on a documented JWT endpoint
+//     (/devices, or the last locations when /devices was the call): if that
+//     works, the call was refused to the account (KindAccessDenied); if it
+//     answers 401 too, the JWT is dead (KindSessionInvalid); any other
+//     failure of the probe is reported as it is.
+func (c *Client) sessionOrRefused(ctx context.Context, cred Auth, op, p string, resp *response, unauthorized error) error {
+	refused := func(why string) error {
+		return &upstream.Error{Kind: upstream.KindAccessDenied, Provider: providerName, Op: op, Code: http.StatusUnauthorized,
+			Reason: "this endpoint is not allowed for the account: " + why}
+	}
+	now := c.now()
+	if resp != nil && !resp.date.IsZero() {
+		now = resp.date
+	}
+	if cl, err := parseClaims(cred.JWT); err == nil && !now.Before(cl.Exp) {
+		return unauthorized // expired: no need to ask
+	}
+	if iat, ok := issuedAt(cred.JWT); ok && now.Sub(iat) < freshJWT {
+		return refused(fmt.Sprintf("FleetUp refused a JWT it minted %s ago", max(now.Sub(iat), 0).Round(time.Second)))
+	}
+	probe := pathDevices
+	if p == pathDevices {
+		probe = pathLastLocation
+	}
+	if err := cred.take(ctx); err != nil {
+		return err
+	}
+	_, err := c.do(ctx, "POST "+probe, http.MethodPost, cred.BaseURL, probe, authHeaders(cred), requestBody(cred, nil), false, cred.APIKey, cred.JWT)
+	switch upstream.KindOf(err) {
+	case upstream.KindSessionInvalid:
+		return unauthorized
+	case upstream.KindRateLimited:
+		c.hold(ctx, cred, err)
+		return err
+	default:
+		if err != nil {
+			return err
+		}
+		return refused("the same JWT works for " + probe)
+	}
+}
+
+// response is what do returns of an HTTP answer.
+type response struct {
+	status int
+	body   []byte
+	// date is the reply's Date header (FleetUp's clock); zero if absent.
+	date time.Time
+}
+
+// do sends one request. It returns the response, if any; err is an
+// *upstream.Error for transport failures and non-2xx statuses. mint selects
+// the /token reading of 401. secrets are scrubbed from provider text.
+func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers map[string]string, body []byte, mint bool, secrets ...string) (*response, error) {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(baseURL, "/")+p, rd)
 	if err != nil {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "invalid base URL"}
+		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: op, Reason: "invalid base URL"}
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -369,20 +625,24 @@ func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers 
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return 0, nil, transportError(ctx, op, err)
+		return nil, transportError(ctx, op, err)
 	}
 	defer resp.Body.Close()
 	reply, err := io.ReadAll(io.LimitReader(resp.Body, maxReply+1))
 	if err != nil {
-		return 0, nil, transportError(ctx, op, err)
+		return nil, transportError(ctx, op, err)
 	}
 	if len(reply) > maxReply {
-		return 0, nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "reply too large"}
+		return nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "reply too large"}
+	}
+	out := &response{status: resp.StatusCode, body: reply}
+	if d, err := http.ParseTime(resp.Header.Get("Date")); err == nil {
+		out.date = d
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return resp.StatusCode, reply, nil
+		return out, nil
 	}
-	return resp.StatusCode, reply, classify(op, resp, reply, mint, secrets)
+	return out, classify(op, resp, reply, mint, secrets)
 }
 
 // classify maps a non-2xx status to what the caller should do.
@@ -393,7 +653,7 @@ func classify(op string, resp *http.Response, reply []byte, mint bool, secrets [
 	case code == http.StatusUnauthorized && mint:
 		e.Kind = upstream.KindRejected // the stored key/secret are wrong
 	case code == http.StatusUnauthorized:
-		e.Kind = upstream.KindSessionInvalid // JWT expired or revoked: mint again, once
+		e.Kind = upstream.KindSessionInvalid // JWT expired or revoked: mint again, once (see sessionOrRefused)
 	case code == http.StatusForbidden:
 		e.Kind = upstream.KindAccessDenied
 	case code == http.StatusNotFound:
@@ -452,11 +712,6 @@ func ctxError(op string, err error) *upstream.Error {
 
 func malformed(op string, err error) *upstream.Error {
 	return &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "malformed reply", Err: err}
-}
-
-// retryPolicy is the client's bounded, jittered retries (reads only).
-func (c *Client) retryPolicy() upstream.RetryPolicy {
-	return upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}
 }
 
 // scrub makes provider text safe to put in an error (see upstream.Scrub).

@@ -2,6 +2,7 @@ package fleetup
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,6 +24,16 @@ type Auth struct {
 	// AccountID is sent as "acctId" in request bodies, as FleetUp's own
 	// examples do; 0 leaves it out.
 	AccountID int64
+	// Budget paces every HTTP request made with this Auth; nil: unpaced.
+	Budget Budget
+}
+
+// take spends one slot of a's budget, if it has one.
+func (a Auth) take(ctx context.Context) error {
+	if a.Budget == nil {
+		return nil
+	}
+	return a.Budget.Take(ctx)
 }
 
 func (a Auth) String() string {
@@ -55,19 +66,29 @@ type Device struct {
 type Location struct {
 	DeviceID string
 	Time     time.Time // zero when FleetUp did not say
-	Lat, Lon float64
-	Speed    float64 // as FleetUp reports it
-	Heading  float64 // degrees
+	Lat, Lon float64   // degrees
+	Speed    float64   // as FleetUp reports it
+	Heading  float64   // degrees
 }
 
-// Trip is one trip from /trips/history.
+// Trip is one trip from /trips/history, in the units fleetbroker reports
+// (upstream-facts.md, FleetUp: times YYYYMMDDHHMMSS UTC, locations "lat,lng"
+// in milliarcseconds, tripMileage in metres, fuelWear in centilitres).
 type Trip struct {
 	DeviceID string
+	// From and To carry degrees; both coordinates 0 when FleetUp gave no
+	// location.
 	From, To provider.TripEnd
-	// Mileage is as FleetUp reports it; its unit is not documented (the
-	// simulator uses kilometres).
-	Mileage float64
+	// DistanceM is tripMileage, in metres.
+	DistanceM float64
+	// FuelL is fuelWear converted to litres; FuelKnown is false when the
+	// trip has no fuelWear.
+	FuelL     float64
+	FuelKnown bool
 }
+
+// masPerDegree: FleetUp trip locations are in milliarcseconds.
+const masPerDegree = 3_600_000
 
 // FleetUp's reply shapes vary: {"data": [...]}, {"trips": [...]}, a bare
 // array, sometimes one object level deeper. records finds the array; field
@@ -202,6 +223,13 @@ func (r record) time(keys ...string) (time.Time, bool, error) {
 	}
 	var n json.Number
 	if err := json.Unmarshal(v, &n); err == nil {
+		// FleetUp writes times as YYYYMMDDHHMMSS; as a JSON number that is
+		// 14 digits, which no epoch in milliseconds reaches before 2286.
+		if s := n.String(); len(s) == 14 && !strings.ContainsAny(s, ".eE+-") {
+			if t, err := time.Parse("20060102150405", s); err == nil {
+				return t.UTC(), true, nil
+			}
+		}
 		if f, err := n.Float64(); err == nil {
 			if t, ok := epoch(f); ok {
 				return t, true, nil
@@ -209,6 +237,34 @@ func (r record) time(keys ...string) (time.Time, bool, error) {
 		}
 	}
 	return time.Time{}, false, fmt.Errorf("field %q is not a time", k)
+}
+
+// latLng reads a "lat,lng" string in milliarcseconds (FleetUp's trip
+// locations) as degrees. ok is false when the field is absent or empty.
+func (r record) latLng(key string) (lat, lon float64, ok bool, err error) {
+	v, _, present := r.lookup(key)
+	if !present {
+		return 0, 0, false, nil
+	}
+	var s string
+	if json.Unmarshal(v, &s) != nil {
+		return 0, 0, false, fmt.Errorf("field %q is not a \"lat,lng\" string", key)
+	}
+	if s = strings.TrimSpace(s); s == "" {
+		return 0, 0, false, nil
+	}
+	a, b, found := strings.Cut(s, ",")
+	la, err1 := strconv.ParseFloat(strings.TrimSpace(a), 64)
+	lo, err2 := strconv.ParseFloat(strings.TrimSpace(b), 64)
+	lat, lon = la/masPerDegree, lo/masPerDegree
+	if !found || err1 != nil || err2 != nil || !validLatLon(lat, lon) {
+		return 0, 0, false, fmt.Errorf("field %q is not \"lat,lng\" in milliarcseconds", key)
+	}
+	return lat, lon, true, nil
+}
+
+func validLatLon(lat, lon float64) bool {
+	return !math.IsNaN(lat) && !math.IsNaN(lon) && lat >= -90 && lat <= 90 && lon >= -180 && lon <= 180
 }
 
 // epoch reads seconds, or milliseconds when the value is too large to be
@@ -263,11 +319,20 @@ func decodeLocations(body []byte, deviceID string) ([]Location, error) {
 			}
 			l.DeviceID = deviceID
 		}
-		if l.Lat, ok, err = r.num("lat", "latitude"); err != nil || !ok || l.Lat < -90 || l.Lat > 90 {
+		if l.Lat, ok, err = r.num("lat", "latitude"); err != nil || !ok {
 			return nil, recordError(i, err, "valid lat")
 		}
-		if l.Lon, ok, err = r.num("lng", "lon", "longitude"); err != nil || !ok || l.Lon < -180 || l.Lon > 180 {
+		if l.Lon, ok, err = r.num("lng", "lon", "longitude"); err != nil || !ok {
 			return nil, recordError(i, err, "valid lng")
+		}
+		// The unit of lat/lng here is unverified (upstream-facts.md):
+		// degrees is the likely reading; a pair out of degree range is
+		// read as milliarcseconds, FleetUp's unit for trip locations.
+		if !validLatLon(l.Lat, l.Lon) {
+			l.Lat, l.Lon = l.Lat/masPerDegree, l.Lon/masPerDegree
+		}
+		if !validLatLon(l.Lat, l.Lon) {
+			return nil, recordError(i, nil, "valid lat/lng")
 		}
 		if l.Time, _, err = r.time("tmGps", "gpsTime", "time", "timestamp", "tm", "dateTime"); err != nil {
 			return nil, recordError(i, err, "")
@@ -283,6 +348,10 @@ func decodeLocations(body []byte, deviceID string) ([]Location, error) {
 	return out, nil
 }
 
+// decodeTrips reads /trips/history records in the shape upstream-facts.md
+// gives (FleetUp's docs and a production extractor agree on it): no other
+// field is read for a distance or a location, because a guessed unit is how
+// distances once came out 1000 times too large.
 func decodeTrips(body []byte, deviceID string) ([]Trip, error) {
 	recs, err := records(body)
 	if err != nil {
@@ -297,26 +366,26 @@ func decodeTrips(body []byte, deviceID string) ([]Trip, error) {
 			t.DeviceID = id
 		}
 		var ok bool
-		if t.From.Time, ok, err = r.time("startTime", "beginTime", "tripStartTime", "start"); err != nil || !ok {
+		if t.From.Time, ok, err = r.time("startTime"); err != nil || !ok {
 			return nil, recordError(i, err, "start time")
 		}
-		if t.To.Time, ok, err = r.time("endTime", "stopTime", "tripEndTime", "end"); err != nil || !ok {
+		if t.To.Time, ok, err = r.time("endTime"); err != nil || !ok {
 			return nil, recordError(i, err, "end time")
 		}
-		for _, f := range []struct {
-			dst  *float64
-			keys []string
-		}{
-			{&t.From.Lat, []string{"startLat", "beginLat"}},
-			{&t.From.Lon, []string{"startLng", "startLon", "beginLng"}},
-			{&t.To.Lat, []string{"endLat", "stopLat"}},
-			{&t.To.Lon, []string{"endLng", "endLon", "stopLng"}},
-			{&t.Mileage, []string{"mileage", "tripMileage", "distance"}},
-		} {
-			if *f.dst, _, err = r.num(f.keys...); err != nil {
-				return nil, recordError(i, err, "")
-			}
+		if t.From.Lat, t.From.Lon, _, err = r.latLng("startLocation"); err != nil {
+			return nil, recordError(i, err, "")
 		}
+		if t.To.Lat, t.To.Lon, _, err = r.latLng("endLocation"); err != nil {
+			return nil, recordError(i, err, "")
+		}
+		if t.DistanceM, _, err = r.num("tripMileage"); err != nil || t.DistanceM < 0 {
+			return nil, recordError(i, err, "valid tripMileage")
+		}
+		var cl float64
+		if cl, t.FuelKnown, err = r.num("fuelWear"); err != nil || cl < 0 {
+			return nil, recordError(i, err, "valid fuelWear")
+		}
+		t.FuelL = cl / 100 // centilitres
 		out = append(out, t)
 	}
 	return out, nil

@@ -2,6 +2,7 @@ package fleetup
 
 import (
 	"encoding/base64"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -114,7 +115,13 @@ func TestDecodeLocations(t *testing.T) {
 		{name: "data null", body: `{"data":null}`, want: nil},
 		{name: "empty body", body: ``, want: nil},
 		{name: "no lat", body: `[{"devId":"a","lng":1}]`, wantErr: "record 0: no valid lat"},
-		{name: "lat out of range", body: `[{"devId":"a","lat":91,"lng":1}]`, wantErr: "no valid lat"},
+		{name: "milliarcseconds (unverified unit)", body: `[{"devId":"a","lat":188892000,"lng":-351867600}]`,
+			want: []Location{{DeviceID: "a", Lat: 52.47, Lon: -97.741}}},
+		{name: "out of range in degrees and milliarcseconds", body: `[{"devId":"a","lat":400000000,"lng":1}]`, wantErr: "no valid lat/lng"},
+		{name: "YYYYMMDDHHMMSS number", body: `[{"devId":"a","lat":1,"lng":1,"tmGps":20250301120000}]`,
+			want: []Location{{DeviceID: "a", Time: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Lat: 1, Lon: 1}}},
+		{name: "YYYYMMDDHHMMSS string", body: `[{"devId":"a","lat":1,"lng":1,"tmGps":"20250301120000"}]`,
+			want: []Location{{DeviceID: "a", Time: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Lat: 1, Lon: 1}}},
 		{name: "lat wrong type", body: `[{"devId":"a","lat":{"v":1},"lng":1}]`, wantErr: `field "lat" is not a number`},
 		{name: "no device anywhere", body: `[{"lat":1,"lng":1}]`, wantErr: "no device id"},
 		{name: "bad time", body: `[{"devId":"a","lat":1,"lng":1,"tmGps":"yesterday"}]`, wantErr: `field "tmGps" is not a time`},
@@ -149,29 +156,75 @@ func TestDecodeLocations(t *testing.T) {
 	}
 }
 
+// TestDecodeTrips holds the decoder to the /trips/history shape of
+// upstream-facts.md: "trips", YYYYMMDDHHMMSS UTC, "lat,lng" milliarcseconds,
+// tripMileage metres, fuelWear centilitres.
 func TestDecodeTrips(t *testing.T) {
-	got, err := decodeTrips([]byte(`{"code":0,"trips":[
-		{"devId":"D1","startTime":1740636752000,"endTime":"2025-02-27 07:00:00","startLat":1,"startLng":2,"endLat":3,"endLng":4,"mileage":12.5},
-		{"beginTime":1740636752,"stopTime":1740637752,"tripMileage":"3"}]}`), "DEF")
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []Trip{
-		{DeviceID: "D1", From: provider.TripEnd{Time: time.Unix(1740636752, 0).UTC(), Lat: 1, Lon: 2}, To: provider.TripEnd{Time: time.Date(2025, 2, 27, 7, 0, 0, 0, time.UTC), Lat: 3, Lon: 4}, Mileage: 12.5},
-		{DeviceID: "DEF", From: provider.TripEnd{Time: time.Unix(1740636752, 0).UTC()}, To: provider.TripEnd{Time: time.Unix(1740637752, 0).UTC()}, Mileage: 3},
-	}
-	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
-		t.Errorf("trips = %+v\nwant %+v", got, want)
-	}
-	for body, wantErr := range map[string]string{
-		`[{"endTime":1}]`:                            "no start time",
-		`[{"startTime":1}]`:                          "no end time",
-		`[{"startTime":1,"endTime":2,"mileage":[]}]`: `field "mileage" is not a number`,
-		`{"trips":{}}`:                               "no data list",
-	} {
-		if _, err := decodeTrips([]byte(body), "x"); err == nil || !strings.Contains(err.Error(), wantErr) {
-			t.Errorf("decodeTrips(%s) = %v, want %q", body, err, wantErr)
+	utc := func(s string) time.Time {
+		tm, err := time.Parse("20060102150405", s)
+		if err != nil {
+			t.Fatal(err)
 		}
+		return tm
+	}
+	tests := []struct {
+		name    string
+		body    string
+		want    []Trip
+		wantErr string
+	}{
+		{
+			name: "documented shape",
+			body: `{"code":0,"trips":[{"devId":"D1","startTime":"20250227061500","endTime":"20250227065500",
+				"startLocation":"188892000,48258000","endLocation":"-4651560,132558840","tripMileage":12345,"fuelWear":250,
+				"tripScore":87,"startAddress":"a","endAddress":"b"}]}`,
+			want: []Trip{{DeviceID: "D1",
+				From:      provider.TripEnd{Time: utc("20250227061500"), Lat: 52.47, Lon: 13.405},
+				To:        provider.TripEnd{Time: utc("20250227065500"), Lat: -1.2921, Lon: 36.8219},
+				DistanceM: 12345, FuelL: 2.5, FuelKnown: true}},
+		},
+		{
+			name: "numbers as strings, numeric times, no location or fuel, default device",
+			body: `{"trips":[{"startTime":20250227061500,"endTime":"20250227065500","tripMileage":"3000","startLocation":""}]}`,
+			want: []Trip{{DeviceID: "DEF", From: provider.TripEnd{Time: utc("20250227061500")}, To: provider.TripEnd{Time: utc("20250227065500")}, DistanceM: 3000}},
+		},
+		{name: "empty trips", body: `{"trips":[]}`, want: []Trip{}},
+		{name: "no start", body: `{"trips":[{"endTime":"20250227065500"}]}`, wantErr: "no start time"},
+		{name: "no end", body: `{"trips":[{"startTime":"20250227065500"}]}`, wantErr: "no end time"},
+		{name: "mileage not a number", body: `[{"startTime":"20250227061500","endTime":"20250227065500","tripMileage":[]}]`, wantErr: `field "tripMileage" is not a number`},
+		{name: "negative mileage", body: `[{"startTime":"20250227061500","endTime":"20250227065500","tripMileage":-1}]`, wantErr: "valid tripMileage"},
+		{name: "location in degrees", body: `[{"startTime":"20250227061500","endTime":"20250227065500","startLocation":"52.47,13.405x"}]`, wantErr: "milliarcseconds"},
+		{name: "location out of range", body: `[{"startTime":"20250227061500","endTime":"20250227065500","startLocation":"400000000,0"}]`, wantErr: "milliarcseconds"},
+		{name: "location one number", body: `[{"startTime":"20250227061500","endTime":"20250227065500","endLocation":"188892000"}]`, wantErr: "milliarcseconds"},
+		{name: "location an object", body: `[{"startTime":"20250227061500","endTime":"20250227065500","endLocation":{"lat":1}}]`, wantErr: "lat,lng"},
+		{name: "trips an object", body: `{"trips":{}}`, wantErr: "no data list"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := decodeTrips([]byte(tt.body), "DEF")
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(tt.want) {
+				t.Fatalf("trips = %+v\nwant %+v", got, tt.want)
+			}
+			for i := range got {
+				g, w := got[i], tt.want[i]
+				const eps = 1e-9
+				if g.DeviceID != w.DeviceID || !g.From.Time.Equal(w.From.Time) || !g.To.Time.Equal(w.To.Time) ||
+					math.Abs(g.From.Lat-w.From.Lat) > eps || math.Abs(g.From.Lon-w.From.Lon) > eps ||
+					math.Abs(g.To.Lat-w.To.Lat) > eps || math.Abs(g.To.Lon-w.To.Lon) > eps ||
+					g.DistanceM != w.DistanceM || g.FuelL != w.FuelL || g.FuelKnown != w.FuelKnown {
+					t.Errorf("trip %d = %+v\nwant %+v", i, g, w)
+				}
+			}
+		})
 	}
 }
 
@@ -183,7 +236,7 @@ func FuzzDecodeResponse(f *testing.F) {
 		`{"code":0,"data":[{"devId":"SIM000001","devName":"Sim Truck 001","acctId":12345}]}`,
 		`{"data":[{"devId":"D","lat":30.1,"lng":-97.7,"speed":42,"direction":90,"tmGps":"2025-03-01 12:00:00"}]}`,
 		`[{"devId":"D","lat":"1","lng":"2","tmGps":1740636752000}]`,
-		`{"trips":[{"devId":"D","startTime":1740636752000,"endTime":1740637752000,"mileage":1.5}]}`,
+		`{"trips":[{"devId":"D","startTime":"20250227061500","endTime":"20250227065500","startLocation":"188892000,48258000","tripMileage":1500,"fuelWear":15}]}`,
 		`{"data":{"list":[{"id":1}]}}`, `{"data":null}`, `null`, `[]`, `[null]`, `{}`, `"x"`, `[{"devId":{}}]`,
 		`{"data":[{"devId":"CANARY-secret-value-in-reply","lat":999}]}`,
 	} {
@@ -216,4 +269,36 @@ func FuzzDecodeResponse(f *testing.F) {
 			t.Fatalf("reason %q", r)
 		}
 	})
+}
+
+// The claims read besides exp: iat (how old a token is) and
+// sessionInfo.accountId (whose budget its calls take). Odd values of either
+// leave exp usable.
+func TestJWTClaims(t *testing.T) {
+	tests := []struct {
+		name    string
+		payload string
+		iat     time.Time
+		account int64
+	}{
+		{"FleetUp's documented shape", `{"sessionInfo":{"accountId":16816,"roleType":2},"exp":1740636752,"iat":1740633152}`, time.Unix(1740633152, 0).UTC(), 16816},
+		{"no iat, no session info", `{"exp":1740636752}`, time.Time{}, 0},
+		{"account id as a string", `{"sessionInfo":{"accountId":"16816"},"exp":1740636752}`, time.Time{}, 0},
+		{"session info not an object", `{"sessionInfo":"x","exp":1740636752,"iat":"soon"}`, time.Time{}, 0},
+		{"negative account, iat zero", `{"sessionInfo":{"accountId":-1},"exp":1740636752,"iat":0}`, time.Time{}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseClaims(jwtWith(tt.payload))
+			if err != nil || !c.Exp.Equal(time.Unix(1740636752, 0)) {
+				t.Fatalf("claims %+v, %v: exp must stay readable", c, err)
+			}
+			if !c.Iat.Equal(tt.iat) || c.AccountID != tt.account {
+				t.Errorf("iat %v account %d, want %v and %d", c.Iat, c.AccountID, tt.iat, tt.account)
+			}
+		})
+	}
+	if at, ok := issuedAt(jwtWith(`{"exp":1740636752}`)); !ok || !at.Equal(time.Unix(1740636752-3600, 0)) {
+		t.Errorf("issuedAt without iat = %v, %v; want exp minus an hour", at, ok)
+	}
 }

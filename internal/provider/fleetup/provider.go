@@ -2,6 +2,8 @@ package fleetup
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"strconv"
 	"time"
@@ -34,9 +36,15 @@ type Provider struct {
 	client *Client
 	margin time.Duration
 	limit  provider.Limit
+	// raw is the operator's allow-list of raw pass-through paths; nil
+	// (a list that did not parse) allows none.
+	raw *RawPaths
 }
 
-// NewProvider is FleetUp's provider.Factory.
+// NewProvider is FleetUp's provider.Factory. The raw allow-list comes from
+// env.Tuning.RawAllow["fleetup"] (DefaultRawPaths when absent); the
+// process checks it with NewRawPaths before it builds providers, and an
+// invalid list that got here anyway allows no raw call.
 func NewProvider(env provider.Env) provider.Provider {
 	p := &Provider{client: New(env.HTTPClient(Name)), margin: env.Tuning.ExpiryMargin, limit: env.Tuning.AccountLimit}
 	if p.margin <= 0 {
@@ -45,6 +53,11 @@ func NewProvider(env provider.Env) provider.Provider {
 	if p.limit.Rate <= 0 || p.limit.Period <= 0 || p.limit.Burst <= 0 {
 		p.limit = DefaultAccountLimit
 	}
+	raw, err := NewRawPaths(env.Tuning.RawAllow[Name])
+	if err != nil && env.Logger != nil {
+		env.Logger.Error("fleetup raw allow-list refused: no raw call will pass", "error", err)
+	}
+	p.raw = raw
 	return p
 }
 
@@ -97,15 +110,18 @@ func fleetupSecret(secret proto.Message) *credentialsv1.FleetUpSecret {
 	return s
 }
 
-// Check refuses raw calls that are not FleetUp calls before any mint is
-// spent on them. Any device id may exist.
+// Check refuses, before any mint is spent on them, raw calls that are not
+// FleetUp calls or that the raw allow-list refuses. Any device id may exist.
 func (p *Provider) Check(req proto.Message) error {
 	if r, ok := req.(*telematicsv1.CallProviderRequest); ok {
-		if r.GetFleetup() == nil {
+		call := r.GetFleetup()
+		if call == nil {
 			return provider.ErrWrongProvider
 		}
-		_, err := rawBody(r.GetFleetup())
-		return err
+		if _, err := rawBody(call); err != nil {
+			return err
+		}
+		return p.raw.Check(call.GetMethod(), call.GetPath())
 	}
 	return nil
 }
@@ -136,42 +152,73 @@ func (p *Provider) CacheTTL(minted *credentialsv1.MintUpstreamSessionResponse) t
 	return max(left/2, time.Second)
 }
 
-// BeforeMint spends a slot of the account's budget: the mint is a FleetUp
-// request like any other.
+// BeforeMint spends a slot of the credential's budget: the mint is a
+// FleetUp request like any other, but until it succeeds nothing proves
+// which account the credential opens, so it is not charged to an account.
 func (p *Provider) BeforeMint(ctx context.Context, c *provider.Conn) error {
-	return p.pace(ctx, c, c.Account)
+	return budget{conn: c, name: credentialBudget(c.Target), limit: p.limit}.Take(ctx)
 }
 
-// pace takes one slot of the account's request budget, shared by every
-// gateway replica.
-func (p *Provider) pace(ctx context.Context, c *provider.Conn, account string) error {
-	if c.Pace == nil {
+// credentialBudget names the budget of a credential's requests made before
+// FleetUp has proven its account: its tenant and credential ids, which a
+// caller cannot aim at another tenant's budget.
+func credentialBudget(t provider.Target) string {
+	return Name + ":cred:" + t.Tenant + ":" + t.Credential
+}
+
+// accountBudget names the budget of requests made with a minted JWT: the
+// account FleetUp minted it for (its sessionInfo.accountId claim, else the
+// acctId the mint succeeded with) on this upstream, so every credential of
+// one FleetUp account shares the account's pace, on every replica, and a
+// credential whose base URL is another upstream cannot reach it.
+func accountBudget(t provider.Target, s *credentialsv1.FleetUpUpstreamSession) string {
+	acct := s.GetAccountId()
+	if cl, err := parseClaims(s.GetJwt()); err == nil && cl.AccountID != 0 {
+		acct = cl.AccountID
+	}
+	if acct <= 0 {
+		return credentialBudget(t)
+	}
+	sum := sha256.Sum256([]byte(t.BaseURL))
+	return Name + ":acct:" + hex.EncodeToString(sum[:8]) + ":" + strconv.FormatInt(acct, 10)
+}
+
+// budget lends the client a shared request budget of the gateway.
+type budget struct {
+	conn  *provider.Conn
+	name  string
+	limit provider.Limit
+}
+
+func (b budget) Take(ctx context.Context) error {
+	if b.conn.Pace == nil {
 		return nil
 	}
-	if account == "" {
-		// Not known (a credential stored before accounts were reported):
-		// the credential stands for its account.
-		account = c.Tenant + "/" + c.Credential
-	}
-	return c.Pace(ctx, Name+":"+account, p.limit)
+	return b.conn.Pace(ctx, b.name, b.limit)
 }
 
-// auth opens c's session and spends one slot of its account's budget.
-func (p *Provider) auth(ctx context.Context, c *provider.Conn) (Auth, error) {
+func (b budget) Hold(ctx context.Context, d time.Duration) error {
+	if b.conn.Hold == nil {
+		return nil
+	}
+	return b.conn.Hold(ctx, b.name, b.limit, d)
+}
+
+// auth opens c's session; every request made with it takes a slot of the
+// account's budget.
+func (p *Provider) auth(c *provider.Conn) (Auth, error) {
 	var s credentialsv1.FleetUpUpstreamSession
 	if err := provider.OpenSession(c, &s); err != nil {
 		return Auth{}, err
 	}
-	if err := p.pace(ctx, c, strconv.FormatInt(s.GetAccountId(), 10)); err != nil {
-		return Auth{}, err
-	}
-	return Auth{BaseURL: c.BaseURL, APIKey: s.GetApiKey(), JWT: s.GetJwt(), AccountID: s.GetAccountId()}, nil
+	return Auth{BaseURL: c.BaseURL, APIKey: s.GetApiKey(), JWT: s.GetJwt(), AccountID: s.GetAccountId(),
+		Budget: budget{conn: c, name: accountBudget(c.Target, &s), limit: p.limit}}, nil
 }
 
 // Units lists the devices (POST /devices) with their last positions (POST
 // /gpsdata/device-last-location).
 func (p *Provider) Units(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Unit, error) {
-	auth, err := p.auth(ctx, c)
+	auth, err := p.auth(c)
 	if err != nil {
 		return nil, err
 	}
@@ -192,7 +239,7 @@ func (p *Provider) Units(ctx context.Context, c *provider.Conn) ([]*telematicsv1
 
 // LatestPositions returns the last position of every device of the account.
 func (p *Provider) LatestPositions(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Position, error) {
-	auth, err := p.auth(ctx, c)
+	auth, err := p.auth(c)
 	if err != nil {
 		return nil, err
 	}
@@ -221,7 +268,7 @@ func (p *Provider) lastPositions(ctx context.Context, auth Auth) (map[string]*te
 
 // History returns the device's fixes (POST /gpsdata, in 24-hour windows).
 func (p *Provider) History(ctx context.Context, c *provider.Conn, unitID string, from, to time.Time) ([]*telematicsv1.Position, error) {
-	auth, err := p.auth(ctx, c)
+	auth, err := p.auth(c)
 	if err != nil {
 		return nil, err
 	}
@@ -238,7 +285,7 @@ func (p *Provider) History(ctx context.Context, c *provider.Conn, unitID string,
 
 // Trips returns the device's trips (POST /trips/history, in 30-day windows).
 func (p *Provider) Trips(ctx context.Context, c *provider.Conn, unitID string, from, to time.Time) ([]*telematicsv1.Trip, error) {
-	auth, err := p.auth(ctx, c)
+	auth, err := p.auth(c)
 	if err != nil {
 		return nil, err
 	}
@@ -248,19 +295,22 @@ func (p *Provider) Trips(ctx context.Context, c *provider.Conn, unitID string, f
 	}
 	out := make([]*telematicsv1.Trip, 0, len(trips))
 	for _, t := range trips {
-		// FleetUp reports kilometres (see docs/gateway.md).
-		out = append(out, provider.NewTrip(unitID, t.From, t.To, t.Mileage*1000))
+		trip := provider.NewTrip(unitID, t.From, t.To, t.DistanceM)
+		if t.FuelKnown {
+			trip.FuelUsedL = proto.Float64(t.FuelL)
+		}
+		out = append(out, trip)
 	}
 	return out, nil
 }
 
-// Raw passes any path through except /token; the API key and JWT are cut
-// out of the reply (see Client.Raw).
 // RawTarget implements provider.Gateway: the HTTP method and path.
 func (p *Provider) RawTarget(req *telematicsv1.CallProviderRequest) string {
 	return req.GetFleetup().GetMethod() + " " + req.GetFleetup().GetPath()
 }
 
+// Raw passes a read on the raw allow-list through; the API key and JWT are
+// cut out of the reply (see Client.Raw).
 func (p *Provider) Raw(ctx context.Context, c *provider.Conn, req *telematicsv1.CallProviderRequest) (*telematicsv1.CallProviderResponse, error) {
 	call := req.GetFleetup()
 	if call == nil {
@@ -270,11 +320,11 @@ func (p *Provider) Raw(ctx context.Context, c *provider.Conn, req *telematicsv1.
 	if err != nil {
 		return nil, err
 	}
-	auth, err := p.auth(ctx, c)
+	auth, err := p.auth(c)
 	if err != nil {
 		return nil, err
 	}
-	code, reply, err := p.client.Raw(ctx, auth, call.GetMethod(), call.GetPath(), body)
+	code, reply, err := p.client.Raw(ctx, auth, p.raw, call.GetMethod(), call.GetPath(), body)
 	if err != nil {
 		return nil, err
 	}

@@ -43,6 +43,16 @@ const DefaultTimeout = 30 * time.Second
 // unit is a few MB.
 const maxReply = 64 << 20
 
+// The client's default retries (send; docs/reliability.md, "Retry
+// budget"): a request that failed after Wialon ran it (5, 6, 9, HTTP 5xx,
+// no answer) is tried at most DefaultAttempts times, and one request at
+// most DefaultLimitAttempts times in all, counting those Wialon refused
+// unrun for a concurrency limit (1003, 10).
+const (
+	DefaultAttempts      = 3
+	DefaultLimitAttempts = 4
+)
+
 // Client calls the Wialon Remote API. It is safe for concurrent use.
 type Client struct {
 	hc       *http.Client
@@ -77,8 +87,9 @@ func WithRetry(attempts int, minDelay, maxDelay time.Duration) Option {
 // WithLimitRetry sets how often a request Wialon refused for a
 // concurrency limit (error 1003 or 10) is tried (attempts >= 1), with a
 // jittered exponential backoff from base up to max. Such a request did not
-// run, so every service is retried, not only reads. The default is 4
-// attempts, 100 ms to 2 s.
+// run, so every service is retried, not only reads. attempts also bounds
+// the tries of one request in all, failed ones included (never below
+// WithRetry's). The default is 4 attempts, 100 ms to 2 s.
 func WithLimitRetry(attempts int, base, max time.Duration) Option {
 	return func(c *Client) {
 		c.limitAttempts = attempts
@@ -105,8 +116,8 @@ func New(hc *http.Client, opts ...Option) *Client {
 		cp.Timeout = DefaultTimeout
 	}
 	cp.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
-	c := &Client{hc: &cp, attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
-		limitAttempts: 4, limitBase: 100 * time.Millisecond, limitMax: 2 * time.Second,
+	c := &Client{hc: &cp, attempts: DefaultAttempts, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
+		limitAttempts: DefaultLimitAttempts, limitBase: 100 * time.Millisecond, limitMax: 2 * time.Second,
 		raw: rawPolicy{allowed: DefaultRawServices}}
 	for i := range c.loader {
 		c.loader[i] = make(chan struct{}, 1)
@@ -402,9 +413,13 @@ const (
 	retryAuthServer = 5 * time.Second
 )
 
+// hintIPChanged is what a caller is told of a 1011 that a new login did
+// not cure: Wialon binds a session to the IP address that logged in.
+const hintIPChanged = "the Wialon session expired or the broker's egress IP changed; Wialon binds a session to the IP address that logged in, so the broker needs one stable egress IP per Wialon host"
+
 // classify maps a Wialon error number to what the caller should do. The
-// reason names the number, and for the errors a caller must act on says
-// how.
+// reason names the number (for logs); for the errors a caller must act on,
+// the hint, our own words, says how.
 func classify(svc string, code int, reason string) *upstream.Error {
 	e := &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Code: code, Reason: reason}
 	switch code {
@@ -415,27 +430,34 @@ func classify(svc string, code int, reason string) *upstream.Error {
 		// re-login a second 1011 means the broker's egress IP is not
 		// stable (several NAT addresses): say so.
 		e.Kind = upstream.KindSessionInvalid
-		e.Reason = "error 1011: the session expired or the broker's egress IP changed; Wialon binds a session to the IP address that logged in, so the broker needs one stable egress IP per Wialon host"
+		e.Hint = hintIPChanged
+		e.Reason = "error 1011: " + e.Hint
 	case errInvalidInput:
 		e.Kind = upstream.KindInvalidInput
 	case errInvalidService:
 		e.Kind = upstream.KindInvalidInput
-		e.Reason = "error 2: Wialon does not know this service"
+		e.Hint = "Wialon does not know this service"
+		e.Reason = "error 2: " + e.Hint
 	case errItemExists:
 		e.Kind = upstream.KindInvalidInput
-		e.Reason = "error 1002: the item already exists, or the account's billing forbids it"
+		e.Hint = "the item already exists, or the account's billing forbids it"
+		e.Reason = "error 1002: " + e.Hint
 	case errBilling:
 		e.Kind = upstream.KindAccessDenied
-		e.Reason = "error 14: the Wialon account's billing refuses this"
+		e.Hint = "the Wialon account's billing refuses this"
+		e.Reason = "error 14: " + e.Hint
 	case errTwoFactor:
 		e.Kind = upstream.KindRateLimited
+		e.Hint = "too many two-factor attempts on the Wialon account"
 		e.RetryAfter = 100 * time.Second // Wialon: at most 4 invalid codes in 100 s
 	case errTooManyMessages:
 		e.Kind = upstream.KindInvalidInput
-		e.Reason = "error 1004: Wialon's limit of loaded messages was exceeded; narrow the interval"
+		e.Hint = "Wialon's limit of loaded messages was exceeded; narrow the interval"
+		e.Reason = "error 1004: " + e.Hint
 	case errTooLong:
 		e.Kind = upstream.KindInvalidInput
-		e.Reason = "error 1005: the request ran past Wialon's execution time limit; narrow the interval"
+		e.Hint = "the request ran past Wialon's execution time limit; narrow the interval"
+		e.Reason = "error 1005: " + e.Hint
 	case errAccessDenied:
 		e.Kind = upstream.KindAccessDenied
 	case errBadCredentials:
@@ -450,8 +472,9 @@ func classify(svc string, code int, reason string) *upstream.Error {
 	case errAuthUnavailable:
 		e.Kind = upstream.KindUnavailable
 		e.RetryAfter = retryAuthServer
+		e.Hint = "Wialon's authorization server is unavailable"
 		if e.Reason == "" {
-			e.Reason = "error 9: Wialon's authorization server is unavailable"
+			e.Reason = "error 9: " + e.Hint
 		}
 	case errTooManyRequests, errConcurrentLimit:
 		e.Kind = upstream.KindRateLimited
@@ -504,35 +527,49 @@ func malformed(svc string, err error) *upstream.Error {
 }
 
 // send runs f, one Wialon request, with the client's bounded, jittered
-// retries, and returns the value of the try that succeeded. A request
-// Wialon refused for a concurrency limit (KindRateLimited: 1003, 10) did
-// not run and is retried whatever it is, with an exponential backoff that
-// stops short of ctx's deadline; a failed one (KindUnavailable) only when
-// idempotent. Another try starts only if the pause and a try as long as
-// the last one fit before ctx's deadline, so a slow upstream is reported as
-// such within the caller's deadline. A login never goes through here.
+// retries, and returns the value of the try that succeeded
+// (docs/reliability.md, "Retry budget"):
+//
+//   - a request Wialon refused for a concurrency limit (KindRateLimited:
+//     1003, 10) did not run, so it is tried again whatever it is, after an
+//     exponential backoff with full jitter;
+//   - a request that failed (KindUnavailable: 5, 6, 9, HTTP 5xx, no answer)
+//     is tried again only when idempotent, after a jittered pause, at most
+//     c.attempts times in all;
+//   - at most max(c.limitAttempts, c.attempts) tries in all, of either kind.
+//
+// Another try starts only if the pause and a try as long as the last one
+// fit before ctx's deadline; otherwise the last failure is returned marked
+// upstream.ErrOutOfTime, so a slow upstream is reported as such within the
+// caller's deadline and a shared read can tell a caller with more time to
+// read again. A login never goes through here.
 func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f func() (T, error)) (T, error) {
 	var zero T
-	limited, failed := 0, 0
+	tries, limited, failed := 0, 0, 0
+	maxTries := max(c.limitAttempts, c.attempts)
 	for {
 		start := time.Now()
 		v, err := f()
 		if err == nil {
 			return v, nil
 		}
+		tries++
 		last := max(time.Since(start), minAttempt)
 		var pause time.Duration
 		switch upstream.KindOf(err) {
 		case upstream.KindRateLimited:
 			limited++
-			if limited >= c.limitAttempts {
+			if tries >= maxTries {
 				return zero, err
 			}
 			pause = backoff(c.limitBase, c.limitMax, limited)
 		case upstream.KindUnavailable:
 			failed++
-			if !idempotent || failed >= c.attempts || ctx.Err() != nil {
+			if !idempotent || failed >= c.attempts || tries >= maxTries {
 				return zero, err
+			}
+			if ctx.Err() != nil {
+				return zero, upstream.OutOfTime(err)
 			}
 			pause = c.minDelay
 			if span := c.maxDelay - c.minDelay; span > 0 {
@@ -542,7 +579,7 @@ func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f f
 			return zero, err
 		}
 		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause+last {
-			return zero, err // the wait and another try would outlast the caller
+			return zero, upstream.OutOfTime(err) // the wait and another try would outlast the caller
 		}
 		t := time.NewTimer(pause)
 		select {

@@ -250,6 +250,23 @@ func (f *fixed) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
 
 func (f *fixed) count() int { f.mu.Lock(); defer f.mu.Unlock(); return f.n }
 
+// sequence answers bodies in turn (HTTP 200), the last one from then on.
+type sequence struct {
+	bodies []string
+	mu     sync.Mutex
+	n      int
+}
+
+func (s *sequence) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	s.mu.Lock()
+	body := s.bodies[min(s.n, len(s.bodies)-1)]
+	s.n++
+	s.mu.Unlock()
+	fmt.Fprint(w, body)
+}
+
+func (s *sequence) count() int { s.mu.Lock(); defer s.mu.Unlock(); return s.n }
+
 func serve(t *testing.T, h http.Handler) string {
 	t.Helper()
 	srv := httptest.NewServer(h)
@@ -531,6 +548,42 @@ func TestRetries(t *testing.T) {
 		_, _ = fastClient().Login(ctx, serve(t, h), canary)
 		if h.count() != 1 {
 			t.Errorf("a login refused 1003 was tried %d times: a login is never retried", h.count())
+		}
+	})
+
+	t.Run("at most 4 tries in all, at most 3 of them failed runs", func(t *testing.T) {
+		tests := []struct {
+			name   string
+			bodies []string // answered in turn, the last one from then on
+			want   int
+			kind   upstream.Kind
+		}{
+			{"failures only", []string{`{"error":5}`}, 3, upstream.KindUnavailable},
+			{"refusals only", []string{`{"error":1003}`}, 4, upstream.KindRateLimited},
+			{"refusal, failure, refusal, failure", []string{`{"error":1003}`, `{"error":5}`, `{"error":1003}`, `{"error":5}`, `{"error":1003}`}, 4, upstream.KindUnavailable},
+			{"three refusals, then failures", []string{`{"error":1003}`, `{"error":1003}`, `{"error":1003}`, `{"error":5}`}, 4, upstream.KindUnavailable},
+			{"a refusal, then failures", []string{`{"error":1003}`, `{"error":5}`}, 4, upstream.KindUnavailable},
+			{"two failures, then refusals", []string{`{"error":5}`, `{"error":5}`, `{"error":1003}`}, 4, upstream.KindRateLimited},
+		}
+		for _, tt := range tests {
+			h := &sequence{bodies: tt.bodies}
+			_, err := fastClient().SearchUnits(ctx, serve(t, h), "sid")
+			if upstream.KindOf(err) != tt.kind || h.count() != tt.want {
+				t.Errorf("%s: %d requests ending in %v, want %d ending %s", tt.name, h.count(), err, tt.want, tt.kind)
+			}
+		}
+	})
+
+	t.Run("a retry that does not fit the deadline is not made, and says so", func(t *testing.T) {
+		for _, body := range []string{`{"error":1003}`, `{"error":5}`} {
+			h := &fixed{status: 200, body: body}
+			c := wialon.New(nil, wialon.WithRetry(3, 10*time.Second, 10*time.Second), wialon.WithLimitRetry(4, 10*time.Second, 10*time.Second))
+			dctx, cancel := context.WithTimeout(ctx, time.Second)
+			_, err := c.SearchUnits(dctx, serve(t, h), "sid")
+			cancel()
+			if h.count() != 1 || !errors.Is(err, upstream.ErrOutOfTime) || upstream.KindOf(err) == upstream.KindInternal {
+				t.Errorf("%s: %d requests, %v; want 1, marked out of time, the upstream's kind kept", body, h.count(), err)
+			}
 		}
 	})
 

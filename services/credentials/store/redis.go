@@ -53,6 +53,7 @@ const (
 	fValidationState   = "validation_state"
 	fValidationMessage = "validation_message"
 	fUpstreamUser      = "upstream_user"
+	fTokenExpireTime   = "token_expire_time"
 	fLastUsedTime      = "last_used_time"
 )
 
@@ -406,6 +407,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 		fFleetUpAccountID, strconv.FormatInt(c.FleetUpAccountID, 10),
 		fLabels, labels,
 		fUpdateTime, formatTime(c.UpdateTime),
+		fTokenExpireTime, formatTime(c.TokenExpireTime),
 		fLastUsedTime, formatTime(c.LastUsedTime),
 	}
 	args = append(args, validationFields(Validation{
@@ -1059,6 +1061,7 @@ func parseCredential(m map[string]string) (Credential, error) {
 	c.CreateTime, errs = parseTime(m[fCreateTime], errs)
 	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
 	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
+	c.TokenExpireTime, errs = parseTime(m[fTokenExpireTime], errs)
 	c.LastUsedTime, errs = parseTime(m[fLastUsedTime], errs)
 	if c.Generation == "" && len(errs) == 0 {
 		// A record written before generations existed: derive one that

@@ -68,6 +68,10 @@ type Credential struct {
 	ValidationState   string
 	ValidationMessage string
 	UpstreamUser      string
+	// TokenExpireTime is when the stored token stops working, when known
+	// (zero: unlimited or unknown). It belongs to the secret: every Put
+	// sets it, and a validation leaves it alone.
+	TokenExpireTime time.Time
 	// LastUsedTime is when the service last logged in upstream with the
 	// secret (zero if never since it was stored): the keep-alive keeps
 	// secrets the upstream deletes when unused (Wialon: 100 days) alive.

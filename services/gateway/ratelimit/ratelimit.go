@@ -11,6 +11,9 @@
 // Key layout (redis_rate adds its own "rate:" in front):
 //
 //	rate:<prefix>:<account>   GCRA state, expires when the budget is full again
+//
+// Hold writes the same state (see holdScript), so an upstream's "wait"
+// (HTTP 429 Retry-After) closes the account's budget on every replica.
 package ratelimit
 
 import (
@@ -74,6 +77,7 @@ func (e *LimitedError) Unwrap() error { return ErrLimited }
 // use.
 type Limiter struct {
 	rl     *redis_rate.Limiter
+	client redis.UniversalClient
 	prefix string
 	// leases holds, per account, slots this replica took from Redis in one
 	// round trip and has not spent yet (see leaseSize).
@@ -130,7 +134,7 @@ func New(client redis.UniversalClient, prefix string) *Limiter {
 	if prefix == "" {
 		prefix = "fb:gw:rl"
 	}
-	return &Limiter{rl: redis_rate.NewLimiter(client), prefix: prefix}
+	return &Limiter{rl: redis_rate.NewLimiter(client), client: client, prefix: prefix}
 }
 
 // Allow takes a slot for account if one is free now. If not, it reports
@@ -189,4 +193,62 @@ func (l *Limiter) Wait(ctx context.Context, account string, limit Limit) error {
 		case <-t.C:
 		}
 	}
+}
+
+// holdScript moves an account's GCRA state so that its next slot is free
+// no sooner than ARGV[4] seconds from now, and never brings a later one
+// forward. It writes the key and the encoding redis_rate's allowN script
+// reads — the theoretical arrival time (TAT) in seconds since 2017-01-01,
+// Redis's own clock — so Allow and Wait honour it with no extra round trip.
+// allowN grants a slot when TAT + emission interval - burst offset <= now;
+// TestHoldClosesTheBudget fails if redis_rate ever changes that.
+var holdScript = redis.NewScript(`
+redis.replicate_commands()
+
+local key = KEYS[1]
+local burst = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local hold = tonumber(ARGV[4])
+
+local emission_interval = period / rate
+local burst_offset = emission_interval * burst
+
+local jan_1_2017 = 1483228800
+local now = redis.call("TIME")
+now = (now[1] - jan_1_2017) + (now[2] / 1000000)
+
+local held = now + hold + burst_offset - emission_interval
+local tat = redis.call("GET", key)
+if tat then
+  tat = tonumber(tat)
+else
+  tat = 0
+end
+if tat < held then
+  redis.call("SET", key, held, "EX", math.ceil(held - now))
+end
+return 0
+`)
+
+// Hold hands out no slot of account for d, on every replica sharing the
+// Redis: the upstream asked to wait (an HTTP 429's Retry-After). Waiters
+// are told to come back when the hold ends; a longer hold already in place
+// stays. Slots this replica leased are dropped.
+func (l *Limiter) Hold(ctx context.Context, account string, limit Limit, d time.Duration) error {
+	if account == "" {
+		return errors.New("ratelimit: empty account")
+	}
+	if err := limit.validate(); err != nil {
+		return err
+	}
+	if d <= 0 {
+		return nil
+	}
+	l.leases.Delete(account)
+	args := []any{limit.Burst, limit.Rate, limit.Period.Seconds(), d.Seconds()}
+	if err := holdScript.Run(ctx, l.client, []string{"rate:" + l.prefix + ":" + account}, args...).Err(); err != nil {
+		return fmt.Errorf("ratelimit: hold account %q: %w", account, err)
+	}
+	return nil
 }

@@ -227,6 +227,9 @@ func TestInvalidArguments(t *testing.T) {
 			if err := l.Wait(t.Context(), tt.account, tt.limit); err == nil {
 				t.Error("Wait accepted it")
 			}
+			if err := l.Hold(t.Context(), tt.account, tt.limit, time.Second); err == nil {
+				t.Error("Hold accepted it")
+			}
 		})
 	}
 }

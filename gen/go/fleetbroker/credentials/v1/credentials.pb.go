@@ -185,6 +185,71 @@ func (Scope) EnumDescriptor() ([]byte, []int) {
 	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{2}
 }
 
+// CredentialEventType is what happened to a credential.
+type CredentialEventType int32
+
+const (
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_UNSPECIFIED CredentialEventType = 0
+	// The credential was stored for the first time.
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_CREATED CredentialEventType = 1
+	// Its secret was replaced (PutCredential, or a new Wialon authorization).
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_ROTATED CredentialEventType = 2
+	// It was deleted, and its sessions revoked.
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_DELETED CredentialEventType = 3
+	// The provider rejected the stored secret: the customer must reconnect.
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_REJECTED CredentialEventType = 4
+	// The token expires within the server's warning window (or has expired):
+	// the customer should reconnect before token_expire_time.
+	CredentialEventType_CREDENTIAL_EVENT_TYPE_EXPIRING CredentialEventType = 5
+)
+
+// Enum value maps for CredentialEventType.
+var (
+	CredentialEventType_name = map[int32]string{
+		0: "CREDENTIAL_EVENT_TYPE_UNSPECIFIED",
+		1: "CREDENTIAL_EVENT_TYPE_CREATED",
+		2: "CREDENTIAL_EVENT_TYPE_ROTATED",
+		3: "CREDENTIAL_EVENT_TYPE_DELETED",
+		4: "CREDENTIAL_EVENT_TYPE_REJECTED",
+		5: "CREDENTIAL_EVENT_TYPE_EXPIRING",
+	}
+	CredentialEventType_value = map[string]int32{
+		"CREDENTIAL_EVENT_TYPE_UNSPECIFIED": 0,
+		"CREDENTIAL_EVENT_TYPE_CREATED":     1,
+		"CREDENTIAL_EVENT_TYPE_ROTATED":     2,
+		"CREDENTIAL_EVENT_TYPE_DELETED":     3,
+		"CREDENTIAL_EVENT_TYPE_REJECTED":    4,
+		"CREDENTIAL_EVENT_TYPE_EXPIRING":    5,
+	}
+)
+
+func (x CredentialEventType) Enum() *CredentialEventType {
+	p := new(CredentialEventType)
+	*p = x
+	return p
+}
+
+func (x CredentialEventType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CredentialEventType) Descriptor() protoreflect.EnumDescriptor {
+	return file_fleetbroker_credentials_v1_credentials_proto_enumTypes[3].Descriptor()
+}
+
+func (CredentialEventType) Type() protoreflect.EnumType {
+	return &file_fleetbroker_credentials_v1_credentials_proto_enumTypes[3]
+}
+
+func (x CredentialEventType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CredentialEventType.Descriptor instead.
+func (CredentialEventType) EnumDescriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{3}
+}
+
 // WialonSecret is a Wialon access token.
 type WialonSecret struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -351,6 +416,10 @@ type Credential struct {
 	BaseUrl string `protobuf:"bytes,13,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
 	// The FleetUp account id (not secret); 0 for Wialon.
 	FleetupAccountId int64 `protobuf:"varint,14,opt,name=fleetup_account_id,json=fleetupAccountId,proto3" json:"fleetup_account_id,omitempty"`
+	// When the stored token stops working, when known: from the duration a
+	// Wialon authorization asked for, or from Wialon's token/list. Unset means
+	// unlimited or unknown (a token pasted through PutCredential).
+	TokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=token_expire_time,json=tokenExpireTime,proto3" json:"token_expire_time,omitempty"`
 	// When the broker last logged in upstream with the secret (a mint, a
 	// validation or a keep-alive); unset if never since it was stored. Wialon
 	// deletes a token unused for 100 days: the credentials service logs in
@@ -486,6 +555,13 @@ func (x *Credential) GetFleetupAccountId() int64 {
 		return x.FleetupAccountId
 	}
 	return 0
+}
+
+func (x *Credential) GetTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.TokenExpireTime
+	}
+	return nil
 }
 
 func (x *Credential) GetLastUseTime() *timestamppb.Timestamp {
@@ -2180,6 +2256,367 @@ func (x *ListRetiredGenerationsResponse) GetRetired() []*CredentialGeneration {
 	return nil
 }
 
+type StartWialonAuthorizationRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	TenantId string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The credential the token is stored as: created, or replaced (rotation).
+	CredentialId string `protobuf:"bytes,2,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	// Where the browser goes when the flow ends, with status and credential_id
+	// added to its query. It must be on the server's allow-list
+	// (--authorize-return-urls).
+	ReturnUrl string `protobuf:"bytes,3,opt,name=return_url,json=returnUrl,proto3" json:"return_url,omitempty"`
+	// Base URL of a self-hosted Wialon (its login.html is asked there). Empty
+	// means hosted Wialon. The host must be on the server's allow-list.
+	BaseUrl string `protobuf:"bytes,4,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// How long the token works, in whole seconds: at most 100 days. Unset or
+	// zero means unlimited (Wialon still deletes a token unused for 100 days).
+	Duration      *durationpb.Duration `protobuf:"bytes,5,opt,name=duration,proto3" json:"duration,omitempty"`
+	Labels        map[string]string    `protobuf:"bytes,6,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartWialonAuthorizationRequest) Reset() {
+	*x = StartWialonAuthorizationRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartWialonAuthorizationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartWialonAuthorizationRequest) ProtoMessage() {}
+
+func (x *StartWialonAuthorizationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartWialonAuthorizationRequest.ProtoReflect.Descriptor instead.
+func (*StartWialonAuthorizationRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *StartWialonAuthorizationRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *StartWialonAuthorizationRequest) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *StartWialonAuthorizationRequest) GetReturnUrl() string {
+	if x != nil {
+		return x.ReturnUrl
+	}
+	return ""
+}
+
+func (x *StartWialonAuthorizationRequest) GetBaseUrl() string {
+	if x != nil {
+		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *StartWialonAuthorizationRequest) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *StartWialonAuthorizationRequest) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+type StartWialonAuthorizationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Wialon's login.html with the broker's parameters: send the customer's
+	// browser there. It holds a one-time state; treat it like a password
+	// until it expires (do not log it).
+	AuthorizeUrl string `protobuf:"bytes,1,opt,name=authorize_url,json=authorizeUrl,proto3" json:"authorize_url,omitempty"`
+	// When the URL stops working.
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartWialonAuthorizationResponse) Reset() {
+	*x = StartWialonAuthorizationResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartWialonAuthorizationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartWialonAuthorizationResponse) ProtoMessage() {}
+
+func (x *StartWialonAuthorizationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartWialonAuthorizationResponse.ProtoReflect.Descriptor instead.
+func (*StartWialonAuthorizationResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *StartWialonAuthorizationResponse) GetAuthorizeUrl() string {
+	if x != nil {
+		return x.AuthorizeUrl
+	}
+	return ""
+}
+
+func (x *StartWialonAuthorizationResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+// CredentialEvent is one change to a credential. It never carries a secret.
+type CredentialEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Identifies the event within its tenant; pass the last one seen as
+	// WatchCredentialEventsRequest.after_event_id to resume.
+	EventId      string              `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Type         CredentialEventType `protobuf:"varint,2,opt,name=type,proto3,enum=fleetbroker.credentials.v1.CredentialEventType" json:"type,omitempty"`
+	TenantId     string              `protobuf:"bytes,3,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	CredentialId string              `protobuf:"bytes,4,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	Provider     Provider            `protobuf:"varint,5,opt,name=provider,proto3,enum=fleetbroker.credentials.v1.Provider" json:"provider,omitempty"`
+	// The credential's version after the change; 0 for DELETED.
+	Version   int64                  `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	EventTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=event_time,json=eventTime,proto3" json:"event_time,omitempty"`
+	// When the token stops working, if known (EXPIRING always has it).
+	TokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=token_expire_time,json=tokenExpireTime,proto3" json:"token_expire_time,omitempty"`
+	// The provider's reason for REJECTED.
+	Message       string `protobuf:"bytes,9,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CredentialEvent) Reset() {
+	*x = CredentialEvent{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CredentialEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CredentialEvent) ProtoMessage() {}
+
+func (x *CredentialEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CredentialEvent.ProtoReflect.Descriptor instead.
+func (*CredentialEvent) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *CredentialEvent) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *CredentialEvent) GetType() CredentialEventType {
+	if x != nil {
+		return x.Type
+	}
+	return CredentialEventType_CREDENTIAL_EVENT_TYPE_UNSPECIFIED
+}
+
+func (x *CredentialEvent) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *CredentialEvent) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *CredentialEvent) GetProvider() Provider {
+	if x != nil {
+		return x.Provider
+	}
+	return Provider_PROVIDER_UNSPECIFIED
+}
+
+func (x *CredentialEvent) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *CredentialEvent) GetEventTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EventTime
+	}
+	return nil
+}
+
+func (x *CredentialEvent) GetTokenExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.TokenExpireTime
+	}
+	return nil
+}
+
+func (x *CredentialEvent) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type WatchCredentialEventsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	TenantId string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// Resume after this event (an event_id from an earlier stream): events the
+	// server still holds that came after it are sent first. Empty means only
+	// events from now on.
+	AfterEventId  string `protobuf:"bytes,2,opt,name=after_event_id,json=afterEventId,proto3" json:"after_event_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchCredentialEventsRequest) Reset() {
+	*x = WatchCredentialEventsRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchCredentialEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchCredentialEventsRequest) ProtoMessage() {}
+
+func (x *WatchCredentialEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchCredentialEventsRequest.ProtoReflect.Descriptor instead.
+func (*WatchCredentialEventsRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *WatchCredentialEventsRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *WatchCredentialEventsRequest) GetAfterEventId() string {
+	if x != nil {
+		return x.AfterEventId
+	}
+	return ""
+}
+
+type WatchCredentialEventsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Event         *CredentialEvent       `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchCredentialEventsResponse) Reset() {
+	*x = WatchCredentialEventsResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchCredentialEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchCredentialEventsResponse) ProtoMessage() {}
+
+func (x *WatchCredentialEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchCredentialEventsResponse.ProtoReflect.Descriptor instead.
+func (*WatchCredentialEventsResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *WatchCredentialEventsResponse) GetEvent() *CredentialEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 var File_fleetbroker_credentials_v1_credentials_proto protoreflect.FileDescriptor
 
 const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
@@ -2197,7 +2634,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"account_id\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02 \x00R\taccountId\x12\"\n" +
 	"\x06secret\x18\x03 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\bR\x06secret\x12)\n" +
-	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xc3\x06\n" +
+	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\x8b\a\n" +
 	"\n" +
 	"Credential\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12#\n" +
@@ -2216,7 +2653,8 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\rupstream_user\x18\v \x01(\tR\fupstreamUser\x12J\n" +
 	"\x06labels\x18\f \x03(\v22.fleetbroker.credentials.v1.Credential.LabelsEntryR\x06labels\x12\x19\n" +
 	"\bbase_url\x18\r \x01(\tR\abaseUrl\x12,\n" +
-	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x12>\n" +
+	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x12F\n" +
+	"\x11token_expire_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\x12>\n" +
 	"\rlast_use_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -2355,7 +2793,38 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"generation\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\n" +
 	"generation\"l\n" +
 	"\x1eListRetiredGenerationsResponse\x12J\n" +
-	"\aretired\x18\x01 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationR\aretired*O\n" +
+	"\aretired\x18\x01 \x03(\v20.fleetbroker.credentials.v1.CredentialGenerationR\aretired\"\xad\x04\n" +
+	"\x1fStartWialonAuthorizationRequest\x12D\n" +
+	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
+	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12*\n" +
+	"\n" +
+	"return_url\x18\x03 \x01(\tB\v\xbaH\br\x06\x18\x80\x10\x88\x01\x01R\treturnUrl\x12)\n" +
+	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\x12F\n" +
+	"\bduration\x18\x05 \x01(\v2\x19.google.protobuf.DurationB\x0f\xbaH\f\xaa\x01\t\"\x05\b\x80\xac\x8f\x042\x00R\bduration\x12\x9b\x01\n" +
+	"\x06labels\x18\x06 \x03(\v2G.fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x84\x01\n" +
+	" StartWialonAuthorizationResponse\x12#\n" +
+	"\rauthorize_url\x18\x01 \x01(\tR\fauthorizeUrl\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\"\xac\x03\n" +
+	"\x0fCredentialEvent\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12C\n" +
+	"\x04type\x18\x02 \x01(\x0e2/.fleetbroker.credentials.v1.CredentialEventTypeR\x04type\x12\x1b\n" +
+	"\ttenant_id\x18\x03 \x01(\tR\btenantId\x12#\n" +
+	"\rcredential_id\x18\x04 \x01(\tR\fcredentialId\x12@\n" +
+	"\bprovider\x18\x05 \x01(\x0e2$.fleetbroker.credentials.v1.ProviderR\bprovider\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\x03R\aversion\x129\n" +
+	"\n" +
+	"event_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\teventTime\x12F\n" +
+	"\x11token_expire_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\x12\x18\n" +
+	"\amessage\x18\t \x01(\tR\amessage\"\xa7\x01\n" +
+	"\x1cWatchCredentialEventsRequest\x12D\n" +
+	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12A\n" +
+	"\x0eafter_event_id\x18\x02 \x01(\tB\x1b\xbaH\x18\xd8\x01\x01r\x13\x1802\x0f^[0-9]+-[0-9]+$R\fafterEventId\"b\n" +
+	"\x1dWatchCredentialEventsResponse\x12A\n" +
+	"\x05event\x18\x01 \x01(\v2+.fleetbroker.credentials.v1.CredentialEventR\x05event*O\n" +
 	"\bProvider\x12\x18\n" +
 	"\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fPROVIDER_WIALON\x10\x01\x12\x14\n" +
@@ -2369,13 +2838,22 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x11SCOPE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
 	"SCOPE_READ\x10\x01\x12\r\n" +
-	"\tSCOPE_RAW\x10\x022\x8a\x05\n" +
+	"\tSCOPE_RAW\x10\x02*\xed\x01\n" +
+	"\x13CredentialEventType\x12%\n" +
+	"!CREDENTIAL_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n" +
+	"\x1dCREDENTIAL_EVENT_TYPE_CREATED\x10\x01\x12!\n" +
+	"\x1dCREDENTIAL_EVENT_TYPE_ROTATED\x10\x02\x12!\n" +
+	"\x1dCREDENTIAL_EVENT_TYPE_DELETED\x10\x03\x12\"\n" +
+	"\x1eCREDENTIAL_EVENT_TYPE_REJECTED\x10\x04\x12\"\n" +
+	"\x1eCREDENTIAL_EVENT_TYPE_EXPIRING\x10\x052\xb3\a\n" +
 	"\x11CredentialService\x12t\n" +
 	"\rPutCredential\x120.fleetbroker.credentials.v1.PutCredentialRequest\x1a1.fleetbroker.credentials.v1.PutCredentialResponse\x12y\n" +
 	"\rGetCredential\x120.fleetbroker.credentials.v1.GetCredentialRequest\x1a1.fleetbroker.credentials.v1.GetCredentialResponse\"\x03\x90\x02\x01\x12\x7f\n" +
 	"\x0fListCredentials\x122.fleetbroker.credentials.v1.ListCredentialsRequest\x1a3.fleetbroker.credentials.v1.ListCredentialsResponse\"\x03\x90\x02\x01\x12}\n" +
 	"\x10DeleteCredential\x123.fleetbroker.credentials.v1.DeleteCredentialRequest\x1a4.fleetbroker.credentials.v1.DeleteCredentialResponse\x12\x83\x01\n" +
-	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse2\x91\a\n" +
+	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse\x12\x95\x01\n" +
+	"\x18StartWialonAuthorization\x12;.fleetbroker.credentials.v1.StartWialonAuthorizationRequest\x1a<.fleetbroker.credentials.v1.StartWialonAuthorizationResponse\x12\x8e\x01\n" +
+	"\x15WatchCredentialEvents\x128.fleetbroker.credentials.v1.WatchCredentialEventsRequest\x1a9.fleetbroker.credentials.v1.WatchCredentialEventsResponse0\x012\x91\a\n" +
 	"\x0eSessionService\x12q\n" +
 	"\fIssueSession\x12/.fleetbroker.credentials.v1.IssueSessionRequest\x1a0.fleetbroker.credentials.v1.IssueSessionResponse\x12t\n" +
 	"\rRevokeSession\x120.fleetbroker.credentials.v1.RevokeSessionRequest\x1a1.fleetbroker.credentials.v1.RevokeSessionResponse\x12|\n" +
@@ -2397,105 +2875,125 @@ func file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP() []byte {
 	return file_fleetbroker_credentials_v1_credentials_proto_rawDescData
 }
 
-var file_fleetbroker_credentials_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_fleetbroker_credentials_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
-	(Provider)(0),                          // 0: fleetbroker.credentials.v1.Provider
-	(ValidationState)(0),                   // 1: fleetbroker.credentials.v1.ValidationState
-	(Scope)(0),                             // 2: fleetbroker.credentials.v1.Scope
-	(*WialonSecret)(nil),                   // 3: fleetbroker.credentials.v1.WialonSecret
-	(*FleetUpSecret)(nil),                  // 4: fleetbroker.credentials.v1.FleetUpSecret
-	(*Credential)(nil),                     // 5: fleetbroker.credentials.v1.Credential
-	(*PutCredentialRequest)(nil),           // 6: fleetbroker.credentials.v1.PutCredentialRequest
-	(*PutCredentialResponse)(nil),          // 7: fleetbroker.credentials.v1.PutCredentialResponse
-	(*GetCredentialRequest)(nil),           // 8: fleetbroker.credentials.v1.GetCredentialRequest
-	(*GetCredentialResponse)(nil),          // 9: fleetbroker.credentials.v1.GetCredentialResponse
-	(*ListCredentialsRequest)(nil),         // 10: fleetbroker.credentials.v1.ListCredentialsRequest
-	(*ListCredentialsResponse)(nil),        // 11: fleetbroker.credentials.v1.ListCredentialsResponse
-	(*DeleteCredentialRequest)(nil),        // 12: fleetbroker.credentials.v1.DeleteCredentialRequest
-	(*DeleteCredentialResponse)(nil),       // 13: fleetbroker.credentials.v1.DeleteCredentialResponse
-	(*ValidateCredentialRequest)(nil),      // 14: fleetbroker.credentials.v1.ValidateCredentialRequest
-	(*ValidateCredentialResponse)(nil),     // 15: fleetbroker.credentials.v1.ValidateCredentialResponse
-	(*IssueSessionRequest)(nil),            // 16: fleetbroker.credentials.v1.IssueSessionRequest
-	(*IssueSessionResponse)(nil),           // 17: fleetbroker.credentials.v1.IssueSessionResponse
-	(*RevokeSessionRequest)(nil),           // 18: fleetbroker.credentials.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),          // 19: fleetbroker.credentials.v1.RevokeSessionResponse
-	(*ResolveSessionRequest)(nil),          // 20: fleetbroker.credentials.v1.ResolveSessionRequest
-	(*ResolveSessionResponse)(nil),         // 21: fleetbroker.credentials.v1.ResolveSessionResponse
-	(*ResolveSecretRequest)(nil),           // 22: fleetbroker.credentials.v1.ResolveSecretRequest
-	(*ResolveSecretResponse)(nil),          // 23: fleetbroker.credentials.v1.ResolveSecretResponse
-	(*ReportRejectionRequest)(nil),         // 24: fleetbroker.credentials.v1.ReportRejectionRequest
-	(*ReportRejectionResponse)(nil),        // 25: fleetbroker.credentials.v1.ReportRejectionResponse
-	(*MintUpstreamSessionRequest)(nil),     // 26: fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	(*MintUpstreamSessionResponse)(nil),    // 27: fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	(*WialonUpstreamSession)(nil),          // 28: fleetbroker.credentials.v1.WialonUpstreamSession
-	(*FleetUpUpstreamSession)(nil),         // 29: fleetbroker.credentials.v1.FleetUpUpstreamSession
-	(*ListRetiredGenerationsRequest)(nil),  // 30: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	(*CredentialGeneration)(nil),           // 31: fleetbroker.credentials.v1.CredentialGeneration
-	(*ListRetiredGenerationsResponse)(nil), // 32: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	nil,                                    // 33: fleetbroker.credentials.v1.Credential.LabelsEntry
-	nil,                                    // 34: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),          // 35: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),            // 36: google.protobuf.Duration
-	(*anypb.Any)(nil),                      // 37: google.protobuf.Any
+	(Provider)(0),                            // 0: fleetbroker.credentials.v1.Provider
+	(ValidationState)(0),                     // 1: fleetbroker.credentials.v1.ValidationState
+	(Scope)(0),                               // 2: fleetbroker.credentials.v1.Scope
+	(CredentialEventType)(0),                 // 3: fleetbroker.credentials.v1.CredentialEventType
+	(*WialonSecret)(nil),                     // 4: fleetbroker.credentials.v1.WialonSecret
+	(*FleetUpSecret)(nil),                    // 5: fleetbroker.credentials.v1.FleetUpSecret
+	(*Credential)(nil),                       // 6: fleetbroker.credentials.v1.Credential
+	(*PutCredentialRequest)(nil),             // 7: fleetbroker.credentials.v1.PutCredentialRequest
+	(*PutCredentialResponse)(nil),            // 8: fleetbroker.credentials.v1.PutCredentialResponse
+	(*GetCredentialRequest)(nil),             // 9: fleetbroker.credentials.v1.GetCredentialRequest
+	(*GetCredentialResponse)(nil),            // 10: fleetbroker.credentials.v1.GetCredentialResponse
+	(*ListCredentialsRequest)(nil),           // 11: fleetbroker.credentials.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil),          // 12: fleetbroker.credentials.v1.ListCredentialsResponse
+	(*DeleteCredentialRequest)(nil),          // 13: fleetbroker.credentials.v1.DeleteCredentialRequest
+	(*DeleteCredentialResponse)(nil),         // 14: fleetbroker.credentials.v1.DeleteCredentialResponse
+	(*ValidateCredentialRequest)(nil),        // 15: fleetbroker.credentials.v1.ValidateCredentialRequest
+	(*ValidateCredentialResponse)(nil),       // 16: fleetbroker.credentials.v1.ValidateCredentialResponse
+	(*IssueSessionRequest)(nil),              // 17: fleetbroker.credentials.v1.IssueSessionRequest
+	(*IssueSessionResponse)(nil),             // 18: fleetbroker.credentials.v1.IssueSessionResponse
+	(*RevokeSessionRequest)(nil),             // 19: fleetbroker.credentials.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),            // 20: fleetbroker.credentials.v1.RevokeSessionResponse
+	(*ResolveSessionRequest)(nil),            // 21: fleetbroker.credentials.v1.ResolveSessionRequest
+	(*ResolveSessionResponse)(nil),           // 22: fleetbroker.credentials.v1.ResolveSessionResponse
+	(*ResolveSecretRequest)(nil),             // 23: fleetbroker.credentials.v1.ResolveSecretRequest
+	(*ResolveSecretResponse)(nil),            // 24: fleetbroker.credentials.v1.ResolveSecretResponse
+	(*ReportRejectionRequest)(nil),           // 25: fleetbroker.credentials.v1.ReportRejectionRequest
+	(*ReportRejectionResponse)(nil),          // 26: fleetbroker.credentials.v1.ReportRejectionResponse
+	(*MintUpstreamSessionRequest)(nil),       // 27: fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	(*MintUpstreamSessionResponse)(nil),      // 28: fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	(*WialonUpstreamSession)(nil),            // 29: fleetbroker.credentials.v1.WialonUpstreamSession
+	(*FleetUpUpstreamSession)(nil),           // 30: fleetbroker.credentials.v1.FleetUpUpstreamSession
+	(*ListRetiredGenerationsRequest)(nil),    // 31: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	(*CredentialGeneration)(nil),             // 32: fleetbroker.credentials.v1.CredentialGeneration
+	(*ListRetiredGenerationsResponse)(nil),   // 33: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	(*StartWialonAuthorizationRequest)(nil),  // 34: fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	(*StartWialonAuthorizationResponse)(nil), // 35: fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	(*CredentialEvent)(nil),                  // 36: fleetbroker.credentials.v1.CredentialEvent
+	(*WatchCredentialEventsRequest)(nil),     // 37: fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	(*WatchCredentialEventsResponse)(nil),    // 38: fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	nil,                                      // 39: fleetbroker.credentials.v1.Credential.LabelsEntry
+	nil,                                      // 40: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	nil,                                      // 41: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),            // 42: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),              // 43: google.protobuf.Duration
+	(*anypb.Any)(nil),                        // 44: google.protobuf.Any
 }
 var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	0,  // 0: fleetbroker.credentials.v1.Credential.provider:type_name -> fleetbroker.credentials.v1.Provider
-	35, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
-	35, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
-	35, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
+	42, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
+	42, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
+	42, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
-	33, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
-	35, // 6: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
-	3,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	4,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	34, // 9: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	5,  // 10: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 11: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 12: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
-	5,  // 13: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	36, // 14: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 15: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 16: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 17: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	0,  // 18: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
-	2,  // 19: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	35, // 20: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 21: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	4,  // 22: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	35, // 23: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 24: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
-	31, // 25: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	31, // 26: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	6,  // 27: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	8,  // 28: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	10, // 29: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	12, // 30: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	14, // 31: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	16, // 32: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	18, // 33: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	20, // 34: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	22, // 35: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	24, // 36: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	26, // 37: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	30, // 38: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	7,  // 39: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	9,  // 40: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	11, // 41: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	13, // 42: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	15, // 43: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	17, // 44: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	19, // 45: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	21, // 46: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	23, // 47: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	25, // 48: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	27, // 49: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	32, // 50: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	39, // [39:51] is the sub-list for method output_type
-	27, // [27:39] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	39, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
+	42, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
+	42, // 7: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
+	4,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 9: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	40, // 10: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	6,  // 11: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 12: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 13: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 14: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	43, // 15: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	2,  // 16: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	42, // 17: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 18: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	0,  // 19: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
+	2,  // 20: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	42, // 21: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 22: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 23: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	42, // 24: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 25: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	32, // 26: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	32, // 27: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	43, // 28: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
+	41, // 29: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	42, // 30: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 31: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
+	0,  // 32: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
+	42, // 33: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
+	42, // 34: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
+	36, // 35: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
+	7,  // 36: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	9,  // 37: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	11, // 38: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	13, // 39: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	15, // 40: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	34, // 41: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	37, // 42: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	17, // 43: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	19, // 44: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	21, // 45: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	23, // 46: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	25, // 47: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	27, // 48: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	31, // 49: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	8,  // 50: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	10, // 51: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	12, // 52: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	14, // 53: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	16, // 54: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	35, // 55: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	38, // 56: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	18, // 57: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	20, // 58: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	22, // 59: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	24, // 60: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	26, // 61: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	28, // 62: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	33, // 63: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	50, // [50:64] is the sub-list for method output_type
+	36, // [36:50] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }
@@ -2516,8 +3014,8 @@ func file_fleetbroker_credentials_v1_credentials_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fleetbroker_credentials_v1_credentials_proto_rawDesc), len(file_fleetbroker_credentials_v1_credentials_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   32,
+			NumEnums:      4,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

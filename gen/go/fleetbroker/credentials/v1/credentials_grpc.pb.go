@@ -19,11 +19,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	CredentialService_PutCredential_FullMethodName      = "/fleetbroker.credentials.v1.CredentialService/PutCredential"
-	CredentialService_GetCredential_FullMethodName      = "/fleetbroker.credentials.v1.CredentialService/GetCredential"
-	CredentialService_ListCredentials_FullMethodName    = "/fleetbroker.credentials.v1.CredentialService/ListCredentials"
-	CredentialService_DeleteCredential_FullMethodName   = "/fleetbroker.credentials.v1.CredentialService/DeleteCredential"
-	CredentialService_ValidateCredential_FullMethodName = "/fleetbroker.credentials.v1.CredentialService/ValidateCredential"
+	CredentialService_PutCredential_FullMethodName            = "/fleetbroker.credentials.v1.CredentialService/PutCredential"
+	CredentialService_GetCredential_FullMethodName            = "/fleetbroker.credentials.v1.CredentialService/GetCredential"
+	CredentialService_ListCredentials_FullMethodName          = "/fleetbroker.credentials.v1.CredentialService/ListCredentials"
+	CredentialService_DeleteCredential_FullMethodName         = "/fleetbroker.credentials.v1.CredentialService/DeleteCredential"
+	CredentialService_ValidateCredential_FullMethodName       = "/fleetbroker.credentials.v1.CredentialService/ValidateCredential"
+	CredentialService_StartWialonAuthorization_FullMethodName = "/fleetbroker.credentials.v1.CredentialService/StartWialonAuthorization"
+	CredentialService_WatchCredentialEvents_FullMethodName    = "/fleetbroker.credentials.v1.CredentialService/WatchCredentialEvents"
 )
 
 // CredentialServiceClient is the client API for CredentialService service.
@@ -46,6 +48,20 @@ type CredentialServiceClient interface {
 	// ValidateCredential checks the stored secret against the provider and
 	// records the outcome in the credential's validation state.
 	ValidateCredential(ctx context.Context, in *ValidateCredentialRequest, opts ...grpc.CallOption) (*ValidateCredentialResponse, error)
+	// StartWialonAuthorization starts connecting a Wialon account through
+	// Wialon's own authorization page, so that no one copies a token: it
+	// returns the login.html URL to send the customer's browser to. Wialon
+	// redirects the browser to the broker's callback with the token; the broker
+	// validates and stores it as credential_id (as PutCredential would) and
+	// redirects the browser to return_url with only the outcome
+	// (status=connected|denied|error and credential_id), never the token.
+	// The URL is good for one use within 10 minutes. Needs credentials.write.
+	StartWialonAuthorization(ctx context.Context, in *StartWialonAuthorizationRequest, opts ...grpc.CallOption) (*StartWialonAuthorizationResponse, error)
+	// WatchCredentialEvents streams a tenant's credential events as they
+	// happen on any replica: created, rotated, deleted, rejected by the
+	// provider, and token expiring soon. Pass the last event_id seen as
+	// after_event_id to resume without missing events. Needs credentials.read.
+	WatchCredentialEvents(ctx context.Context, in *WatchCredentialEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchCredentialEventsResponse], error)
 }
 
 type credentialServiceClient struct {
@@ -106,6 +122,35 @@ func (c *credentialServiceClient) ValidateCredential(ctx context.Context, in *Va
 	return out, nil
 }
 
+func (c *credentialServiceClient) StartWialonAuthorization(ctx context.Context, in *StartWialonAuthorizationRequest, opts ...grpc.CallOption) (*StartWialonAuthorizationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartWialonAuthorizationResponse)
+	err := c.cc.Invoke(ctx, CredentialService_StartWialonAuthorization_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *credentialServiceClient) WatchCredentialEvents(ctx context.Context, in *WatchCredentialEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchCredentialEventsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &CredentialService_ServiceDesc.Streams[0], CredentialService_WatchCredentialEvents_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchCredentialEventsRequest, WatchCredentialEventsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CredentialService_WatchCredentialEventsClient = grpc.ServerStreamingClient[WatchCredentialEventsResponse]
+
 // CredentialServiceServer is the server API for CredentialService service.
 // All implementations must embed UnimplementedCredentialServiceServer
 // for forward compatibility.
@@ -126,6 +171,20 @@ type CredentialServiceServer interface {
 	// ValidateCredential checks the stored secret against the provider and
 	// records the outcome in the credential's validation state.
 	ValidateCredential(context.Context, *ValidateCredentialRequest) (*ValidateCredentialResponse, error)
+	// StartWialonAuthorization starts connecting a Wialon account through
+	// Wialon's own authorization page, so that no one copies a token: it
+	// returns the login.html URL to send the customer's browser to. Wialon
+	// redirects the browser to the broker's callback with the token; the broker
+	// validates and stores it as credential_id (as PutCredential would) and
+	// redirects the browser to return_url with only the outcome
+	// (status=connected|denied|error and credential_id), never the token.
+	// The URL is good for one use within 10 minutes. Needs credentials.write.
+	StartWialonAuthorization(context.Context, *StartWialonAuthorizationRequest) (*StartWialonAuthorizationResponse, error)
+	// WatchCredentialEvents streams a tenant's credential events as they
+	// happen on any replica: created, rotated, deleted, rejected by the
+	// provider, and token expiring soon. Pass the last event_id seen as
+	// after_event_id to resume without missing events. Needs credentials.read.
+	WatchCredentialEvents(*WatchCredentialEventsRequest, grpc.ServerStreamingServer[WatchCredentialEventsResponse]) error
 	mustEmbedUnimplementedCredentialServiceServer()
 }
 
@@ -150,6 +209,12 @@ func (UnimplementedCredentialServiceServer) DeleteCredential(context.Context, *D
 }
 func (UnimplementedCredentialServiceServer) ValidateCredential(context.Context, *ValidateCredentialRequest) (*ValidateCredentialResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ValidateCredential not implemented")
+}
+func (UnimplementedCredentialServiceServer) StartWialonAuthorization(context.Context, *StartWialonAuthorizationRequest) (*StartWialonAuthorizationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartWialonAuthorization not implemented")
+}
+func (UnimplementedCredentialServiceServer) WatchCredentialEvents(*WatchCredentialEventsRequest, grpc.ServerStreamingServer[WatchCredentialEventsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchCredentialEvents not implemented")
 }
 func (UnimplementedCredentialServiceServer) mustEmbedUnimplementedCredentialServiceServer() {}
 func (UnimplementedCredentialServiceServer) testEmbeddedByValue()                           {}
@@ -262,6 +327,35 @@ func _CredentialService_ValidateCredential_Handler(srv interface{}, ctx context.
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CredentialService_StartWialonAuthorization_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartWialonAuthorizationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CredentialServiceServer).StartWialonAuthorization(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CredentialService_StartWialonAuthorization_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CredentialServiceServer).StartWialonAuthorization(ctx, req.(*StartWialonAuthorizationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CredentialService_WatchCredentialEvents_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchCredentialEventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CredentialServiceServer).WatchCredentialEvents(m, &grpc.GenericServerStream[WatchCredentialEventsRequest, WatchCredentialEventsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CredentialService_WatchCredentialEventsServer = grpc.ServerStreamingServer[WatchCredentialEventsResponse]
+
 // CredentialService_ServiceDesc is the grpc.ServiceDesc for CredentialService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -289,8 +383,18 @@ var CredentialService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "ValidateCredential",
 			Handler:    _CredentialService_ValidateCredential_Handler,
 		},
+		{
+			MethodName: "StartWialonAuthorization",
+			Handler:    _CredentialService_StartWialonAuthorization_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchCredentialEvents",
+			Handler:       _CredentialService_WatchCredentialEvents_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "fleetbroker/credentials/v1/credentials.proto",
 }
 

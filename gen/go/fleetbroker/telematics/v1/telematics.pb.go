@@ -256,6 +256,9 @@ type Trip struct {
 	StartPosition *Position              `protobuf:"bytes,4,opt,name=start_position,json=startPosition,proto3" json:"start_position,omitempty"`
 	EndPosition   *Position              `protobuf:"bytes,5,opt,name=end_position,json=endPosition,proto3" json:"end_position,omitempty"`
 	DistanceM     float64                `protobuf:"fixed64,6,opt,name=distance_m,json=distanceM,proto3" json:"distance_m,omitempty"`
+	// Fuel used on the trip in litres, when the provider reports it (FleetUp
+	// fuelWear); unset otherwise.
+	FuelUsedL     *float64 `protobuf:"fixed64,7,opt,name=fuel_used_l,json=fuelUsedL,proto3,oneof" json:"fuel_used_l,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -328,6 +331,13 @@ func (x *Trip) GetEndPosition() *Position {
 func (x *Trip) GetDistanceM() float64 {
 	if x != nil {
 		return x.DistanceM
+	}
+	return 0
+}
+
+func (x *Trip) GetFuelUsedL() float64 {
+	if x != nil && x.FuelUsedL != nil {
+		return *x.FuelUsedL
 	}
 	return 0
 }
@@ -1155,7 +1165,7 @@ const file_fleetbroker_telematics_v1_telematics_proto_rawDesc = "" +
 	"\aunit_id\x18\x01 \x01(\tR\x06unitId\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12?\n" +
 	"\bprovider\x18\x03 \x01(\x0e2#.fleetbroker.telematics.v1.ProviderR\bprovider\x12H\n" +
-	"\rlast_position\x18\x04 \x01(\v2#.fleetbroker.telematics.v1.PositionR\flastPosition\"\xc4\x02\n" +
+	"\rlast_position\x18\x04 \x01(\v2#.fleetbroker.telematics.v1.PositionR\flastPosition\"\xf9\x02\n" +
 	"\x04Trip\x12\x17\n" +
 	"\aunit_id\x18\x01 \x01(\tR\x06unitId\x129\n" +
 	"\n" +
@@ -1164,7 +1174,9 @@ const file_fleetbroker_telematics_v1_telematics_proto_rawDesc = "" +
 	"\x0estart_position\x18\x04 \x01(\v2#.fleetbroker.telematics.v1.PositionR\rstartPosition\x12F\n" +
 	"\fend_position\x18\x05 \x01(\v2#.fleetbroker.telematics.v1.PositionR\vendPosition\x12\x1d\n" +
 	"\n" +
-	"distance_m\x18\x06 \x01(\x01R\tdistanceM\"d\n" +
+	"distance_m\x18\x06 \x01(\x01R\tdistanceM\x12#\n" +
+	"\vfuel_used_l\x18\a \x01(\x01H\x00R\tfuelUsedL\x88\x01\x01B\x0e\n" +
+	"\f_fuel_used_l\"d\n" +
 	"\x10ListUnitsRequest\x12'\n" +
 	"\tpage_size\x18\x01 \x01(\x05B\n" +
 	"\xbaH\a\x1a\x05\x18\xe8\a(\x00R\bpageSize\x12'\n" +
@@ -1315,6 +1327,7 @@ func file_fleetbroker_telematics_v1_telematics_proto_init() {
 	if File_fleetbroker_telematics_v1_telematics_proto != nil {
 		return
 	}
+	file_fleetbroker_telematics_v1_telematics_proto_msgTypes[2].OneofWrappers = []any{}
 	file_fleetbroker_telematics_v1_telematics_proto_msgTypes[13].OneofWrappers = []any{
 		(*CallProviderRequest_Wialon)(nil),
 		(*CallProviderRequest_Fleetup)(nil),
