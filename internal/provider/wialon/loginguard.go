@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -33,12 +34,17 @@ import (
 // to: a success in the successful budget, a refusal (error 8) in the
 // failed one. An attempt whose outcome stays unknown (no answer) stays in
 // both. So at most Failed logins can be in flight at once, and the failed
-// budget can never be overrun by logins that were still running.
+// budget can never be overrun by logins that were still running. A login
+// that finds a budget full only of attempts still running waits for them
+// to settle (polling every loginPoll), not for the window to pass: more
+// than Failed concurrent logins queue for a few milliseconds, they are not
+// refused.
 //
 // Key layout (the group is the hash tag):
 //
-//	<prefix>:{wialon-login:<group>}:ok    sorted set: attempt id, score = time (ms)
-//	<prefix>:{wialon-login:<group>}:fail  sorted set: attempt id, score = time (ms)
+//	<prefix>:{wialon-login:<group>}:ok        sorted set: attempt id, score = time (ms)
+//	<prefix>:{wialon-login:<group>}:fail      sorted set: attempt id, score = time (ms)
+//	<prefix>:{wialon-login:<group>}:inflight  sorted set: attempts still running, score = start (ms)
 //	<prefix>:wialon-refused:<digest>      a token Wialon refused, TTL = RefusedTTL
 //
 // <digest> is a SHA-256 of the base URL and the token: no token is ever
@@ -51,6 +57,13 @@ const (
 	DefaultEgressGroup           = "default"
 	DefaultRefusedTTL            = time.Hour
 	loginWindow                  = time.Minute
+	// loginPoll is how often a login waiting for attempts still running
+	// to settle asks again (plus jitter).
+	loginPoll = 50 * time.Millisecond
+	// loginRunning is how long an attempt counts as running at most: one
+	// whose replica died before settling it stops counting then (it stays
+	// in both budgets, as one without an answer).
+	loginRunning = 2 * time.Minute
 )
 
 // loginReserve is how much of each budget a background login (keep-alive)
@@ -59,14 +72,18 @@ const loginReserve = 0.5
 
 // loginAcquire takes a slot in both budgets (KEYS ok, fail) for attempt
 // ARGV[1] if each has fewer than its limit (ARGV[2] ok, ARGV[3] fail)
-// minus the reserve (ARGV[4], a fraction) in the last ARGV[5] ms. Reply
-// {1, 0} when taken, else {0, ms until the oldest entry of a full budget
-// leaves the window}.
+// minus the reserve (ARGV[4], a fraction) in the last ARGV[5] ms, and
+// marks it running (KEYS inflight, for at most ARGV[7] ms). Reply {1, 0}
+// when taken, else {0, ms to wait}: until the oldest entry of a full
+// budget leaves the window, or ARGV[6] ms while attempts are still running
+// (one may settle and free its slot in the other budget at any moment).
 var loginAcquire = redis.NewScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[5])
 local reserve = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[7]))
+local running = redis.call('ZCARD', KEYS[3]) > 0
 local wait = 0
 for i = 1, 2 do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
@@ -76,14 +93,17 @@ for i = 1, 2 do
   if redis.call('ZCARD', KEYS[i]) >= allowed then
     local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
     local w = tonumber(oldest[2]) + window - now
+    if running and w > tonumber(ARGV[6]) then w = tonumber(ARGV[6]) end
     if w > wait then wait = w end
   end
 end
 if wait > 0 then return {0, wait} end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], window * 2)
 redis.call('PEXPIRE', KEYS[2], window * 2)
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]))
 return {1, 0}
 `)
 
@@ -121,9 +141,11 @@ func newLoginGuard(env provider.Env) *loginGuard {
 	return g
 }
 
+// budgetKeys are the successful and failed budgets and the running
+// attempts, in one Cluster slot.
 func (g *loginGuard) budgetKeys() []string {
 	tag := g.prefix + ":{wialon-login:" + g.group + "}"
-	return []string{tag + ":ok", tag + ":fail"}
+	return []string{tag + ":ok", tag + ":fail", tag + ":inflight"}
 }
 
 func (g *loginGuard) refusedKey(baseURL, token string) string {
@@ -186,7 +208,8 @@ func (g *loginGuard) acquire(ctx context.Context, background bool) (string, erro
 		if g.rdb == nil {
 			wait = g.local.acquire(id, g.succeeded, g.failed, reserve, time.Now())
 		} else {
-			res, err := loginAcquire.Run(ctx, g.rdb, g.budgetKeys(), id, g.succeeded, g.failed, reserve, loginWindow.Milliseconds()).Int64Slice()
+			res, err := loginAcquire.Run(ctx, g.rdb, g.budgetKeys(), id, g.succeeded, g.failed, reserve, loginWindow.Milliseconds(),
+				loginPoll.Milliseconds(), loginRunning.Milliseconds()).Int64Slice()
 			if err != nil {
 				return "", storeError(err)
 			}
@@ -202,7 +225,11 @@ func (g *loginGuard) acquire(ctx context.Context, background bool) (string, erro
 			return "", &upstream.Error{Kind: upstream.KindRateLimited, Provider: providerName, Op: "token/login", RetryAfter: wait,
 				Reason: "the egress IP's Wialon login budget is spent (Wialon blocks an IP past 10 failed or 120 successful logins a minute)"}
 		}
-		t := time.NewTimer(wait + 10*time.Millisecond) // a little past the window's edge
+		pause := wait + 10*time.Millisecond // a little past the window's edge
+		if wait <= loginPoll {
+			pause = wait + mrand.N(wait+1) // waiters polling together spread out
+		}
+		t := time.NewTimer(pause)
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -229,7 +256,8 @@ func (g *loginGuard) settle(ctx context.Context, id, baseURL, token string, logi
 		// (unverified; 1003 while the IP is blocked is the likely one).
 		dropOK, dropFailed = true, true
 	default:
-		return // no answer: Wialon may have counted it either way
+		// No answer: Wialon may have counted it either way, so it stays in
+		// both budgets; it is no longer running.
 	}
 	if g.rdb == nil {
 		g.local.settle(id, dropOK, dropFailed)
@@ -242,6 +270,7 @@ func (g *loginGuard) settle(ctx context.Context, id, baseURL, token string, logi
 			if dropFailed {
 				p.ZRem(ctx, keys[1], id)
 			}
+			p.ZRem(ctx, keys[2], id)
 			return nil
 		})
 	}
@@ -266,11 +295,12 @@ func storeError(err error) error {
 type localLogins struct {
 	mu       sync.Mutex
 	ok, fail map[string]time.Time
+	running  map[string]bool
 	refusals map[string]time.Time
 }
 
 func newLocalLogins() *localLogins {
-	return &localLogins{ok: map[string]time.Time{}, fail: map[string]time.Time{}, refusals: map[string]time.Time{}}
+	return &localLogins{ok: map[string]time.Time{}, fail: map[string]time.Time{}, running: map[string]bool{}, refusals: map[string]time.Time{}}
 }
 
 func (l *localLogins) acquire(id string, succeeded, failed int, reserve float64, now time.Time) time.Duration {
@@ -290,19 +320,24 @@ func (l *localLogins) acquire(id string, succeeded, failed int, reserve float64,
 			}
 		}
 		if len(b.m) >= max(b.limit-int(float64(b.limit)*reserve), 1) {
-			wait = max(wait, oldest.Add(loginWindow).Sub(now))
+			w := oldest.Add(loginWindow).Sub(now)
+			if len(l.running) > 0 {
+				w = min(w, loginPoll)
+			}
+			wait = max(wait, w)
 		}
 	}
 	if wait > 0 {
 		return wait
 	}
-	l.ok[id], l.fail[id] = now, now
+	l.ok[id], l.fail[id], l.running[id] = now, now, true
 	return 0
 }
 
 func (l *localLogins) settle(id string, dropOK, dropFail bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	delete(l.running, id)
 	if dropOK {
 		delete(l.ok, id)
 	}

@@ -89,6 +89,51 @@ func TestLoginBudgetIsSharedByReplicas(t *testing.T) {
 	}
 }
 
+// TestConcurrentLoginsQueueForRunningOnes: more logins at once than the
+// failed budget may have running wait for the running ones to settle,
+// instead of being refused for a minute (a gateway fleet starting cold
+// mints many sessions at once); never more than Failed run at once.
+func TestConcurrentLoginsQueueForRunningOnes(t *testing.T) {
+	for _, shared := range []bool{true, false} {
+		t.Run(fmt.Sprintf("redis=%v", shared), func(t *testing.T) {
+			replicas := 2
+			if !shared {
+				replicas = 1
+			}
+			g := guards(t, shared, replicas, provider.LoginLimits{Failed: 3, Succeeded: 100})
+			var running, most atomic.Int32
+			slow := func() (Session, error) {
+				n := running.Add(1)
+				for {
+					m := most.Load()
+					if n <= m || most.CompareAndSwap(m, n) {
+						break
+					}
+				}
+				time.Sleep(20 * time.Millisecond) // Wialon's answer takes a while
+				running.Add(-1)
+				return accepted()
+			}
+			var wg sync.WaitGroup
+			for i := range 12 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					if _, err := g[i%replicas].login(ctx, false, "https://w.example", fmt.Sprintf("token-%d", i), slow); err != nil {
+						t.Errorf("login %d: %v", i, err)
+					}
+				}()
+			}
+			wg.Wait()
+			if m := most.Load(); m > 3 {
+				t.Errorf("%d logins ran at once, want at most the failed budget, 3", m)
+			}
+		})
+	}
+}
+
 func TestSuccessfulLoginBudgetAndTheBackgroundReserve(t *testing.T) {
 	g := guards(t, true, 2, provider.LoginLimits{Failed: 10, Succeeded: 4})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
