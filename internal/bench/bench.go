@@ -206,17 +206,17 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		"fleetup_rate_budget": unlimitedFleetUp, "gateway_idle_per_host": opts.GatewayIdlePerHost,
 		"baseline_idle_per_host": opts.BaselineIdlePerHost,
 	}}
-	hotSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, Seed: 1})
+	hotSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, Seed: 1}))
 	if err != nil {
 		return nil, err
 	}
 	defer hotSim.close()
-	ampSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, JWTLifetime: opts.AmpLifetime, Seed: 2})
+	ampSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, JWTLifetime: opts.AmpLifetime, Seed: 2}))
 	if err != nil {
 		return nil, err
 	}
 	defer ampSim.close()
-	memSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, Seed: 3})
+	memSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, Seed: 3}))
 	if err != nil {
 		return nil, err
 	}
