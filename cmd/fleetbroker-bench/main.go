@@ -1,7 +1,9 @@
 // Command fleetbroker-bench measures the gateway against a direct HTTP call
 // and a bare gRPC forwarder, upstream login amplification, the control
 // plane, the gateway's memory and its scaling curve, on a real redis-server
-// and a real Vault dev server it starts on loopback. See docs/benchmarks.md.
+// and a real Vault dev server it starts on loopback, each phase also with
+// the services wired as in production (mTLS, policy, rate limits, audit
+// file), piece by piece. See docs/benchmarks.md.
 //
 //	go run ./cmd/fleetbroker-bench                  # the documented run, ~5 min
 //	go run ./cmd/fleetbroker-bench -json > out.json # machine-readable
@@ -39,12 +41,13 @@ func run() error {
 	fs.DurationVar(&opts.Duration, "duration", opts.Duration, "recorded time of each measurement")
 	fs.IntVar(&opts.Rounds, "rounds", opts.Rounds, "interleaved rounds of the overhead phase (medians are reported)")
 	concurrency := fs.String("concurrency", joinInts(opts.Concurrency), "concurrent callers of the overhead phase")
-	variants := fs.String("variants", "", "overhead variants to run (default all): direct, bare, gateway, gateway-distinct")
+	variants := fs.String("variants", "", "overhead variants to run (default all): direct, bare, gateway, gateway-distinct, distinct+tls, distinct+policy, distinct+limits, production")
 	fs.Float64Var(&opts.Rate, "rate", 0, "open loop: requests per second per measurement, latency from the scheduled send time (0: closed loop)")
 	fs.DurationVar(&opts.SimLatency, "sim-latency", 0, "reply latency the simulators add to every upstream request")
 	fs.IntVar(&opts.ScalingMax, "scaling-max", opts.ScalingMax, "largest caller count of the scaling curve (doubling from 1)")
 	fs.IntVar(&opts.ScalingRounds, "scaling-rounds", opts.ScalingRounds, "rounds per scaling point")
 	control := fs.String("control-concurrency", joinInts(opts.ControlConcurrency), "concurrent callers of the control-plane phase")
+	controlOps := fs.String("control-ops", "", "control-plane operations to run (default all): IssueSession, ResolveSession, PutCredential, and the references; -variants also filters its variants (plain, plain+batch, tls, policy, limits, production-nobatch, production)")
 	fs.DurationVar(&opts.AmpLifetime, "amp-lifetime", opts.AmpLifetime, "FleetUp JWT lifetime in the amplification phase")
 	fs.DurationVar(&opts.AmpDuration, "amp-duration", opts.AmpDuration, "length of each amplification run")
 	fs.DurationVar(&opts.AmpInterval, "amp-interval", opts.AmpInterval, "time between two calls of one amplification caller")
@@ -58,6 +61,11 @@ func run() error {
 	fs.BoolVar(&opts.QuietServices, "quiet-services", false, "discard the services' logs instead of encoding them (JSON, info) into io.Discard")
 	fs.IntVar(&opts.BaselineIdlePerHost, "baseline-idle-per-host", opts.BaselineIdlePerHost, "keep-alive pool per host of the direct caller and the bare forwarder")
 	fs.IntVar(&opts.GatewayIdlePerHost, "gateway-idle-per-host", 0, "build the hot-path gateway with this many idle upstream connections per host (0: exactly as app.NewGatewayService, Go's default of 2)")
+	fs.BoolVar(&opts.NoProduction, "no-production", false, "skip the production variants (mTLS, policy, rate limits, audit file: what `fleetbroker credentials|gateway` run)")
+	fs.StringVar(&opts.AuditDir, "audit-dir", "", "directory of the production variants' audit files (default: the system's temporary directory); put it on the disk whose fsync you want measured, not a tmpfs")
+	fs.IntVar(&opts.TransitBatch.MaxItems, "transit-batch-size", opts.TransitBatch.MaxItems, "transit batching of the plain+batch and production credentials variants: most items per Vault call (1: off), as the credentials service's --transit-batch-size")
+	fs.IntVar(&opts.TransitBatch.MaxInFlight, "transit-batch-calls", opts.TransitBatch.MaxInFlight, "transit batching: Vault calls of one operation under way at once, as --transit-batch-calls")
+	fs.DurationVar(&opts.TransitBatch.MaxWait, "transit-batch-wait", 0, "transit batching: hold a batch this long for more calls, as --transit-batch-wait")
 	asJSON := fs.Bool("json", false, "print the report as JSON on stdout (progress stays on stderr)")
 	jsonOut := fs.String("json-out", "", "also write the JSON report to this file")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the whole run (bench, services and simulators share the process) to this file")
@@ -70,6 +78,7 @@ func run() error {
 	}
 	opts.Phases = splitList(*phases)
 	opts.Variants = splitList(*variants)
+	opts.ControlOps = splitList(*controlOps)
 	for _, p := range opts.Phases {
 		if !contains(bench.AllPhases, p) {
 			return fmt.Errorf("-phases: unknown phase %q (have %s)", p, strings.Join(bench.AllPhases, ", "))
@@ -88,6 +97,9 @@ func run() error {
 	}
 	if opts.Rounds < 1 || opts.ScalingRounds < 1 || opts.Duration <= 0 || opts.Warmup < 0 {
 		return errors.New("-rounds and -scaling-rounds must be at least 1, -duration positive, -warmup not negative")
+	}
+	if opts.TransitBatch.MaxItems < 1 || opts.TransitBatch.MaxInFlight < 1 || opts.TransitBatch.MaxWait < 0 {
+		return errors.New("-transit-batch-size and -transit-batch-calls must be at least 1, -transit-batch-wait not negative")
 	}
 	if !*quiet {
 		opts.Progress = os.Stderr

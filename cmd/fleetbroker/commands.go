@@ -11,6 +11,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 )
@@ -36,6 +37,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	addWialonLoginFlags(fs, cfg)
 	legacyAD := fs.Bool("legacy-associated-data", true, "open secrets sealed with version 1 associated data (tenant + credential only); set false once `fleetbroker migrate` has re-sealed them all")
 	addAuthorizeFlags(fs, &cfg.Authorize, &cfg.Events)
+	addTransitBatchFlags(fs, &cfg.TransitBatch)
 	logf := addLogFlags(fs, "json")
 	return fs, cfg, logf, func() {
 		vaultTokenFallback(&cfg.Vault)
@@ -63,6 +65,14 @@ func addHandleKeyFlag(fs *flag.FlagSet, file *string) {
 // addRedisWaitFlag adds --redis-wait-replicas to the commands that write credentials.
 func addRedisWaitFlag(fs *flag.FlagSet, n *int) {
 	fs.IntVar(n, "redis-wait-replicas", app.RedisWaitAuto, "replicas that must acknowledge each credential write and revocation (Redis WAIT) before it is reported done; -1: one if the topology has replicas, else none")
+}
+
+// addTransitBatchFlags adds the flags that shape how concurrent Vault
+// transit calls share batch calls.
+func addTransitBatchFlags(fs *flag.FlagSet, opts *transit.BatchOptions) {
+	fs.IntVar(&opts.MaxItems, "transit-batch-size", transit.DefaultBatchMaxItems, "most items in one Vault transit batch call made of concurrent calls; 1 turns batching off")
+	fs.IntVar(&opts.MaxInFlight, "transit-batch-calls", transit.DefaultBatchMaxInFlight, "Vault transit calls of one operation (encrypt, decrypt, hmac) under way at once; calls arriving beyond that wait and share the next")
+	fs.DurationVar(&opts.MaxWait, "transit-batch-wait", 0, "hold a transit batch this long for more calls even when it could go at once (0: a lone call goes at once)")
 }
 
 func runCredentials(ctx context.Context, args []string) error {

@@ -63,6 +63,10 @@ type CredentialsConfig struct {
 	// credential write; RedisWaitAuto picks one where the topology has
 	// replicas. 0 does not wait.
 	RedisWaitReplicas int
+	// TransitBatch shapes the batching of concurrent Vault transit calls
+	// (encrypt, decrypt, hmac) into shared batch calls; the zero value is
+	// transit's defaults, and MaxItems 1 turns batching off.
+	TransitBatch transit.BatchOptions
 	// Authorizer is set by RunCredentials from Security; when nil (tests,
 	// dev) every caller may do everything.
 	Authorizer credentials.Authorizer
@@ -172,11 +176,15 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 	if err != nil {
 		return fail(err)
 	}
+	tr, err := batchedTransit(vault, cfg.TransitBatch)
+	if err != nil {
+		return fail(err)
+	}
 	cfg.LegacyHandles = handle.NewLegacyWindow(rdb, cmp.Or(cfg.RedisPrefix, "fb"))
 	if cfg.WriteLegacyFormats {
 		logger.Warn("issuing legacy session handles and sealing with version 1 associated data (--write-legacy-formats): turn it off once every replica runs this release")
 	}
-	svc, err := NewCredentialsService(cfg, st, vault, logger)
+	svc, err := NewCredentialsService(cfg, st, tr, logger)
 	if err != nil {
 		return fail(err)
 	}
@@ -318,6 +326,25 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	}
 	return svc, nil
 }
+
+// batchedTransit wraps tr so that concurrent calls share Vault batch calls
+// (measured by cmd/fleetbroker-bench: docs/benchmarks.md), unless opts turn
+// batching off (MaxItems 1).
+func batchedTransit(tr transit.BatchingBackend, opts transit.BatchOptions) (transit.Transit, error) {
+	switch {
+	case opts.MaxItems < 0 || opts.MaxInFlight < 0:
+		return nil, fmt.Errorf("--transit-batch-size and --transit-batch-calls must not be negative")
+	case opts.MaxWait < 0 || opts.MaxWait > maxTransitBatchWait:
+		return nil, fmt.Errorf("--transit-batch-wait must be between 0 and %s", maxTransitBatchWait)
+	case opts.MaxItems == 1:
+		return tr, nil
+	}
+	return transit.NewBatching(tr, opts), nil
+}
+
+// maxTransitBatchWait bounds how long a batch may be held for company: a
+// lone call pays it in full, twice per PutCredential.
+const maxTransitBatchWait = 100 * time.Millisecond
 
 // RunRewrap rewraps every stored ciphertext under the newest transit key
 // version (after `vault write transit/keys/<key>/rotate`).

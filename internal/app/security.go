@@ -34,6 +34,10 @@ type SecurityConfig struct {
 	PolicyFile string
 	// AuditLog is the audit trail file; "-" means stderr.
 	AuditLog string
+	// AuditLogger, if set, is the audit trail instead of AuditLog's, and
+	// is not closed by the service: for benchmarks that measure what the
+	// trail costs (audit.Discard()). No flag sets it.
+	AuditLogger *audit.Logger
 	// TrustedHeader carries a principal set by a proxy in TrustedProxies
 	// (comma-separated CIDRs); only honoured with Insecure.
 	TrustedHeader  string
@@ -97,11 +101,14 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz
 		out.closers = append(out.closers, watcher)
 		src = watcher
 	}
-	auditLog, err := openAudit(sec.AuditLog, logger)
-	if err != nil {
-		return fail(err)
+	auditLog := sec.AuditLogger
+	if auditLog == nil {
+		var err error
+		if auditLog, err = openAudit(sec.AuditLog, logger); err != nil {
+			return fail(err)
+		}
+		out.closers = append(out.closers, auditLog)
 	}
-	out.closers = append(out.closers, auditLog)
 	out.audit = auditLog
 	proxies, err := parsePrefixes(sec.TrustedProxies)
 	if err != nil {

@@ -33,6 +33,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -241,7 +242,10 @@ func encode(e Event) ([]byte, error) {
 var secretLike = regexp.MustCompile(`fbs_[0-9A-Za-z]{20,}|eyJ[0-9A-Za-z_-]+\.[0-9A-Za-z_-]+\.[0-9A-Za-z_-]*`)
 
 func redact(s string) string {
-	if s == "" {
+	// Both patterns start with a literal; most fields (ids, method names,
+	// codes) hold neither and skip the regexp, which profiling showed as
+	// most of the cost of a record.
+	if !strings.Contains(s, "fbs_") && !strings.Contains(s, "eyJ") {
 		return s
 	}
 	return secretLike.ReplaceAllLiteralString(s, "[redacted]")

@@ -128,6 +128,22 @@ func TestRecordRedactsHandlesAndJWTs(t *testing.T) {
 	}
 }
 
+// redact skips the regexp for strings without the patterns' literals; it
+// must agree with the pattern everywhere.
+func TestRedactAgreesWithThePattern(t *testing.T) {
+	for _, s := range []string{
+		"", "ses_0123456789abcdef", "/fleetbroker.credentials.v1.SessionService/IssueSession", "spiffe://example.org/ns/a/sa/b",
+		"fbs_", "fbs_short", "fbs_4Zz1xY8wV7uT6sR5qP4oN3mL2kJ1iH0gF9eD8cB7aA6abc123", "xfbs_4Zz1xY8wV7uT6sR5qP4oN3mL2kJ1iH0g!",
+		"FBS_4Zz1xY8wV7uT6sR5qP4oN3mL2kJ1iH0gF9eD8cB7aA6abc123", "eyJ", "eyJhbGciOiJIUzI1NiJ9", "eyJa.b.", "a eyJa.b.c d",
+		"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U and fbs_AAAAAAAAAAAAAAAAAAAAAAAA",
+		"EYJhbGciOiJIUzI1NiJ9.eyJ.x",
+	} {
+		if got, want := redact(s), secretLike.ReplaceAllLiteralString(s, "[redacted]"); got != want {
+			t.Errorf("redact(%q) = %q, want %q", s, got, want)
+		}
+	}
+}
+
 // slowWriter hands each Write on in small pieces, yielding in between, the
 // way a pipe or socket may: unserialized Records would interleave there even
 // where a regular file's O_APPEND writes would not.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,8 +24,11 @@ const ampTenant = "bench-amp"
 // AmpRow is one account under N callers: through the gateway (on 1 or 3
 // replicas) or naive (every caller logs in by itself).
 type AmpRow struct {
-	Provider  string `json:"provider"`
-	Client    string `json:"client"` // "gateway" or "naive"
+	Provider string `json:"provider"`
+	Client   string `json:"client"` // "gateway" or "naive"
+	// Level is the gateway's security level (production.go): plain, or
+	// production.
+	Level     string `json:"level,omitempty"`
 	Instances int    `json:"gateway_instances,omitempty"`
 	Callers   int    `json:"callers"`
 	Calls     int64  `json:"calls"`
@@ -69,16 +73,31 @@ func runAmplification(ctx context.Context, e *env, opts Options, sim *simHTTP) (
 	rep := &AmpReport{JWTLifetimeS: opts.AmpLifetime.Seconds(), JWTSafetyMarginS: margin.Seconds(),
 		RunS: opts.AmpDuration.Seconds(), CallIntervalS: opts.AmpInterval.Seconds()}
 	naiveW, naiveF := wialon.New(upstreamClient(e.opts.BaselineIdlePerHost)), fleetup.New(upstreamClient(e.opts.BaselineIdlePerHost))
-	// One run per gateway replica count, then one for the naive clients, so
-	// no run shares the machine with another's stampede.
-	for gi := range len(opts.AmpInstances) + 1 {
+	// One run per gateway replica count, plain and then production, then
+	// one for the naive clients, so no run shares the machine with another's
+	// stampede.
+	type ampRun struct {
+		level     string
+		instances int // 0: the naive clients
+	}
+	var runs []ampRun
+	for _, level := range []string{lvlPlain, lvlProduction} {
+		if level == lvlProduction && !slices.Contains(opts.levels(), lvlProduction) {
+			continue
+		}
+		for _, n := range opts.AmpInstances {
+			runs = append(runs, ampRun{level, n})
+		}
+	}
+	runs = append(runs, ampRun{})
+	for gi, run := range runs {
 		var jobs []*ampJob
-		naive := gi == len(opts.AmpInstances)
+		naive := run.instances == 0
 		var gws []telematicsv1.TelematicsServiceClient
 		if !naive {
-			gws = make([]telematicsv1.TelematicsServiceClient, opts.AmpInstances[gi])
+			gws = make([]telematicsv1.TelematicsServiceClient, run.instances)
 			for i := range gws {
-				gw, err := e.startGateway(ctx, gatewayOpts{prefix: fmt.Sprintf("fbbench-amp%d", gi), jwtSafetyMargin: margin})
+				gw, err := e.startGatewayAt(ctx, run.level, gatewayOpts{prefix: fmt.Sprintf("fbbench-amp%d", gi), jwtSafetyMargin: margin})
 				if err != nil {
 					return nil, err
 				}
@@ -97,12 +116,13 @@ func runAmplification(ctx context.Context, e *env, opts Options, sim *simHTTP) (
 				if err != nil {
 					return nil, err
 				}
+				j.row.Level = run.level
 				jobs = append(jobs, j)
 			}
 		}
 		what := "naive clients"
 		if !naive {
-			what = fmt.Sprintf("%d gateway instance(s)", len(gws))
+			what = fmt.Sprintf("%d gateway instance(s) at level %s", len(gws), run.level)
 		}
 		e.opts.progress(fmt.Sprintf("amplification: %s, callers %v, %s run, JWT lifetime %s", what, opts.AmpCallers, opts.AmpDuration, opts.AmpLifetime))
 		before := sim.sim.Stats()
@@ -234,6 +254,9 @@ func naiveCaller(n int, wc *wialon.Client, fc *fleetup.Client, baseURL string, a
 // clientLabel names a row's client for progress lines: "gateway×3" or "naive".
 func clientLabel(r AmpRow) string {
 	if r.Client == "gateway" {
+		if r.Level != "" && r.Level != lvlPlain {
+			return fmt.Sprintf("gateway×%d %s", r.Instances, r.Level)
+		}
 		return fmt.Sprintf("gateway×%d", r.Instances)
 	}
 	return r.Client

@@ -12,16 +12,19 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
 
@@ -57,6 +60,9 @@ type Options struct {
 	ScalingRounds int
 
 	ControlConcurrency []int
+	// ControlOps limits the control phase to some operations (empty: all),
+	// e.g. to profile one; Variants, if set, limits its variants too.
+	ControlOps []string
 
 	AmpLifetime  time.Duration
 	AmpDuration  time.Duration
@@ -84,6 +90,19 @@ type Options struct {
 	// transport's Go default of 2 (a proposed fix, measured before/after).
 	GatewayIdlePerHost int
 
+	// NoProduction skips the production variants (production.go): the
+	// services at each security level up to what `fleetbroker credentials`
+	// and `fleetbroker gateway` run.
+	NoProduction bool
+	// AuditDir is where the production variants' audit files go (default
+	// the system's temporary directory): it must be on the disk whose
+	// fsync is to be measured, not a tmpfs.
+	AuditDir string
+	// TransitBatch shapes the transit batching of the credentials variants
+	// that batch (plain+batch, production), as the credentials service's
+	// --transit-batch-* flags do.
+	TransitBatch transit.BatchOptions
+
 	// Progress receives one line per measurement (nil: none).
 	Progress io.Writer
 }
@@ -109,6 +128,7 @@ func DefaultOptions() Options {
 		MemAccounts:         1_000,
 		MemHold:             6 * time.Second,
 		BaselineIdlePerHost: 1024,
+		TransitBatch:        transit.BatchOptions{MaxItems: transit.DefaultBatchMaxItems, MaxInFlight: transit.DefaultBatchMaxInFlight},
 	}
 }
 
@@ -154,8 +174,12 @@ type Report struct {
 	Amplification *AmpReport     `json:"amplification,omitempty"`
 	Control       *ControlReport `json:"control_plane,omitempty"`
 	Memory        *MemoryReport  `json:"memory,omitempty"`
-	MemoryError   string         `json:"memory_error,omitempty"`
-	Targets       []Target       `json:"targets"`
+	// MemoryProduction is the same gateway at the production level.
+	MemoryProduction *MemoryReport `json:"memory_production,omitempty"`
+	MemoryError      string        `json:"memory_error,omitempty"`
+	// Audit is what the production variants' audit trails hold at the end.
+	Audit   *AuditStats `json:"audit,omitempty"`
+	Targets []Target    `json:"targets"`
 }
 
 // Machine describes where the run happened.
@@ -204,7 +228,9 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		"mem_handles": opts.MemHandles, "mem_accounts": opts.MemAccounts, "vault": !opts.NoVault,
 		"service_logs":        map[bool]string{true: "discarded", false: "JSON at info, encoded into io.Discard"}[opts.QuietServices],
 		"fleetup_rate_budget": unlimitedFleetUp, "gateway_idle_per_host": opts.GatewayIdlePerHost,
-		"baseline_idle_per_host": opts.BaselineIdlePerHost,
+		"baseline_idle_per_host": opts.BaselineIdlePerHost, "production_variants": !opts.NoProduction,
+		"audit_dir": opts.AuditDir, "production_rate_budgets": benchRateLimit,
+		"transit_batch": map[string]any{"size": opts.TransitBatch.MaxItems, "calls": opts.TransitBatch.MaxInFlight, "wait": opts.TransitBatch.MaxWait.String()},
 	}}
 	hotSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, Seed: 1}))
 	if err != nil {
@@ -264,13 +290,44 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		}
 	}
 	if opts.has(PhaseMemory) {
-		if rep.Memory, err = runMemory(ctx, e, opts, memSim); err != nil {
+		if rep.Memory, rep.MemoryProduction, err = runMemory(ctx, e, opts, memSim); err != nil {
 			rep.MemoryError = err.Error()
 			opts.progress("memory phase failed: " + err.Error())
 		}
 	}
+	rep.Audit = e.auditStats()
 	rep.Targets = targets(rep)
 	return rep, ctx.Err()
+}
+
+// AuditStats are the production variants' audit files.
+type AuditStats struct {
+	Dir     string `json:"dir"`
+	Files   int    `json:"files"`
+	Bytes   int64  `json:"bytes"`
+	Records int64  `json:"records"`
+}
+
+// auditStats counts the audit files and their records (lines), or nil if
+// no production variant ran.
+func (e *env) auditStats() *AuditStats {
+	e.mu.Lock()
+	dir := e.prodDir
+	e.mu.Unlock()
+	if dir == "" {
+		return nil
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "audit-*.jsonl"))
+	st := &AuditStats{Dir: dir, Files: len(files)}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		st.Bytes += int64(len(b))
+		st.Records += int64(bytes.Count(b, []byte("\n")))
+	}
+	return st
 }
 
 func slicesMax(xs []int) int {
@@ -312,13 +369,33 @@ func targets(rep *Report) []Target {
 			}
 		}
 	}
+	if rep.Control != nil {
+		for _, r := range rep.Control.Rows {
+			if r.Callers != 16 {
+				continue
+			}
+			switch {
+			case r.Op == opIssue && r.Variant == lvlProduction && r.Base == lvlLimits,
+				r.Op == opPut && r.Variant == credProductionNoBatch && r.Base == lvlLimits:
+				out = append(out, Target{
+					Name: fmt.Sprintf("%s with audit (%s) vs without (limits), 16 callers", r.Op, r.Variant),
+					Want: "≥ 0.80", Got: fmt.Sprintf("%.3f", r.ThroughputVsBase), Met: r.ThroughputVsBase >= 0.8,
+				})
+			case r.Op == opPut && (r.Variant == lvlProduction || r.Variant == credPlainBatch) && r.ThroughputVsEncrypt1 > 0:
+				out = append(out, Target{
+					Name: fmt.Sprintf("PutCredential %s vs transit encrypt 1 item/call, 16 callers", r.Variant),
+					Want: "≥ 0.80", Got: fmt.Sprintf("%.3f", r.ThroughputVsEncrypt1), Met: r.ThroughputVsEncrypt1 >= 0.8,
+				})
+			}
+		}
+	}
 	if rep.Amplification != nil {
 		for _, r := range rep.Amplification.Rows {
 			if r.Client != "gateway" {
 				continue
 			}
 			out = append(out, Target{
-				Name: fmt.Sprintf("%s logins per account per lifetime, %d callers, %d instance(s)", r.Provider, r.Callers, r.Instances),
+				Name: fmt.Sprintf("%s logins per account per lifetime, %d callers, %d %s instance(s)", r.Provider, r.Callers, r.Instances, r.Level),
 				Want: "exactly 1, no errors", Got: fmt.Sprintf("%.2f (%d errors)", r.PerLifetime, r.Errors),
 				Met: r.PerLifetime == 1 && r.Errors == 0,
 			})

@@ -5,24 +5,25 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// TestSmoke runs a tiny bench end to end on a real redis-server (the dev
-// keyring stands in for Vault; the memory phase, which builds and runs the
-// real binary against Vault, is left to the bench itself).
+// TestSmoke runs a tiny bench end to end on a real redis-server and a real
+// Vault dev server, the production variants included (the memory phase,
+// which builds and runs the real binary, is left to the bench itself).
 func TestSmoke(t *testing.T) {
 	opts := DefaultOptions()
 	opts.Phases = []string{PhaseOverhead, PhaseAmplification, PhaseControl}
-	opts.NoVault = true
 	opts.Warmup, opts.Duration, opts.Rounds = 10*time.Millisecond, 60*time.Millisecond, 1
 	opts.Concurrency = []int{2}
 	opts.ControlConcurrency = []int{2}
 	opts.AmpCallers, opts.AmpInstances = []int{5}, []int{2}
 	opts.AmpDuration, opts.AmpInterval = 300*time.Millisecond, 100*time.Millisecond
+	opts.AuditDir = t.TempDir()
 	opts.Progress = testWriter{t}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -35,39 +36,86 @@ func TestSmoke(t *testing.T) {
 		t.Fatalf("overhead rows = %d, want one per provider", len(rep.Overhead))
 	}
 	for _, row := range rep.Overhead {
-		for name, s := range map[string]Summary{varDirect: row.Direct, varBare: row.Bare, varGateway: row.Gateway, varDistinct: row.GatewayDistinct} {
-			if s.Throughput <= 0 || s.Errors > 0 {
-				t.Errorf("%s %s: %.0f req/s, %d errors (%s)", row.Provider, name, s.Throughput, s.Errors, s.FirstError)
+		summaries := map[string]Summary{varDirect: row.Direct, varBare: row.Bare, varGateway: row.Gateway, varDistinct: row.GatewayDistinct}
+		var levels []string
+		for _, l := range row.Levels {
+			summaries[l.Variant] = l.Summary
+			levels = append(levels, l.Level)
+		}
+		if !slices.Equal(levels, securityLevels) {
+			t.Errorf("%s: production levels %v, want %v", row.Provider, levels, securityLevels)
+		}
+		for name, s := range summaries {
+			if calls(s) == 0 || s.Errors > 0 {
+				t.Errorf("%s %s: %d calls, %d errors (%s)", row.Provider, name, calls(s), s.Errors, s.FirstError)
+			}
+			if name != varGateway && s.UpstreamPerOp < 0.99 && name != varDirect && name != varBare {
+				t.Errorf("%s %s: %.2f upstream requests per call, want 1 (no sharing across credentials)", row.Provider, name, s.UpstreamPerOp)
 			}
 		}
-		if row.GatewayDistinct.UpstreamPerOp < 0.99 {
-			t.Errorf("%s gateway-distinct: %.2f upstream requests per call, want 1 (no sharing across credentials)", row.Provider, row.GatewayDistinct.UpstreamPerOp)
-		}
 	}
+	logins := map[string]int{}
 	for _, r := range rep.Amplification.Rows {
 		want := int64(1)
 		if r.Client == "naive" {
 			want = int64(r.Callers)
 		}
+		logins[r.Client+"/"+r.Level]++
 		if r.Logins != want || r.Errors > 0 {
-			t.Errorf("%s %s: %d logins, %d errors (%s); want %d logins", r.Provider, r.Client, r.Logins, r.Errors, r.FirstErr, want)
+			t.Errorf("%s %s %s: %d logins, %d errors (%s); want %d logins", r.Provider, r.Client, r.Level, r.Logins, r.Errors, r.FirstErr, want)
 		}
 	}
+	if logins["gateway/"+lvlProduction] != len(providers) {
+		t.Errorf("amplification rows %v: want one production gateway row per provider", logins)
+	}
+	seen := map[string]bool{}
 	for _, r := range rep.Control.Rows {
-		if r.Result.Throughput <= 0 || r.Result.Errors > 0 {
-			t.Errorf("control %s: %.0f calls/s, %d errors (%s)", r.Op, r.Result.Throughput, r.Result.Errors, r.Result.FirstError)
+		seen[r.Op+"/"+r.Variant] = true
+		if calls(r.Summary) == 0 || r.Summary.Errors > 0 {
+			t.Errorf("control %s %s: %d calls, %d errors (%s)", r.Op, r.Variant, calls(r.Summary), r.Summary.Errors, r.Summary.FirstError)
 		}
+		if r.Op == opPut && r.Variant == credPlainBatch && (r.TransitCallsPerCall <= 0 || r.TransitCallsPerCall > 2) {
+			t.Errorf("PutCredential plain+batch: %.2f transit calls per call, want (0, 2]", r.TransitCallsPerCall)
+		}
+	}
+	for _, v := range credsVariants {
+		if !seen[opPut+"/"+v.name] {
+			t.Errorf("control: no PutCredential row for variant %s", v.name)
+		}
+	}
+	for _, v := range []string{lvlPlain, lvlTLS, lvlPolicy, lvlLimits, lvlProduction} {
+		if !seen[opIssue+"/"+v] || !seen[opResolve+"/"+v] {
+			t.Errorf("control: no IssueSession/ResolveSession rows for variant %s", v)
+		}
+	}
+	// The production services kept an audit trail on disk: intent and
+	// outcome records of every call they served.
+	if rep.Audit == nil || rep.Audit.Files == 0 || rep.Audit.Records == 0 {
+		t.Errorf("audit trail of the production variants: %+v, want records in files", rep.Audit)
 	}
 	var text bytes.Buffer
 	if err := WriteText(&text, rep); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(text.String(), "Targets") {
-		t.Errorf("text report has no targets:\n%s", text.String())
+	for _, want := range []string{"Targets", "1b. Production wiring", "production-nobatch"} {
+		if !strings.Contains(text.String(), want) {
+			t.Errorf("text report has no %q:\n%s", want, text.String())
+		}
 	}
 	if _, err := json.Marshal(rep); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// calls is how many calls a measurement completed, warm-up included: at
+// least one per caller. (A rate over a 60 ms window can be 0 on a loaded
+// machine; that says nothing about the bench.)
+func calls(s Summary) int64 {
+	var n int64
+	for _, r := range s.Rounds {
+		n += r.TotalOps
+	}
+	return n
 }
 
 // TestRunLoadOpenLoopCountsQueueing checks the open loop measures latency

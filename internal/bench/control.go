@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -17,34 +18,104 @@ import (
 
 const cpTenant = "bench-cp"
 
-// ControlRow is one control-plane operation at one concurrency.
+// Control-plane operations.
+const (
+	opIssue        = "IssueSession"
+	opResolve      = "ResolveSession"
+	opPut          = "PutCredential"
+	opRedisGet     = "redis GET (reference)"
+	opEncrypt1     = "transit encrypt (1 item/call)"
+	opEncryptBatch = "transit encrypt (batch of 100)"
+	// opSeal is PutCredential's transit work alone (an encrypt and an
+	// HMAC) through transit.Batching: sequential, as the credentials
+	// service does it, or both at once.
+	opSeal = "transit encrypt+hmac (batched)"
+)
+
+// Variants of opSeal.
+const (
+	sealSequential = "sequential"
+	sealConcurrent = "concurrent"
+)
+
+// refVariant is the variant name of the reference rows, which call Redis or
+// transit directly.
+const refVariant = "direct"
+
+// ControlRow is one operation by one variant at one concurrency: medians
+// over interleaved rounds.
 type ControlRow struct {
 	Op      string `json:"op"`
+	Variant string `json:"variant"`
 	Callers int    `json:"callers"`
 	// ItemsPerCall is the transit batch size (1 for RPCs).
 	ItemsPerCall int     `json:"items_per_call"`
 	ItemsPerSec  float64 `json:"items_per_s"`
-	Result       Result  `json:"result"`
+	Summary      Summary `json:"summary"`
+	// Base is the variant this one adds a piece to (none for plain and the
+	// reference rows); ThroughputVsBase and AddedCPUVsBaseUs are the median
+	// over rounds of this variant's throughput over Base's, and its CPU per
+	// call minus Base's: what the added piece costs.
+	Base             string  `json:"base,omitempty"`
+	ThroughputVsBase float64 `json:"throughput_vs_base,omitempty"`
+	AddedCPUVsBaseUs float64 `json:"added_cpu_vs_base_us,omitempty"`
+	// ThroughputVsPlain is over the plain variant of the same operation.
+	ThroughputVsPlain float64 `json:"throughput_vs_plain,omitempty"`
+	// ThroughputVsEncrypt1 (PutCredential only) is over transit's
+	// single-item encrypt rate at the same concurrency, paired by round:
+	// the transit batching target.
+	ThroughputVsEncrypt1 float64 `json:"throughput_vs_transit_encrypt_1,omitempty"`
+	// TransitCallsPerCall and ItemsPerTransitCall are the batching of the
+	// plain+batch variant (the one whose transit the bench builds): Vault
+	// transit requests per PutCredential (2 without batching), and items
+	// per request.
+	TransitCallsPerCall float64 `json:"transit_calls_per_call,omitempty"`
+	ItemsPerTransitCall float64 `json:"items_per_transit_call,omitempty"`
 }
 
 // ControlReport is the control-plane phase.
 type ControlReport struct {
 	// Transit is what encrypts: "vault" (a real Vault 1.21 dev server) or
 	// "dev-keyring" (-no-vault).
-	Transit string       `json:"transit"`
-	Rows    []ControlRow `json:"rows"`
+	Transit string `json:"transit"`
+	Rounds  int    `json:"rounds"`
+	// TransitBatch is the batching of plain+batch and production.
+	TransitBatch string       `json:"transit_batch"`
+	Rows         []ControlRow `json:"rows"`
 }
 
 // transitBatch is the batch size of the batch-encrypt figure.
 const transitBatch = 100
 
+// controlOp is one operation and the variants it runs in.
+type controlOp struct {
+	name     string
+	items    int
+	variants []string
+	op       func(variant string) (Op, error)
+}
+
+// controlBase says which variant each variant adds a piece to, in order of
+// preference (the first one the operation runs).
+var controlBase = map[string][]string{
+	credPlainBatch:        {lvlPlain},
+	lvlTLS:                {lvlPlain},
+	lvlPolicy:             {lvlTLS},
+	lvlLimits:             {lvlPolicy},
+	credProductionNoBatch: {lvlLimits},
+	lvlProduction:         {credProductionNoBatch, lvlLimits},
+}
+
 // runControl measures IssueSession and ResolveSession (Redis only, no
-// Vault on either), PutCredential (one transit encrypt and one transit HMAC
-// per call, plus Redis), a bare Redis GET for reference, and transit
-// encrypt itself, one item per call against a batch per call: what a batch
-// PutCredential could gain.
+// Vault on either) and PutCredential (one transit encrypt and one transit
+// HMAC per call, plus Redis) through every credentials-service variant, a
+// bare Redis GET for reference, and transit encrypt itself, one item per
+// call against a batch per call. Rounds are interleaved like the overhead
+// phase's: each round runs, per operation and concurrency, every variant
+// back to back.
 func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*ControlReport, error) {
-	rep := &ControlReport{Transit: "vault"}
+	rep := &ControlReport{Transit: "vault", Rounds: opts.Rounds,
+		TransitBatch: fmt.Sprintf("size %d, calls %d, wait %s", opts.TransitBatch.MaxItems, opts.TransitBatch.MaxInFlight, opts.TransitBatch.MaxWait)}
 	if e.vault == nil {
 		rep.Transit = "dev-keyring"
 	}
@@ -61,60 +132,224 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 	}); err != nil {
 		return nil, err
 	}
+
+	// IssueSession and ResolveSession make no transit call: they run at
+	// the security levels only.
+	var rpcVariants, putVariants []string
+	for _, v := range credsVariants {
+		if v.name != lvlPlain && (opts.NoProduction || (e.vault == nil && needsBuilders(v.level))) {
+			continue
+		}
+		putVariants = append(putVariants, v.name)
+		if v.name != credPlainBatch && v.name != credProductionNoBatch {
+			rpcVariants = append(rpcVariants, v.name)
+		}
+	}
 	var seq atomic.Int64
 	plain := []byte(a.token)
-	ops := []struct {
-		name  string
-		items int
-		op    Op
-	}{
-		{"IssueSession", 1, func(ctx context.Context, _ int) error {
-			_, err := e.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: cpTenant, CredentialId: a.credID, Ttl: durationpb.New(10 * time.Minute)})
-			return err
+	service := func(variant string) (*credsService, error) {
+		return e.credentialsVariant(ctx, credsVariantNamed(variant))
+	}
+	ops := []controlOp{
+		{opIssue, 1, rpcVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error {
+				_, err := s.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: cpTenant, CredentialId: a.credID, Ttl: durationpb.New(10 * time.Minute)})
+				return err
+			}, nil
 		}},
-		{"ResolveSession", 1, func(ctx context.Context, _ int) error {
-			_, err := e.sessions.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handles[seq.Add(1)%nHandles]})
-			return err
+		{opResolve, 1, rpcVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error {
+				_, err := s.resolver.ResolveSession(ctx, &credentialsv1.ResolveSessionRequest{Handle: handles[seq.Add(1)%nHandles]})
+				return err
+			}, nil
 		}},
-		{"PutCredential", 1, func(ctx context.Context, _ int) error {
-			b := a
-			b.credID = "put-" + strconv.FormatInt(seq.Add(1), 10)
-			return e.put(ctx, cpTenant, b, sim.url)
+		{opPut, 1, putVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error {
+				b := a
+				b.credID = "put-" + strconv.FormatInt(seq.Add(1), 10)
+				return putVia(ctx, s.creds, cpTenant, b, sim.url)
+			}, nil
 		}},
 		// A reference, not a fleetbroker call: what one Redis round trip
 		// costs on this machine (the gateway makes one per Wialon call and
 		// two per FleetUp call on its hot path).
-		{"redis GET (reference)", 1, func(ctx context.Context, _ int) error {
-			err := e.rdb.Get(ctx, "fbbench:reference").Err()
-			if errors.Is(err, redis.Nil) {
-				err = nil
-			}
-			return err
+		{opRedisGet, 1, []string{refVariant}, func(string) (Op, error) {
+			return func(ctx context.Context, _ int) error {
+				err := e.rdb.Get(ctx, "fbbench:reference").Err()
+				if errors.Is(err, redis.Nil) {
+					err = nil
+				}
+				return err
+			}, nil
 		}},
-		{"transit encrypt (1 item/call)", 1, func(ctx context.Context, _ int) error {
-			_, err := e.credTr.Encrypt(ctx, cpTenant, []transit.Item{{AssociatedData: []byte("bench"), Plaintext: plain}})
-			return err
+		{opEncrypt1, 1, []string{refVariant}, func(string) (Op, error) {
+			return func(ctx context.Context, _ int) error {
+				_, err := e.credTr.Encrypt(ctx, cpTenant, []transit.Item{{AssociatedData: []byte("bench"), Plaintext: plain}})
+				return err
+			}, nil
 		}},
-		{fmt.Sprintf("transit encrypt (batch of %d)", transitBatch), transitBatch, func(ctx context.Context, _ int) error {
-			items := make([]transit.Item, transitBatch)
-			for i := range items {
-				items[i] = transit.Item{AssociatedData: []byte("bench" + strconv.Itoa(i)), Plaintext: plain}
-			}
-			_, err := e.credTr.Encrypt(ctx, cpTenant, items)
-			return err
+		{opEncryptBatch, transitBatch, []string{refVariant}, func(string) (Op, error) {
+			return func(ctx context.Context, _ int) error {
+				items := make([]transit.Item, transitBatch)
+				for i := range items {
+					items[i] = transit.Item{AssociatedData: []byte("bench" + strconv.Itoa(i)), Plaintext: plain}
+				}
+				_, err := e.credTr.Encrypt(ctx, cpTenant, items)
+				return err
+			}, nil
+		}},
+		{opSeal, 2, []string{sealSequential, sealConcurrent}, func(v string) (Op, error) {
+			return e.sealOp(v, []byte(a.token)), nil
 		}},
 	}
+
+	ops = slices.DeleteFunc(ops, func(o controlOp) bool {
+		return len(opts.ControlOps) > 0 && !slices.Contains(opts.ControlOps, o.name)
+	})
+	for i := range ops {
+		ops[i].variants = slices.DeleteFunc(slices.Clone(ops[i].variants), func(v string) bool {
+			return v != refVariant && v != sealSequential && v != sealConcurrent && !opts.hasVariant(v)
+		})
+	}
+	type key struct {
+		op, variant string
+		callers     int
+	}
+	results := map[key][]measured{}
+	batching := map[key][2]int64{} // plain+batch PutCredential: transit calls, items
+	built := map[key]Op{}
+	for round := range opts.Rounds {
+		for _, o := range ops {
+			for _, c := range opts.ControlConcurrency {
+				for _, v := range o.variants {
+					if ctx.Err() != nil {
+						return rep, ctx.Err()
+					}
+					k := key{o.name, v, 0}
+					op, ok := built[k]
+					if !ok {
+						var err error
+						if op, err = o.op(v); err != nil {
+							return nil, err
+						}
+						built[k] = op
+					}
+					var counter *batchCounter
+					if o.name == opPut && v == credPlainBatch {
+						s, _ := service(v)
+						counter = s.batches
+					}
+					calls0, items0 := counter.load()
+					m := measureLoad(ctx, opts.load(c), op, e.procs())
+					calls1, items1 := counter.load()
+					k.callers = c
+					results[k] = append(results[k], m)
+					if counter != nil {
+						b := batching[k]
+						b[0] += calls1 - calls0
+						b[1] += items1 - items0
+						batching[k] = b
+					}
+					opts.progress(fmt.Sprintf("control round %d/%d  %-30s %-18s %3d callers  %8.0f calls/s  p50 %7.3f ms  p99 %7.3f ms  cpu/call %5.0f+%3.0f+%4.0f µs  errors %d",
+						round+1, opts.Rounds, o.name, v, c, m.Throughput, m.P50ms, m.P99ms, m.CPUPerCallUs, m.RedisCPUPerCallUs, m.VaultCPUPerCallUs, m.Errors))
+				}
+			}
+		}
+	}
+
 	for _, o := range ops {
 		for _, c := range opts.ControlConcurrency {
-			if ctx.Err() != nil {
-				return rep, ctx.Err()
+			sum := func(v string) Summary { return summarize(results[key{o.name, v, c}]) }
+			plainSum := sum(lvlPlain)
+			for _, v := range o.variants {
+				s := sum(v)
+				row := ControlRow{Op: o.name, Variant: v, Callers: c, ItemsPerCall: o.items, ItemsPerSec: s.Throughput * float64(o.items), Summary: s}
+				for _, base := range controlBase[v] {
+					if b := sum(base); len(b.Rounds) > 0 {
+						row.Base, row.ThroughputVsBase, row.AddedCPUVsBaseUs = base, pairedThroughput(s, b), pairedAddedCPU(s, b)
+						break
+					}
+				}
+				if v != lvlPlain && len(plainSum.Rounds) > 0 {
+					row.ThroughputVsPlain = pairedThroughput(s, plainSum)
+				}
+				if o.name == opPut || o.name == opSeal {
+					row.ThroughputVsEncrypt1 = pairedThroughput(s, summarize(results[key{opEncrypt1, refVariant, c}]))
+				}
+				if v == sealConcurrent {
+					b := sum(sealSequential)
+					row.Base, row.ThroughputVsBase, row.AddedCPUVsBaseUs = sealSequential, pairedThroughput(s, b), pairedAddedCPU(s, b)
+				}
+				if b := batching[key{o.name, v, c}]; b[0] > 0 {
+					var total int64
+					for _, m := range s.Rounds {
+						total += m.TotalOps
+					}
+					row.TransitCallsPerCall = div(float64(b[0]), float64(total))
+					row.ItemsPerTransitCall = div(float64(b[1]), float64(b[0]))
+				}
+				rep.Rows = append(rep.Rows, row)
 			}
-			r := RunLoad(ctx, opts.load(c), o.op)
-			row := ControlRow{Op: o.name, Callers: c, ItemsPerCall: o.items, ItemsPerSec: r.Throughput * float64(o.items), Result: r}
-			opts.progress(fmt.Sprintf("control %-32s %3d callers  %9.0f calls/s  %9.0f items/s  p50 %7.3f ms  p99 %7.3f ms  errors %d",
-				o.name, c, r.Throughput, row.ItemsPerSec, r.P50ms, r.P99ms, r.Errors))
-			rep.Rows = append(rep.Rows, row)
 		}
 	}
 	return rep, nil
+}
+
+// sealOp is PutCredential's transit work on its own, through the run's
+// transit batching: an encrypt bound to tenant and credential, and an HMAC
+// fingerprint, one after the other (sequential) or at once (concurrent).
+func (e *env) sealOp(variant string, plain []byte) Op {
+	tr := e.sealTransit()
+	var seq atomic.Int64
+	return func(ctx context.Context, _ int) error {
+		aad := []byte("bench/seal/" + strconv.FormatInt(seq.Add(1), 10))
+		encrypt := func() error {
+			_, err := tr.Encrypt(ctx, cpTenant, []transit.Item{{AssociatedData: aad, Plaintext: plain}})
+			return err
+		}
+		mac := func() error {
+			_, err := tr.HMAC(ctx, append([]byte(cpTenant+"\x00wialon\x00"), plain...))
+			return err
+		}
+		if variant == sealSequential {
+			if err := encrypt(); err != nil {
+				return err
+			}
+			return mac()
+		}
+		errc := make(chan error, 1)
+		go func() { errc <- mac() }()
+		return errors.Join(encrypt(), <-errc)
+	}
+}
+
+// sealTransit is the batching transit of opSeal, made once.
+func (e *env) sealTransit() *transit.Batching {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.sealTr == nil {
+		e.sealTr = transit.NewBatching(e.credTr.(transit.BatchingBackend), e.opts.TransitBatch)
+	}
+	return e.sealTr
+}
+
+// putVia stores a through creds as a credential of tenant, without asking
+// the provider.
+func putVia(ctx context.Context, creds credentialsv1.CredentialServiceClient, tenant string, a account, baseURL string) error {
+	if _, err := creds.PutCredential(ctx, putRequest(tenant, a, baseURL)); err != nil {
+		return fmt.Errorf("put credential %s/%s: %w", tenant, a.credID, err)
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -23,6 +24,9 @@ import (
 // cached accounts. It is the VmRSS of a real `fleetbroker gateway` process
 // (production wiring, built from this tree), read from /proc/<pid>/status.
 type MemoryReport struct {
+	// Level is the gateway's security level: plain (plaintext, no caller
+	// authentication) or production (mTLS, policy, rate limits, audit file).
+	Level    string `json:"level"`
 	Binary   string `json:"binary"`
 	Handles  int    `json:"handles"`
 	Accounts int    `json:"accounts"`
@@ -47,44 +51,83 @@ type MemoryReport struct {
 // maxMemPasses bounds the keep-warm loop.
 const maxMemPasses = 50
 
-func runMemory(ctx context.Context, e *env, opts Options, sim *simHTTP) (*MemoryReport, error) {
+// runMemory measures the real gateway binary at the plain level and, unless
+// the run skips the production variants, at the production level.
+func runMemory(ctx context.Context, e *env, opts Options, sim *simHTTP) (plain, production *MemoryReport, err error) {
 	if e.vault == nil {
-		return nil, errors.New("the memory phase runs the real `fleetbroker gateway`, which needs Vault (not -no-vault)")
+		return nil, nil, errors.New("the memory phase runs the real `fleetbroker gateway`, which needs Vault (not -no-vault)")
 	}
 	bin := opts.FleetbrokerBin
 	if bin == "" {
 		dir, err := os.MkdirTemp("", "fleetbroker-bench-bin-")
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		defer os.RemoveAll(dir)
 		opts.progress("memory: go build ./cmd/fleetbroker")
 		if bin, err = buildFleetbroker(ctx, dir); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	rep := &MemoryReport{Binary: bin, Handles: opts.MemHandles, Accounts: opts.MemAccounts, Tenants: max(opts.MemAccounts/10, 1)}
+	if plain, err = measureMemory(ctx, e, opts, sim, bin, lvlPlain); err != nil {
+		return nil, nil, err
+	}
+	if slices.Contains(opts.levels(), lvlProduction) {
+		if production, err = measureMemory(ctx, e, opts, sim, bin, lvlProduction); err != nil {
+			return plain, nil, err
+		}
+	}
+	return plain, production, nil
+}
+
+// gatewayArgs are the command line of `fleetbroker gateway` at level,
+// listening on addr.
+func (e *env) gatewayArgs(ctx context.Context, level, addr string) ([]string, error) {
+	args := []string{"gateway", "--listen", addr, "--reflection=false",
+		"--vault-addr", e.vault.Addr, "--vault-transit-key", gatewayKey,
+		"--redis-addr", e.redis.Addr, "--redis-prefix", "fbbench-mem-" + level,
+		"--allowed-upstreams", e.allowed,
+		"--fleetup-rate", strconv.Itoa(unlimitedFleetUp), "--fleetup-burst", strconv.Itoa(unlimitedFleetUp),
+		"--log-level", "warn"}
+	if level == lvlPlain {
+		return append(args, "--insecure", "--credentials-addr", e.credsAddr, "--credentials-insecure"), nil
+	}
+	pki, err := e.production()
+	if err != nil {
+		return nil, err
+	}
+	creds, err := e.credentialsVariant(ctx, credsVariantNamed(lvlProduction))
+	if err != nil {
+		return nil, err
+	}
+	limit := strconv.Itoa(benchRateLimit)
+	return append(args, "--tls-cert", pki.gwCert, "--tls-key", pki.gwKey, "--tls-client-ca", pki.caFile,
+		"--policy", e.policyFile, "--audit-log", e.auditFile("gateway-memory"),
+		"--rate-limit-principal", limit, "--rate-limit-session", limit, "--rate-limit-tenant", limit,
+		"--credentials-addr", creds.addr, "--credentials-ca", pki.caFile, "--credentials-cert", pki.gwCert,
+		"--credentials-key", pki.gwKey, "--credentials-server-name", "localhost"), nil
+}
+
+func measureMemory(ctx context.Context, e *env, opts Options, sim *simHTTP, bin, level string) (*MemoryReport, error) {
+	rep := &MemoryReport{Level: level, Binary: bin, Handles: opts.MemHandles, Accounts: opts.MemAccounts, Tenants: max(opts.MemAccounts/10, 1)}
 
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	cmd := exec.CommandContext(ctx, bin, "gateway",
-		"--listen", addr, "--insecure", "--reflection=false",
-		"--credentials-addr", e.credsAddr, "--credentials-insecure",
-		"--vault-addr", e.vault.Addr, "--vault-transit-key", gatewayKey,
-		"--redis-addr", e.redis.Addr, "--redis-prefix", "fbbench-mem",
-		"--allowed-upstreams", e.allowed,
-		"--fleetup-rate", strconv.Itoa(unlimitedFleetUp), "--fleetup-burst", strconv.Itoa(unlimitedFleetUp),
-		"--log-level", "warn")
+	args, err := e.gatewayArgs(ctx, level, addr)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(), "FLEETBROKER_VAULT_TOKEN="+e.vault.Token)
 	child, err := startProc("fleetbroker gateway", cmd, "")
 	if err != nil {
 		return nil, err
 	}
 	defer child.stop()
-	conn, err := e.dial(addr)
+	conn, err := e.dialAs(addr, level, false)
 	if err != nil {
 		return nil, err
 	}
@@ -110,12 +153,12 @@ func runMemory(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Memory
 	// 1,000 accounts (half Wialon, half FleetUp) in 100 tenants, 10 handles
 	// each, ordered by account so concurrent calls share upstream reads as
 	// real callers of one account would.
-	opts.progress(fmt.Sprintf("memory: %d accounts in %d tenants, %d handles", rep.Accounts, rep.Tenants, rep.Handles))
+	opts.progress(fmt.Sprintf("memory (%s): %d accounts in %d tenants, %d handles", level, rep.Accounts, rep.Tenants, rep.Handles))
 	perAcct := max(rep.Handles/rep.Accounts, 1)
 	handles := make([]metadata.MD, rep.Accounts*perAcct)
 	if err := parallel(ctx, rep.Accounts, 16, func(ctx context.Context, i int) error {
-		a := newAccount(sim.sim, providers[i%2], "memo", i)
-		tenant := fmt.Sprintf("bench-mem-%03d", i%rep.Tenants)
+		a := newAccount(sim.sim, providers[i%2], map[string]string{lvlPlain: "memo", lvlProduction: "memx"}[level], i)
+		tenant := fmt.Sprintf("bench-mem-%s-%03d", level, i%rep.Tenants)
 		if err := e.put(ctx, tenant, a, sim.url); err != nil {
 			return err
 		}
@@ -156,7 +199,7 @@ func runMemory(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Memory
 		}
 		rep.LoadedRSSMiB, rep.HWMMiB = mib(rss), mib(hwm)
 		rep.MaxRSSMiB = max(rep.MaxRSSMiB, rep.LoadedRSSMiB)
-		opts.progress(fmt.Sprintf("memory: pass %d over %d handles in %.2fs, RSS %.1f MiB", pass+1, len(handles), time.Since(start).Seconds(), rep.LoadedRSSMiB))
+		opts.progress(fmt.Sprintf("memory (%s): pass %d over %d handles in %.2fs, RSS %.1f MiB", level, pass+1, len(handles), time.Since(start).Seconds(), rep.LoadedRSSMiB))
 		if time.Now().After(holdUntil) && pass > 0 {
 			break
 		}

@@ -28,12 +28,47 @@ const (
 	varTuned = "gateway-distinct-tuned"
 )
 
+// distinctAt names gateway-distinct at each security level above plain
+// (production.go): the production variants of the overhead phase.
+var distinctAt = map[string]string{
+	lvlTLS:        "distinct+tls",
+	lvlPolicy:     "distinct+policy",
+	lvlLimits:     "distinct+limits",
+	lvlProduction: "production",
+}
+
+// levelOf is the security level of a production variant ("" for others).
+func levelOf(variant string) string {
+	for l, v := range distinctAt {
+		if v == variant {
+			return l
+		}
+	}
+	return ""
+}
+
+// levels returns the security levels above plain this run measures:
+// none with NoProduction, and only those that need no Vault with NoVault.
+func (o Options) levels() []string {
+	var out []string
+	for _, l := range securityLevels {
+		if o.NoProduction || (o.NoVault && needsBuilders(l)) {
+			continue
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
 // variants returns the overhead variants of this run, in the order each
 // round runs them.
 func (o Options) variants() []string {
 	vs := []string{varDirect, varBare, varGateway, varDistinct}
 	if o.GatewayIdlePerHost > 0 {
 		vs = append(vs, varTuned)
+	}
+	for _, l := range o.levels() {
+		vs = append(vs, distinctAt[l])
 	}
 	var out []string
 	for _, v := range vs {
@@ -53,9 +88,9 @@ var upstreamEndpoint = map[string]string{
 // hotPath is the set-up for the overhead and scaling phases: one simulator,
 // the baselines, one gateway with warm caches.
 type hotPath struct {
-	sim      *simHTTP
-	redisPID int
-	ops      map[string]map[string]Op // provider → variant → op
+	sim   *simHTTP
+	procs procs
+	ops   map[string]map[string]Op // provider → variant → op
 }
 
 const hotTenant = "bench-hot"
@@ -64,7 +99,7 @@ const hotTenant = "bench-hot"
 // credential and distinct callers with a credential each, and warms them:
 // upstream sessions minted, handle resolutions cached.
 func (e *env) newHotPath(ctx context.Context, sim *simHTTP, shared, distinct int) (*hotPath, error) {
-	h := &hotPath{sim: sim, redisPID: e.redis.p.pid(), ops: map[string]map[string]Op{}}
+	h := &hotPath{sim: sim, procs: e.procs(), ops: map[string]map[string]Op{}}
 	idle := e.opts.BaselineIdlePerHost
 
 	// (a) direct: hand-held sid and JWT.
@@ -122,6 +157,18 @@ func (e *env) newHotPath(ctx context.Context, sim *simHTTP, shared, distinct int
 			return nil, err
 		}
 	}
+	// The production variants: gateway-distinct at each security level,
+	// each replica in front of the credentials service of its level.
+	leveled := map[string]telematicsv1.TelematicsServiceClient{}
+	for _, l := range e.opts.levels() {
+		if !e.opts.hasVariant(distinctAt[l]) {
+			continue
+		}
+		e.opts.progress("hot path: gateway and credentials service at level " + l)
+		if leveled[l], err = e.startGatewayAt(ctx, l, gatewayOpts{prefix: "fbbench-hot-" + l}); err != nil {
+			return nil, fmt.Errorf("gateway at level %s: %w", l, err)
+		}
+	}
 	call := func(gw telematicsv1.TelematicsServiceClient, handles []metadata.MD) Op {
 		return func(ctx context.Context, w int) error {
 			_, err := gw.GetLatestPositions(metadata.NewOutgoingContext(ctx, handles[w%len(handles)]), &telematicsv1.GetLatestPositionsRequest{})
@@ -156,6 +203,9 @@ func (e *env) newHotPath(ctx context.Context, sim *simHTTP, shared, distinct int
 		h.ops[p][varGateway] = call(gw, sharedHandles)
 		h.ops[p][varDistinct] = call(gw, distinctHandles)
 		h.ops[p][varTuned] = call(tuned, distinctHandles)
+		for l, gw := range leveled {
+			h.ops[p][distinctAt[l]] = call(gw, distinctHandles)
+		}
 	}
 
 	// Warm every path: each distinct credential's upstream session is
@@ -167,6 +217,9 @@ func (e *env) newHotPath(ctx context.Context, sim *simHTTP, shared, distinct int
 			case varGateway:
 				n = shared
 			case varDistinct, varTuned:
+				n = distinct
+			}
+			if levelOf(v) != "" {
 				n = distinct
 			}
 			if err := parallel(ctx, n, 32, func(ctx context.Context, i int) error { return h.ops[p][v](ctx, i) }); err != nil {
@@ -188,23 +241,56 @@ type measured struct {
 	// machine they, not wall-clock rates, say what a variant costs.
 	CPUPerCallUs      float64 `json:"cpu_us_per_call"`
 	RedisCPUPerCallUs float64 `json:"redis_cpu_us_per_call"`
+	// VaultCPUPerCallUs is the Vault server's (0 without Vault).
+	VaultCPUPerCallUs float64 `json:"vault_cpu_us_per_call"`
 	// ConnsPerCall is how many new TCP connections the simulator accepted
 	// per call: near 0 for a client that keeps its connections alive.
 	ConnsPerCall float64 `json:"upstream_conns_per_call"`
 }
 
+// totalCPU is the CPU per call of every process involved: this one,
+// redis-server and Vault.
+func (m measured) totalCPU() float64 {
+	return m.CPUPerCallUs + m.RedisCPUPerCallUs + m.VaultCPUPerCallUs
+}
+
+// procs are the child processes whose CPU a measurement counts.
+type procs struct{ redis, vault int }
+
+func (e *env) procs() procs {
+	p := procs{redis: e.redis.p.pid()}
+	if e.vault != nil {
+		p.vault = e.vault.p.pid()
+	}
+	return p
+}
+
+// measureLoad runs op under l and measures its CPU per call in this
+// process, redis-server and Vault.
+func measureLoad(ctx context.Context, l Load, op Op, p procs) measured {
+	cpu0, redis0, vault0 := selfCPU(), procCPU(p.redis), procCPU(p.vault)
+	r := RunLoad(ctx, l, op)
+	cpu1, redis1, vault1 := selfCPU(), procCPU(p.redis), procCPU(p.vault)
+	m := measured{Result: r}
+	if n := float64(r.TotalOps); n > 0 {
+		m.CPUPerCallUs = float64((cpu1-cpu0)/time.Microsecond) / n
+		m.RedisCPUPerCallUs = float64((redis1-redis0)/time.Microsecond) / n
+		if p.vault > 0 {
+			m.VaultCPUPerCallUs = float64((vault1-vault0)/time.Microsecond) / n
+		}
+	}
+	return m
+}
+
 // measure runs one measurement of a variant.
 func (h *hotPath) measure(ctx context.Context, l Load, provider, variant string) measured {
 	before := h.sim.sim.Stats().Requests[upstreamEndpoint[provider]]
-	cpu0, redis0, conns0 := selfCPU(), procCPU(h.redisPID), h.sim.conns.Load()
-	r := RunLoad(ctx, l, h.ops[provider][variant])
-	cpu1, redis1, conns1 := selfCPU(), procCPU(h.redisPID), h.sim.conns.Load()
+	conns0 := h.sim.conns.Load()
+	m := measureLoad(ctx, l, h.ops[provider][variant], h.procs)
+	conns1 := h.sim.conns.Load()
 	after := h.sim.sim.Stats().Requests[upstreamEndpoint[provider]]
-	m := measured{Result: r}
-	if n := float64(r.TotalOps); n > 0 {
+	if n := float64(m.TotalOps); n > 0 {
 		m.UpstreamPerCall = float64(after-before) / n
-		m.CPUPerCallUs = float64((cpu1-cpu0)/time.Microsecond) / n
-		m.RedisCPUPerCallUs = float64((redis1-redis0)/time.Microsecond) / n
 		m.ConnsPerCall = float64(conns1-conns0) / n
 	}
 	return m
@@ -220,17 +306,23 @@ type Summary struct {
 	UpstreamPerOp     float64    `json:"upstream_requests_per_call"`
 	CPUPerCallUs      float64    `json:"cpu_us_per_call"`
 	RedisCPUPerCallUs float64    `json:"redis_cpu_us_per_call"`
+	VaultCPUPerCallUs float64    `json:"vault_cpu_us_per_call"`
 	ConnsPerCall      float64    `json:"upstream_conns_per_call"`
 	Rounds            []measured `json:"rounds"`
 }
 
+// totalCPU is the median CPU per call of every process involved.
+func (s Summary) totalCPU() float64 {
+	return s.CPUPerCallUs + s.RedisCPUPerCallUs + s.VaultCPUPerCallUs
+}
+
 func summarize(rounds []measured) Summary {
 	s := Summary{Rounds: rounds}
-	var thr, p50, p99, up, cpu, rcpu, conns []float64
+	var thr, p50, p99, up, cpu, rcpu, vcpu, conns []float64
 	for _, r := range rounds {
 		thr, p50, p99 = append(thr, r.Throughput), append(p50, r.P50ms), append(p99, r.P99ms)
 		up, cpu, rcpu = append(up, r.UpstreamPerCall), append(cpu, r.CPUPerCallUs), append(rcpu, r.RedisCPUPerCallUs)
-		conns = append(conns, r.ConnsPerCall)
+		vcpu, conns = append(vcpu, r.VaultCPUPerCallUs), append(conns, r.ConnsPerCall)
 		s.Errors += r.Errors
 		if s.FirstError == "" {
 			s.FirstError = r.FirstError
@@ -238,6 +330,7 @@ func summarize(rounds []measured) Summary {
 	}
 	s.Throughput, s.P50ms, s.P99ms = median(thr), median(p50), median(p99)
 	s.UpstreamPerOp, s.CPUPerCallUs, s.RedisCPUPerCallUs, s.ConnsPerCall = median(up), median(cpu), median(rcpu), median(conns)
+	s.VaultCPUPerCallUs = median(vcpu)
 	return s
 }
 
@@ -282,9 +375,7 @@ func ratios(gw, bare, direct Summary) Ratios {
 	p50 := func(g, b measured) float64 { return div(g.P50ms, b.P50ms) }
 	p99 := func(g, b measured) float64 { return div(g.P99ms, b.P99ms) }
 	added := func(g, b measured) float64 { return g.P50ms - b.P50ms }
-	cpu := func(g, b measured) float64 {
-		return g.CPUPerCallUs + g.RedisCPUPerCallUs - b.CPUPerCallUs - b.RedisCPUPerCallUs
-	}
+	cpu := func(g, b measured) float64 { return g.totalCPU() - b.totalCPU() }
 	return Ratios{
 		ThroughputVsBare: paired(thr, bare), ThroughputVsDirect: paired(thr, direct),
 		P50VsBare: paired(p50, bare), P50VsDirect: paired(p50, direct),
@@ -292,6 +383,26 @@ func ratios(gw, bare, direct Summary) Ratios {
 		AddedP50VsDirectMs: paired(added, direct), AddedP50VsBareMs: paired(added, bare),
 		AddedCPUVsBareUs: paired(cpu, bare),
 	}
+}
+
+// pairedThroughput is the median over rounds of a's throughput over b's
+// in the same round.
+func pairedThroughput(a, b Summary) float64 {
+	var xs []float64
+	for i := range min(len(a.Rounds), len(b.Rounds)) {
+		xs = append(xs, div(a.Rounds[i].Throughput, b.Rounds[i].Throughput))
+	}
+	return median(xs)
+}
+
+// pairedAddedCPU is the median over rounds of a's CPU per call minus b's in
+// the same round.
+func pairedAddedCPU(a, b Summary) float64 {
+	var xs []float64
+	for i := range min(len(a.Rounds), len(b.Rounds)) {
+		xs = append(xs, a.Rounds[i].totalCPU()-b.Rounds[i].totalCPU())
+	}
+	return median(xs)
 }
 
 func div(a, b float64) float64 {
@@ -314,6 +425,46 @@ type OverheadRow struct {
 	// Tuned is only measured with -gateway-idle-per-host.
 	Tuned       *Summary `json:"gateway_distinct_tuned,omitempty"`
 	TunedRatios *Ratios  `json:"gateway_distinct_tuned_ratios,omitempty"`
+	// Levels is gateway-distinct at each security level above plain, up to
+	// production (unless NoProduction).
+	Levels []LevelResult `json:"production_levels,omitempty"`
+}
+
+// LevelResult is gateway-distinct at one security level.
+type LevelResult struct {
+	Level   string  `json:"level"`
+	Variant string  `json:"variant"`
+	Summary Summary `json:"summary"`
+	// Ratios are against the baselines, as for the other gateway variants.
+	Ratios Ratios `json:"ratios"`
+	// Base is the variant one level below (gateway-distinct below tls);
+	// the VsBase figures are what this level's piece costs, paired by round.
+	Base             string  `json:"base"`
+	ThroughputVsBase float64 `json:"throughput_vs_base"`
+	AddedCPUVsBaseUs float64 `json:"added_cpu_vs_base_us"`
+	AddedP50VsBaseMs float64 `json:"added_p50_vs_base_ms"`
+	// ThroughputVsPlain is over gateway-distinct (plain).
+	ThroughputVsPlain float64 `json:"throughput_vs_plain"`
+}
+
+// levelResults compares each measured level with the one below it.
+func levelResults(sum func(variant string) Summary, bare, direct Summary) []LevelResult {
+	var out []LevelResult
+	base, plain := varDistinct, sum(varDistinct)
+	for _, l := range securityLevels {
+		v := distinctAt[l]
+		s := sum(v)
+		if len(s.Rounds) == 0 {
+			continue
+		}
+		b := sum(base)
+		r := LevelResult{Level: l, Variant: v, Summary: s, Ratios: ratios(s, bare, direct), Base: base,
+			ThroughputVsBase: pairedThroughput(s, b), AddedCPUVsBaseUs: pairedAddedCPU(s, b),
+			AddedP50VsBaseMs: ratios(s, b, b).AddedP50VsBareMs, ThroughputVsPlain: pairedThroughput(s, plain)}
+		out = append(out, r)
+		base = v
+	}
+	return out
 }
 
 // runOverhead measures every variant at every concurrency, interleaved:
@@ -352,6 +503,7 @@ func runOverhead(ctx context.Context, opts Options, h *hotPath) []OverheadRow {
 				r := ratios(t, row.Bare, row.Direct)
 				row.Tuned, row.TunedRatios = &t, &r
 			}
+			row.Levels = levelResults(s, row.Bare, row.Direct)
 			rows = append(rows, row)
 		}
 	}
@@ -366,6 +518,11 @@ type ScalingPoint struct {
 	Gateway  Summary `json:"gateway_distinct"`
 	// ThroughputVsBare is the gateway's throughput over the bare baseline's.
 	ThroughputVsBare float64 `json:"throughput_vs_bare"`
+	// Production is gateway-distinct at the production level (unless
+	// NoProduction), and its throughput over the bare baseline's.
+	Production          *Summary `json:"production,omitempty"`
+	ProductionVsBare    float64  `json:"production_vs_bare,omitempty"`
+	ProductionVsGateway float64  `json:"production_vs_gateway_distinct,omitempty"`
 }
 
 // runScaling doubles the callers from 1 to opts.ScalingMax, measuring the
@@ -378,15 +535,25 @@ func runScaling(ctx context.Context, opts Options, h *hotPath) []ScalingPoint {
 			if ctx.Err() != nil {
 				return points
 			}
-			var bare, gw []measured
+			_, production := h.ops[p][distinctAt[lvlProduction]]
+			var bare, gw, prod []measured
 			for range opts.ScalingRounds {
 				bare = append(bare, h.measure(ctx, opts.load(c), p, varBare))
 				gw = append(gw, h.measure(ctx, opts.load(c), p, varDistinct))
+				if production {
+					prod = append(prod, h.measure(ctx, opts.load(c), p, distinctAt[lvlProduction]))
+				}
 			}
 			pt := ScalingPoint{Provider: p, Callers: c, Bare: summarize(bare), Gateway: summarize(gw)}
 			pt.ThroughputVsBare = ratios(pt.Gateway, pt.Bare, pt.Bare).ThroughputVsBare
-			opts.progress(fmt.Sprintf("scaling %-7s %4d callers  bare %9.0f req/s p99 %7.3f ms | gateway %9.0f req/s p99 %7.3f ms (%.2f×)",
-				p, c, pt.Bare.Throughput, pt.Bare.P99ms, pt.Gateway.Throughput, pt.Gateway.P99ms, pt.ThroughputVsBare))
+			line := fmt.Sprintf("scaling %-7s %4d callers  bare %9.0f req/s p99 %7.3f ms | gateway %9.0f req/s p99 %7.3f ms (%.2f×)",
+				p, c, pt.Bare.Throughput, pt.Bare.P99ms, pt.Gateway.Throughput, pt.Gateway.P99ms, pt.ThroughputVsBare)
+			if production {
+				s := summarize(prod)
+				pt.Production, pt.ProductionVsBare, pt.ProductionVsGateway = &s, pairedThroughput(s, pt.Bare), pairedThroughput(s, pt.Gateway)
+				line += fmt.Sprintf(" | production %9.0f req/s p99 %7.3f ms (%.2f×)", s.Throughput, s.P99ms, pt.ProductionVsBare)
+			}
+			opts.progress(line)
 			points = append(points, pt)
 		}
 	}

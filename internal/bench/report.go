@@ -28,6 +28,9 @@ func WriteText(out io.Writer, rep *Report) error {
 			if row.Tuned != nil {
 				vs = append(vs, variant{varTuned, *row.Tuned, row.TunedRatios})
 			}
+			for _, l := range row.Levels {
+				vs = append(vs, variant{l.Variant, l.Summary, &l.Ratios})
+			}
 			for _, v := range vs {
 				if len(v.s.Rounds) == 0 {
 					continue // not run (-variants)
@@ -38,19 +41,24 @@ func WriteText(out io.Writer, rep *Report) error {
 						orDash(row.Direct, "%.2f", v.r.P50VsDirect), orDash(row.Direct, "%+.3f", v.r.AddedP50VsDirectMs), orDash(row.Bare, "%+.0f", v.r.AddedCPUVsBareUs))
 				}
 				p("%s\t%d\t%s\t%.0f\t%.3f\t%.3f\t%.2f\t%.2f\t%.0f\t%d\t%s\t\n", row.Provider, row.Callers, v.name, v.s.Throughput, v.s.P50ms, v.s.P99ms, v.s.UpstreamPerOp,
-					v.s.ConnsPerCall, v.s.CPUPerCallUs+v.s.RedisCPUPerCallUs, v.s.Errors, ratio)
+					v.s.ConnsPerCall, v.s.totalCPU(), v.s.Errors, ratio)
 			}
 		}
 		w.Flush()
 		fmt.Fprintln(out)
+		writeLevels(out, rep.Overhead)
 	}
 
 	if len(rep.Scaling) > 0 {
-		fmt.Fprintln(out, "5. Scaling: bare forwarder vs gateway (a credential per caller)")
-		p("provider\tcallers\tbare req/s\tbare p99 ms\tbare CPU µs/call\tgateway req/s\tgateway p99 ms\tgateway CPU µs/call\tgateway/bare\t\n")
+		fmt.Fprintln(out, "5. Scaling: bare forwarder vs gateway (a credential per caller), plain and production")
+		p("provider\tcallers\tbare req/s\tbare p99 ms\tbare CPU µs/call\tgateway req/s\tgateway p99 ms\tgateway CPU µs/call\tgateway/bare\tproduction req/s\tproduction p99 ms\tproduction CPU µs/call\tproduction/bare\tproduction/gateway\t\n")
 		for _, pt := range rep.Scaling {
-			p("%s\t%d\t%.0f\t%.3f\t%.0f\t%.0f\t%.3f\t%.0f\t%.2f\t\n", pt.Provider, pt.Callers, pt.Bare.Throughput, pt.Bare.P99ms, pt.Bare.CPUPerCallUs+pt.Bare.RedisCPUPerCallUs,
-				pt.Gateway.Throughput, pt.Gateway.P99ms, pt.Gateway.CPUPerCallUs+pt.Gateway.RedisCPUPerCallUs, pt.ThroughputVsBare)
+			prod := "-\t-\t-\t-\t-"
+			if s := pt.Production; s != nil {
+				prod = fmt.Sprintf("%.0f\t%.3f\t%.0f\t%.2f\t%.2f", s.Throughput, s.P99ms, s.totalCPU(), pt.ProductionVsBare, pt.ProductionVsGateway)
+			}
+			p("%s\t%d\t%.0f\t%.3f\t%.0f\t%.0f\t%.3f\t%.0f\t%.2f\t%s\t\n", pt.Provider, pt.Callers, pt.Bare.Throughput, pt.Bare.P99ms, pt.Bare.totalCPU(),
+				pt.Gateway.Throughput, pt.Gateway.P99ms, pt.Gateway.totalCPU(), pt.ThroughputVsBare, prod)
 		}
 		w.Flush()
 		fmt.Fprintf(out, "throughput stops growing (<10%% per doubling) after: %s\n\n", formatKnees(rep.Knees))
@@ -59,33 +67,54 @@ func WriteText(out io.Writer, rep *Report) error {
 	if a := rep.Amplification; a != nil {
 		fmt.Fprintf(out, "2. Upstream amplification: JWT lifetime %.0fs (gateway safety margin %.2fs), %.0fs run, one call per caller every %.1fs\n",
 			a.JWTLifetimeS, a.JWTSafetyMarginS, a.RunS, a.CallIntervalS)
-		p("provider\tclient\tinstances\tcallers\tcalls\terrors\tlogins\tlifetimes\tper account per lifetime\t\n")
+		p("provider\tclient\tlevel\tinstances\tcallers\tcalls\terrors\tlogins\tlifetimes\tper account per lifetime\t\n")
 		for _, r := range a.Rows {
-			inst := "-"
+			inst, level := "-", "-"
 			if r.Instances > 0 {
 				inst = fmt.Sprint(r.Instances)
 			}
-			p("%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.2f\t\n", r.Provider, r.Client, inst, r.Callers, r.Calls, r.Errors, r.Logins, r.Lifetimes, r.PerLifetime)
+			if r.Level != "" {
+				level = r.Level
+			}
+			p("%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.2f\t\n", r.Provider, r.Client, level, inst, r.Callers, r.Calls, r.Errors, r.Logins, r.Lifetimes, r.PerLifetime)
 		}
 		w.Flush()
 		fmt.Fprintln(out)
 	}
 
 	if c := rep.Control; c != nil {
-		fmt.Fprintf(out, "3. Control plane (transit: %s)\n", c.Transit)
-		p("operation\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\terrors\t\n")
+		fmt.Fprintf(out, "3. Control plane (transit: %s; batching of plain+batch and production: %s); medians over %d interleaved rounds; CPU = this process + redis + vault\n",
+			c.Transit, c.TransitBatch, c.Rounds)
+		p("operation\tvariant\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\tCPU µs/call\tvault CPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\tthr/plain\tthr/encrypt(1)\ttransit calls/call\titems/transit call\t\n")
 		for _, r := range c.Rows {
-			p("%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%d\t\n", r.Op, r.Callers, r.Result.Throughput, r.ItemsPerSec, r.Result.P50ms, r.Result.P99ms, r.Result.Errors)
+			opt := func(format string, x float64) string {
+				if x == 0 {
+					return "-"
+				}
+				return fmt.Sprintf(format, x)
+			}
+			base := r.Base
+			if base == "" {
+				base = "-"
+			}
+			p("%s\t%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%.0f\t%.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.Op, r.Variant, r.Callers, r.Summary.Throughput, r.ItemsPerSec,
+				r.Summary.P50ms, r.Summary.P99ms, r.Summary.totalCPU(), r.Summary.VaultCPUPerCallUs, r.Summary.Errors, base,
+				opt("%.2f", r.ThroughputVsBase), opt("%+.0f", r.AddedCPUVsBaseUs), opt("%.2f", r.ThroughputVsPlain), opt("%.2f", r.ThroughputVsEncrypt1),
+				opt("%.2f", r.TransitCallsPerCall), opt("%.1f", r.ItemsPerTransitCall))
 		}
 		w.Flush()
 		fmt.Fprintln(out)
 	}
 
-	if mem := rep.Memory; mem != nil {
-		fmt.Fprintf(out, "4. Memory: `fleetbroker gateway` VmRSS, %d live handles, %d accounts in %d tenants\n", mem.Handles, mem.Accounts, mem.Tenants)
+	for _, mem := range []*MemoryReport{rep.Memory, rep.MemoryProduction} {
+		if mem == nil {
+			continue
+		}
+		fmt.Fprintf(out, "4. Memory (%s): `fleetbroker gateway` VmRSS, %d live handles, %d accounts in %d tenants\n", mem.Level, mem.Handles, mem.Accounts, mem.Tenants)
 		fmt.Fprintf(out, "idle %.1f MiB, loaded %.1f MiB (max %.1f, VmHWM %.1f), ≤ %.2f KiB per handle; passes %s s; %d calls, %d errors\n\n",
 			mem.IdleRSSMiB, mem.LoadedRSSMiB, mem.MaxRSSMiB, mem.HWMMiB, mem.PerHandleKiB, formatFloats(mem.PassSeconds), mem.Calls, mem.Errors)
-	} else if rep.MemoryError != "" {
+	}
+	if rep.MemoryError != "" {
 		fmt.Fprintf(out, "4. Memory: not measured: %s\n\n", rep.MemoryError)
 	}
 
@@ -100,6 +129,25 @@ func WriteText(out io.Writer, rep *Report) error {
 		}
 	}
 	return w.Flush()
+}
+
+// writeLevels prints what each security level adds to gateway-distinct.
+func writeLevels(out io.Writer, rows []OverheadRow) {
+	if len(rows) == 0 || len(rows[0].Levels) == 0 {
+		return
+	}
+	fmt.Fprintln(out, "1b. Production wiring, piece by piece: gateway-distinct at each security level; \"vs\" is the level below, paired by round")
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(w, "provider\tcallers\tlevel\treq/s\tp50 ms\tp99 ms\tCPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\t+p50 ms vs\tthr/plain\tthr/bare\t\n")
+	for _, row := range rows {
+		for _, l := range row.Levels {
+			fmt.Fprintf(w, "%s\t%d\t%s\t%.0f\t%.3f\t%.3f\t%.0f\t%d\t%s\t%.2f\t%+.0f\t%+.3f\t%.2f\t%s\t\n", row.Provider, row.Callers, l.Level,
+				l.Summary.Throughput, l.Summary.P50ms, l.Summary.P99ms, l.Summary.totalCPU(), l.Summary.Errors, l.Base,
+				l.ThroughputVsBase, l.AddedCPUVsBaseUs, l.AddedP50VsBaseMs, l.ThroughputVsPlain, orDash(row.Bare, "%.2f", l.Ratios.ThroughputVsBare))
+		}
+	}
+	w.Flush()
+	fmt.Fprintln(out)
 }
 
 // orDash formats x, or "-" if the baseline it is relative to was not run.

@@ -89,6 +89,14 @@ type env struct {
 
 	mu       sync.Mutex
 	cleanups []func()
+	// The production variants' shared set-up (production.go), made on
+	// first use, and their credentials services by variant.
+	pki           *benchPKI
+	prodDir       string
+	policyFile    string
+	auditSeq      int
+	credsVariants map[string]*credsService
+	sealTr        *transit.Batching // control phase's opSeal
 }
 
 func (e *env) onClose(f func()) {
@@ -112,7 +120,7 @@ func (e *env) close() {
 // service. Simulators are started by the phases, before the credentials
 // service learns their addresses, so newEnv takes them.
 func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
-	e := &env{opts: opts, log: opts.serviceLogger()}
+	e := &env{opts: opts, log: opts.serviceLogger(), credsVariants: map[string]*credsService{}}
 	ok := false
 	defer func() {
 		if !ok {
@@ -363,6 +371,11 @@ func newAccount(sim *simulator.Simulator, provider, tag string, i int) account {
 // asking the provider (so the simulator's login counters see only the
 // calls being measured).
 func (e *env) put(ctx context.Context, tenant string, a account, baseURL string) error {
+	return putVia(ctx, e.creds, tenant, a, baseURL)
+}
+
+// putRequest is a PutCredentialRequest storing a with skip_validation.
+func putRequest(tenant string, a account, baseURL string) *credentialsv1.PutCredentialRequest {
 	req := &credentialsv1.PutCredentialRequest{TenantId: tenant, CredentialId: a.credID, SkipValidation: true}
 	if a.provider == provWialon {
 		req.Secret = &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: a.token, BaseUrl: baseURL}}
@@ -370,10 +383,7 @@ func (e *env) put(ctx context.Context, tenant string, a account, baseURL string)
 		req.Secret = &credentialsv1.PutCredentialRequest_Fleetup{Fleetup: &credentialsv1.FleetUpSecret{
 			ApiKey: a.apiKey, AccountId: a.acctID, Secret: a.secret, BaseUrl: baseURL}}
 	}
-	if _, err := e.creds.PutCredential(ctx, req); err != nil {
-		return fmt.Errorf("put credential %s/%s: %w", tenant, a.credID, err)
-	}
-	return nil
+	return req
 }
 
 // issue returns outgoing metadata carrying a new handle for the credential.

@@ -145,59 +145,112 @@ func (k *Keyring) encrypt(ctx context.Context, op, tenant string, items []Item) 
 	if err := k.check(ctx, op, tenant); err != nil {
 		return nil, err
 	}
-	version, master := k.newest()
-	aead, err := tenantAEAD(master, tenant)
+	results, err := k.encryptEach(op, withTenant(tenant, items))
 	if err != nil {
-		return nil, fmt.Errorf("dev keyring %s: %w", op, err)
+		return nil, err
 	}
-	out := make([]string, len(items))
-	for i, it := range items {
-		nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(it.Plaintext)+aead.Overhead())
-		if _, err := rand.Read(nonce); err != nil {
-			return nil, fmt.Errorf("dev keyring %s: %w", op, err)
-		}
-		sealed := aead.Seal(nonce, nonce, it.Plaintext, it.AssociatedData)
-		out[i] = fmt.Sprintf("%s:v%d:%s", keyringPrefix, version, base64.StdEncoding.EncodeToString(sealed))
-	}
-	return out, nil
+	return ciphertexts("dev keyring "+op, results)
 }
 
 func (k *Keyring) decrypt(ctx context.Context, op, tenant string, items []Item) ([][]byte, error) {
 	if err := k.check(ctx, op, tenant); err != nil {
 		return nil, err
 	}
-	aeads := map[int]cipher.AEAD{} // one derivation per version per call
-	out := make([][]byte, len(items))
-	for i, it := range items {
-		pt, err := k.open(aeads, tenant, it)
+	return plaintexts("dev keyring "+op, k.decryptEach(withTenant(tenant, items)))
+}
+
+// EncryptEach encrypts items, each under its own tenant's key, and reports
+// each item's outcome apart (Batcher).
+func (k *Keyring) EncryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	const op = "encrypt"
+	if err := k.checkEach(ctx, op, items); err != nil {
+		return nil, err
+	}
+	return k.encryptEach(op, items)
+}
+
+// DecryptEach decrypts items, each under its own tenant's key, and reports
+// each item's outcome apart (Batcher).
+func (k *Keyring) DecryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	if err := k.checkEach(ctx, "decrypt", items); err != nil {
+		return nil, err
+	}
+	return k.decryptEach(items), nil
+}
+
+// HMACEach computes the HMAC of each input, as HMAC does (Batcher).
+func (k *Keyring) HMACEach(ctx context.Context, inputs [][]byte) ([]ItemResult, error) {
+	out := make([]ItemResult, len(inputs))
+	for i, in := range inputs {
+		mac, err := k.HMAC(ctx, in)
 		if err != nil {
-			zeroAll(out)
-			return nil, fmt.Errorf("dev keyring %s: item %d: %w", op, i, err)
+			return nil, err
 		}
-		out[i] = pt
+		out[i].MAC = mac
 	}
 	return out, nil
+}
+
+// encryptEach seals each item under its tenant's key of the newest version,
+// deriving each tenant's key once.
+func (k *Keyring) encryptEach(op string, items []TenantItem) ([]ItemResult, error) {
+	version, master := k.newest()
+	aeads := map[string]cipher.AEAD{}
+	out := make([]ItemResult, len(items))
+	for i, it := range items {
+		aead, ok := aeads[it.Tenant]
+		if !ok {
+			var err error
+			if aead, err = tenantAEAD(master, it.Tenant); err != nil {
+				return nil, fmt.Errorf("dev keyring %s: %w", op, err)
+			}
+			aeads[it.Tenant] = aead
+		}
+		nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(it.Plaintext)+aead.Overhead())
+		if _, err := rand.Read(nonce); err != nil {
+			return nil, fmt.Errorf("dev keyring %s: %w", op, err)
+		}
+		sealed := aead.Seal(nonce, nonce, it.Plaintext, it.AssociatedData)
+		out[i].Ciphertext = fmt.Sprintf("%s:v%d:%s", keyringPrefix, version, base64.StdEncoding.EncodeToString(sealed))
+	}
+	return out, nil
+}
+
+// decryptEach opens each item, deriving each tenant's key of each version
+// once.
+func (k *Keyring) decryptEach(items []TenantItem) []ItemResult {
+	aeads := map[tenantVersion]cipher.AEAD{}
+	out := make([]ItemResult, len(items))
+	for i, it := range items {
+		out[i].Plaintext, out[i].Err = k.open(aeads, it)
+	}
+	return out
+}
+
+type tenantVersion struct {
+	tenant  string
+	version int
 }
 
 // open decrypts one item. Every failure is ErrDecrypt, without detail: the
 // caller can do nothing different for a malformed, tampered or foreign
 // ciphertext.
-func (k *Keyring) open(aeads map[int]cipher.AEAD, tenant string, it Item) ([]byte, error) {
+func (k *Keyring) open(aeads map[tenantVersion]cipher.AEAD, it TenantItem) ([]byte, error) {
 	version, sealed, ok := parseKeyringCiphertext(it.Ciphertext)
 	if !ok {
 		return nil, ErrDecrypt
 	}
-	aead, ok := aeads[version]
+	aead, ok := aeads[tenantVersion{it.Tenant, version}]
 	if !ok {
 		master := k.master(version)
 		if master == nil {
 			return nil, ErrDecrypt
 		}
 		var err error
-		if aead, err = tenantAEAD(master, tenant); err != nil {
+		if aead, err = tenantAEAD(master, it.Tenant); err != nil {
 			return nil, err
 		}
-		aeads[version] = aead
+		aeads[tenantVersion{it.Tenant, version}] = aead
 	}
 	if len(sealed) < aead.NonceSize()+aead.Overhead() {
 		return nil, ErrDecrypt
@@ -212,6 +265,16 @@ func (k *Keyring) open(aeads map[int]cipher.AEAD, tenant string, it Item) ([]byt
 
 func (k *Keyring) check(ctx context.Context, op, tenant string) error {
 	if err := requireTenant("dev keyring", op, tenant); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("dev keyring %s: %w: %w", op, ErrUnavailable, err)
+	}
+	return nil
+}
+
+func (k *Keyring) checkEach(ctx context.Context, op string, items []TenantItem) error {
+	if err := requireTenants("dev keyring", op, items); err != nil {
 		return err
 	}
 	if err := ctx.Err(); err != nil {

@@ -290,65 +290,131 @@ func (v *Vault) encrypt(ctx context.Context, op, tenant string, items []Item) ([
 	if err := requireTenant("vault transit", op, tenant); err != nil {
 		return nil, err
 	}
-	if len(items) == 0 {
-		return []string{}, nil
-	}
-	tenantCtx := b64(tenant)
-	batch := make([]encryptItem, len(items))
-	for i, it := range items {
-		batch[i] = encryptItem{Plaintext: b64(it.Plaintext), Context: tenantCtx, AssociatedData: b64(it.AssociatedData)}
-	}
-	results, err := v.batch(ctx, op, "encrypt", batch, len(batch))
+	results, err := v.encryptEach(ctx, op, withTenant(tenant, items))
 	if err != nil {
-		if isForbidden(err) && v.keyMissing(ctx) {
-			return nil, fmt.Errorf("vault transit %s: %w", op, ErrKeyMissing)
-		}
 		return nil, err
 	}
-	out := make([]string, len(results))
-	for i, r := range results {
-		if r.Error != "" || r.Ciphertext == "" {
-			// An item-level refusal (e.g. the key is not AEAD) is a
-			// configuration problem, not a bad ciphertext.
-			return nil, fmt.Errorf("vault transit %s: item %d: %w", op, i, ErrInvalid)
-		}
-		out[i] = r.Ciphertext
-	}
-	return out, nil
+	return ciphertexts("vault transit "+op, results)
 }
 
 func (v *Vault) decrypt(ctx context.Context, op, tenant string, items []Item) ([][]byte, error) {
 	if err := requireTenant("vault transit", op, tenant); err != nil {
 		return nil, err
 	}
-	if len(items) == 0 {
-		return [][]byte{}, nil
-	}
-	tenantCtx := b64(tenant)
-	batch := make([]decryptItem, len(items))
-	for i, it := range items {
-		batch[i] = decryptItem{Ciphertext: it.Ciphertext, Context: tenantCtx, AssociatedData: b64(it.AssociatedData)}
-	}
-	results, err := v.batch(ctx, op, "decrypt", batch, len(batch))
+	results, err := v.decryptEach(ctx, op, withTenant(tenant, items))
 	if err != nil {
 		return nil, err
 	}
-	out := make([][]byte, len(results))
+	return plaintexts("vault transit "+op, results)
+}
+
+// EncryptEach encrypts items, each under its own tenant's derived key, in
+// one batch call, and reports each item's outcome apart (Batcher).
+func (v *Vault) EncryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	const op = "encrypt"
+	if err := requireTenants("vault transit", op, items); err != nil {
+		return nil, err
+	}
+	return v.encryptEach(ctx, op, items)
+}
+
+// DecryptEach decrypts items, each under its own tenant's derived key, in
+// one batch call, and reports each item's outcome apart (Batcher).
+func (v *Vault) DecryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	const op = "decrypt"
+	if err := requireTenants("vault transit", op, items); err != nil {
+		return nil, err
+	}
+	return v.decryptEach(ctx, op, items)
+}
+
+// HMACEach computes the HMAC-SHA256 of each input under the key's newest
+// version in one batch call (Batcher).
+func (v *Vault) HMACEach(ctx context.Context, inputs [][]byte) ([]ItemResult, error) {
+	const op = "hmac"
+	if len(inputs) == 0 {
+		return []ItemResult{}, nil
+	}
+	batch := make([]hmacItem, len(inputs))
+	for i, in := range inputs {
+		batch[i] = hmacItem{Input: b64(in)}
+	}
+	results, err := v.batch(ctx, op, v.path("hmac")+"/sha2-256", batch, len(batch))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ItemResult, len(results))
+	for i, r := range results {
+		if r.Error != "" || r.HMAC == "" {
+			out[i].Err = ErrInvalid
+			continue
+		}
+		mac, err := decodeVaultMAC(r.HMAC)
+		if err != nil {
+			out[i].Err = fmt.Errorf("malformed response: %w", ErrUnavailable)
+			continue
+		}
+		out[i].MAC = mac
+	}
+	return out, nil
+}
+
+func (v *Vault) encryptEach(ctx context.Context, op string, items []TenantItem) ([]ItemResult, error) {
+	if len(items) == 0 {
+		return []ItemResult{}, nil
+	}
+	batch := make([]encryptItem, len(items))
+	for i, it := range items {
+		batch[i] = encryptItem{Plaintext: b64(it.Plaintext), Context: b64(it.Tenant), AssociatedData: b64(it.AssociatedData)}
+	}
+	results, err := v.batch(ctx, op, v.path("encrypt"), batch, len(batch))
+	if err != nil {
+		if isForbidden(err) && v.keyMissing(ctx) {
+			return nil, fmt.Errorf("vault transit %s: %w", op, ErrKeyMissing)
+		}
+		return nil, err
+	}
+	out := make([]ItemResult, len(results))
+	for i, r := range results {
+		if r.Error != "" || r.Ciphertext == "" {
+			// An item-level refusal (e.g. the key is not AEAD) is a
+			// configuration problem, not a bad ciphertext.
+			out[i].Err = ErrInvalid
+			continue
+		}
+		out[i].Ciphertext = r.Ciphertext
+	}
+	return out, nil
+}
+
+func (v *Vault) decryptEach(ctx context.Context, op string, items []TenantItem) ([]ItemResult, error) {
+	if len(items) == 0 {
+		return []ItemResult{}, nil
+	}
+	batch := make([]decryptItem, len(items))
+	for i, it := range items {
+		batch[i] = decryptItem{Ciphertext: it.Ciphertext, Context: b64(it.Tenant), AssociatedData: b64(it.AssociatedData)}
+	}
+	results, err := v.batch(ctx, op, v.path("decrypt"), batch, len(batch))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ItemResult, len(results))
 	for i, r := range results {
 		if r.Error != "" {
 			// Every per-item decrypt error means this ciphertext does not
 			// open under this tenant and AAD: authentication failure,
 			// malformed ciphertext, unknown version. Vault's message is
 			// dropped on purpose: it may quote the input.
-			zeroAll(out)
-			return nil, fmt.Errorf("vault transit %s: item %d: %w", op, i, ErrDecrypt)
+			out[i].Err = ErrDecrypt
+			continue
 		}
 		pt, err := base64.StdEncoding.DecodeString(r.Plaintext)
 		if err != nil {
-			zeroAll(out)
-			return nil, fmt.Errorf("vault transit %s: item %d: malformed response: %w", op, i, ErrUnavailable)
+			out[i].Err = fmt.Errorf("malformed response: %w", ErrUnavailable)
+			continue
 		}
-		out[i] = pt
+		out[i].Plaintext = pt
 	}
 	return out, nil
 }
@@ -366,7 +432,7 @@ func isForbidden(err error) bool {
 // policy is wrong; a decrypt, which never creates, does.
 func (v *Vault) keyMissing(ctx context.Context) bool {
 	probe := []decryptItem{{Ciphertext: "vault:v1:" + b64(make([]byte, 28)), Context: b64(ProbeTenant)}}
-	_, err := v.batch(ctx, "key check", "decrypt", probe, 1)
+	_, err := v.batch(ctx, "key check", v.path("decrypt"), probe, 1)
 	return errors.Is(err, ErrKeyMissing)
 }
 
@@ -480,21 +546,27 @@ type decryptItem struct {
 	AssociatedData string `json:"associated_data,omitempty"`
 }
 
+type hmacItem struct {
+	Input string `json:"input"`
+}
+
 type batchResult struct {
 	Ciphertext string `json:"ciphertext"`
 	Plaintext  string `json:"plaintext"`
+	HMAC       string `json:"hmac"`
 	Error      string `json:"error"`
 }
 
-// batch posts batch_input to <mount>/<endpoint>/<key> and returns one
+// batch posts batch_input to path (<mount>/<endpoint>/<key>) and returns one
 // result per input, in order. Per-item errors are left to the caller,
 // because what they mean depends on the operation.
 //
 // Transit batch endpoints answer 400 when some items failed, with the
 // per-item errors in data.batch_results, and also 400 with no data when
-// the whole request is refused (e.g. "encryption key not found").
-func (v *Vault) batch(ctx context.Context, op, endpoint string, input any, n int) ([]batchResult, error) {
-	r, err := v.send(ctx, op, http.MethodPost, v.path(endpoint), map[string]any{"batch_input": input})
+// the whole request is refused (e.g. "encryption key not found"); hmac
+// answers 200 with the per-item errors.
+func (v *Vault) batch(ctx context.Context, op, path string, input any, n int) ([]batchResult, error) {
+	r, err := v.send(ctx, op, http.MethodPost, path, map[string]any{"batch_input": input})
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,10 @@
+package transit
+
+// QueuedItems is how many items of op ("encrypt", "decrypt", "hmac") wait
+// for a batch: tests wait on it to know callers are queued.
+func QueuedItems(b *Batching, op string) int {
+	c := map[string]*coalescer{"encrypt": b.encrypt, "decrypt": b.decrypt, "hmac": b.hmac}[op]
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.queued
+}
