@@ -118,11 +118,16 @@ func (s *Simulator) serveWialon(w http.ResponseWriter, r *http.Request) {
 		wialonError(w, wErrLimit, refusal)
 		return
 	}
-	defer release()
 	if !sleep(r.Context(), delayOf(r.Context())) {
+		release()
 		return
 	}
-	s.write(w, s.wialonCall(ip, sid, sess, svc, params, 0))
+	reply := s.wialonCall(ip, sid, sess, svc, params, 0)
+	// Released before the reply is written, not when the handler returns: a
+	// client holding the reply may send its next request at once, and must
+	// find the slot free and the idle time running, as on Wialon.
+	release()
+	s.write(w, reply)
 }
 
 func (s *Simulator) write(w http.ResponseWriter, r wialonReply) {
