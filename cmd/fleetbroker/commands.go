@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
@@ -32,6 +34,7 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 	addHandleKeyFlag(fs, &cfg.HandleKeyFile)
 	addRedisWaitFlag(fs, &cfg.RedisWaitReplicas)
 	fs.BoolVar(&cfg.WriteLegacyFormats, "write-legacy-formats", false, "issue CRC32 session handles and seal secrets with version 1 associated data, which the previous release reads: only while upgrading from it (see docs/operations.md)")
+	addWialonLoginFlags(fs, cfg)
 	legacyAD := fs.Bool("legacy-associated-data", true, "open secrets sealed with version 1 associated data (tenant + credential only); set false once `fleetbroker migrate` has re-sealed them all")
 	addAuthorizeFlags(fs, &cfg.Authorize, &cfg.Events)
 	addTransitBatchFlags(fs, &cfg.TransitBatch)
@@ -41,6 +44,17 @@ func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func(
 		cfg.Redis = redis.config()
 		cfg.RefuseLegacyAssociatedData = !*legacyAD
 	}
+}
+
+// addWialonLoginFlags adds the flags of Wialon logins and keep-alives,
+// which happen in the credentials service (docs/operations.md).
+func addWialonLoginFlags(fs *flag.FlagSet, cfg *app.CredentialsConfig) {
+	fs.IntVar(&cfg.WialonLoginLimit, "wialon-login-limit", wialon.DefaultLoginsPerMinute, "successful Wialon logins a minute for every replica of the egress group together (Wialon blocks an IP past 120)")
+	fs.IntVar(&cfg.WialonFailedLoginLimit, "wialon-failed-login-limit", wialon.DefaultFailedLoginsPerMinute, "failed Wialon logins a minute for every replica of the egress group together (Wialon blocks an IP past 10)")
+	fs.StringVar(&cfg.WialonEgressGroup, "wialon-egress-group", wialon.DefaultEgressGroup, "name of the egress IP address these replicas reach Wialon from: replicas with one group share one login budget")
+	fs.DurationVar(&cfg.WialonRefusedTokenTTL, "wialon-refused-token-ttl", wialon.DefaultRefusedTTL, "how long a token Wialon refused is refused again without a login")
+	fs.DurationVar(&cfg.WialonKeepAlive, "wialon-keepalive", wialon.DefaultKeepAlive, "log in with every stored Wialon token at least this often (Wialon deletes a token unused for 100 days)")
+	fs.DurationVar(&cfg.KeepAliveSweep, "keepalive-sweep", credentials.DefaultKeepAliveSweep, "how often one replica looks for stored secrets due a keep-alive login (negative: never)")
 }
 
 // addHandleKeyFlag adds --handle-key-file, which both services need.
@@ -201,6 +215,10 @@ func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs.DurationVar(&cfg.JWTSafetyMargin, "jwt-safety-margin", gateway.DefaultJWTSafetyMargin, "a FleetUp JWT is replaced this long before it expires")
 	fs.DurationVar(&cfg.WialonSessionTTL, "wialon-session-ttl", gateway.DefaultWialonSessionTTL, "how long a shared Wialon session is reused")
 	fs.DurationVar(&cfg.UpstreamTimeout, "upstream-timeout", 10*time.Second, "timeout of each upstream HTTP call")
+	fs.IntVar(&cfg.WialonSessionRequests, "wialon-session-requests", wialon.DefaultSessionRequests, "requests one shared Wialon session serves at once, across replicas (Wialon answers 1003 past 10)")
+	fs.IntVar(&cfg.WialonSessionHeavy, "wialon-session-heavy", wialon.DefaultSessionHeavy, "heavy requests (message loads, trips, reports) one shared Wialon session serves at once, across replicas (Wialon: 3)")
+	fs.DurationVar(&cfg.WialonLeaseTTL, "wialon-lease-ttl", wialon.DefaultLeaseTTL, "how long a session slot of a replica that died stays taken (slots are renewed every third of it)")
+	fs.StringVar(&cfg.WialonRawServices, "wialon-raw-services", strings.Join(wialon.DefaultRawServices, ","), "comma-separated read-only Wialon services CallProvider may run, alone or in core/batch")
 	fs.IntVar(&cfg.MaxStreamsPerHandle, "max-streams-per-handle", gateway.DefaultMaxStreamsPerHandle, "open WatchPositions streams one session handle may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
 	fs.IntVar(&cfg.MaxStreamsPerTenant, "max-streams-per-tenant", gateway.DefaultMaxStreamsPerTenant, "open WatchPositions streams one tenant may hold on this replica; more are refused RESOURCE_EXHAUSTED (negative: no limit)")
 	addHandleKeyFlag(fs, &cfg.HandleKeyFile)

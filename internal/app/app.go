@@ -19,6 +19,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -74,6 +75,20 @@ type CredentialsConfig struct {
 	MetricsListen string
 	// Metrics records the service's metrics (set by RunCredentials; nil: none).
 	Metrics *telemetry.Metrics
+	// WialonLoginLimit and WialonFailedLoginLimit are the successful and
+	// failed Wialon logins a minute every replica of the egress group
+	// WialonEgressGroup may make together (0: Wialon's 120 and 10);
+	// WialonRefusedTokenTTL is how long a token Wialon refused is refused
+	// without asking (0: 1 h).
+	WialonLoginLimit       int
+	WialonFailedLoginLimit int
+	WialonEgressGroup      string
+	WialonRefusedTokenTTL  time.Duration
+	// WialonKeepAlive is how often at least each stored Wialon token is
+	// logged in with (0: 30 days); KeepAliveSweep how often one replica
+	// looks for tokens due (0: 1 h; negative: no sweeps).
+	WialonKeepAlive time.Duration
+	KeepAliveSweep  time.Duration
 	// Authorize is the Wialon authorization flow and its callback listener;
 	// Events the credential events and checks.
 	Authorize AuthorizeConfig
@@ -89,6 +104,27 @@ type CredentialsConfig struct {
 	// (internal/bench). No flag sets them.
 	BesideRegister func(*grpc.Server)
 	BesideActions  map[string]policy.Action
+}
+
+// tuning is what the credentials service's flags tell the providers.
+func (cfg CredentialsConfig) tuning() (provider.Tuning, error) {
+	t := provider.Tuning{
+		LoginLimits: provider.LoginLimits{Succeeded: cfg.WialonLoginLimit, Failed: cfg.WialonFailedLoginLimit,
+			EgressGroup: cfg.WialonEgressGroup, RefusedTTL: cfg.WialonRefusedTokenTTL},
+		KeepAlive: cfg.WialonKeepAlive,
+	}
+	if cfg.WialonLoginLimit < 0 || cfg.WialonFailedLoginLimit < 0 || cfg.WialonRefusedTokenTTL < 0 || cfg.WialonKeepAlive < 0 {
+		return t, fmt.Errorf("--wialon-login-limit, --wialon-failed-login-limit, --wialon-refused-token-ttl and --wialon-keepalive must not be negative")
+	}
+	if cfg.WialonKeepAlive >= 100*24*time.Hour {
+		return t, fmt.Errorf("--wialon-keepalive must be well under 100 days: Wialon deletes a token unused for 100 days")
+	}
+	if cfg.WialonEgressGroup != "" {
+		if err := wialon.CheckEgressGroup(cfg.WialonEgressGroup); err != nil {
+			return t, fmt.Errorf("--wialon-egress-group: %w", err)
+		}
+	}
+	return t, nil
 }
 
 // RunCredentials serves the credentials service until ctx is done.
@@ -163,6 +199,7 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 	if err != nil {
 		return fail(err)
 	}
+	closers.push(startKeepAlive(svc, cfg.KeepAliveSweep))
 	srvCfg.Logger = logger
 	register := []func(*grpc.Server){svc.Register}
 	if cfg.BesideRegister != nil {
@@ -178,6 +215,21 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 		return fail(err)
 	}
 	return &CredentialsServers{GRPC: srv, Service: svc, Authorize: authorize}, closers.closeAll, nil
+}
+
+// startKeepAlive runs the keep-alive sweeps of svc every interval (0: the
+// default; negative: none) until the returned stop is called.
+func startKeepAlive(svc *credentials.Service, interval time.Duration) func() {
+	if interval < 0 {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		svc.RunKeepAlive(ctx, interval)
+	}()
+	return func() { cancel(); <-done }
 }
 
 // loadHandleKeys returns keys if set, else the keys in file.
@@ -241,7 +293,20 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 	if err != nil {
 		return nil, err
 	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, provider.Tuning{}, logger)
+	tuning, err := cfg.tuning()
+	if err != nil {
+		return nil, err
+	}
+	// The login budgets and refused tokens live beside the records, under
+	// the store's prefix, so every replica of this service shares them.
+	var (
+		rdb    redis.UniversalClient
+		prefix = cmp.Or(cfg.RedisPrefix, "fb")
+	)
+	if rs, ok := st.(*store.Redis); ok {
+		rdb, prefix = rs.Client(), rs.Prefix()
+	}
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, rdb, prefix, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -266,6 +331,8 @@ func NewCredentialsService(cfg CredentialsConfig, st store.Store, tr transit.Tra
 		LegacyHandleLifetime:       legacyHandleLifetime(cfg),
 		WriteLegacyFormats:         cfg.WriteLegacyFormats,
 		RefuseLegacyAssociatedData: cfg.RefuseLegacyAssociatedData,
+		Redis:                      rdb,
+		RedisPrefix:                prefix,
 		Connect:                    connect,
 		Events:                     events,
 	})

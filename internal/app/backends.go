@@ -222,7 +222,12 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*trans
 // share one transport, and so its connection pool. Egress proxies are not
 // supported: through one, the address check would see the proxy, not the
 // upstream.
-func newProviders(factories []provider.Factory, timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics, tuning provider.Tuning, logger *slog.Logger) (*provider.Registry, error) {
+//
+// rdb, if set, is where the providers keep what every replica of the
+// service shares (the credentials service's login budgets and refused
+// secrets), under prefix.
+func newProviders(factories []provider.Factory, timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics, tuning provider.Tuning,
+	rdb redis.UniversalClient, prefix string, logger *slog.Logger) (*provider.Registry, error) {
 	if factories == nil {
 		factories = providers.All()
 	}
@@ -231,8 +236,10 @@ func newProviders(factories []provider.Factory, timeout time.Duration, allow *up
 		HTTPClient: func(name string) *http.Client {
 			return &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, name, m)}
 		},
-		Tuning: tuning,
-		Logger: logger,
+		Tuning:      tuning,
+		Logger:      logger,
+		Redis:       rdb,
+		RedisPrefix: prefix,
 	}
 	reg, err := provider.NewRegistry(env, factories...)
 	if err != nil {

@@ -30,6 +30,7 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
@@ -198,66 +199,63 @@ func TestFaultUpstreamSlow(t *testing.T) {
 // TestFaultUpstreamErrors: an upstream that answers 5xx (Wialon error 5) or
 // 429 (Wialon 1003). Callers get UNAVAILABLE or RESOURCE_EXHAUSTED with
 // RetryInfo and none of the provider's text; one caller call costs at most
-// the retry budget of upstream requests — a 429 only after waiting out its
-// Retry-After, and never by the client package — also behind the client
-// package's retry policy; calls succeed again within
-// the target once the upstream recovers.
+// the retry budget of upstream requests (docs/reliability.md), also behind
+// the client package's retry policy, which never retries
+// RESOURCE_EXHAUSTED; calls succeed again within the target once the
+// upstream recovers.
 func TestFaultUpstreamErrors(t *testing.T) {
 	st := newFaultStack(t, testenv.Redis(t).Addr)
 	viaClient := telematicsv1.NewTelematicsServiceClient(dialWithServiceConfig(t, st.gwConn.Target()))
-	faults := []struct {
-		name     string
-		faults   simulator.Faults
-		code     codes.Code
-		reason   string
-		maxTries int64 // upstream requests per gateway call
-		maxAll   int64 // upstream requests per call through the client package
+	tests := []struct {
+		name, provider, endpoint string
+		faults                   simulator.Faults
+		code                     codes.Code
+		reason                   string
+		maxTries                 int64 // upstream requests per gateway call
+		maxAll                   int64 // upstream requests per call through the client package
 	}{
-		{"5xx", simulator.Faults{ErrorRate: 1}, codes.Unavailable, apierr.ReasonUpstreamUnavailable, gatewayBudget, clientBudget},
-		{"429", simulator.Faults{RateLimitRate: 1}, codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited, 1, 1},
+		{"5xx from wialon", "wialon", "wialon core/search_items", simulator.Faults{ErrorRate: 1},
+			codes.Unavailable, apierr.ReasonUpstreamUnavailable, gatewayBudget, clientBudget},
+		{"5xx from fleetup", "fleetup", "fleetup POST /devices", simulator.Faults{ErrorRate: 1},
+			codes.Unavailable, apierr.ReasonUpstreamUnavailable, gatewayBudget, clientBudget},
+		// Wialon's 1003 means it did not run the request: the client tries
+		// it up to 4 times in all (wialon.DefaultLimitAttempts), which cost
+		// Wialon no work.
+		{"429 from wialon", "wialon", "wialon core/search_items", simulator.Faults{RateLimitRate: 1},
+			codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited, wialon.DefaultLimitAttempts, wialon.DefaultLimitAttempts},
+		// FleetUp's 429 is tried again once its Retry-After (1 s here) has
+		// passed, within the same 3 tries in all as a 5xx.
+		{"429 from fleetup", "fleetup", "fleetup POST /devices", simulator.Faults{RateLimitRate: 1},
+			codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited, gatewayBudget, gatewayBudget},
 	}
-	// FleetUp's 429 carries Retry-After: the provider waits it out (holding
-	// the account's budget on every replica) and tries again, within the
-	// same three attempts as a 5xx. The client package never retries
-	// RESOURCE_EXHAUSTED, so its budget is the gateway's.
-	rateLimitedTries := map[string]int64{"fleetup": gatewayBudget}
-	providers := []struct{ name, endpoint string }{
-		{"wialon", "wialon core/search_items"},
-		{"fleetup", "fleetup POST /devices"},
-	}
-	for _, f := range faults {
-		for _, p := range providers {
-			t.Run(f.name+" from "+p.name, func(t *testing.T) {
-				h := st.warmHandle(t, st.telematics, p.name, "errors-"+f.name+"-"+p.name)
-				st.sim.SetFaults(f.faults)
-				before := st.upstreamRequests(p.endpoint)
-				err := listUnits(callCtx(t, 15*time.Second), st.telematics, h)
-				wantStatus(t, "a gateway call", err, f.code, f.reason, true)
-				wantNoDetail(t, "a gateway call", err)
-				direct := st.upstreamRequests(p.endpoint) - before
-				if n, ok := rateLimitedTries[p.name]; ok && f.name == "429" {
-					f.maxTries, f.maxAll = n, n
-				}
-				if direct < 1 || direct > f.maxTries {
-					t.Errorf("one gateway call made %d upstream requests, want 1..%d", direct, f.maxTries)
-				}
-				before = st.upstreamRequests(p.endpoint)
-				err = listUnits(callCtx(t, 15*time.Second), viaClient, h)
-				wantStatus(t, "a call through the client package", err, f.code, f.reason, true)
-				throughClient := st.upstreamRequests(p.endpoint) - before
-				if throughClient < 1 || throughClient > f.maxAll {
-					t.Errorf("one call through the client package made %d upstream requests, want 1..%d", throughClient, f.maxAll)
-				}
+	for _, f := range tests {
+		t.Run(f.name, func(t *testing.T) {
+			h := st.warmHandle(t, st.telematics, f.provider, "errors-"+strings.ReplaceAll(f.name, " ", "-"))
+			st.sim.SetFaults(f.faults)
+			before := st.upstreamRequests(f.endpoint)
+			err := listUnits(callCtx(t, 15*time.Second), st.telematics, h)
+			wantStatus(t, "a gateway call", err, f.code, f.reason, true)
+			wantNoDetail(t, "a gateway call", err)
+			direct := st.upstreamRequests(f.endpoint) - before
+			if direct < 1 || direct > f.maxTries {
+				t.Errorf("one gateway call made %d upstream requests, want 1..%d", direct, f.maxTries)
+			}
+			before = st.upstreamRequests(f.endpoint)
+			err = listUnits(callCtx(t, 15*time.Second), viaClient, h)
+			wantStatus(t, "a call through the client package", err, f.code, f.reason, true)
+			throughClient := st.upstreamRequests(f.endpoint) - before
+			if throughClient < 1 || throughClient > f.maxAll {
+				t.Errorf("one call through the client package made %d upstream requests, want 1..%d", throughClient, f.maxAll)
+			}
 
-				st.sim.SetFaults(simulator.Faults{})
-				recovered := firstSuccess(t, func() error { return listUnits(callCtx(t, 15*time.Second), st.telematics, h) })
-				if recovered > recoveryTarget {
-					t.Errorf("calls succeeded %s after the upstream recovered, want ≤ %s", recovered, recoveryTarget)
-				}
-				t.Logf("reliability: upstream %s (%s): %v %s+RetryInfo; %d upstream requests for one call (budget %d), %d through the client package (budget %d); calls back %s after the upstream recovered",
-					f.name, p.name, f.code, f.reason, direct, f.maxTries, throughClient, f.maxAll, recovered.Round(10*time.Millisecond))
-			})
-		}
+			st.sim.SetFaults(simulator.Faults{})
+			recovered := firstSuccess(t, func() error { return listUnits(callCtx(t, 15*time.Second), st.telematics, h) })
+			if recovered > recoveryTarget {
+				t.Errorf("calls succeeded %s after the upstream recovered, want ≤ %s", recovered, recoveryTarget)
+			}
+			t.Logf("reliability: upstream %s: %v %s+RetryInfo; %d upstream requests for one call (budget %d), %d through the client package (budget %d); calls back %s after the upstream recovered",
+				f.name, f.code, f.reason, direct, f.maxTries, throughClient, f.maxAll, recovered.Round(10*time.Millisecond))
+		})
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
@@ -74,6 +75,16 @@ type GatewayConfig struct {
 	JWTSafetyMargin  time.Duration
 	WialonSessionTTL time.Duration
 	UpstreamTimeout  time.Duration
+	// WialonSessionRequests and WialonSessionHeavy bound the requests, and
+	// heavy requests, one shared Wialon session serves at once across
+	// replicas (0: Wialon's 10 and 3); WialonLeaseTTL is how long a slot
+	// of a replica that died stays taken (0: 15 s).
+	WialonSessionRequests int
+	WialonSessionHeavy    int
+	WialonLeaseTTL        time.Duration
+	// WialonRawServices is the raw pass-through's allow-list of Wialon
+	// services, comma-separated ("": wialon.DefaultRawServices).
+	WialonRawServices string
 	// MaxStreamsPerHandle and MaxStreamsPerTenant bound the open
 	// WatchPositions streams of one session handle and of one tenant on
 	// this replica (0: the gateway's defaults; negative: no limit).
@@ -246,7 +257,7 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 	if err != nil {
 		return nil, err
 	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, logger)
+	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, nil, "", logger)
 	if err != nil {
 		return nil, err
 	}
@@ -276,7 +287,8 @@ func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceC
 
 // tuning is what the gateway's flags tell the providers, checked.
 func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{}}
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{},
+		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
 	if cfg.FleetUpRate > 0 {
 		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
 	}
@@ -286,6 +298,24 @@ func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
 			return t, fmt.Errorf("--fleetup-raw-paths: %w", err)
 		}
 		t.RawAllow[fleetup.Name] = paths
+	}
+	if cfg.WialonSessionRequests < 0 || cfg.WialonSessionHeavy < 0 || cfg.WialonLeaseTTL < 0 {
+		return t, fmt.Errorf("--wialon-session-requests, --wialon-session-heavy and --wialon-lease-ttl must not be negative")
+	}
+	if cfg.WialonLeaseTTL > 0 && cfg.WialonLeaseTTL < time.Second {
+		return t, fmt.Errorf("--wialon-lease-ttl must be at least 1s (it is renewed every third of it)")
+	}
+	if strings.TrimSpace(cfg.WialonRawServices) != "" {
+		var services []string
+		for _, svc := range strings.Split(cfg.WialonRawServices, ",") {
+			if svc = strings.TrimSpace(svc); svc != "" {
+				services = append(services, svc)
+			}
+		}
+		if err := wialon.CheckRawServices(services); err != nil {
+			return t, fmt.Errorf("--wialon-raw-services: %w", err)
+		}
+		t.RawAllow[wialon.Name] = services
 	}
 	return t, nil
 }

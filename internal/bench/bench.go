@@ -232,17 +232,17 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		"audit_dir": opts.AuditDir, "production_rate_budgets": benchRateLimit,
 		"transit_batch": map[string]any{"size": opts.TransitBatch.MaxItems, "calls": opts.TransitBatch.MaxInFlight, "wait": opts.TransitBatch.MaxWait.String()},
 	}}
-	hotSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, Seed: 1})
+	hotSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, Seed: 1}))
 	if err != nil {
 		return nil, err
 	}
 	defer hotSim.close()
-	ampSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, JWTLifetime: opts.AmpLifetime, Seed: 2})
+	ampSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, JWTLifetime: opts.AmpLifetime, Seed: 2}))
 	if err != nil {
 		return nil, err
 	}
 	defer ampSim.close()
-	memSim, err := startSimulator(simulator.Config{Latency: opts.SimLatency, Seed: 3})
+	memSim, err := startSimulator(newSimConfig(simulator.Config{Latency: opts.SimLatency, Seed: 3}))
 	if err != nil {
 		return nil, err
 	}

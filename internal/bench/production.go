@@ -198,7 +198,8 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	if v.name == lvlPlain {
 		return &credsService{addr: e.credsAddr, conn: e.credsConn, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
 	}
-	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix, HandleKeys: e.handleKeys}
+	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix, HandleKeys: e.handleKeys,
+		WialonLoginLimit: unlimitedWialonLogins}
 	s := &credsService{}
 	switch v.level {
 	case lvlPlain: // plain+batch (plain itself is the env's own service)

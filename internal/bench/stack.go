@@ -49,6 +49,25 @@ const (
 // call), as in production.
 const unlimitedFleetUp = 1_000_000
 
+// unlimitedWialonLogins is the credentials service's Wialon login budget in
+// the bench: hundreds of distinct credentials are warmed at once, past
+// Wialon's 120 logins a minute per IP, which would measure the login guard,
+// not the broker. Every login still takes a slot (Redis calls), as in
+// production. The simulators enforce no login limit either (newSimConfig).
+const unlimitedWialonLogins = 1_000_000
+
+// newSimConfig is a bench simulator: Wialon's per-IP and per-session limits
+// off (simulator.Config: negative is no limit). The naive and bare
+// baselines do what Wialon forbids — a login per caller, hundreds of
+// requests at once on one hand-held session — and would measure 1003s and
+// a blocked IP instead of their cost; the gateway keeps within the limits
+// by itself (its leases), limits or not.
+func newSimConfig(cfg simulator.Config) simulator.Config {
+	cfg.WialonSessionRequests, cfg.WialonSessionHeavy = -1, -1
+	cfg.WialonLoginsPerMinute, cfg.WialonFailedLoginsPerMinute, cfg.WialonSessionsPerUserIP = -1, -1, -1
+	return cfg
+}
+
 // env is everything the phases share: Redis, Vault (or the dev keyring),
 // the simulators and the credentials service on loopback.
 type env struct {
@@ -154,7 +173,8 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 	if e.handleKeys, err = handle.GenerateKeys(); err != nil {
 		return nil, err
 	}
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, HandleKeys: e.handleKeys},
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, HandleKeys: e.handleKeys,
+		WialonLoginLimit: unlimitedWialonLogins},
 		store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), e.credTr, e.log)
 	if err != nil {
 		return nil, err

@@ -33,6 +33,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -56,6 +57,11 @@ type Info struct {
 	TokenKind string
 	// DefaultBaseURL is used when a credential names no base URL.
 	DefaultBaseURL string
+	// IdleTimeout is how long the upstream keeps a session nobody uses
+	// (Wialon: 5 minutes); 0 if sessions do not idle out. The gateway
+	// keeps a cached session no longer than it can live idle, counted from
+	// its last use.
+	IdleTimeout time.Duration
 }
 
 // Provider is one telematics platform.
@@ -176,6 +182,14 @@ type Conn struct {
 	// Lock holds the cross-replica lock name of this upstream session until
 	// release is called, e.g. for state the provider keeps per session.
 	Lock func(ctx context.Context, name string) (release func(), err error)
+	// Lease takes one of limit slots named name of this upstream session,
+	// shared by every replica and granted in the order asked (first come,
+	// first served), waiting within ctx. The holder's replica renews the
+	// slot while it is held; a slot whose replica died is freed ttl after
+	// its last renewal, so a killed replica cannot hold slots for ever.
+	// nil when the process shares nothing (a provider then bounds
+	// concurrency in its own process).
+	Lease func(ctx context.Context, name string, limit int, ttl time.Duration) (release func(), err error)
 }
 
 // Limit is Rate requests per Period, of which up to Burst may come at once.
@@ -198,6 +212,54 @@ func OpenSession(c *Conn, into proto.Message) error {
 	return nil
 }
 
+// HistoryPager is a Gateway whose history comes in pages, because the
+// upstream loads at most so many messages per request. The gateway uses it
+// for GetPositionHistory's page_size and page_token.
+type HistoryPager interface {
+	HistoryPage(ctx context.Context, c *Conn, req HistoryPageRequest) (HistoryPage, error)
+}
+
+// HistoryPageRequest asks for one page of a unit's positions in [From, To].
+type HistoryPageRequest struct {
+	UnitID   string
+	From, To time.Time
+	// PageSize is at most this many positions; 0 means the provider's
+	// default.
+	PageSize int
+	// PageToken is the NextPageToken of the previous page, "" for the first.
+	PageToken string
+}
+
+// HistoryPage is one page of positions, oldest first, and the token of the
+// next page ("" on the last page).
+type HistoryPage struct {
+	Positions     []*telematicsv1.Position
+	NextPageToken string
+}
+
+// KeepAliver is a Custody whose upstream deletes secrets nobody used for
+// a while (Wialon deletes a token unused for 100 days). The credentials
+// service validates every stored secret of the provider at least every
+// KeepAliveInterval, so a credential nobody calls through stays alive.
+type KeepAliver interface {
+	KeepAliveInterval() time.Duration
+}
+
+type backgroundKey struct{}
+
+// Background marks ctx as work nobody is waiting for (the credentials
+// service's keep-alive logins): providers with shared budgets leave room
+// in them for the calls callers wait for.
+func Background(ctx context.Context) context.Context {
+	return context.WithValue(ctx, backgroundKey{}, true)
+}
+
+// IsBackground reports whether ctx was marked by Background.
+func IsBackground(ctx context.Context) bool {
+	b, _ := ctx.Value(backgroundKey{}).(bool)
+	return b
+}
+
 // ErrWrongProvider means a request is for another provider than the
 // session's credential.
 var ErrWrongProvider = errors.New("provider: the session's credential belongs to another provider")
@@ -217,6 +279,12 @@ type Env struct {
 	HTTPClient func(name string) *http.Client
 	Tuning     Tuning
 	Logger     *slog.Logger
+	// Redis, if set, is where providers keep state shared by every
+	// replica of the process's service (the credentials service: login
+	// budgets and refused secrets), under keys that begin with
+	// RedisPrefix + ":". Without it such state is per process.
+	Redis       redis.UniversalClient
+	RedisPrefix string
 }
 
 // Tuning carries the operator's settings that providers read. A zero field
@@ -229,12 +297,45 @@ type Tuning struct {
 	// before it (--jwt-safety-margin).
 	ExpiryMargin time.Duration
 	// RawAllow is the operator's allow-list of raw pass-through targets,
-	// by provider name (--fleetup-raw-paths); a provider without an entry
-	// uses its own default list.
+	// by provider name (--fleetup-raw-paths, --wialon-raw-services); a
+	// provider without an entry uses its own default list.
 	RawAllow map[string][]string
 	// AccountLimit is the per-account request budget of providers that ask
 	// for one (--fleetup-rate, --fleetup-burst).
 	AccountLimit Limit
+	// SessionLimits bound the requests one upstream session serves at
+	// once, across replicas (--wialon-session-requests,
+	// --wialon-session-heavy, --wialon-lease-ttl).
+	SessionLimits SessionLimits
+	// LoginLimits bound logins across the replicas that share an egress
+	// address (--wialon-login-limit, --wialon-login-failed-limit,
+	// --wialon-egress-group, --wialon-refused-token-ttl).
+	LoginLimits LoginLimits
+	// KeepAlive is how often at least a stored secret is used upstream, so
+	// the upstream does not delete it as unused (--wialon-keepalive).
+	KeepAlive time.Duration
+}
+
+// SessionLimits bound one upstream session's concurrent requests.
+type SessionLimits struct {
+	// Requests and Heavy are how many requests, and how many heavy ones
+	// (message loads, trips, reports), may run at once.
+	Requests, Heavy int
+	// LeaseTTL is how long a slot of a replica that stopped renewing it
+	// stays taken.
+	LeaseTTL time.Duration
+}
+
+// LoginLimits bound the logins of every replica behind one egress address.
+type LoginLimits struct {
+	// Succeeded and Failed are logins a minute.
+	Succeeded, Failed int
+	// EgressGroup names the egress address the replicas share (a process
+	// cannot see its own); replicas with one group share one budget.
+	EgressGroup string
+	// RefusedTTL is how long a secret the upstream refused is refused
+	// again without asking.
+	RefusedTTL time.Duration
 }
 
 // Factory builds a provider for one process.

@@ -17,6 +17,16 @@ const (
 	DefaultFleetUpBaseURL = "https://api.fleetup.net"
 )
 
+// WialonHostedBaseURLs are the API hosts of every Wialon Hosting data
+// centre (upstream-facts.md, "Transport"); a customer's token works only
+// on its own data centre's host, so all of them are allowed by default.
+var WialonHostedBaseURLs = []string{
+	"https://hst-api.wialon.com",
+	"https://hst-api.wialon.eu",
+	"https://hst-api.wialon.us",
+	"https://hst-api.wialon.org",
+}
+
 // ErrNotAllowed is wrapped by every error Check returns, so callers can map
 // any refusal to one status (e.g. INVALID_ARGUMENT) with errors.Is.
 var ErrNotAllowed = errors.New("upstream base URL not allowed")
@@ -40,6 +50,9 @@ type allowEntry struct {
 
 var defaultEntries = []allowEntry{
 	{host: "hst-api.wialon.com", port: "443", httpsOnly: true},
+	{host: "hst-api.wialon.eu", port: "443", httpsOnly: true},
+	{host: "hst-api.wialon.us", port: "443", httpsOnly: true},
+	{host: "hst-api.wialon.org", port: "443", httpsOnly: true},
 	{host: "api.fleetup.net", port: "443", httpsOnly: true},
 }
 

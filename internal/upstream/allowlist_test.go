@@ -78,6 +78,11 @@ func TestAllowListCheck(t *testing.T) {
 		{name: "default with trailing slash", url: "https://hst-api.wialon.com/"},
 		{name: "default case-insensitive", url: "HTTPS://HST-API.Wialon.COM"},
 		{name: "default over http refused", url: "http://hst-api.wialon.com", wantErr: "not on the allow-list"},
+		{name: "hosted data centre eu", url: "https://hst-api.wialon.eu"},
+		{name: "hosted data centre us", url: "https://hst-api.wialon.us"},
+		{name: "hosted data centre org", url: "https://hst-api.wialon.org/"},
+		{name: "hosted data centre over http refused", url: "http://hst-api.wialon.eu", wantErr: "not on the allow-list"},
+		{name: "not a hosted data centre", url: "https://hst-api.wialon.net", wantErr: "not on the allow-list"},
 		{name: "default on other port refused", url: "https://api.fleetup.net:8443", wantErr: "not on the allow-list"},
 		{name: "listed host any port https", url: "https://wialon.example.com:4443"},
 		{name: "listed host http allowed", url: "http://wialon.example.com"},
@@ -135,6 +140,11 @@ func TestAllowListNilAllowsOnlyDefaults(t *testing.T) {
 	}
 	if err := list.Check("http://127.0.0.1:8080"); err == nil {
 		t.Error("nil list allowed an unlisted loopback URL")
+	}
+	for _, u := range WialonHostedBaseURLs {
+		if err := list.Check(u); err != nil {
+			t.Errorf("nil list refused a Wialon data centre: %v", err)
+		}
 	}
 	var zero AllowList
 	if err := zero.Check(DefaultFleetUpBaseURL); err != nil {

@@ -70,6 +70,11 @@ type Error struct {
 	Code int
 	// Reason is the provider's own short explanation, if any.
 	Reason string
+	// Hint says what the caller can do about the failure, in the broker's
+	// own words: a constant of the provider package, never the provider's
+	// text or anything the request carried. The gateway adds it to the
+	// message callers get; Reason stays in the logs.
+	Hint string
 	// RetryAfter is how long to wait before retrying, when known.
 	RetryAfter time.Duration
 	// Err is the underlying transport error, if any.

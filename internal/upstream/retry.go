@@ -82,6 +82,16 @@ func fits(ctx context.Context, need time.Duration) bool {
 	return !ok || time.Until(deadline) >= need
 }
 
+// OutOfTime marks err, a failure its caller did not try again for want of
+// time before the deadline, as ErrOutOfTime: for retry loops of their own
+// (Wialon's), so they report running out of time as Retry does.
+func OutOfTime(err error) error {
+	if err == nil || errors.Is(err, ErrOutOfTime) {
+		return err
+	}
+	return outOfTime{err}
+}
+
 // outOfTime is a failure Retry did not retry for want of time. It is the
 // failure itself (errors.As finds its *Error) and ErrOutOfTime.
 type outOfTime struct{ err error }

@@ -153,6 +153,11 @@ func TestWialonAuthorizationFlow(t *testing.T) {
 				expire.Before(before.Add(24*time.Hour)) || expire.After(time.Now().Add(24*time.Hour)) {
 				t.Errorf("stored credential %v, want valid, fleet_manager, version 1, its base URL and labels, expiring in a day", c)
 			}
+			// The callback logged in with the token: that is a use, which the
+			// keep-alive counts from (keepalive.go).
+			if used := c.GetLastUseTime().AsTime(); c.GetLastUseTime() == nil || used.Before(before) || used.After(time.Now()) {
+				t.Errorf("last_use_time = %v, want the callback's login", c.GetLastUseTime())
+			}
 			if _, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "wialon-main"}); err != nil {
 				t.Fatalf("IssueSession on the connected credential: %v", err)
 			}
@@ -320,6 +325,34 @@ func TestWialonAuthorizationRefusals(t *testing.T) {
 		})
 	}
 	w.assertNoLeak(t, nil, canaryToken, token71)
+}
+
+// TestWialonAuthorizationLoginsGoThroughTheLoginGuard: the callback's
+// login with the token Wialon sent is a credentials-service login like any
+// other: a token Wialon refused is remembered, for every replica, and not
+// tried again (each try would count against the egress IP's 10 failed
+// logins a minute).
+func TestWialonAuthorizationLoginsGoThroughTheLoginGuard(t *testing.T) {
+	w := newConnectWorld(t, connectBackends()[0])
+	a, b := w.start(replicaOptions{}), w.start(replicaOptions{})
+	refused := strings.Repeat("R", 72) // a token Wialon does not know
+	for i, r := range []*replica{a, b, a} {
+		resp := startAuthorization(t, r, w, "acme", "guarded", 0)
+		cb, err := url.Parse(approveAtWialon(t, resp.GetAuthorizeUrl(), "allow", nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cb.RawQuery = url.Values{"access_token": {refused}}.Encode()
+		got := get(t, cb.String())
+		ret, err := url.Parse(got.location)
+		if err != nil || ret.Query().Get("status") != credentials.StatusError {
+			t.Fatalf("callback %d: %d to %q, want status=error", i, got.status, got.location)
+		}
+	}
+	if n := w.sim.Stats().WialonFailedLogins; n != 1 {
+		t.Errorf("Wialon saw %d failed logins for three callbacks with one refused token on two replicas, want 1", n)
+	}
+	w.assertNoLeak(t, nil, refused)
 }
 
 // TestWialonAuthorizationReturnURLChecked: a return URL off the allow-list

@@ -235,7 +235,7 @@ func (w *connectWorld) start(opts replicaOptions) *replica {
 	publicURL := "http://" + callbackLis.Addr().String()
 	cfg := credentials.Config{
 		Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Providers: testProviders(t, allow), HandleKeys: w.keys, Authorizer: w.authz, AllowList: allow,
+		Providers: w.providers(allow), HandleKeys: w.keys, Authorizer: w.authz, AllowList: allow,
 		Logger: logger, Now: w.clock.Now, Events: events,
 	}
 	if !opts.noConnect {
@@ -304,19 +304,20 @@ func (w *connectWorld) serviceConfig(connect *credentials.ConnectConfig) credent
 		w.t.Fatal(err)
 	}
 	return credentials.Config{Store: store.NewRedis(w.client, store.RedisOptions{Prefix: w.prefix}), Transit: w.transit,
-		Providers: testProviders(w.t, allow), HandleKeys: w.keys, Authorizer: w.authz, Connect: connect}
+		Providers: w.providers(allow), HandleKeys: w.keys, Authorizer: w.authz, Connect: connect}
 }
 
-// testProviders is the production provider registry, its upstream calls
-// guarded by allow.
-func testProviders(t *testing.T, allow *upstream.AllowList) *provider.Registry {
-	t.Helper()
+// providers is the production provider registry, its upstream calls
+// guarded by allow, sharing the world's Redis as every replica of the
+// credentials service does (the Wialon login budget and refused tokens).
+func (w *connectWorld) providers(allow *upstream.AllowList) *provider.Registry {
+	w.t.Helper()
 	transport := upstream.NewTransport(allow)
 	reg, err := provider.NewRegistry(provider.Env{HTTPClient: func(string) *http.Client {
 		return &http.Client{Timeout: 5 * time.Second, Transport: transport}
-	}}, providers.All()...)
+	}, Redis: w.client, RedisPrefix: w.prefix}, providers.All()...)
 	if err != nil {
-		t.Fatal(err)
+		w.t.Fatal(err)
 	}
 	return reg
 }

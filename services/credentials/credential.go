@@ -107,6 +107,7 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		ValidationMessage: validation.Message,
 		UpstreamUser:      validation.UpstreamUser,
 		TokenExpireTime:   opts.tokenExpireTime,
+		LastUsedTime:      validation.Time, // a validation logs in: zero when skipped
 	}
 	if err := s.sealRecord(ctx, &rec, sec); err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
@@ -211,6 +212,9 @@ func (c *credentialServer) ValidateCredential(ctx context.Context, req *credenti
 	} else if err != nil {
 		return nil, s.toStatus(ctx, "validate credential", err)
 	}
+	if err == nil {
+		s.recordUse(ctx, rec)
+	}
 	updated, err := s.cfg.Store.SetValidation(ctx, rec.TenantID, rec.CredentialID, rec.Version, validation)
 	if err != nil {
 		return nil, s.toStatus(ctx, "validate credential", err)
@@ -244,6 +248,9 @@ func (s *Service) toProto(rec store.Credential) *credentialsv1.Credential {
 	}
 	if !rec.TokenExpireTime.IsZero() {
 		out.TokenExpireTime = timestamppb.New(rec.TokenExpireTime)
+	}
+	if !rec.LastUsedTime.IsZero() {
+		out.LastUseTime = timestamppb.New(rec.LastUsedTime)
 	}
 	return out
 }

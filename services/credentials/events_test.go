@@ -79,10 +79,10 @@ func TestCredentialEvents(t *testing.T) {
 			acme := watchEvents(t, b, "acme", "")
 			globex := watchEvents(t, b, "globex", "")
 
-			put := func(tenant string) {
+			put := func(tenant, token string) {
 				t.Helper()
 				if _, err := a.creds.PutCredential(ctx, &credentialsv1.PutCredentialRequest{TenantId: tenant, CredentialId: "w",
-					Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryToken, BaseUrl: w.simURL}}}); err != nil {
+					Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: token, BaseUrl: w.simURL}}}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -92,14 +92,16 @@ func TestCredentialEvents(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			put("acme")
-			put("acme")
-			put("globex")
+			put("acme", canaryToken)
+			put("acme", canaryToken)
+			put("globex", canaryToken)
 			w.sim.RemoveWialonToken(canaryToken) // the customer deleted the token in Wialon
 			validate()
 			validate() // still rejected: no second event
-			w.sim.AddWialonToken(canaryToken)
-			put("acme")
+			// The customer makes a new token: Wialon refused the old one, and
+			// the broker does not try a refused token again (the login guard).
+			w.sim.AddWialonToken(canaryToken2)
+			put("acme", canaryToken2)
 			sess, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "w"})
 			if err != nil {
 				t.Fatal(err)
@@ -112,14 +114,14 @@ func TestCredentialEvents(t *testing.T) {
 			// A retried put stores and announces once.
 			for range 2 {
 				if _, err := a.creds.PutCredential(ctx, &credentialsv1.PutCredentialRequest{TenantId: "acme", CredentialId: "w", RequestId: "put-4",
-					Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryToken, BaseUrl: w.simURL}}}); err != nil {
+					Secret: &credentialsv1.PutCredentialRequest_Wialon{Wialon: &credentialsv1.WialonSecret{Token: canaryToken2, BaseUrl: w.simURL}}}); err != nil {
 					t.Fatal(err)
 				}
 			}
 			// The gateway's login is refused: the credentials service records
 			// the rejection and announces it; a second mint is refused without
 			// asking Wialon, and announces nothing.
-			w.sim.RemoveWialonToken(canaryToken)
+			w.sim.RemoveWialonToken(canaryToken2)
 			sess4, err := a.sessions.IssueSession(ctx, &credentialsv1.IssueSessionRequest{TenantId: "acme", CredentialId: "w"})
 			if err != nil {
 				t.Fatal(err)
@@ -160,7 +162,7 @@ func TestCredentialEvents(t *testing.T) {
 			if n := streamLen(t, w, "acme"); n != int64(len(got)) {
 				t.Errorf("the tenant's stream holds %d events, want %d", n, len(got))
 			}
-			w.assertNoLeak(t, nil, canaryToken, sess.GetHandle(), sess4.GetHandle())
+			w.assertNoLeak(t, nil, canaryToken, canaryToken2, sess.GetHandle(), sess4.GetHandle())
 		})
 	}
 }

@@ -55,6 +55,7 @@ func (c *sessionServer) MintUpstreamSession(ctx context.Context, req *credential
 		s.recordLoginRejection(ctx, rec, err)
 		return nil, s.mintStatus(ctx, err)
 	}
+	s.recordUse(ctx, rec)
 	session, err := anypb.New(minted.Session)
 	if err != nil {
 		return nil, s.toStatus(ctx, "mint upstream session", err)

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
@@ -87,6 +88,10 @@ type Config struct {
 	// rolling upgrade from gateways that still call it
 	// (--legacy-resolve-secret). Off, it answers UNIMPLEMENTED.
 	LegacyResolveSecret bool
+	// Redis, if set, holds the keep-alive's sweep lease
+	// (<RedisPrefix>:keepalive), so one replica sweeps per interval.
+	Redis       redis.UniversalClient
+	RedisPrefix string
 	// Connect configures the Wialon authorization flow (nil: off).
 	Connect *ConnectConfig
 	// Events publishes credential events and serves WatchCredentialEvents
@@ -124,6 +129,9 @@ func New(cfg Config) (*Service, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.RedisPrefix == "" {
+		cfg.RedisPrefix = "fb"
 	}
 	s := &Service{cfg: cfg}
 	if cfg.Connect != nil {

@@ -38,6 +38,9 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // log line, an error, or Redis.
 const canaryToken = "CANARY0123456789abcdefCANARY0123456789abcdefCANARY0123456789abcdefCANARY"
 
+// canaryToken2 is the customer's next token, after Wialon refused the first.
+const canaryToken2 = "CANARY2123456789abcdefCANARY2123456789abcdefCANARY2123456789abcdefCANAR2"
+
 const canaryFleetUpSecret = "canary-fleetup-secret-7d1f0c"
 
 // backend is one combination of store and transit the suite runs on.
@@ -131,6 +134,8 @@ type harnessOptions struct {
 	refuseLegacyAD bool
 	// adjust change the configuration further.
 	adjust []func(*app.CredentialsConfig)
+	// sim configures the simulator (newHarnessWith only).
+	sim simulator.Config
 }
 
 // syncBuffer collects log output for assertions.
@@ -148,7 +153,7 @@ func newHarnessWith(t *testing.T, be backend, opts harnessOptions) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sim := simulator.New(simulator.Config{})
+	sim := simulator.New(opts.sim)
 	sim.AddWialonToken(canaryToken)
 	sim.AddFleetUpAccount("canary-api-key", 4242, canaryFleetUpSecret)
 	simServer := httptest.NewServer(sim.Handler())

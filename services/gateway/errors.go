@@ -141,30 +141,37 @@ var errUpstreamTooSlow = apierr.Retryable(codes.Unavailable, apierr.ReasonUpstre
 	"the provider did not answer within the call's deadline; retry after the RetryInfo delay", time.Second)
 
 // upstreamStatus maps a provider failure (BRIEF: errors callers can act
-// on). The provider's own text stays in the log.
+// on). The provider's own text stays in the log; the provider package's
+// hint (upstream.Error.Hint, a constant of ours) is added.
 func upstreamStatus(ue *upstream.Error) error {
 	meta := map[string]string{"provider": ue.Provider}
+	hinted := func(msg string) string {
+		if ue.Hint == "" {
+			return msg
+		}
+		return msg + " (" + ue.Hint + ")"
+	}
 	switch ue.Kind {
 	case upstream.KindRejected:
 		return apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialRejected,
 			"the provider rejected the stored credential; the customer must replace it", meta)
 	case upstream.KindRateLimited:
 		return apierr.Retryable(codes.ResourceExhausted, apierr.ReasonUpstreamRateLimited,
-			"the provider's rate limit for this account is reached; retry after the RetryInfo delay", ue.RetryAfter)
+			hinted("the provider's rate limit for this account is reached; retry after the RetryInfo delay"), ue.RetryAfter)
 	case upstream.KindUnavailable, upstream.KindSessionInvalid:
 		return apierr.Retryable(codes.Unavailable, apierr.ReasonUpstreamUnavailable,
-			"the provider is unavailable; retry after the RetryInfo delay", ue.RetryAfter)
+			hinted("the provider is unavailable; retry after the RetryInfo delay"), ue.RetryAfter)
 	case upstream.KindInvalidInput:
-		return apierr.New(codes.InvalidArgument, apierr.ReasonUpstreamRefused, "the provider refused the request's input", meta)
+		return apierr.New(codes.InvalidArgument, apierr.ReasonUpstreamRefused, hinted("the provider refused the request's input"), meta)
 	case upstream.KindAccessDenied:
-		return apierr.New(codes.PermissionDenied, apierr.ReasonUpstreamAccessDenied, "the credential lacks the provider's permission for this request", meta)
+		return apierr.New(codes.PermissionDenied, apierr.ReasonUpstreamAccessDenied, hinted("the credential lacks the provider's permission for this request"), meta)
 	case upstream.KindNotFound:
 		return apierr.New(codes.NotFound, apierr.ReasonUpstreamRefused, "the provider found no such item", meta)
 	case upstream.KindNotAllowed:
 		return apierr.New(codes.FailedPrecondition, apierr.ReasonUpstreamNotAllowed,
 			"the credential's upstream address is not allowed (allow-list or an internal address)", meta)
 	}
-	return apierr.New(codes.Unavailable, apierr.ReasonUpstreamRefused, "the provider answered in a way the gateway does not understand", meta)
+	return apierr.New(codes.Unavailable, apierr.ReasonUpstreamRefused, hinted("the provider answered in a way the gateway does not understand"), meta)
 }
 
 // upstreamLevel is how loudly a provider failure is logged: failures of the

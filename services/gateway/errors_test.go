@@ -86,7 +86,8 @@ func TestCredentialsStatusesAreMapped(t *testing.T) {
 }
 
 // TestProviderTextNeverReachesTheCaller: whatever the provider said stays
-// in the log; the caller gets the gateway's words.
+// in the log; the caller gets the gateway's words, and the provider
+// package's own hint where it has one for a failure the caller can act on.
 func TestProviderTextNeverReachesTheCaller(t *testing.T) {
 	svc := &Service{cfg: Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}}
 	for k := upstream.KindInternal; k <= upstream.KindNotAllowed; k++ {
@@ -94,6 +95,14 @@ func TestProviderTextNeverReachesTheCaller(t *testing.T) {
 		text := prototext.Format(status.Convert(svc.toStatus(context.Background(), "list units", err)).Proto())
 		if strings.Contains(text, "provider-text-canary") || strings.Contains(text, "core/search_items") {
 			t.Errorf("kind %s: the caller's status holds the provider's text:\n%s", k, text)
+		}
+	}
+	for _, k := range []upstream.Kind{upstream.KindInternal, upstream.KindRateLimited, upstream.KindUnavailable, upstream.KindSessionInvalid,
+		upstream.KindInvalidInput, upstream.KindAccessDenied} {
+		err := &upstream.Error{Kind: k, Provider: "wialon", Op: "messages/load_interval", Code: 1004, Reason: "provider-text-canary", Hint: "narrow the interval"}
+		msg := status.Convert(svc.toStatus(context.Background(), "get position history", err)).Message()
+		if strings.Contains(msg, "provider-text-canary") || !strings.Contains(msg, "narrow the interval") {
+			t.Errorf("kind %s: the caller's message %q, want the hint and not the provider's text", k, msg)
 		}
 	}
 }

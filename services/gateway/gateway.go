@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -121,7 +122,12 @@ type Service struct {
 	hubs     *hubs
 	streams  *streamLimits
 	locks    *sessionLock
+	leases   *sessionLeases
 	held     *heldIndex
+	// touched is when this replica last extended each idle-bound cached
+	// session (see touch).
+	touched sync.Map // tenant, credential, generation, base URL, kind → time.Time
+	touches atomic.Int64
 	// reads coalesces equal concurrent upstream reads (see shared).
 	reads singleflight.Group
 
@@ -171,8 +177,9 @@ func New(cfg Config) (*Service, error) {
 	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
 	prefix := cfg.RedisPrefix + ":gw"
 	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, verifier, cfg.HandleCacheTTL, cfg.InvalidHandleRate, cfg.InvalidHandleBurst),
-		locks: &sessionLock{client: cfg.Redis, prefix: prefix, ttl: sessionLockTTL},
-		held:  &heldIndex{client: cfg.Redis, prefix: prefix}}
+		locks:  &sessionLock{client: cfg.Redis, prefix: prefix, ttl: sessionLockTTL},
+		leases: &sessionLeases{client: cfg.Redis, prefix: prefix, logger: cfg.Logger},
+		held:   &heldIndex{client: cfg.Redis, prefix: prefix}}
 	s.hubs = newHubs(s)
 	s.streams = newStreamLimits(cfg.MaxStreamsPerHandle, cfg.MaxStreamsPerTenant)
 	ctx, cancel := context.WithCancel(context.Background())

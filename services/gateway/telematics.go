@@ -144,15 +144,25 @@ func (s *Service) GetPositionHistory(ctx context.Context, req *telematicsv1.GetP
 		return nil, err
 	}
 	from, to := req.GetStartTime().AsTime(), req.GetEndTime().AsTime()
+	pager, paged := p.(provider.HistoryPager)
+	if !paged && req.GetPageToken() != "" {
+		return nil, apierr.Field("page_token", "this provider answers the whole range at once; there is no next page")
+	}
 	budget, cancel := callBudget(ctx)
 	defer cancel()
-	positions, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) ([]*telematicsv1.Position, error) {
-		return p.History(ctx, c, req.GetUnitId(), from, to)
+	page, err := withUpstream(budget, s, sess, p, func(ctx context.Context, c *provider.Conn) (provider.HistoryPage, error) {
+		if paged {
+			return pager.HistoryPage(ctx, c, provider.HistoryPageRequest{UnitID: req.GetUnitId(), From: from, To: to,
+				PageSize: int(req.GetPageSize()), PageToken: req.GetPageToken()})
+		}
+		positions, err := p.History(ctx, c, req.GetUnitId(), from, to)
+		return provider.HistoryPage{Positions: positions}, err
 	})
 	if err != nil {
 		return nil, s.toStatus(ctx, "get position history", err)
 	}
-	return &telematicsv1.GetPositionHistoryResponse{Positions: positions}, nil
+	return &telematicsv1.GetPositionHistoryResponse{Positions: page.Positions, NextPageToken: page.NextPageToken,
+		Truncated: page.NextPageToken != ""}, nil
 }
 
 // ListTrips returns a unit's trips within a time range.

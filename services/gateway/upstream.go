@@ -32,7 +32,74 @@ const (
 	// gateway stops using it, so the call that replaces it finds it and
 	// logs it out upstream.
 	replaceGrace = time.Minute
+	// idleMargin is how much sooner than the upstream's idle timeout the
+	// gateway drops a session nobody used: its last use is counted from
+	// before the request went out, and clocks and networks are not exact.
+	idleMargin = time.Minute
+	// touchEvery is how often at most one replica extends a busy session's
+	// cache entry (a Redis write); the entry then outlives its last use by
+	// at least the idle bound minus this.
+	touchEvery = 30 * time.Second
 )
+
+// idleBound is how long a session of p may stay cached unused; 0 if p's
+// sessions do not idle out.
+func idleBound(p provider.Provider) time.Duration {
+	idle := p.Info().IdleTimeout
+	if idle <= 0 {
+		return 0
+	}
+	return max(idle-idleMargin, idle/2)
+}
+
+// cacheFor is how long a session minted now may stay cached: until the
+// call that replaces it after its use-by (ttl) has logged it out, but for
+// a session that idles out, no longer than it lives unused.
+func cacheFor(p provider.Provider, ttl time.Duration) time.Duration {
+	d := ttl + replaceGrace
+	if b := idleBound(p); b > 0 {
+		d = min(d, b)
+	}
+	return d
+}
+
+// touch extends a session's cache entry before a call uses it: a session
+// that idles out stays cached for its idle bound after its last use (but
+// never past its use-by and the replace grace). Each replica writes at most
+// every touchEvery per session; a failed touch only makes the entry expire
+// sooner, which costs a login.
+func (s *Service) touch(ctx context.Context, p provider.Provider, entry tokencache.Entry, minted *credentialsv1.MintUpstreamSessionResponse) {
+	bound := idleBound(p)
+	if bound <= 0 {
+		return
+	}
+	k := entry.Key()
+	name := k.Tenant + "\x00" + k.Credential + "\x00" + k.Generation + "\x00" + k.BaseURL + "\x00" + k.Kind
+	now := time.Now()
+	if v, ok := s.touched.Load(name); ok && now.Sub(v.(time.Time)) < touchEvery {
+		return
+	}
+	if s.touches.Add(1)%1024 == 0 {
+		s.touched.Range(func(k, v any) bool { // forget sessions nobody used lately
+			if now.Sub(v.(time.Time)) >= touchEvery {
+				s.touched.Delete(k)
+			}
+			return true
+		})
+	}
+	ttl := bound
+	if exp := minted.GetExpireTime(); exp != nil {
+		ttl = min(ttl, exp.AsTime().Add(replaceGrace).Sub(now))
+	}
+	if ttl < time.Millisecond {
+		return
+	}
+	s.touched.Store(name, now)
+	if err := s.cfg.Cache.Touch(ctx, entry, ttl); err != nil {
+		s.touched.Delete(name)
+		s.cfg.Logger.WarnContext(ctx, "could not extend a cached upstream session", "entry", entry, "error", err)
+	}
+}
 
 // cacheKey binds a cached upstream session to the exact secret (the
 // credential generation) and upstream (the base URL) it was minted for.
@@ -61,6 +128,9 @@ func (s *Service) conn(sess *session, minted *credentialsv1.MintUpstreamSessionR
 		Hold:    s.hold,
 		Lock: func(ctx context.Context, name string) (func(), error) {
 			return s.locks.lock(ctx, key, name)
+		},
+		Lease: func(ctx context.Context, name string, limit int, ttl time.Duration) (func(), error) {
+			return s.leases.lease(ctx, key, name, limit, ttl)
 		},
 	}
 }
@@ -101,6 +171,7 @@ func withUpstream[T any](ctx context.Context, s *Service, sess *session, p provi
 			s.logoutLater(ctx, p, c, "session replaced after its reuse bound")
 			continue
 		}
+		s.touch(ctx, p, entry, minted)
 		v, err := call(ctx, c)
 		s.observeUpstream(name, err)
 		if upstream.KindOf(err) == upstream.KindSessionInvalid && !retried {
@@ -165,7 +236,7 @@ func (s *Service) mint(sess *session, p provider.Provider, key tokencache.Key) t
 		s.afterMint(ctx, p, key, ttl+replaceGrace)
 		s.cfg.Logger.InfoContext(ctx, "upstream session minted", "provider", p.Info().Name, "tenant_id", sess.tenantID,
 			"credential_id", sess.credentialID, "version", sess.version, "generation", sess.generation, "cache_ttl", ttl)
-		return string(value), ttl + replaceGrace, nil
+		return string(value), cacheFor(p, ttl), nil
 	}
 }
 

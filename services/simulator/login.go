@@ -1,7 +1,6 @@
 package simulator
 
 import (
-	"encoding/json"
 	"html/template"
 	"net/http"
 	"net/url"
@@ -150,29 +149,4 @@ func (s *Simulator) tokenFlagsLocked(token string) int64 {
 		return m.flags
 	}
 	return -1
-}
-
-// wialonTokenList answers token/list with the session user's tokens. Only
-// a session opened with a token of unlimited rights (-1) may list tokens.
-func (s *Simulator) wialonTokenList(w http.ResponseWriter, sess *session) {
-	s.mu.Lock()
-	if sess.tokenFlags != -1 {
-		s.mu.Unlock()
-		wialonError(w, wErrAccessDenied, "ACCESS_DENIED")
-		return
-	}
-	list := []map[string]any{}
-	for token, user := range s.tokens {
-		if user != sess.user {
-			continue
-		}
-		entry := map[string]any{"h": token, "app": "", "at": 0, "ct": 0, "dur": 0, "fl": -1, "items": []int64{}, "p": "{}"}
-		if m, ok := s.issued[token]; ok {
-			entry["app"], entry["at"], entry["ct"], entry["dur"], entry["fl"] = m.app, m.activated.Unix(), m.created.Unix(), int64(m.duration/time.Second), m.flags
-		}
-		list = append(list, entry)
-	}
-	s.mu.Unlock()
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(list)
 }

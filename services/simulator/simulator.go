@@ -4,6 +4,12 @@
 // and Wialon at /wialon/ajax.html. /sim/... exposes counters and run-time
 // fault injection.
 //
+// It is a test double for the real APIs, not for fleetbroker's clients: it
+// enforces what the real ones enforce (Wialon's per-session and per-IP
+// limits, its idle timeout, its message layer: wialon_limits.go), citing
+// upstream-facts.md beside each behaviour, so a client that passes here is
+// not blocked there.
+//
 // It is a test double, not a security boundary: /sim endpoints are
 // unauthenticated. Still, it never logs and never reports credentials:
 // statistics name tokens and API keys only by a fingerprint.
@@ -45,6 +51,18 @@ type Config struct {
 	// WialonIdleTimeout ends a Wialon session unused for this long
 	// (default 5 min, like Wialon's).
 	WialonIdleTimeout time.Duration
+	// The Wialon limits (wialon_limits.go): 0 means Wialon's documented
+	// value, a negative value no limit. Requests and heavy requests at once
+	// per session (10, 3; past them error 1003), failed and successful
+	// logins per IP per minute (10, 120) and sessions per user per IP
+	// (100; past any of them the IP is blocked for a minute), and messages
+	// loaded into a user's sessions (15,000,000; past it error 1004).
+	WialonSessionRequests       int
+	WialonSessionHeavy          int
+	WialonFailedLoginsPerMinute int
+	WialonLoginsPerMinute       int
+	WialonSessionsPerUserIP     int
+	WialonLoadedMessagesLimit   int
 	// Units is the size of the demo fleet (default 50).
 	Units int
 	// Faults are injected into non-/sim requests; see Faults.
@@ -107,6 +125,19 @@ type Stats struct {
 	// ActiveWialonSessions is the number of sessions not yet logged out,
 	// expired or idle.
 	ActiveWialonSessions int `json:"active_wialon_sessions"`
+	// WialonFailedLogins counts logins refused for a bad token or hash.
+	WialonFailedLogins int64 `json:"wialon_failed_logins"`
+	// WialonIPBlocks counts times an IP was blocked for its logins, and
+	// WialonBlockedLogins the logins refused for it.
+	WialonIPBlocks      int64 `json:"wialon_ip_blocks"`
+	WialonBlockedLogins int64 `json:"wialon_blocked_logins"`
+	// WialonLimitErrors counts 1003 answers of the enforced session limits
+	// by reason (injected faults are in Faults).
+	WialonLimitErrors map[string]int64 `json:"wialon_limit_errors"`
+	// WialonPeakRequests and WialonPeakHeavy are the most requests and
+	// heavy requests one session was serving at once.
+	WialonPeakRequests int `json:"wialon_peak_requests"`
+	WialonPeakHeavy    int `json:"wialon_peak_heavy"`
 }
 
 // Fingerprint names a credential in Stats without revealing it.
@@ -129,6 +160,10 @@ type Simulator struct {
 	tokens   map[string]string    // Wialon token -> user name
 	issued   map[string]tokenMeta // Wialon tokens made by login.html (login.go)
 	sessions map[string]*session
+	// authHashes are core/create_auth_hash's hashes -> user name.
+	authHashes map[string]string
+	// logins are each IP's recent Wialon logins.
+	logins   map[string]*ipLogins
 	accounts map[string]account // FleetUp API key -> account
 	stats    Stats
 	fleetup  fleetupState
@@ -150,26 +185,30 @@ func New(cfg Config) *Simulator {
 	if cfg.Units <= 0 {
 		cfg.Units = 50
 	}
+	cfg.fillWialonLimits()
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	s := &Simulator{
-		cfg:      cfg,
-		now:      cfg.Now,
-		units:    newFleet(cfg.Units, cfg.Seed),
-		jwtKey:   randomBytes(32),
-		rng:      mrand.New(mrand.NewPCG(uint64(cfg.Seed), 0x5eed)),
-		faults:   cfg.Faults,
-		tokens:   map[string]string{},
-		issued:   map[string]tokenMeta{},
-		sessions: map[string]*session{},
-		accounts: map[string]account{},
+		cfg:        cfg,
+		now:        cfg.Now,
+		units:      newFleet(cfg.Units, cfg.Seed),
+		jwtKey:     randomBytes(32),
+		rng:        mrand.New(mrand.NewPCG(uint64(cfg.Seed), 0x5eed)),
+		faults:     cfg.Faults,
+		tokens:     map[string]string{},
+		issued:     map[string]tokenMeta{},
+		sessions:   map[string]*session{},
+		authHashes: map[string]string{},
+		logins:     map[string]*ipLogins{},
+		accounts:   map[string]account{},
 		stats: Stats{
 			Requests:              map[string]int64{},
 			WialonLoginsByToken:   map[string]int64{},
 			FleetUpMintsByAccount: map[int64]int64{},
 			FleetUpCallsByAccount: map[int64]int64{},
 			Faults:                map[string]int64{},
+			WialonLimitErrors:     map[string]int64{},
 		},
 	}
 	s.handler = s.routes()
@@ -232,6 +271,7 @@ func (s *Simulator) Stats() Stats {
 	st.FleetUpMintsByAccount = cloneMap(s.stats.FleetUpMintsByAccount)
 	st.FleetUpCallsByAccount = cloneMap(s.stats.FleetUpCallsByAccount)
 	st.Faults = cloneMap(s.stats.Faults)
+	st.WialonLimitErrors = cloneMap(s.stats.WialonLimitErrors)
 	st.ActiveWialonSessions = len(s.sessions)
 	return st
 }
@@ -331,6 +371,11 @@ func (s *Simulator) inject(p protocol, next http.Handler) http.Handler {
 		delay := s.cfg.Latency
 		if slow {
 			delay += f.SlowDelay
+		}
+		if p == protoWialon && !fail && !limited {
+			// Served within the session's limits, latency included.
+			next.ServeHTTP(w, r.WithContext(withDelay(r.Context(), delay)))
+			return
 		}
 		if !sleep(r.Context(), delay) {
 			return // client gone

@@ -1,43 +1,89 @@
 package simulator
 
 import (
+	"bytes"
 	"encoding/json"
+	"net"
 	"net/http"
 	"time"
 )
 
 // Wialon Remote API: POST (or GET) /wialon/ajax.html with svc, params (JSON)
 // and sid. Errors are {"error": N, "reason": "..."} with HTTP 200.
+//
+// Every behaviour below names its source in
+// /work/shared/reference/upstream-facts.md ("facts: <section>") or says
+// that no source settles it ("unverified"), as docs/gateway.md does. The
+// limits themselves (concurrency per session, logins per IP, the message
+// layer) are in wialon_limits.go.
 
 type session struct {
-	user     string
+	user string
+	// ip is the address that logged in: the login limits and the sessions
+	// per user per IP are counted by it.
+	ip       string
 	lastUsed time.Time
-	// tokenFlags is the access type of the token that opened the session.
+	// tokenFlags is the access type of the token that opened the session
+	// (login.go): token/list needs -1.
 	tokenFlags int64
-	// loaded is the message loader's content (messages/load_interval),
-	// cleared by messages/unload.
-	loaded *loaderState
+	// layer is the message layer (messages/load_interval), cleared by
+	// messages/unload. facts: "loads into the session's message layer".
+	layer *layer
+	// inflight and heavy are the requests this session is serving now.
+	inflight, heavy int
+	// layerBusy is set while a request that uses the message layer runs,
+	// readers counts the trips and reports running (wialon_limits.go).
+	layerBusy bool
+	readers   int
 }
 
-type loaderState struct {
+// layer is what a load put into a session's message layer.
+type layer struct {
 	unitID int64
+	// count is how many messages the load put in the layer: they count
+	// against the user's limit of loaded messages until unloaded.
+	count int
 }
 
-// Wialon error numbers the simulator produces.
+// Wialon error numbers the simulator produces (facts: "Error codes").
 const (
 	wErrInvalidSession = 1
 	wErrInvalidService = 2
 	wErrInvalidInput   = 4
 	wErrAccessDenied   = 7
 	wErrBadCredentials = 8
+	wErrBatchStopped   = 10
+	wErrLimit          = 1003
+	wErrTooManyMsgs    = 1004
 )
 
 func wialonError(w http.ResponseWriter, code int, reason string) {
+	writeJSON(w, http.StatusOK, wialonErrorValue(code, reason))
+}
+
+func wialonErrorValue(code int, reason string) map[string]any {
 	m := map[string]any{"error": code}
 	if reason != "" {
 		m["reason"] = reason
 	}
-	writeJSON(w, http.StatusOK, m)
+	return m
+}
+
+// wialonReply is one service's answer: a JSON value, or a Wialon error.
+type wialonReply struct {
+	value  any
+	code   int
+	reason string
+}
+
+func ok(v any) wialonReply                     { return wialonReply{value: v} }
+func fail(code int, reason string) wialonReply { return wialonReply{code: code, reason: reason} }
+
+func (r wialonReply) json() any {
+	if r.code != 0 {
+		return wialonErrorValue(r.code, r.reason)
+	}
+	return r.value
 }
 
 func (s *Simulator) serveWialon(w http.ResponseWriter, r *http.Request) {
@@ -50,65 +96,197 @@ func (s *Simulator) serveWialon(w http.ResponseWriter, r *http.Request) {
 		wialonError(w, wErrInvalidInput, "params is not JSON")
 		return
 	}
-	if svc == "token/login" {
-		s.wialonLogin(w, params)
+	ip := clientIP(r)
+	if svc == "token/login" || svc == "core/use_auth_hash" {
+		if !sleep(r.Context(), delayOf(r.Context())) {
+			return
+		}
+		s.write(w, s.wialonLogin(ip, svc, params))
 		return
 	}
 
-	sess, ok := s.touchSession(r.Form.Get("sid"))
-	if !ok {
+	sid := r.Form.Get("sid")
+	sess, live := s.touchSession(sid)
+	if !live {
 		wialonError(w, wErrInvalidSession, "INVALID_SESSION")
 		return
 	}
+	// The request holds its place in the session's limits for as long as
+	// it is served, latency included, as on Wialon.
+	release, refusal := s.admit(sess, svc, params)
+	if refusal != "" {
+		wialonError(w, wErrLimit, refusal)
+		return
+	}
+	if !sleep(r.Context(), delayOf(r.Context())) {
+		release()
+		return
+	}
+	reply := s.wialonCall(ip, sid, sess, svc, params, 0)
+	// Released before the reply is written, not when the handler returns: a
+	// client holding the reply may send its next request at once, and must
+	// find the slot free and the idle time running, as on Wialon.
+	release()
+	s.write(w, reply)
+}
+
+func (s *Simulator) write(w http.ResponseWriter, r wialonReply) {
+	writeJSON(w, http.StatusOK, r.json())
+}
+
+// wialonCall serves one service of an open session; depth is the core/batch
+// nesting.
+func (s *Simulator) wialonCall(ip, sid string, sess *session, svc string, params json.RawMessage, depth int) wialonReply {
 	switch svc {
+	case "core/batch":
+		return s.wialonBatch(ip, sid, sess, params, depth)
 	case "core/search_items":
-		s.wialonSearchItems(w, params)
+		return s.wialonSearchItems(params)
+	case "core/search_item":
+		return s.wialonSearchItem(params)
 	case "messages/load_interval":
-		s.wialonLoadInterval(w, r.Form.Get("sid"), params)
+		return s.wialonLoadInterval(sess, params)
 	case "messages/unload":
 		s.mu.Lock()
-		sess.loaded = nil
+		sess.layer = nil
 		s.mu.Unlock()
-		writeJSON(w, http.StatusOK, map[string]any{})
+		return ok(map[string]any{})
 	case "unit/get_trips":
-		s.wialonTrips(w, sess, params)
-	case "token/list":
-		s.wialonTokenList(w, sess)
+		return s.wialonTrips(sess, params)
 	case "core/logout":
 		s.mu.Lock()
-		delete(s.sessions, r.Form.Get("sid"))
+		delete(s.sessions, sid)
 		s.stats.WialonLogouts++
 		s.mu.Unlock()
-		wialonError(w, 0, "") // Wialon answers a successful logout with {"error":0}
+		return ok(map[string]any{"error": 0}) // facts: "0 success (e.g. logout)"
+	case "core/duplicate":
+		return s.wialonDuplicate(sess)
+	case "core/create_auth_hash":
+		return s.wialonCreateAuthHash(sess)
+	case "token/list":
+		return s.wialonTokenListReply(sess)
+	case "token/update":
+		return s.wialonTokenUpdate(sess, params)
 	default:
-		wialonError(w, wErrInvalidService, "unknown svc")
+		return fail(wErrInvalidService, "unknown svc")
 	}
 }
 
-func (s *Simulator) wialonLogin(w http.ResponseWriter, params json.RawMessage) {
-	var p struct {
-		Token string `json:"token"`
+// wialonBatch runs core/batch: a list of {svc, params} run in order, whose
+// replies come back in order, an error as {"error": N} in its place. The
+// list is either params itself or params.params beside flags; with flags
+// 1 the calls after a failed one answer error 10. facts: "core/batch runs
+// a list of {svc, params} calls in one request and returns their replies
+// in order"; the two forms and flags 1 → error 10 are from the same
+// reference page (help.wialon.com …/core/batch). Nested batches are
+// refused (unverified: Wialon's behaviour is not documented).
+func (s *Simulator) wialonBatch(ip, sid string, sess *session, params json.RawMessage, depth int) wialonReply {
+	calls, stopOnError, err := parseBatch(params)
+	if err != nil || depth > 0 {
+		return fail(wErrInvalidInput, "invalid batch")
 	}
-	if err := json.Unmarshal(params, &p); err != nil || p.Token == "" {
-		wialonError(w, wErrInvalidInput, "token is required")
-		return
+	out := make([]any, 0, len(calls))
+	failed := false
+	for _, c := range calls {
+		if failed && stopOnError {
+			out = append(out, wialonErrorValue(wErrBatchStopped, ""))
+			continue
+		}
+		var r wialonReply
+		if c.Svc == "token/login" || c.Svc == "core/use_auth_hash" {
+			r = s.wialonLogin(ip, c.Svc, c.Params)
+		} else {
+			r = s.wialonCall(ip, sid, sess, c.Svc, c.Params, depth+1)
+		}
+		failed = failed || r.code != 0
+		out = append(out, r.json())
+	}
+	return ok(out)
+}
+
+// batchCall is one call of a core/batch.
+type batchCall struct {
+	Svc    string          `json:"svc"`
+	Params json.RawMessage `json:"params"`
+}
+
+// parseBatch reads both forms of core/batch params.
+func parseBatch(params json.RawMessage) (calls []batchCall, stopOnError bool, err error) {
+	if t := bytes.TrimSpace(params); len(t) > 0 && t[0] == '[' {
+		err = json.Unmarshal(t, &calls)
+	} else {
+		var p struct {
+			Params []batchCall `json:"params"`
+			Flags  int         `json:"flags"`
+		}
+		err = json.Unmarshal(params, &p)
+		calls, stopOnError = p.Params, p.Flags&1 != 0
+	}
+	for i := range calls {
+		if len(calls[i].Params) == 0 {
+			calls[i].Params = json.RawMessage("{}")
+		}
+	}
+	return calls, stopOnError, err
+}
+
+// wialonLogin serves token/login and core/use_auth_hash, within the login
+// limits of the caller's IP (wialon_limits.go).
+func (s *Simulator) wialonLogin(ip, svc string, params json.RawMessage) wialonReply {
+	var p struct {
+		Token     string `json:"token"`
+		AuthHash  string `json:"authHash"`
+		OperateAs string `json:"operateAs"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || (svc == "token/login" && p.Token == "") || (svc != "token/login" && p.AuthHash == "") {
+		return fail(wErrInvalidInput, "token is required")
 	}
 	now := s.now()
 	s.mu.Lock()
-	user, ok := s.tokens[p.Token]
-	if !ok || s.tokenExpiredLocked(p.Token, now) {
-		s.mu.Unlock()
-		wialonError(w, wErrBadCredentials, "invalid token")
-		return
+	defer s.mu.Unlock()
+	if reason := s.loginBlockedLocked(ip, now); reason != "" {
+		return fail(wErrLimit, reason)
+	}
+	var (
+		user  string
+		known bool
+		// An auth hash logs in with its user's own rights, not a token's
+		// (unverified: Wialon's docs do not say which rights it carries).
+		flags int64 = -1
+	)
+	if svc == "token/login" {
+		user, known = s.tokens[p.Token]
+		// A login.html token past its duration is refused like a bad one
+		// (login.go).
+		known = known && !s.tokenExpiredLocked(p.Token, now)
+		flags = s.tokenFlagsLocked(p.Token)
+	} else {
+		user, known = s.authHashes[p.AuthHash]
+		delete(s.authHashes, p.AuthHash) // an auth hash opens one session
+	}
+	if !known {
+		s.stats.WialonFailedLogins++
+		s.countLoginLocked(ip, false, now)
+		return fail(wErrBadCredentials, "invalid token")
+	}
+	if p.OperateAs != "" {
+		// facts: "token/login params {token, operateAs (optional), fl}". The
+		// user the token may operate as is not checked here (unverified:
+		// Wialon answers some error for a user the token's user cannot
+		// operate as).
+		user = p.OperateAs
 	}
 	s.sweepSessionsLocked()
+	if reason := s.openSessionBlockedLocked(ip, user, now); reason != "" {
+		return fail(wErrLimit, reason)
+	}
 	sid := randomHex(16)
-	s.sessions[sid] = &session{user: user, lastUsed: now, tokenFlags: s.tokenFlagsLocked(p.Token)}
+	s.sessions[sid] = &session{user: user, ip: ip, lastUsed: now, tokenFlags: flags}
 	s.stats.WialonLogins++
-	s.stats.WialonLoginsByToken[Fingerprint(p.Token)]++
-	s.mu.Unlock()
-
-	writeJSON(w, http.StatusOK, map[string]any{
+	if svc == "token/login" {
+		s.stats.WialonLoginsByToken[Fingerprint(p.Token)]++
+	}
+	return ok(map[string]any{
 		"host":    "127.0.0.1",
 		"eid":     sid,
 		"gis_sid": randomHex(16),
@@ -121,8 +299,74 @@ func (s *Simulator) wialonLogin(w http.ResponseWriter, params json.RawMessage) {
 	})
 }
 
-// touchSession finds a live session and marks it used. Sessions idle longer
-// than WialonIdleTimeout are gone, as on Wialon.
+// wialonDuplicate opens a second session of the same user (core/duplicate):
+// a session id the caller did not log in for. facts: the raw pass-through
+// must not hand these out (issue 9).
+func (s *Simulator) wialonDuplicate(sess *session) wialonReply {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sid := randomHex(16)
+	s.sessions[sid] = &session{user: sess.user, ip: sess.ip, lastUsed: s.now(), tokenFlags: sess.tokenFlags}
+	return ok(map[string]any{"eid": sid, "au": sess.user})
+}
+
+// wialonCreateAuthHash makes a one-time login hash for the session's user
+// (core/create_auth_hash), which core/use_auth_hash turns into a session.
+func (s *Simulator) wialonCreateAuthHash(sess *session) wialonReply {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := randomHex(16)
+	s.authHashes[h] = sess.user
+	return ok(map[string]any{"authHash": h})
+}
+
+// wialonTokenListReply lists the user's tokens with the token strings
+// themselves (h). facts: "token/list returns the user's tokens including
+// the token strings themselves (h)". Only a session opened with a token of
+// unlimited rights (-1) may list tokens (error 7 otherwise); a token made
+// by login.html is listed with its application, rights, activation,
+// creation and duration (login.go), any other as unlimited.
+func (s *Simulator) wialonTokenListReply(sess *session) wialonReply {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sess.tokenFlags != -1 {
+		return fail(wErrAccessDenied, "ACCESS_DENIED")
+	}
+	out := []map[string]any{}
+	for tok, user := range s.tokens {
+		if user != sess.user {
+			continue
+		}
+		entry := map[string]any{"h": tok, "app": "fleetbroker", "at": 0, "ct": 0, "dur": 0, "fl": -1, "p": "{}", "items": []any{}}
+		if m, ok := s.issued[tok]; ok {
+			entry["app"], entry["at"], entry["ct"], entry["dur"], entry["fl"] = m.app, m.activated.Unix(), m.created.Unix(), int64(m.duration/time.Second), m.flags
+		}
+		out = append(out, entry)
+	}
+	return ok(out)
+}
+
+// wialonTokenUpdate creates a token for the session's user (callMode
+// "create") and returns it. facts: "token/update creates or changes
+// tokens: both are credential-minting services".
+func (s *Simulator) wialonTokenUpdate(sess *session, params json.RawMessage) wialonReply {
+	var p struct {
+		CallMode string `json:"callMode"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || p.CallMode != "create" {
+		return fail(wErrInvalidInput, "only callMode create is simulated")
+	}
+	tok := randomAlnum(72)
+	s.mu.Lock()
+	s.tokens[tok] = sess.user
+	s.mu.Unlock()
+	return ok(map[string]any{"h": tok, "app": "fleetbroker", "at": 0, "dur": 0, "fl": -1})
+}
+
+// touchSession finds a live session and marks it used. A session unused
+// for WialonIdleTimeout is gone and answers error 1. facts: "A session
+// (eid, used as sid) ends after 5 minutes without a request. After that
+// every call answers error 1."
 func (s *Simulator) touchSession(sid string) (*session, bool) {
 	now := s.now()
 	s.mu.Lock()
@@ -131,7 +375,7 @@ func (s *Simulator) touchSession(sid string) (*session, bool) {
 	if !ok {
 		return nil, false
 	}
-	if now.Sub(sess.lastUsed) > s.cfg.WialonIdleTimeout {
+	if now.Sub(sess.lastUsed) > s.cfg.WialonIdleTimeout && sess.inflight == 0 {
 		delete(s.sessions, sid)
 		return nil, false
 	}
@@ -144,7 +388,7 @@ func (s *Simulator) touchSession(sid string) (*session, bool) {
 func (s *Simulator) sweepSessionsLocked() {
 	now := s.now()
 	for sid, sess := range s.sessions {
-		if now.Sub(sess.lastUsed) > s.cfg.WialonIdleTimeout {
+		if now.Sub(sess.lastUsed) > s.cfg.WialonIdleTimeout && sess.inflight == 0 {
 			delete(s.sessions, sid)
 		}
 	}
@@ -176,7 +420,9 @@ func wialonMessage(f fix, i int) map[string]any {
 	}
 }
 
-func (s *Simulator) wialonSearchItems(w http.ResponseWriter, params json.RawMessage) {
+// wialonSearchItems serves core/search_items. facts: "core/search_items
+// with flags 1025 (base + last message) returns pos {t, y, x, z, s, c, sc}".
+func (s *Simulator) wialonSearchItems(params json.RawMessage) wialonReply {
 	var p struct {
 		Spec struct {
 			ItemsType string `json:"itemsType"`
@@ -187,8 +433,7 @@ func (s *Simulator) wialonSearchItems(w http.ResponseWriter, params json.RawMess
 		To    int   `json:"to"`
 	}
 	if err := json.Unmarshal(params, &p); err != nil || p.From < 0 || p.To < 0 {
-		wialonError(w, wErrInvalidInput, "invalid search params")
-		return
+		return fail(wErrInvalidInput, "invalid search params")
 	}
 	var units []unit
 	if p.Spec.ItemsType == "avl_unit" {
@@ -213,7 +458,7 @@ func (s *Simulator) wialonSearchItems(w http.ResponseWriter, params json.RawMess
 		}
 		items = append(items, item)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{
+	return ok(map[string]any{
 		"searchSpec":      p.Spec,
 		"dataFlags":       p.Flags,
 		"totalItemsCount": len(units),
@@ -223,7 +468,42 @@ func (s *Simulator) wialonSearchItems(w http.ResponseWriter, params json.RawMess
 	})
 }
 
-func (s *Simulator) wialonLoadInterval(w http.ResponseWriter, sid string, params json.RawMessage) {
+// wialonSearchItem serves core/search_item: one item by id, as
+// core/search_items describes it (help.wialon.com …/core/search_item:
+// {"item": {...}, "flags": n}, error 7 for an item not found).
+func (s *Simulator) wialonSearchItem(params json.RawMessage) wialonReply {
+	var p struct {
+		ID    *int64 `json:"id"`
+		Flags int64  `json:"flags"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || p.ID == nil {
+		return fail(wErrInvalidInput, "id is required")
+	}
+	u, found := s.unitByID(*p.ID)
+	if !found {
+		return fail(wErrAccessDenied, "")
+	}
+	item := map[string]any{"id": u.ID}
+	if p.Flags&0x1 != 0 {
+		item["nm"], item["cls"], item["mu"], item["uacl"] = u.Name, 2, 0, 0x1ff
+	}
+	if p.Flags&0x400 != 0 {
+		f := u.at(s.now())
+		item["pos"] = toWialonPos(f, true)
+		item["lmsg"] = wialonMessage(f, 0)
+	}
+	return ok(map[string]any{"item": item, "flags": p.Flags})
+}
+
+// wialonLoadInterval serves messages/load_interval: it loads the interval
+// into the session's message layer (oldest first) and returns the first
+// loadCount messages with the count loaded. facts: "messages/load_interval
+// (itemId, timeFrom, timeTo, flags, flagsMask, loadCount) loads into the
+// session's message layer (oldest first)". Past the user's limit of loaded
+// messages it answers 1004 (facts: "messages: at most 15 million loaded
+// into a user's sessions"; "1004 limit of messages exceeded" — that this
+// limit is what answers 1004 is unverified).
+func (s *Simulator) wialonLoadInterval(sess *session, params json.RawMessage) wialonReply {
 	var p struct {
 		ItemID    *int64  `json:"itemId"`
 		TimeFrom  *int64  `json:"timeFrom"`
@@ -234,38 +514,61 @@ func (s *Simulator) wialonLoadInterval(w http.ResponseWriter, sid string, params
 	}
 	if err := json.Unmarshal(params, &p); err != nil ||
 		p.ItemID == nil || p.TimeFrom == nil || p.TimeTo == nil || p.Flags == nil || p.FlagsMask == nil || p.LoadCount == nil {
-		wialonError(w, wErrInvalidInput, "itemId, timeFrom, timeTo, flags, flagsMask and loadCount are required")
-		return
+		return fail(wErrInvalidInput, "itemId, timeFrom, timeTo, flags, flagsMask and loadCount are required")
 	}
-	u, ok := s.unitByID(*p.ItemID)
-	if !ok {
-		wialonError(w, wErrAccessDenied, "")
-		return
+	u, found := s.unitByID(*p.ItemID)
+	if !found {
+		return fail(wErrAccessDenied, "")
 	}
 	from, to := time.Unix(*p.TimeFrom, 0), time.Unix(*p.TimeTo, 0)
-	// Bound the work per request the way Wialon bounds loader size.
+	// Bound the work per request (unverified: Wialon bounds a load by the
+	// messages it holds, below, not by the interval).
 	if to.Sub(from) > 31*24*time.Hour {
-		wialonError(w, wErrInvalidInput, "interval too long")
-		return
+		return fail(wErrInvalidInput, "interval too long")
 	}
 	fixes, total := u.fixes(from, to, int(min(*p.LoadCount, 100_000)))
 	s.mu.Lock()
-	if sess, ok := s.sessions[sid]; ok {
-		sess.loaded = &loaderState{unitID: u.ID}
+	// A new load replaces the layer's content (facts: "unload it before
+	// the next load"; that a load without an unload replaces rather than
+	// fails is unverified).
+	loaded := s.loadedMessagesLocked(sess.user) - layerCount(sess.layer)
+	if loaded+total > s.cfg.WialonLoadedMessagesLimit {
+		s.mu.Unlock()
+		return fail(wErrTooManyMsgs, "LIMIT messages")
 	}
+	sess.layer = &layer{unitID: u.ID, count: total}
 	s.mu.Unlock()
 	msgs := make([]map[string]any, len(fixes))
 	for i, f := range fixes {
 		msgs[i] = wialonMessage(f, i)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"count": total, "messages": msgs})
+	return ok(map[string]any{"count": total, "messages": msgs})
 }
 
-// wialonTrips serves unit/get_trips. With msgsSource 1 the trips come from
-// the message loader, as on Wialon, so the loader must hold this unit's
-// messages (error 4 otherwise — the exact code Wialon uses is a guess);
-// without it the interval is read directly.
-func (s *Simulator) wialonTrips(w http.ResponseWriter, sess *session, params json.RawMessage) {
+func layerCount(l *layer) int {
+	if l == nil {
+		return 0
+	}
+	return l.count
+}
+
+// loadedMessagesLocked is how many messages the user's sessions hold.
+func (s *Simulator) loadedMessagesLocked(user string) int {
+	n := 0
+	for _, sess := range s.sessions {
+		if sess.user == user {
+			n += layerCount(sess.layer)
+		}
+	}
+	return n
+}
+
+// wialonTrips serves unit/get_trips. facts: "unit/get_trips returns
+// from/to {i, t, p {y, x}} and m (metres)". With msgsSource 1 the trips
+// come from the message layer, which must hold this unit's messages (error
+// 4 otherwise — the code Wialon uses is unverified); without it the
+// interval is read directly.
+func (s *Simulator) wialonTrips(sess *session, params json.RawMessage) wialonReply {
 	var p struct {
 		ItemID     *int64 `json:"itemId"`
 		TimeFrom   *int64 `json:"timeFrom"`
@@ -273,27 +576,23 @@ func (s *Simulator) wialonTrips(w http.ResponseWriter, sess *session, params jso
 		MsgsSource any    `json:"msgsSource"`
 	}
 	if err := json.Unmarshal(params, &p); err != nil || p.ItemID == nil || p.TimeFrom == nil || p.TimeTo == nil {
-		wialonError(w, wErrInvalidInput, "itemId, timeFrom and timeTo are required")
-		return
+		return fail(wErrInvalidInput, "itemId, timeFrom and timeTo are required")
 	}
-	u, ok := s.unitByID(*p.ItemID)
-	if !ok {
-		wialonError(w, wErrAccessDenied, "")
-		return
+	u, found := s.unitByID(*p.ItemID)
+	if !found {
+		return fail(wErrAccessDenied, "")
 	}
 	if p.MsgsSource == 1.0 || p.MsgsSource == "1" {
 		s.mu.Lock()
-		loaded := sess.loaded
+		l := sess.layer
 		s.mu.Unlock()
-		if loaded == nil || loaded.unitID != u.ID {
-			wialonError(w, wErrInvalidInput, "message loader does not hold this unit")
-			return
+		if l == nil || l.unitID != u.ID {
+			return fail(wErrInvalidInput, "message loader does not hold this unit")
 		}
 	}
 	from, to := time.Unix(*p.TimeFrom, 0), time.Unix(*p.TimeTo, 0)
 	if to.Sub(from) > 31*24*time.Hour {
-		wialonError(w, wErrInvalidInput, "interval too long")
-		return
+		return fail(wErrInvalidInput, "interval too long")
 	}
 	type point struct {
 		I int64              `json:"i"`
@@ -308,5 +607,26 @@ func (s *Simulator) wialonTrips(w http.ResponseWriter, sess *session, params jso
 			"m":    t.Metres,
 		})
 	}
-	writeJSON(w, http.StatusOK, out)
+	return ok(out)
+}
+
+// clientIP is the address a request came from, as Wialon counts logins
+// and sessions per IP address.
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+const alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// randomAlnum is a token-shaped random string.
+func randomAlnum(n int) string {
+	b := randomBytes(n)
+	for i := range b {
+		b[i] = alnum[int(b[i])%len(alnum)]
+	}
+	return string(b)
 }

@@ -21,9 +21,11 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io"
+	mrand "math/rand/v2"
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -41,12 +43,28 @@ const DefaultTimeout = 30 * time.Second
 // unit is a few MB.
 const maxReply = 64 << 20
 
+// The client's default retries (send; docs/reliability.md, "Retry
+// budget"): a request that failed after Wialon ran it (5, 6, 9, HTTP 5xx,
+// no answer) is tried at most DefaultAttempts times, and one request at
+// most DefaultLimitAttempts times in all, counting those Wialon refused
+// unrun for a concurrency limit (1003, 10).
+const (
+	DefaultAttempts      = 3
+	DefaultLimitAttempts = 4
+)
+
 // Client calls the Wialon Remote API. It is safe for concurrent use.
 type Client struct {
 	hc       *http.Client
 	attempts int
 	minDelay time.Duration
 	maxDelay time.Duration
+	// limitAttempts, limitBase and limitMax shape the jittered backoff
+	// after Wialon refused a request for a concurrency limit (1003, 10).
+	limitAttempts       int
+	limitBase, limitMax time.Duration
+	// raw is the raw pass-through's allow-list.
+	raw rawPolicy
 	// loader serialises message-loader use per sid: the loader is session
 	// state on Wialon's side, and two interleaved load/get_trips/unload
 	// sequences on one session would read each other's messages. Striped
@@ -66,6 +84,25 @@ func WithRetry(attempts int, minDelay, maxDelay time.Duration) Option {
 	}
 }
 
+// WithLimitRetry sets how often a request Wialon refused for a
+// concurrency limit (error 1003 or 10) is tried (attempts >= 1), with a
+// jittered exponential backoff from base up to max. Such a request did not
+// run, so every service is retried, not only reads. attempts also bounds
+// the tries of one request in all, failed ones included (never below
+// WithRetry's). The default is 4 attempts, 100 ms to 2 s.
+func WithLimitRetry(attempts int, base, max time.Duration) Option {
+	return func(c *Client) {
+		c.limitAttempts = attempts
+		c.limitBase, c.limitMax = base, max
+	}
+}
+
+// WithRawServices sets Raw's allow-list of services (default
+// DefaultRawServices); check it with CheckRawServices first.
+func WithRawServices(services []string) Option {
+	return func(c *Client) { c.raw = rawPolicy{allowed: slices.Clone(services)} }
+}
+
 // New returns a client using a copy of hc (nil means a fresh client). The
 // copy gets DefaultTimeout if hc has none, and never follows redirects: a
 // redirect would re-send the form — token or sid included — to a host the
@@ -79,20 +116,39 @@ func New(hc *http.Client, opts ...Option) *Client {
 		cp.Timeout = DefaultTimeout
 	}
 	cp.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
-	c := &Client{hc: &cp, attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond}
+	c := &Client{hc: &cp, attempts: DefaultAttempts, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
+		limitAttempts: DefaultLimitAttempts, limitBase: 100 * time.Millisecond, limitMax: 2 * time.Second,
+		raw: rawPolicy{allowed: DefaultRawServices}}
 	for i := range c.loader {
 		c.loader[i] = make(chan struct{}, 1)
 	}
 	for _, o := range opts {
 		o(c)
 	}
+	c.limitAttempts = max(c.limitAttempts, 1)
+	c.limitMax = max(c.limitMax, c.limitBase)
 	return c
 }
 
+// Timeout is the bound of each HTTP request.
+func (c *Client) Timeout() time.Duration { return c.hc.Timeout }
+
 // Login opens a session with a 72-character access token (token/login).
 func (c *Client) Login(ctx context.Context, baseURL, token string) (Session, error) {
+	return c.LoginAs(ctx, baseURL, token, "")
+}
+
+// LoginAs opens a session with a token as the user operateAs names
+// (token/login operateAs), or as the token's own user if it is empty. A
+// login is never retried: a failed one counts against the IP's limit of
+// failed logins.
+func (c *Client) LoginAs(ctx context.Context, baseURL, token, operateAs string) (Session, error) {
 	const svc = "token/login"
-	params, _ := json.Marshal(map[string]any{"token": token, "fl": 1}) // fl 1: basic info (au, user)
+	p := map[string]any{"token": token, "fl": 1} // fl 1: basic info (au, user)
+	if operateAs != "" {
+		p["operateAs"] = operateAs
+	}
+	params, _ := json.Marshal(p)
 	body, err := c.call(ctx, baseURL, "", svc, params, token)
 	if err != nil {
 		return Session{}, err
@@ -107,7 +163,9 @@ func (c *Client) Login(ctx context.Context, baseURL, token string) (Session, err
 // Logout ends a session (core/logout). Logging out a session Wialon no
 // longer knows is not an error: the caller's goal is already reached.
 func (c *Client) Logout(ctx context.Context, baseURL, sid string) error {
-	_, err := c.call(ctx, baseURL, sid, "core/logout", []byte("{}"), sid)
+	_, err := send(ctx, c, "core/logout", false, func() ([]byte, error) {
+		return c.call(ctx, baseURL, sid, "core/logout", []byte("{}"), sid)
+	})
 	if upstream.KindOf(err) == upstream.KindSessionInvalid {
 		return nil
 	}
@@ -122,7 +180,7 @@ var searchUnitsParams = []byte(`{"spec":{"itemsType":"avl_unit","propName":"sys_
 // (core/search_items). Retried on KindUnavailable.
 func (c *Client) SearchUnits(ctx context.Context, baseURL, sid string) ([]Unit, error) {
 	const svc = "core/search_items"
-	return retry(ctx, c, svc, func() ([]Unit, error) {
+	return send(ctx, c, svc, true, func() ([]Unit, error) {
 		body, err := c.call(ctx, baseURL, sid, svc, searchUnitsParams, sid)
 		if err != nil {
 			return nil, err
@@ -141,6 +199,15 @@ func (c *Client) SearchUnits(ctx context.Context, baseURL, sid string) ([]Unit, 
 // Wialon error 1001 (no messages in the interval) is an empty result.
 // The load is retried on KindUnavailable.
 func (c *Client) LoadMessages(ctx context.Context, baseURL, sid string, unitID int64, from, to time.Time, loadCount int) ([]Message, error) {
+	msgs, _, err := c.LoadPage(ctx, baseURL, sid, unitID, from, to, loadCount)
+	return msgs, err
+}
+
+// LoadPage is LoadMessages that also returns how many messages the interval
+// holds (Wialon's count of what it loaded): more than returned means the
+// page was cut at loadCount, and the caller may load the rest from the last
+// message's time on.
+func (c *Client) LoadPage(ctx context.Context, baseURL, sid string, unitID int64, from, to time.Time, loadCount int) ([]Message, int, error) {
 	const svc = "messages/load_interval"
 	count := uint32(0xffffffff) // Wialon: all found
 	if loadCount > 0 && int64(loadCount) < 0xffffffff {
@@ -148,20 +215,20 @@ func (c *Client) LoadMessages(ctx context.Context, baseURL, sid string, unitID i
 	}
 	release, err := c.lockLoader(ctx, svc, sid)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer release()
 
 	body, err := c.loadInterval(ctx, baseURL, sid, unitID, from, to, count)
 	if err != nil || body == nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer c.unload(ctx, baseURL, sid)
-	msgs, err := decodeMessages(body)
+	msgs, total, err := decodeMessages(body)
 	if err != nil {
-		return nil, malformed(svc, err)
+		return nil, 0, malformed(svc, err)
 	}
-	return msgs, nil
+	return msgs, max(total, len(msgs)), nil
 }
 
 // Trips returns unitID's trips in [from, to] as Wialon's trip detector sees
@@ -185,7 +252,7 @@ func (c *Client) Trips(ctx context.Context, baseURL, sid string, unitID int64, f
 	params, _ := json.Marshal(map[string]any{
 		"itemId": unitID, "timeFrom": unixSec(from), "timeTo": unixSec(to), "msgsSource": 1,
 	})
-	return retry(ctx, c, svc, func() ([]Trip, error) {
+	return send(ctx, c, svc, true, func() ([]Trip, error) {
 		body, err := c.call(ctx, baseURL, sid, svc, params, sid)
 		if err != nil {
 			return nil, err
@@ -209,7 +276,7 @@ func (c *Client) loadInterval(ctx context.Context, baseURL, sid string, unitID i
 		"itemId": unitID, "timeFrom": unixSec(from), "timeTo": unixSec(to),
 		"flags": 1, "flagsMask": 65281, "loadCount": count,
 	})
-	body, err := retry(ctx, c, svc, func() ([]byte, error) {
+	body, err := send(ctx, c, svc, true, func() ([]byte, error) {
 		return c.call(ctx, baseURL, sid, svc, params, sid)
 	})
 	var ue *upstream.Error
@@ -226,7 +293,9 @@ func (c *Client) loadInterval(ctx context.Context, baseURL, sid string, unitID i
 func (c *Client) unload(ctx context.Context, baseURL, sid string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	_, _ = c.call(ctx, baseURL, sid, "messages/unload", []byte("{}"), sid)
+	_, _ = send(ctx, c, "messages/unload", true, func() ([]byte, error) {
+		return c.call(ctx, baseURL, sid, "messages/unload", []byte("{}"), sid)
+	})
 }
 
 func (c *Client) lockLoader(ctx context.Context, op, sid string) (release func(), err error) {
@@ -243,38 +312,30 @@ func (c *Client) lockLoader(ctx context.Context, op, sid string) (release func()
 
 var svcPattern = regexp.MustCompile(`^[a-z_]+/[a-z_0-9]+$`)
 
-// rawDenied are services Raw refuses: they manage sessions and credentials,
-// which the broker alone does. core/create_auth_hash would mint a login hash
-// for the customer's account, core/duplicate a second session, token/* lists
-// or creates tokens, core/logout would end a session other callers share.
-var rawDenied = []string{"token/", "core/login", "core/logout", "core/create_auth_hash", "core/use_auth_hash", "core/duplicate"}
-
-// Raw calls any other service and returns Wialon's JSON reply as-is. A
-// {"error": N} reply is still returned as an *upstream.Error. Raw is never
-// retried: the service may not be idempotent.
+// Raw calls a service on the client's allow-list of read-only services
+// (raw.go; core/batch when every call in it is) and returns Wialon's JSON
+// reply with the session id cut out. A {"error": N} reply is still returned
+// as an *upstream.Error. Raw is retried only when Wialon refused it for a
+// concurrency limit (it did not run): the service may not be idempotent.
 func (c *Client) Raw(ctx context.Context, baseURL, sid, svc string, params json.RawMessage) (json.RawMessage, error) {
-	if !svcPattern.MatchString(svc) {
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: "raw", Reason: "svc must look like group/name"}
+	call, err := c.raw.check(svc, params)
+	if err != nil {
+		return nil, err
 	}
-	for _, d := range rawDenied {
-		if strings.HasPrefix(svc, d) {
-			return nil, &upstream.Error{Kind: upstream.KindAccessDenied, Provider: providerName, Op: svc, Reason: "service is reserved for the broker"}
-		}
-	}
-	if len(params) == 0 {
-		params = json.RawMessage("{}")
-	}
-	if !json.Valid(params) {
-		return nil, &upstream.Error{Kind: upstream.KindInvalidInput, Provider: providerName, Op: svc, Reason: "params is not valid JSON"}
-	}
-	body, err := c.call(ctx, baseURL, sid, svc, params, sid)
+	return c.sendRaw(ctx, baseURL, sid, call)
+}
+
+func (c *Client) sendRaw(ctx context.Context, baseURL, sid string, call rawCall) (json.RawMessage, error) {
+	body, err := send(ctx, c, call.svc, false, func() ([]byte, error) {
+		return c.call(ctx, baseURL, sid, call.svc, call.params, sid)
+	})
 	if err != nil {
 		return nil, err
 	}
 	if !json.Valid(body) {
-		return nil, malformed(svc, errors.New("reply is not JSON"))
+		return nil, malformed(call.svc, errors.New("reply is not JSON"))
 	}
-	return body, nil
+	return scrubSID(body, sid), nil
 }
 
 // call POSTs one request and returns the reply body, or an *upstream.Error.
@@ -318,28 +379,85 @@ func (c *Client) call(ctx context.Context, baseURL, sid, svc string, params []by
 	return body, nil
 }
 
-// Wialon error numbers with a meaning here.
+// Wialon error numbers with a meaning here (upstream-facts.md, "Error
+// codes").
 const (
 	errInvalidSession  = 1
+	errInvalidService  = 2
 	errInvalidInput    = 4
 	errRequestFailed   = 5
+	errUnknown         = 6
 	errAccessDenied    = 7
 	errBadCredentials  = 8
 	errAuthUnavailable = 9
 	errTooManyRequests = 10
+	errBilling         = 14
 	errNoMessages      = 1001
+	errItemExists      = 1002
 	errConcurrentLimit = 1003
+	errTooManyMessages = 1004
+	errTooLong         = 1005
 	errSessionExpired  = 1011
+	errTwoFactor       = 1006
 )
 
-// classify maps a Wialon error number to what the caller should do.
+// Waits suggested to callers where Wialon gives no hint.
+const (
+	// retryLimited spaces out retries after a concurrency refusal.
+	retryLimited = time.Second
+	// retryUnavailable is the wait after an unknown error (6) or a failed
+	// request (5).
+	retryUnavailable = 2 * time.Second
+	// retryAuthServer is the wait while Wialon's authorization server is
+	// unavailable (9).
+	retryAuthServer = 5 * time.Second
+)
+
+// hintIPChanged is what a caller is told of a 1011 that a new login did
+// not cure: Wialon binds a session to the IP address that logged in.
+const hintIPChanged = "the Wialon session expired or the broker's egress IP changed; Wialon binds a session to the IP address that logged in, so the broker needs one stable egress IP per Wialon host"
+
+// classify maps a Wialon error number to what the caller should do. The
+// reason names the number (for logs); for the errors a caller must act on,
+// the hint, our own words, says how.
 func classify(svc string, code int, reason string) *upstream.Error {
 	e := &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Code: code, Reason: reason}
 	switch code {
-	case errInvalidSession, errSessionExpired:
+	case errInvalidSession:
 		e.Kind = upstream.KindSessionInvalid
+	case errSessionExpired:
+		// Wialon binds a session to the IP that opened it. After one
+		// re-login a second 1011 means the broker's egress IP is not
+		// stable (several NAT addresses): say so.
+		e.Kind = upstream.KindSessionInvalid
+		e.Hint = hintIPChanged
+		e.Reason = "error 1011: " + e.Hint
 	case errInvalidInput:
 		e.Kind = upstream.KindInvalidInput
+	case errInvalidService:
+		e.Kind = upstream.KindInvalidInput
+		e.Hint = "Wialon does not know this service"
+		e.Reason = "error 2: " + e.Hint
+	case errItemExists:
+		e.Kind = upstream.KindInvalidInput
+		e.Hint = "the item already exists, or the account's billing forbids it"
+		e.Reason = "error 1002: " + e.Hint
+	case errBilling:
+		e.Kind = upstream.KindAccessDenied
+		e.Hint = "the Wialon account's billing refuses this"
+		e.Reason = "error 14: " + e.Hint
+	case errTwoFactor:
+		e.Kind = upstream.KindRateLimited
+		e.Hint = "too many two-factor attempts on the Wialon account"
+		e.RetryAfter = 100 * time.Second // Wialon: at most 4 invalid codes in 100 s
+	case errTooManyMessages:
+		e.Kind = upstream.KindInvalidInput
+		e.Hint = "Wialon's limit of loaded messages was exceeded; narrow the interval"
+		e.Reason = "error 1004: " + e.Hint
+	case errTooLong:
+		e.Kind = upstream.KindInvalidInput
+		e.Hint = "the request ran past Wialon's execution time limit; narrow the interval"
+		e.Reason = "error 1005: " + e.Hint
 	case errAccessDenied:
 		e.Kind = upstream.KindAccessDenied
 	case errBadCredentials:
@@ -348,11 +466,19 @@ func classify(svc string, code int, reason string) *upstream.Error {
 		if svc == "token/login" {
 			e.Kind = upstream.KindRejected
 		}
-	case errAuthUnavailable, errRequestFailed:
+	case errRequestFailed, errUnknown:
 		e.Kind = upstream.KindUnavailable
+		e.RetryAfter = retryUnavailable
+	case errAuthUnavailable:
+		e.Kind = upstream.KindUnavailable
+		e.RetryAfter = retryAuthServer
+		e.Hint = "Wialon's authorization server is unavailable"
+		if e.Reason == "" {
+			e.Reason = "error 9: " + e.Hint
+		}
 	case errTooManyRequests, errConcurrentLimit:
 		e.Kind = upstream.KindRateLimited
-		e.RetryAfter = time.Second // Wialon gives no hint; one second spaces retries out
+		e.RetryAfter = retryLimited // Wialon gives no hint
 	}
 	return e
 }
@@ -400,10 +526,83 @@ func malformed(svc string, err error) *upstream.Error {
 	return &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Reason: "malformed reply", Err: err}
 }
 
-// retry runs f with the client's bounded, jittered retries (reads only)
-// and returns the value of the try that succeeded.
-func retry[T any](ctx context.Context, c *Client, op string, f func() (T, error)) (T, error) {
-	return upstream.Retry(ctx, upstream.RetryPolicy{Attempts: c.attempts, MinDelay: c.minDelay, MaxDelay: c.maxDelay}, providerName, op, f)
+// send runs f, one Wialon request, with the client's bounded, jittered
+// retries, and returns the value of the try that succeeded
+// (docs/reliability.md, "Retry budget"):
+//
+//   - a request Wialon refused for a concurrency limit (KindRateLimited:
+//     1003, 10) did not run, so it is tried again whatever it is, after an
+//     exponential backoff with full jitter;
+//   - a request that failed (KindUnavailable: 5, 6, 9, HTTP 5xx, no answer)
+//     is tried again only when idempotent, after a jittered pause, at most
+//     c.attempts times in all;
+//   - at most max(c.limitAttempts, c.attempts) tries in all, of either kind.
+//
+// Another try starts only if the pause and a try as long as the last one
+// fit before ctx's deadline; otherwise the last failure is returned marked
+// upstream.ErrOutOfTime, so a slow upstream is reported as such within the
+// caller's deadline and a shared read can tell a caller with more time to
+// read again. A login never goes through here.
+func send[T any](ctx context.Context, c *Client, op string, idempotent bool, f func() (T, error)) (T, error) {
+	var zero T
+	tries, limited, failed := 0, 0, 0
+	maxTries := max(c.limitAttempts, c.attempts)
+	for {
+		start := time.Now()
+		v, err := f()
+		if err == nil {
+			return v, nil
+		}
+		tries++
+		last := max(time.Since(start), minAttempt)
+		var pause time.Duration
+		switch upstream.KindOf(err) {
+		case upstream.KindRateLimited:
+			limited++
+			if tries >= maxTries {
+				return zero, err
+			}
+			pause = backoff(c.limitBase, c.limitMax, limited)
+		case upstream.KindUnavailable:
+			failed++
+			if !idempotent || failed >= c.attempts || tries >= maxTries {
+				return zero, err
+			}
+			if ctx.Err() != nil {
+				return zero, upstream.OutOfTime(err)
+			}
+			pause = c.minDelay
+			if span := c.maxDelay - c.minDelay; span > 0 {
+				pause += mrand.N(span)
+			}
+		default:
+			return zero, err
+		}
+		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause+last {
+			return zero, upstream.OutOfTime(err) // the wait and another try would outlast the caller
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return zero, ctxError(op, ctx.Err())
+		}
+	}
+}
+
+// minAttempt is the least time send counts another try as needing,
+// however fast the last one failed.
+const minAttempt = 50 * time.Millisecond
+
+// backoff is the n-th (from 1) pause of an exponential backoff from base
+// to max with full jitter, so replicas retrying together spread out.
+func backoff(base, limit time.Duration, n int) time.Duration {
+	d := base << min(n-1, 16)
+	if d <= 0 || d > limit {
+		d = limit
+	}
+	return d/2 + mrand.N(d/2+1)
 }
 
 // scrub makes provider text safe to put in an error (see upstream.Scrub).

@@ -22,7 +22,7 @@ import (
 const canary = "CANARYtok3nCANARYtok3nCANARYtok3nCANARYtok3nCANARYtok3nCANARYtok3nCANARY"
 
 func fastClient() *wialon.Client {
-	return wialon.New(nil, wialon.WithRetry(3, time.Millisecond, 2*time.Millisecond))
+	return wialon.New(nil, wialon.WithRetry(3, time.Millisecond, 2*time.Millisecond), wialon.WithLimitRetry(4, time.Millisecond, 2*time.Millisecond))
 }
 
 func startSim(t *testing.T, cfg simulator.Config) (*simulator.Simulator, *httptest.Server) {
@@ -250,6 +250,23 @@ func (f *fixed) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
 
 func (f *fixed) count() int { f.mu.Lock(); defer f.mu.Unlock(); return f.n }
 
+// sequence answers bodies in turn (HTTP 200), the last one from then on.
+type sequence struct {
+	bodies []string
+	mu     sync.Mutex
+	n      int
+}
+
+func (s *sequence) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	s.mu.Lock()
+	body := s.bodies[min(s.n, len(s.bodies)-1)]
+	s.n++
+	s.mu.Unlock()
+	fmt.Fprint(w, body)
+}
+
+func (s *sequence) count() int { s.mu.Lock(); defer s.mu.Unlock(); return s.n }
+
 func serve(t *testing.T, h http.Handler) string {
 	t.Helper()
 	srv := httptest.NewServer(h)
@@ -276,30 +293,40 @@ func TestErrorMapping(t *testing.T) {
 		want       upstream.Kind
 		wantCode   int
 		retryAfter time.Duration
+		// reason, if set, must be in the error's text.
+		reason string
 	}{
-		{"invalid session", 200, nil, `{"error":1}`, search, upstream.KindSessionInvalid, 1, 0},
-		{"session expired or IP changed", 200, nil, `{"error":1011}`, search, upstream.KindSessionInvalid, 1011, 0},
-		{"invalid input", 200, nil, `{"error":4}`, search, upstream.KindInvalidInput, 4, 0},
-		{"request failed", 200, nil, `{"error":5}`, search, upstream.KindUnavailable, 5, 0},
-		{"unknown error", 200, nil, `{"error":6}`, search, upstream.KindInternal, 6, 0},
-		{"access denied", 200, nil, `{"error":7}`, search, upstream.KindAccessDenied, 7, 0},
-		{"bad credentials at login", 200, nil, `{"error":8,"reason":"invalid token"}`, login, upstream.KindRejected, 8, 0},
-		{"8 outside login", 200, nil, `{"error":8}`, search, upstream.KindInternal, 8, 0},
-		{"auth server unavailable", 200, nil, `{"error":9}`, login, upstream.KindUnavailable, 9, 0},
-		{"too many requests", 200, nil, `{"error":10}`, search, upstream.KindRateLimited, 10, time.Second},
-		{"concurrency limit", 200, nil, `{"error":1003,"reason":"LIMIT api_concurrent"}`, search, upstream.KindRateLimited, 1003, time.Second},
-		{"other number", 200, nil, `{"error":2}`, search, upstream.KindInternal, 2, 0},
-		{"error as string", 200, nil, `{"error":"boom"}`, search, upstream.KindInternal, 0, 0},
-		{"not JSON", 200, nil, `<html>oops</html>`, search, upstream.KindInternal, 0, 0},
-		{"wrong field type", 200, nil, `{"items":[{"id":"x"}]}`, search, upstream.KindInternal, 0, 0},
-		{"missing items", 200, nil, `{}`, search, upstream.KindInternal, 0, 0},
-		{"login without eid", 200, nil, `{"au":"x"}`, login, upstream.KindInternal, 0, 0},
-		{"HTTP 500", 500, nil, ``, search, upstream.KindUnavailable, 0, 0},
-		{"HTTP 502", 502, nil, `bad gateway`, login, upstream.KindUnavailable, 0, 0},
-		{"HTTP 503", 503, nil, ``, search, upstream.KindUnavailable, 0, 0},
-		{"HTTP 429", 429, map[string]string{"Retry-After": "7"}, ``, search, upstream.KindRateLimited, 0, 7 * time.Second},
-		{"HTTP 429 no header", 429, nil, ``, search, upstream.KindRateLimited, 0, time.Second},
-		{"HTTP 404", 404, nil, ``, search, upstream.KindInternal, 0, 0},
+		{"invalid session", 200, nil, `{"error":1}`, search, upstream.KindSessionInvalid, 1, 0, ""},
+		{"session expired or IP changed", 200, nil, `{"error":1011}`, search, upstream.KindSessionInvalid, 1011, 0, "egress IP changed"},
+		{"invalid input", 200, nil, `{"error":4}`, search, upstream.KindInvalidInput, 4, 0, ""},
+		{"request failed", 200, nil, `{"error":5}`, search, upstream.KindUnavailable, 5, 2 * time.Second, ""},
+		{"unknown error", 200, nil, `{"error":6}`, search, upstream.KindUnavailable, 6, 2 * time.Second, ""},
+		{"access denied", 200, nil, `{"error":7}`, search, upstream.KindAccessDenied, 7, 0, ""},
+		{"bad credentials at login", 200, nil, `{"error":8,"reason":"invalid token"}`, login, upstream.KindRejected, 8, 0, ""},
+		{"8 outside login", 200, nil, `{"error":8}`, search, upstream.KindInternal, 8, 0, ""},
+		{"auth server unavailable", 200, nil, `{"error":9}`, login, upstream.KindUnavailable, 9, 5 * time.Second, "authorization server"},
+		{"too many messages", 200, nil, `{"error":1004}`, search, upstream.KindInvalidInput, 1004, 0, "narrow the interval"},
+		{"unknown service", 200, nil, `{"error":2}`, search, upstream.KindInvalidInput, 2, 0, "does not know this service"},
+		{"invalid result", 200, nil, `{"error":3}`, search, upstream.KindInternal, 3, 0, ""},
+		{"password reset", 200, nil, `{"error":11}`, search, upstream.KindInternal, 11, 0, ""},
+		{"billing", 200, nil, `{"error":14}`, search, upstream.KindAccessDenied, 14, 0, "billing"},
+		{"item exists", 200, nil, `{"error":1002}`, search, upstream.KindInvalidInput, 1002, 0, "already exists"},
+		{"two-factor attempts", 200, nil, `{"error":1006}`, login, upstream.KindRateLimited, 1006, 100 * time.Second, ""},
+		{"execution time", 200, nil, `{"error":1005}`, search, upstream.KindInvalidInput, 1005, 0, "narrow the interval"},
+		{"too many requests", 200, nil, `{"error":10}`, search, upstream.KindRateLimited, 10, time.Second, ""},
+		{"concurrency limit", 200, nil, `{"error":1003,"reason":"LIMIT api_concurrent"}`, search, upstream.KindRateLimited, 1003, time.Second, ""},
+		{"other number", 200, nil, `{"error":77}`, search, upstream.KindInternal, 77, 0, ""},
+		{"error as string", 200, nil, `{"error":"boom"}`, search, upstream.KindInternal, 0, 0, ""},
+		{"not JSON", 200, nil, `<html>oops</html>`, search, upstream.KindInternal, 0, 0, ""},
+		{"wrong field type", 200, nil, `{"items":[{"id":"x"}]}`, search, upstream.KindInternal, 0, 0, ""},
+		{"missing items", 200, nil, `{}`, search, upstream.KindInternal, 0, 0, ""},
+		{"login without eid", 200, nil, `{"au":"x"}`, login, upstream.KindInternal, 0, 0, ""},
+		{"HTTP 500", 500, nil, ``, search, upstream.KindUnavailable, 0, 0, ""},
+		{"HTTP 502", 502, nil, `bad gateway`, login, upstream.KindUnavailable, 0, 0, ""},
+		{"HTTP 503", 503, nil, ``, search, upstream.KindUnavailable, 0, 0, ""},
+		{"HTTP 429", 429, map[string]string{"Retry-After": "7"}, ``, search, upstream.KindRateLimited, 0, 7 * time.Second, ""},
+		{"HTTP 429 no header", 429, nil, ``, search, upstream.KindRateLimited, 0, time.Second, ""},
+		{"HTTP 404", 404, nil, ``, search, upstream.KindInternal, 0, 0, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -318,6 +345,9 @@ func TestErrorMapping(t *testing.T) {
 			}
 			if ue.RetryAfter != tt.retryAfter {
 				t.Errorf("RetryAfter = %v, want %v", ue.RetryAfter, tt.retryAfter)
+			}
+			if !strings.Contains(err.Error(), tt.reason) {
+				t.Errorf("error %q does not say %q", err, tt.reason)
 			}
 			if strings.Contains(err.Error(), canary) {
 				t.Errorf("error text carries the token: %v", err)
@@ -500,8 +530,65 @@ func TestRetries(t *testing.T) {
 		}
 	})
 
+	t.Run("concurrency refusals are retried, raw calls too, a bounded number of times", func(t *testing.T) {
+		for _, body := range []string{`{"error":1003}`, `{"error":10}`} {
+			h := &fixed{status: 200, body: body}
+			base := serve(t, h)
+			if _, err := fastClient().SearchUnits(ctx, base, "sid"); upstream.KindOf(err) != upstream.KindRateLimited {
+				t.Errorf("%s: %v, want rate_limited", body, err)
+			}
+			if _, err := fastClient().Raw(ctx, base, "sid", "core/search_item", nil); upstream.KindOf(err) != upstream.KindRateLimited {
+				t.Errorf("raw %s: %v, want rate_limited", body, err)
+			}
+			if h.count() != 8 {
+				t.Errorf("%s: %d requests, want 4 tries of each call", body, h.count())
+			}
+		}
+		h := &fixed{status: 200, body: `{"error":1003}`}
+		_, _ = fastClient().Login(ctx, serve(t, h), canary)
+		if h.count() != 1 {
+			t.Errorf("a login refused 1003 was tried %d times: a login is never retried", h.count())
+		}
+	})
+
+	t.Run("at most 4 tries in all, at most 3 of them failed runs", func(t *testing.T) {
+		tests := []struct {
+			name   string
+			bodies []string // answered in turn, the last one from then on
+			want   int
+			kind   upstream.Kind
+		}{
+			{"failures only", []string{`{"error":5}`}, 3, upstream.KindUnavailable},
+			{"refusals only", []string{`{"error":1003}`}, 4, upstream.KindRateLimited},
+			{"refusal, failure, refusal, failure", []string{`{"error":1003}`, `{"error":5}`, `{"error":1003}`, `{"error":5}`, `{"error":1003}`}, 4, upstream.KindUnavailable},
+			{"three refusals, then failures", []string{`{"error":1003}`, `{"error":1003}`, `{"error":1003}`, `{"error":5}`}, 4, upstream.KindUnavailable},
+			{"a refusal, then failures", []string{`{"error":1003}`, `{"error":5}`}, 4, upstream.KindUnavailable},
+			{"two failures, then refusals", []string{`{"error":5}`, `{"error":5}`, `{"error":1003}`}, 4, upstream.KindRateLimited},
+		}
+		for _, tt := range tests {
+			h := &sequence{bodies: tt.bodies}
+			_, err := fastClient().SearchUnits(ctx, serve(t, h), "sid")
+			if upstream.KindOf(err) != tt.kind || h.count() != tt.want {
+				t.Errorf("%s: %d requests ending in %v, want %d ending %s", tt.name, h.count(), err, tt.want, tt.kind)
+			}
+		}
+	})
+
+	t.Run("a retry that does not fit the deadline is not made, and says so", func(t *testing.T) {
+		for _, body := range []string{`{"error":1003}`, `{"error":5}`} {
+			h := &fixed{status: 200, body: body}
+			c := wialon.New(nil, wialon.WithRetry(3, 10*time.Second, 10*time.Second), wialon.WithLimitRetry(4, 10*time.Second, 10*time.Second))
+			dctx, cancel := context.WithTimeout(ctx, time.Second)
+			_, err := c.SearchUnits(dctx, serve(t, h), "sid")
+			cancel()
+			if h.count() != 1 || !errors.Is(err, upstream.ErrOutOfTime) || upstream.KindOf(err) == upstream.KindInternal {
+				t.Errorf("%s: %d requests, %v; want 1, marked out of time, the upstream's kind kept", body, h.count(), err)
+			}
+		}
+	})
+
 	t.Run("no retry on other kinds", func(t *testing.T) {
-		for _, body := range []string{`{"error":1003}`, `{"error":1}`, `{"error":4}`} {
+		for _, body := range []string{`{"error":1}`, `{"error":4}`} {
 			h := &fixed{status: 200, body: body}
 			_, _ = fastClient().SearchUnits(ctx, serve(t, h), "sid")
 			if h.count() != 1 {

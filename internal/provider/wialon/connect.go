@@ -176,10 +176,13 @@ func wellFormedToken(t string) bool {
 // rights, which only a token with token-management rights may read) and
 // logs out. Only the login decides whether the token is good: a token/list
 // that is refused (the normal case for a least-privilege token) or fails
-// leaves expiry and rights unknown.
+// leaves expiry and rights unknown. The login is Validate's: within the
+// egress IP's login budget, and a token Wialon refused is not tried again
+// (loginguard.go).
 func (p *Provider) Inspect(ctx context.Context, baseURL string, secret proto.Message, asked string) (provider.Grant, error) {
-	tok := token(secret)
-	sess, err := p.client.Login(ctx, baseURL, tok)
+	w, _ := secret.(*credentialsv1.WialonSecret)
+	tok := w.GetToken()
+	sess, err := p.login(ctx, baseURL, secret)
 	if err != nil {
 		return provider.Grant{}, err
 	}

@@ -169,8 +169,12 @@ func decodeUnits(body []byte) ([]Unit, error) {
 	return units, nil
 }
 
-func decodeMessages(body []byte) ([]Message, error) {
+// decodeMessages reads a messages/load_interval reply: the messages
+// returned and the count Wialon loaded into the session's message layer
+// (0 if it did not say).
+func decodeMessages(body []byte) ([]Message, int, error) {
 	var r struct {
+		Count    *int64 `json:"count"`
 		Messages *[]struct {
 			T   *int64          `json:"t"`
 			TP  string          `json:"tp"`
@@ -179,19 +183,19 @@ func decodeMessages(body []byte) ([]Message, error) {
 		} `json:"messages"`
 	}
 	if err := json.Unmarshal(body, &r); err != nil {
-		return nil, typeError(err)
+		return nil, 0, typeError(err)
 	}
 	if r.Messages == nil {
-		return nil, errors.New("load reply has no messages")
+		return nil, 0, errors.New("load reply has no messages")
 	}
 	msgs := make([]Message, 0, len(*r.Messages))
 	for i, m := range *r.Messages {
 		if m.T == nil {
-			return nil, fmt.Errorf("message %d has no time", i)
+			return nil, 0, fmt.Errorf("message %d has no time", i)
 		}
 		pos, err := m.Pos.position(*m.T)
 		if err != nil {
-			return nil, fmt.Errorf("message %d: %w", i, err)
+			return nil, 0, fmt.Errorf("message %d: %w", i, err)
 		}
 		var params json.RawMessage
 		if len(m.P) > 0 && !bytes.Equal(m.P, []byte("null")) {
@@ -199,7 +203,11 @@ func decodeMessages(body []byte) ([]Message, error) {
 		}
 		msgs = append(msgs, Message{Time: unixTime(*m.T), Type: m.TP, Pos: pos, Params: params})
 	}
-	return msgs, nil
+	total := 0
+	if r.Count != nil && *r.Count > 0 {
+		total = int(min(*r.Count, 1<<31-1))
+	}
+	return msgs, total, nil
 }
 
 func decodeTrips(body []byte) ([]Trip, error) {

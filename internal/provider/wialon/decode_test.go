@@ -90,17 +90,17 @@ func TestDecodeError(t *testing.T) {
 }
 
 func TestDecodeMessagesAndTrips(t *testing.T) {
-	msgs, err := decodeMessages([]byte(`{"count":2,"messages":[
+	msgs, total, err := decodeMessages([]byte(`{"count":7,"messages":[
 		{"t":1364760081,"f":3,"tp":"ud","pos":{"y":53.8,"x":27.5,"z":213,"s":0,"c":51,"sc":9},"i":0,"p":{"adc1":12.6}},
 		{"t":1364760381,"tp":"ud","pos":null,"p":null}]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(msgs) != 2 || msgs[0].Pos == nil || msgs[0].Pos.Time.Unix() != 1364760081 || string(msgs[0].Params) != `{"adc1":12.6}` ||
-		msgs[1].Pos != nil || msgs[1].Params != nil {
-		t.Errorf("messages = %+v", msgs)
+		msgs[1].Pos != nil || msgs[1].Params != nil || total != 7 {
+		t.Errorf("messages = %+v, count %d", msgs, total)
 	}
-	if _, err := decodeMessages([]byte(`{"messages":[{"tp":"ud"}]}`)); err == nil || !strings.Contains(err.Error(), "no time") {
+	if _, _, err := decodeMessages([]byte(`{"messages":[{"tp":"ud"}]}`)); err == nil || !strings.Contains(err.Error(), "no time") {
 		t.Errorf("message without time: %v", err)
 	}
 
@@ -156,7 +156,7 @@ func FuzzDecodeResponse(f *testing.F) {
 		check("login", err)
 		_, err = decodeUnits(body)
 		check("units", err)
-		_, err = decodeMessages(body)
+		_, _, err = decodeMessages(body)
 		check("messages", err)
 		_, err = decodeTrips(body)
 		check("trips", err)

@@ -54,6 +54,7 @@ const (
 	fValidationMessage = "validation_message"
 	fUpstreamUser      = "upstream_user"
 	fTokenExpireTime   = "token_expire_time"
+	fLastUsedTime      = "last_used_time"
 )
 
 // Script reply status, the first element of every script's reply.
@@ -450,6 +451,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 		fLabels, labels,
 		fUpdateTime, formatTime(c.UpdateTime),
 		fTokenExpireTime, formatTime(c.TokenExpireTime),
+		fLastUsedTime, formatTime(c.LastUsedTime),
 	}
 	args = append(args, validationFields(Validation{
 		State: c.ValidationState, Message: c.ValidationMessage,
@@ -637,6 +639,20 @@ func (r *Redis) SetValidation(ctx context.Context, tenantID, credentialID string
 	}
 	return parseCredential(fields)
 }
+
+// RecordUse implements Store.
+func (r *Redis) RecordUse(ctx context.Context, tenantID, credentialID string, version int64, t time.Time) error {
+	_, err := r.casFields(ctx, tenantID, credentialID, version, fLastUsedTime, formatTime(t))
+	return err
+}
+
+// Client is the Redis client the store uses, for state the credentials
+// service shares across replicas beside the records (login budgets, the
+// keep-alive's lease); Prefix is the store's key prefix.
+func (r *Redis) Client() redis.UniversalClient { return r.client }
+
+// Prefix is the prefix of the store's keys.
+func (r *Redis) Prefix() string { return r.prefix }
 
 // UpdateCiphertext implements Store.
 func (r *Redis) UpdateCiphertext(ctx context.Context, tenantID, credentialID string, version int64, ciphertext string, adVersion int) error {
@@ -1163,6 +1179,7 @@ func parseCredential(m map[string]string) (Credential, error) {
 	c.UpdateTime, errs = parseTime(m[fUpdateTime], errs)
 	c.ValidateTime, errs = parseTime(m[fValidateTime], errs)
 	c.TokenExpireTime, errs = parseTime(m[fTokenExpireTime], errs)
+	c.LastUsedTime, errs = parseTime(m[fLastUsedTime], errs)
 	if c.Generation == "" && len(errs) == 0 {
 		// A record written before generations existed: derive one that
 		// still changes when the credential is deleted and created again.

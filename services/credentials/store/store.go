@@ -72,6 +72,10 @@ type Credential struct {
 	// (zero: unlimited or unknown). It belongs to the secret: every Put
 	// sets it, and a validation leaves it alone.
 	TokenExpireTime time.Time
+	// LastUsedTime is when the service last logged in upstream with the
+	// secret (zero if never since it was stored): the keep-alive keeps
+	// secrets the upstream deletes when unused (Wialon: 100 days) alive.
+	LastUsedTime time.Time
 }
 
 // NewGeneration returns a fresh credential generation id: 128 random bits,
@@ -204,6 +208,9 @@ type Store interface {
 	// SetValidation records a validation outcome if the credential is still
 	// at version; otherwise ErrVersionConflict.
 	SetValidation(ctx context.Context, tenantID, credentialID string, version int64, v Validation) (Credential, error)
+	// RecordUse records t as the last time the credential at version was
+	// used upstream (last_used_time); ErrVersionConflict if it changed.
+	RecordUse(ctx context.Context, tenantID, credentialID string, version int64, t time.Time) error
 	// UpdateCiphertext replaces the ciphertext of the credential at version,
 	// sealed with associated data version adVersion (after a transit rewrap
 	// or a migration), without bumping the version or the generation;

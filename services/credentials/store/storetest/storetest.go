@@ -72,6 +72,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"DeleteSession", testDeleteSession},
 		{"SetValidation", testSetValidation},
 		{"UpdateCiphertext", testUpdateCiphertext},
+		{"RecordUse", testRecordUse},
 		{"ForEachCredential", testForEachCredential},
 		{"ForEachCredentialStopsOnError", testForEachCredentialStopsOnError},
 		{"ConcurrentPut", testConcurrentPut},
@@ -545,6 +546,45 @@ func testSetValidation(t *testing.T, h Harness) {
 				t.Fatalf("second SetValidation: %v", err)
 			}
 			assertCredential(t, "second SetValidation", got, withValidation(before, v))
+		})
+	}
+}
+
+// testRecordUse: the last use is recorded on the version used, changes
+// nothing else, and is cleared when the secret is replaced (a new secret
+// has not been used).
+func testRecordUse(t *testing.T, h Harness) {
+	for _, tc := range []struct {
+		name    string
+		id      string
+		version int64
+		wantErr error
+	}{
+		{"current version", "", 2, nil},
+		{"stale version", "", 1, store.ErrVersionConflict},
+		{"missing credential", "missing", 2, store.ErrNotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testContext(t)
+			c := newCredential("tenant-a", "cred-1")
+			mustPut(t, h, c)
+			before := mustPut(t, h, c)
+			at := time.Date(2026, 3, 4, 5, 6, 7, 89, time.UTC)
+			err := h.Store.RecordUse(ctx, c.TenantID, cmp.Or(tc.id, c.CredentialID), tc.version, at)
+			if tc.wantErr != nil {
+				assertIs(t, "RecordUse", err, tc.wantErr)
+				assertUnchanged(t, h, before)
+				return
+			}
+			if err != nil {
+				t.Fatalf("RecordUse: %v", err)
+			}
+			want := before
+			want.LastUsedTime = at
+			assertUnchanged(t, h, want)
+			if replaced := mustPut(t, h, c); !replaced.LastUsedTime.IsZero() {
+				t.Errorf("a replaced secret keeps the old one's last use %v", replaced.LastUsedTime)
+			}
 		})
 	}
 }

@@ -258,7 +258,10 @@ type WialonSecret struct {
 	// Base URL of a self-hosted Wialon (e.g. https://wialon.example.com).
 	// Empty means https://hst-api.wialon.com. The host must be on the server's
 	// allow-list.
-	BaseUrl       string `protobuf:"bytes,2,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	BaseUrl string `protobuf:"bytes,2,opt,name=base_url,json=baseUrl,proto3" json:"base_url,omitempty"`
+	// Log in as this user (token/login operateAs) instead of the token's
+	// own user; empty for the token's user.
+	OperateAs     string `protobuf:"bytes,3,opt,name=operate_as,json=operateAs,proto3" json:"operate_as,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -303,6 +306,13 @@ func (x *WialonSecret) GetToken() string {
 func (x *WialonSecret) GetBaseUrl() string {
 	if x != nil {
 		return x.BaseUrl
+	}
+	return ""
+}
+
+func (x *WialonSecret) GetOperateAs() string {
+	if x != nil {
+		return x.OperateAs
 	}
 	return ""
 }
@@ -410,8 +420,13 @@ type Credential struct {
 	// Wialon authorization asked for, or from Wialon's token/list. Unset means
 	// unlimited or unknown (a token pasted through PutCredential).
 	TokenExpireTime *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=token_expire_time,json=tokenExpireTime,proto3" json:"token_expire_time,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// When the broker last logged in upstream with the secret (a mint, a
+	// validation or a keep-alive); unset if never since it was stored. Wialon
+	// deletes a token unused for 100 days: the credentials service logs in
+	// with every stored token at least every --wialon-keepalive.
+	LastUseTime   *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=last_use_time,json=lastUseTime,proto3" json:"last_use_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Credential) Reset() {
@@ -545,6 +560,13 @@ func (x *Credential) GetFleetupAccountId() int64 {
 func (x *Credential) GetTokenExpireTime() *timestamppb.Timestamp {
 	if x != nil {
 		return x.TokenExpireTime
+	}
+	return nil
+}
+
+func (x *Credential) GetLastUseTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUseTime
 	}
 	return nil
 }
@@ -2986,10 +3008,12 @@ var File_fleetbroker_credentials_v1_credentials_proto protoreflect.FileDescripto
 
 const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\n" +
-	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n" +
+	",fleetbroker/credentials/v1/credentials.proto\x12\x1afleetbroker.credentials.v1\x1a\x1bbuf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n" +
 	"\fWialonSecret\x12.\n" +
 	"\x05token\x18\x01 \x01(\tB\x18\xbaH\x15r\x132\x0e^[A-Za-z0-9]*$\x98\x01HR\x05token\x12)\n" +
-	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xab\x01\n" +
+	"\bbase_url\x18\x02 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\x12'\n" +
+	"\n" +
+	"operate_as\x18\x03 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x01R\toperateAs\"\xab\x01\n" +
 	"\rFleetUpSecret\x12#\n" +
 	"\aapi_key\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x04R\x06apiKey\x12&\n" +
@@ -2997,7 +3021,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"account_id\x18\x02 \x01(\x03B\a\xbaH\x04\"\x02 \x00R\taccountId\x12\"\n" +
 	"\x06secret\x18\x03 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\bR\x06secret\x12)\n" +
-	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\xcb\x06\n" +
+	"\bbase_url\x18\x04 \x01(\tB\x0e\xbaH\v\xd8\x01\x01r\x06\x18\x80\x04\x88\x01\x01R\abaseUrl\"\x8b\a\n" +
 	"\n" +
 	"Credential\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12#\n" +
@@ -3017,7 +3041,8 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x06labels\x18\f \x03(\v22.fleetbroker.credentials.v1.Credential.LabelsEntryR\x06labels\x12\x19\n" +
 	"\bbase_url\x18\r \x01(\tR\abaseUrl\x12,\n" +
 	"\x12fleetup_account_id\x18\x0e \x01(\x03R\x10fleetupAccountId\x12F\n" +
-	"\x11token_expire_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\x1a9\n" +
+	"\x11token_expire_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\x0ftokenExpireTime\x12>\n" +
+	"\rlast_use_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x05\n" +
@@ -3335,77 +3360,78 @@ var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
 	44, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
 	48, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 7: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	5,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	45, // 9: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	6,  // 10: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	10, // 11: fleetbroker.credentials.v1.BatchPutCredentialsRequest.items:type_name -> fleetbroker.credentials.v1.BatchPutItem
-	4,  // 12: fleetbroker.credentials.v1.BatchPutItem.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	5,  // 13: fleetbroker.credentials.v1.BatchPutItem.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	46, // 14: fleetbroker.credentials.v1.BatchPutItem.labels:type_name -> fleetbroker.credentials.v1.BatchPutItem.LabelsEntry
-	12, // 15: fleetbroker.credentials.v1.BatchPutCredentialsResponse.results:type_name -> fleetbroker.credentials.v1.BatchPutResult
-	6,  // 16: fleetbroker.credentials.v1.BatchPutResult.credential:type_name -> fleetbroker.credentials.v1.Credential
-	13, // 17: fleetbroker.credentials.v1.BatchPutResult.error:type_name -> fleetbroker.credentials.v1.ItemError
-	49, // 18: fleetbroker.credentials.v1.ItemError.retry_after:type_name -> google.protobuf.Duration
-	6,  // 19: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	6,  // 20: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
-	6,  // 21: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	49, // 22: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 23: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	48, // 24: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 25: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	0,  // 26: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
-	2,  // 27: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	48, // 28: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 29: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	5,  // 30: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	48, // 31: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	50, // 32: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
-	37, // 33: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	37, // 34: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	49, // 35: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
-	47, // 36: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
-	48, // 37: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 38: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
-	0,  // 39: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
-	48, // 40: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
-	48, // 41: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
-	41, // 42: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
-	7,  // 43: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	14, // 44: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	16, // 45: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	18, // 46: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	20, // 47: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	39, // 48: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
-	42, // 49: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
-	9,  // 50: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:input_type -> fleetbroker.credentials.v1.BatchPutCredentialsRequest
-	22, // 51: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	24, // 52: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	26, // 53: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	28, // 54: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	30, // 55: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	32, // 56: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	36, // 57: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	8,  // 58: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	15, // 59: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	17, // 60: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	19, // 61: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	21, // 62: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	40, // 63: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
-	43, // 64: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
-	11, // 65: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:output_type -> fleetbroker.credentials.v1.BatchPutCredentialsResponse
-	23, // 66: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	25, // 67: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	27, // 68: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	29, // 69: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	31, // 70: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	33, // 71: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	38, // 72: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	58, // [58:73] is the sub-list for method output_type
-	43, // [43:58] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	48, // 7: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
+	4,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 9: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	45, // 10: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	6,  // 11: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	10, // 12: fleetbroker.credentials.v1.BatchPutCredentialsRequest.items:type_name -> fleetbroker.credentials.v1.BatchPutItem
+	4,  // 13: fleetbroker.credentials.v1.BatchPutItem.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 14: fleetbroker.credentials.v1.BatchPutItem.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	46, // 15: fleetbroker.credentials.v1.BatchPutItem.labels:type_name -> fleetbroker.credentials.v1.BatchPutItem.LabelsEntry
+	12, // 16: fleetbroker.credentials.v1.BatchPutCredentialsResponse.results:type_name -> fleetbroker.credentials.v1.BatchPutResult
+	6,  // 17: fleetbroker.credentials.v1.BatchPutResult.credential:type_name -> fleetbroker.credentials.v1.Credential
+	13, // 18: fleetbroker.credentials.v1.BatchPutResult.error:type_name -> fleetbroker.credentials.v1.ItemError
+	49, // 19: fleetbroker.credentials.v1.ItemError.retry_after:type_name -> google.protobuf.Duration
+	6,  // 20: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 21: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 22: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	49, // 23: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	2,  // 24: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	48, // 25: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 26: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	0,  // 27: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
+	2,  // 28: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	48, // 29: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 30: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 31: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	48, // 32: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	50, // 33: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	37, // 34: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	37, // 35: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	49, // 36: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
+	47, // 37: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	48, // 38: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 39: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
+	0,  // 40: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
+	48, // 41: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
+	48, // 42: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
+	41, // 43: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
+	7,  // 44: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	14, // 45: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	16, // 46: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	18, // 47: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	20, // 48: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	39, // 49: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	42, // 50: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	9,  // 51: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:input_type -> fleetbroker.credentials.v1.BatchPutCredentialsRequest
+	22, // 52: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	24, // 53: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	26, // 54: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	28, // 55: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	30, // 56: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	32, // 57: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	36, // 58: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	8,  // 59: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	15, // 60: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	17, // 61: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	19, // 62: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	21, // 63: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	40, // 64: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	43, // 65: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	11, // 66: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:output_type -> fleetbroker.credentials.v1.BatchPutCredentialsResponse
+	23, // 67: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	25, // 68: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	27, // 69: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	29, // 70: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	31, // 71: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	33, // 72: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	38, // 73: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	59, // [59:74] is the sub-list for method output_type
+	44, // [44:59] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }

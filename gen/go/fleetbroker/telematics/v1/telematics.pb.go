@@ -538,10 +538,16 @@ func (x *GetLatestPositionsResponse) GetPositions() []*Position {
 }
 
 type GetPositionHistoryRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UnitId        string                 `protobuf:"bytes,1,opt,name=unit_id,json=unitId,proto3" json:"unit_id,omitempty"`
-	StartTime     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	EndTime       *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	UnitId    string                 `protobuf:"bytes,1,opt,name=unit_id,json=unitId,proto3" json:"unit_id,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// At most this many positions per reply; 0 means 10,000, the most. A
+	// range with more is answered in pages (next_page_token).
+	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of the previous reply, sent with the same unit_id,
+	// start_time and end_time, for the next page; empty for the first.
+	PageToken     string `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -597,9 +603,31 @@ func (x *GetPositionHistoryRequest) GetEndTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *GetPositionHistoryRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *GetPositionHistoryRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type GetPositionHistoryResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Positions     []*Position            `protobuf:"bytes,1,rep,name=positions,proto3" json:"positions,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first.
+	Positions []*Position `protobuf:"bytes,1,rep,name=positions,proto3" json:"positions,omitempty"`
+	// Set when the range holds more positions than this reply: pass it as
+	// page_token, with the same unit and range, for the next page. Nothing
+	// is silently left out.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// True when positions of the range were left out of this reply, to be
+	// fetched with next_page_token.
+	Truncated     bool `protobuf:"varint,3,opt,name=truncated,proto3" json:"truncated,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -639,6 +667,20 @@ func (x *GetPositionHistoryResponse) GetPositions() []*Position {
 		return x.Positions
 	}
 	return nil
+}
+
+func (x *GetPositionHistoryResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+func (x *GetPositionHistoryResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
 }
 
 type ListTripsRequest struct {
@@ -1146,15 +1188,21 @@ const file_fleetbroker_telematics_v1_telematics_proto_rawDesc = "" +
 	"\x19GetLatestPositionsRequest\x12,\n" +
 	"\bunit_ids\x18\x01 \x03(\tB\x11\xbaH\x0e\x92\x01\v\x10\xe8\a\"\x06r\x04\x10\x01\x18@R\aunitIds\"_\n" +
 	"\x1aGetLatestPositionsResponse\x12A\n" +
-	"\tpositions\x18\x01 \x03(\v2#.fleetbroker.telematics.v1.PositionR\tpositions\"\xef\x02\n" +
+	"\tpositions\x18\x01 \x03(\v2#.fleetbroker.telematics.v1.PositionR\tpositions\"\xc1\x03\n" +
 	"\x19GetPositionHistoryRequest\x12\"\n" +
 	"\aunit_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x06unitId\x12A\n" +
 	"\n" +
 	"start_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01R\tstartTime\x12=\n" +
-	"\bend_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01R\aendTime:\xab\x01\xbaH\xa7\x01\x1a\xa4\x01\n" +
-	"\rhistory.range\x12;end_time must be after start_time and at most 31 days later\x1aVthis.end_time > this.start_time && this.end_time - this.start_time <= duration('744h')\"_\n" +
+	"\bend_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01R\aendTime\x12'\n" +
+	"\tpage_size\x18\x04 \x01(\x05B\n" +
+	"\xbaH\a\x1a\x05\x18\x90N(\x00R\bpageSize\x12'\n" +
+	"\n" +
+	"page_token\x18\x05 \x01(\tB\b\xbaH\x05r\x03\x18\x80\x04R\tpageToken:\xab\x01\xbaH\xa7\x01\x1a\xa4\x01\n" +
+	"\rhistory.range\x12;end_time must be after start_time and at most 31 days later\x1aVthis.end_time > this.start_time && this.end_time - this.start_time <= duration('744h')\"\xa5\x01\n" +
 	"\x1aGetPositionHistoryResponse\x12A\n" +
-	"\tpositions\x18\x01 \x03(\v2#.fleetbroker.telematics.v1.PositionR\tpositions\"\xe4\x02\n" +
+	"\tpositions\x18\x01 \x03(\v2#.fleetbroker.telematics.v1.PositionR\tpositions\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1c\n" +
+	"\ttruncated\x18\x03 \x01(\bR\ttruncated\"\xe4\x02\n" +
 	"\x10ListTripsRequest\x12\"\n" +
 	"\aunit_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18@R\x06unitId\x12A\n" +
 	"\n" +
