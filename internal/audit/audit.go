@@ -42,6 +42,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -105,6 +106,10 @@ type Logger struct {
 	discard bool
 	errLog  *slog.Logger // told about Append'ed records a failed sync lost
 
+	syncs    atomic.Int64 // syncs run
+	synced   atomic.Int64 // lines they covered
+	syncTime atomic.Int64 // nanoseconds spent in them
+
 	mu     sync.Mutex // serializes writes; guards what follows
 	next   *group     // lines written since the running sync began; nil when none
 	closed bool
@@ -118,8 +123,9 @@ type Logger struct {
 type group struct {
 	done chan struct{}
 	err  error // set before done is closed
-	// appended counts its lines whose writers did not wait (Append).
-	appended int
+	// lines counts its lines; appended those whose writers did not wait
+	// (Append).
+	lines, appended int
 }
 
 // sink is where lines go: a file we opened (synced, failures undone), or
@@ -197,6 +203,19 @@ func start(s sink, opts ...Option) *Logger {
 // storage (a file we sync), rather than handed to a writer.
 func (l *Logger) Durable() bool { return !l.discard && l.sink.durable() }
 
+// SyncStats are what a Logger's syncs did so far.
+type SyncStats struct {
+	Syncs int64         // syncs run
+	Lines int64         // lines they covered (group commit: Lines/Syncs per sync)
+	Time  time.Duration // time spent syncing
+}
+
+// SyncStats reports the Logger's syncs so far (none for a writer or
+// Discard), for metrics and the benchmark.
+func (l *Logger) SyncStats() SyncStats {
+	return SyncStats{Syncs: l.syncs.Load(), Lines: l.synced.Load(), Time: time.Duration(l.syncTime.Load())}
+}
+
 // Record writes e as one JSON line and returns once it is written and, for
 // a file opened by Open, synced. An error means the event is not on record;
 // callers refuse the call rather than run it (or reply) without a record.
@@ -254,6 +273,7 @@ func (l *Logger) write(e Event, appended bool) (*group, error) {
 		g = &group{done: make(chan struct{})}
 		l.next = g
 	}
+	g.lines++
 	if appended {
 		g.appended++
 	}
@@ -291,7 +311,11 @@ func (l *Logger) syncNext() {
 	if g == nil {
 		return
 	}
+	began := time.Now()
 	err := l.sink.sync()
+	l.syncTime.Add(int64(time.Since(began)))
+	l.syncs.Add(1)
+	l.synced.Add(int64(g.lines))
 	failed := []*group{g}
 	l.mu.Lock()
 	if err == nil {

@@ -370,6 +370,9 @@ func TestGroupCommit(t *testing.T) {
 	if got := f.syncCount(); got != 2 {
 		t.Errorf("%d Records took %d syncs, want 2", n+1, got)
 	}
+	if st := l.SyncStats(); st.Syncs != 2 || st.Lines != n+1 {
+		t.Errorf("SyncStats = %+v, want 2 syncs of %d lines", st, n+1)
+	}
 }
 
 // TestAppendDoesNotWaitForTheSync: an Append'ed line is in the file when

@@ -279,6 +279,9 @@ func (a *Authorizer) begin(ctx context.Context, method string, req any) (call, e
 	if r, ok := req.(interface{ GetCredentialId() string }); ok {
 		ev.CredentialID = r.GetCredentialId()
 	}
+	if ids, ok := batchItems(req); ok {
+		ev.Items, ev.CredentialIDs = len(ids), joinIDs(ids)
+	}
 	refuse := func(err error) (call, error) {
 		a.outcome(ctx, ev, err)
 		return call{}, err

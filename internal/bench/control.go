@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
 
@@ -78,6 +79,12 @@ type ControlRow struct {
 	// per request.
 	TransitCallsPerCall float64 `json:"transit_calls_per_call,omitempty"`
 	ItemsPerTransitCall float64 `json:"items_per_transit_call,omitempty"`
+	// At the production level, the audit trail's group commit over the
+	// measurements: records per fsync, fsyncs per call, and the mean time
+	// of one fsync.
+	AuditRecordsPerSync float64 `json:"audit_records_per_sync,omitempty"`
+	AuditSyncsPerCall   float64 `json:"audit_syncs_per_call,omitempty"`
+	AuditSyncMs         float64 `json:"audit_sync_ms,omitempty"`
 }
 
 // ControlReport is the control-plane phase.
@@ -243,6 +250,7 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 	}
 	results := map[key][]measured{}
 	batching := map[key][2]int64{} // plain+batch PutCredential: transit calls, items
+	syncs := map[key]audit.SyncStats{}
 	built := map[key]Op{}
 	for round := range opts.Rounds {
 		for _, o := range ops {
@@ -265,11 +273,23 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 						s, _ := service(v)
 						counter = s.batches
 					}
+					var trail *audit.Logger
+					if v != refVariant && v != sealSequential && v != sealConcurrent {
+						s, _ := service(v)
+						trail = s.audit
+					}
 					calls0, items0 := counter.load()
+					sync0 := syncStats(trail)
 					m := measureLoad(ctx, opts.load(c), op, e.procs())
 					calls1, items1 := counter.load()
+					sync1 := syncStats(trail)
 					k.callers = c
 					results[k] = append(results[k], m)
+					st := syncs[k]
+					st.Syncs += sync1.Syncs - sync0.Syncs
+					st.Lines += sync1.Lines - sync0.Lines
+					st.Time += sync1.Time - sync0.Time
+					syncs[k] = st
 					if counter != nil {
 						b := batching[k]
 						b[0] += calls1 - calls0
@@ -311,11 +331,16 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 					b := sum(sealSequential)
 					row.Base, row.ThroughputVsBase, row.AddedCPUVsBaseUs = sealSequential, pairedThroughput(s, b), pairedAddedCPU(s, b)
 				}
+				var total int64
+				for _, m := range s.Rounds {
+					total += m.TotalOps
+				}
+				if st := syncs[key{o.name, v, c}]; st.Syncs > 0 {
+					row.AuditRecordsPerSync = div(float64(st.Lines), float64(st.Syncs))
+					row.AuditSyncsPerCall = div(float64(st.Syncs), float64(total))
+					row.AuditSyncMs = div(float64(st.Time)/1e6, float64(st.Syncs))
+				}
 				if b := batching[key{o.name, v, c}]; b[0] > 0 {
-					var total int64
-					for _, m := range s.Rounds {
-						total += m.TotalOps
-					}
 					row.TransitCallsPerCall = div(float64(b[0]), float64(total))
 					row.ItemsPerTransitCall = div(float64(b[1]), float64(b[0]))
 				}
@@ -371,4 +396,12 @@ func putVia(ctx context.Context, creds credentialsv1.CredentialServiceClient, te
 		return fmt.Errorf("put credential %s/%s: %w", tenant, a.credID, err)
 	}
 	return nil
+}
+
+// syncStats reads a trail's sync statistics (zero for none).
+func syncStats(l *audit.Logger) audit.SyncStats {
+	if l == nil {
+		return audit.SyncStats{}
+	}
+	return l.SyncStats()
 }

@@ -115,6 +115,8 @@ type credsService struct {
 	// batches counts the transit calls and items of plain+batch, the one
 	// variant whose transit the bench builds itself.
 	batches *batchCounter
+	// audit is the production variants' audit trail (nil below).
+	audit *audit.Logger
 }
 
 // needsBuilders reports whether a level is built by app.Build*, which
@@ -159,7 +161,11 @@ func (e *env) auditFile(name string) string {
 
 // security is the SecurityConfig of a service built by app.Build* at level
 // (policy, limits or production), with the server certificate given.
-func (e *env) security(level, name, certFile, keyFile string) app.SecurityConfig {
+//
+// At the production level the bench opens the audit file itself, exactly
+// as --audit-log would (audit.Open), so that it can read the trail's sync
+// statistics; it closes the file after the service has stopped.
+func (e *env) security(level, name, certFile, keyFile string) (app.SecurityConfig, error) {
 	sec := app.SecurityConfig{TLSCert: certFile, TLSKey: keyFile, TLSClientCA: e.pki.caFile, PolicyFile: e.policyFile}
 	switch level {
 	case lvlPolicy:
@@ -168,10 +174,15 @@ func (e *env) security(level, name, certFile, keyFile string) app.SecurityConfig
 		sec.AuditLogger = audit.Discard()
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	case lvlProduction:
-		sec.AuditLog = e.auditFile(name)
+		l, err := audit.Open(e.auditFile(name), audit.WithErrorLog(e.log))
+		if err != nil {
+			return sec, err
+		}
+		e.onClose(func() { _ = l.Close() })
+		sec.AuditLogger = l
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	}
-	return sec
+	return sec, nil
 }
 
 // credentialsVariant returns the credentials service of v, starting it on
@@ -234,7 +245,12 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		cfg.Security = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
+		if cfg.Security, err = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey); err != nil {
+			return nil, err
+		}
+		if v.level == lvlProduction {
+			s.audit = cfg.Security.AuditLogger
+		}
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: credentialsKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
 		cfg.BesideRegister, cfg.BesideActions = registerNoop, map[string]policy.Action{noopMethod: noopAction}
@@ -364,7 +380,9 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 		if e.vault == nil {
 			return nil, fmt.Errorf("the %s level is built by app.BuildGateway, which needs Vault (not -no-vault)", level)
 		}
-		cfg.Security = e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey)
+		if cfg.Security, err = e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey); err != nil {
+			return nil, err
+		}
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: gatewayKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
 		if addr, err = e.serveBuilt(ctx, func(ctx context.Context) (*server.Server, func(), error) {

@@ -112,18 +112,32 @@ func (s *Service) sealRecord(ctx context.Context, rec *store.Credential, sec sec
 // 128 bits, so equal secrets within a tenant are recognizable but not
 // reversible.
 func (s *Service) fingerprint(ctx context.Context, tenantID string, sec secret) (string, error) {
-	plain, err := sec.plaintext()
+	in, err := fingerprintInput(tenantID, sec)
 	if err != nil {
 		return "", err
 	}
-	mac, err := s.cfg.Transit.HMAC(ctx, append([]byte(tenantID+"\x00"+sec.provider+"\x00"), plain...))
+	mac, err := s.cfg.Transit.HMAC(ctx, in)
 	if err != nil {
 		return "", fmt.Errorf("fingerprint secret: %w", err)
 	}
+	return fingerprintOf(mac), nil
+}
+
+// fingerprintInput is what a secret's fingerprint is the HMAC of.
+func fingerprintInput(tenantID string, sec secret) ([]byte, error) {
+	plain, err := sec.plaintext()
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte(tenantID+"\x00"+sec.provider+"\x00"), plain...), nil
+}
+
+// fingerprintOf renders a fingerprint HMAC, cut to 128 bits.
+func fingerprintOf(mac []byte) string {
 	if len(mac) > 16 {
 		mac = mac[:16]
 	}
-	return "hmac-sha256:" + hex.EncodeToString(mac), nil
+	return "hmac-sha256:" + hex.EncodeToString(mac)
 }
 
 // openItem is the transit item that opens rec's ciphertext.

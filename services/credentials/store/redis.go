@@ -407,17 +407,35 @@ func (r *Redis) requestKey(tenantID, op, id string) (string, time.Duration, erro
 // PutCredential implements Store. A zero CreateTime or UpdateTime is set
 // to the current time; an empty Generation gets a fresh random one.
 func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error) {
-	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
+	keys, args, err := r.putCall(c, opts)
+	if err != nil {
 		return PutResult{}, err
+	}
+	var reply []any
+	err = r.durable(ctx, keys[0], func(cl redis.Cmdable) error {
+		var err error
+		reply, err = putScript.Run(ctx, cl, keys, args...).Slice()
+		return mapErr(err)
+	})
+	if err != nil {
+		return PutResult{}, err
+	}
+	return putResult(reply)
+}
+
+// putCall is putScript's keys and arguments for putting c.
+func (r *Redis) putCall(c Credential, opts PutOptions) ([]string, []any, error) {
+	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
+		return nil, nil, err
 	}
 	reqKey, window, err := r.requestKey(c.TenantID, "put", opts.Request.ID)
 	if err != nil {
-		return PutResult{}, err
+		return nil, nil, err
 	}
 	if c.Generation == "" {
 		gen, err := NewGeneration()
 		if err != nil {
-			return PutResult{}, err
+			return nil, nil, err
 		}
 		c.Generation = gen
 	}
@@ -430,7 +448,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 	}
 	labels, err := encodeLabels(c.Labels)
 	if err != nil {
-		return PutResult{}, err
+		return nil, nil, err
 	}
 	expected := ""
 	if opts.ExpectedVersion != nil {
@@ -457,16 +475,11 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 		State: c.ValidationState, Message: c.ValidationMessage,
 		UpstreamUser: c.UpstreamUser, Time: c.ValidateTime,
 	})...)
-	keys := []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}
-	var reply []any
-	err = r.durable(ctx, keys[0], func(cl redis.Cmdable) error {
-		var err error
-		reply, err = putScript.Run(ctx, cl, keys, args...).Slice()
-		return mapErr(err)
-	})
-	if err != nil {
-		return PutResult{}, err
-	}
+	return []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}, args, nil
+}
+
+// putResult reads putScript's reply.
+func putResult(reply []any) (PutResult, error) {
 	status, pairs, err := splitReply(reply)
 	if err != nil {
 		return PutResult{}, err
@@ -484,6 +497,98 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 	}
 	res.Credential, err = parseCredential(fields)
 	return res, err
+}
+
+// PutCredentials implements Store: every item's putScript in one pipeline
+// per tenant (one round trip, and one WAIT for the replicas after all of
+// them), each item applied atomically by itself.
+func (r *Redis) PutCredentials(ctx context.Context, items []PutItem) []PutItemResult {
+	out := make([]PutItemResult, len(items))
+	byTenant := map[string][]int{}
+	var tenants []string
+	calls := make([]struct {
+		keys []string
+		args []any
+	}, len(items))
+	for i, it := range items {
+		keys, args, err := r.putCall(it.Credential, it.Options)
+		if err != nil {
+			out[i].Err = err
+			continue
+		}
+		calls[i].keys, calls[i].args = keys, args
+		t := it.Credential.TenantID
+		if _, ok := byTenant[t]; !ok {
+			tenants = append(tenants, t)
+		}
+		byTenant[t] = append(byTenant[t], i)
+	}
+	for _, t := range tenants {
+		idx := byTenant[t]
+		replies := make([]*redis.Cmd, len(idx))
+		err := r.durable(ctx, calls[idx[0]].keys[0], func(cl redis.Cmdable) error {
+			return runPipelined(ctx, cl, putScript, len(idx), func(k int) ([]string, []any) {
+				return calls[idx[k]].keys, calls[idx[k]].args
+			}, replies)
+		})
+		for k, i := range idx {
+			if replies[k] == nil { // never sent
+				out[i].Err = err
+				continue
+			}
+			if rerr := replies[k].Err(); rerr != nil {
+				out[i].Err = mapErr(rerr)
+				continue
+			}
+			reply, rerr := replies[k].Slice()
+			if rerr != nil {
+				out[i].Err = mapErr(rerr)
+				continue
+			}
+			out[i].PutResult, out[i].Err = putResult(reply)
+			if out[i].Err == nil && err != nil {
+				// Written, but the replicas did not acknowledge it in time.
+				out[i].Err = err
+			}
+		}
+	}
+	return out
+}
+
+// runPipelined runs script n times in one pipeline on c, with the keys and
+// arguments call(k) gives, and puts each reply in replies[k]. A script
+// Redis does not know yet (NOSCRIPT) is loaded, and the calls that met it
+// are sent again: they ran nothing.
+func runPipelined(ctx context.Context, c redis.Cmdable, script *redis.Script, n int, call func(k int) ([]string, []any), replies []*redis.Cmd) error {
+	pending := make([]int, n)
+	for k := range pending {
+		pending[k] = k
+	}
+	for attempt := 0; len(pending) > 0; attempt++ {
+		pipe := c.Pipeline()
+		for _, k := range pending {
+			keys, args := call(k)
+			replies[k] = script.EvalSha(ctx, pipe, keys, args...)
+		}
+		_, _ = pipe.Exec(ctx) // errors are read per command
+		var again []int
+		for _, k := range pending {
+			if err := replies[k].Err(); err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+				again = append(again, k)
+			}
+		}
+		if len(again) == 0 {
+			return nil
+		}
+		if attempt > 0 {
+			return fmt.Errorf("store: script still unknown to Redis after loading it")
+		}
+		if err := script.Load(ctx, c).Err(); err != nil {
+			return mapErr(err)
+		}
+		pending = again
+	}
+	return nil
 }
 
 // GetCredential implements Store.

@@ -322,6 +322,9 @@ func storeCalls() map[string]func(context.Context, store.Store) error {
 			_, err := st.PutCredential(ctx, store.Credential{TenantID: tenant, CredentialID: id}, store.PutOptions{})
 			return err
 		},
+		"PutCredentials": func(ctx context.Context, st store.Store) error {
+			return st.PutCredentials(ctx, []store.PutItem{{Credential: store.Credential{TenantID: tenant, CredentialID: id}}})[0].Err
+		},
 		"GetCredential": func(ctx context.Context, st store.Store) error {
 			_, err := st.GetCredential(ctx, tenant, id)
 			return err

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -143,6 +144,41 @@ func TestSessionCredentialGone(t *testing.T) {
 			_, getErr := st.GetSession(ctx, bad)
 			if err == nil || getErr == nil {
 				t.Errorf("a corrupt session record: GetSessionCredential %v, GetSession %v; want both to fail", err, getErr)
+			}
+		})
+	}
+}
+
+// TestPutCredentialsOneRoundTrip: a batch of puts of one tenant takes one
+// Redis round trip on every topology (its keys share the tenant's slot).
+func TestPutCredentialsOneRoundTrip(t *testing.T) {
+	for _, topo := range sessionTopologies() {
+		t.Run(topo.name, func(t *testing.T) {
+			client := topo.client(t)
+			st := store.NewRedis(client, store.RedisOptions{Prefix: testenv.RedisPrefix(t)})
+			ctx := t.Context()
+			batch := func(from int) []store.PutItem {
+				items := make([]store.PutItem, 50)
+				for i := range items {
+					items[i] = store.PutItem{Credential: store.Credential{TenantID: "tenant-rt", CredentialID: "c" + strconv.Itoa(from+i),
+						Provider: store.ProviderWialon, Ciphertext: "vault:v1:x"}}
+				}
+				return items
+			}
+			for _, r := range st.PutCredentials(ctx, batch(0)) { // loads the script
+				if r.Err != nil {
+					t.Fatal(r.Err)
+				}
+			}
+			counter := &roundTrips{}
+			client.AddHook(counter)
+			for _, r := range st.PutCredentials(ctx, batch(100)) {
+				if r.Err != nil || !r.Created {
+					t.Fatalf("%+v", r)
+				}
+			}
+			if got := counter.n.Load(); got != 1 {
+				t.Errorf("50 puts took %d round trips, want 1", got)
 			}
 		})
 	}

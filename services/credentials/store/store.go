@@ -149,6 +149,22 @@ type PutResult struct {
 	Created    bool
 }
 
+// PutItem is one credential of PutCredentials.
+type PutItem struct {
+	Credential Credential
+	Options    PutOptions
+}
+
+// PutItemResult is one item's outcome in PutCredentials: its PutResult, or
+// Err (ErrVersionConflict, ErrInvalidArgument, ErrUnavailable...) if it
+// was not written. An item the replicas did not acknowledge in time is
+// written, and has an Err wrapping ErrUnavailable: retry it with the same
+// request id.
+type PutItemResult struct {
+	PutResult
+	Err error
+}
+
 // DeleteResult is how many live sessions a DeleteCredential revoked.
 type DeleteResult struct {
 	Replay
@@ -196,6 +212,10 @@ type Store interface {
 	// record and whether it was created; a replay returns the first
 	// result, whose Credential has no Ciphertext.
 	PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error)
+	// PutCredentials puts many credentials, sharing round trips: each item
+	// as PutCredential would, atomically by itself, with its own result
+	// (and nothing of an item that failed written).
+	PutCredentials(ctx context.Context, items []PutItem) []PutItemResult
 	GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error)
 	// ListCredentials pages through a tenant's credentials ordered by id.
 	// pageToken is opaque ("" for the first page); the returned token is ""

@@ -66,6 +66,8 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"CreateSessionMissingCredential", testCreateSessionMissingCredential},
 		{"CreateSessionRejectedCredential", testCreateSessionRejectedCredential},
 		{"SessionCredential", testSessionCredential},
+		{"PutCredentials", testPutCredentials},
+		{"PutCredentialsMany", testPutCredentialsMany},
 		{"SessionRoundTrip", testSessionRoundTrip},
 		{"SessionExpires", testSessionExpires},
 		{"SessionNotFound", testSessionNotFound},
