@@ -381,6 +381,11 @@ func targets(rep *Report) []Target {
 					Name: fmt.Sprintf("%s with audit (%s) vs without (limits), 16 callers", r.Op, r.Variant),
 					Want: "≥ 0.80", Got: fmt.Sprintf("%.3f", r.ThroughputVsBase), Met: r.ThroughputVsBase >= 0.8,
 				})
+			case r.Op == opBatchPut && r.ItemsVsEncryptBatch > 0:
+				out = append(out, Target{
+					Name: fmt.Sprintf("BatchPutCredentials %s items/s vs transit encrypt batch of 100, 16 callers", r.Variant),
+					Want: "≥ 0.50", Got: fmt.Sprintf("%.3f", r.ItemsVsEncryptBatch), Met: r.ItemsVsEncryptBatch >= 0.5,
+				})
 			case (r.Op == opIssue || r.Op == opResolve) && r.Variant == lvlProduction && r.ThroughputVsNoop > 0:
 				out = append(out, Target{
 					Name: fmt.Sprintf("%s vs a no-op unary call, both production, 16 callers", r.Op),

@@ -88,9 +88,20 @@ func TestSmoke(t *testing.T) {
 			t.Errorf("control: no IssueSession/ResolveSession/no-op rows for variant %s", v)
 		}
 	}
+	for _, v := range []string{lvlPlain, lvlProduction} {
+		if !seen[opBatchPut+"/"+v] {
+			t.Errorf("control: no BatchPutCredentials row for variant %s", v)
+		}
+	}
 	for _, r := range rep.Control.Rows {
 		if (r.Op == opIssue || r.Op == opResolve) && r.ThroughputVsNoop <= 0 {
 			t.Errorf("control %s %s: no ratio to the no-op call", r.Op, r.Variant)
+		}
+		if r.Op == opBatchPut && (r.ItemsVsEncryptBatch <= 0 || r.ItemsPerCall != batchPutItems) {
+			t.Errorf("control %s %s: %d items per call, %.2f of transit's batch encrypt; want %d and a ratio", r.Op, r.Variant, r.ItemsPerCall, r.ItemsVsEncryptBatch, batchPutItems)
+		}
+		if r.Variant == lvlProduction && (r.Op == opIssue || r.Op == opPut) && r.AuditSyncsPerCall <= 0 {
+			t.Errorf("control %s %s: no audit group commit figures", r.Op, r.Variant)
 		}
 	}
 	// The production services kept an audit trail on disk: intent and

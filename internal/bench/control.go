@@ -26,7 +26,10 @@ const (
 	opPut     = "PutCredential"
 	// opNoop is a unary method that does nothing, through the same server,
 	// interceptors and TLS as the credentials service (noop.go).
-	opNoop         = "no-op unary (reference)"
+	opNoop = "no-op unary (reference)"
+	// opBatchPut is BatchPutCredentials of batchPutItems credentials with
+	// skip_validation, replacing a bounded set of credentials.
+	opBatchPut     = "BatchPutCredentials"
 	opRedisGet     = "redis GET (reference)"
 	opEncrypt1     = "transit encrypt (1 item/call)"
 	opEncryptBatch = "transit encrypt (batch of 100)"
@@ -65,6 +68,10 @@ type ControlRow struct {
 	AddedCPUVsBaseUs float64 `json:"added_cpu_vs_base_us,omitempty"`
 	// ThroughputVsPlain is over the plain variant of the same operation.
 	ThroughputVsPlain float64 `json:"throughput_vs_plain,omitempty"`
+	// ItemsVsEncryptBatch (BatchPutCredentials) is its items per second
+	// over transit's own batch-of-100 encrypt, at the same concurrency,
+	// paired by round: the bulk import target.
+	ItemsVsEncryptBatch float64 `json:"items_vs_transit_encrypt_batch,omitempty"`
 	// ThroughputVsNoop (IssueSession, ResolveSession) is over the no-op
 	// unary method served by the same variant, paired by round: the
 	// handles target.
@@ -149,7 +156,7 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 
 	// IssueSession and ResolveSession make no transit call: they run at
 	// the security levels only.
-	var rpcVariants, putVariants []string
+	var rpcVariants, putVariants, batchVariants []string
 	for _, v := range credsVariants {
 		if v.name != lvlPlain && (opts.NoProduction || (e.vault == nil && needsBuilders(v.level))) {
 			continue
@@ -157,6 +164,9 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 		putVariants = append(putVariants, v.name)
 		if v.name != credPlainBatch && v.name != credProductionNoBatch {
 			rpcVariants = append(rpcVariants, v.name)
+		}
+		if v.name == lvlPlain || v.name == lvlProduction {
+			batchVariants = append(batchVariants, v.name)
 		}
 	}
 	var seq atomic.Int64
@@ -201,6 +211,15 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				b := a
 				b.credID = "put-" + strconv.FormatInt(seq.Add(1), 10)
 				return putVia(ctx, s.creds, cpTenant, b, sim.url)
+			}, nil
+		}},
+		{opBatchPut, batchPutItems, batchVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error {
+				return batchPutVia(ctx, s.creds, cpTenant, a, sim.url, seq.Add(1))
 			}, nil
 		}},
 		// A reference, not a fleetbroker call: what one Redis round trip
@@ -324,6 +343,9 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 						row.ThroughputVsNoop = pairedThroughput(s, n)
 					}
 				}
+				if o.name == opBatchPut {
+					row.ItemsVsEncryptBatch = pairedThroughput(s, summarize(results[key{opEncryptBatch, refVariant, c}])) * float64(batchPutItems) / transitBatch
+				}
 				if o.name == opPut || o.name == opSeal {
 					row.ThroughputVsEncrypt1 = pairedThroughput(s, summarize(results[key{opEncrypt1, refVariant, c}]))
 				}
@@ -404,4 +426,41 @@ func syncStats(l *audit.Logger) audit.SyncStats {
 		return audit.SyncStats{}
 	}
 	return l.SyncStats()
+}
+
+// batchPutItems is how many credentials each BatchPutCredentials of the
+// control phase carries, and batchPutSets how many distinct batches of
+// credentials it cycles through (replacing them), so Redis stays small.
+const (
+	batchPutItems = 100
+	batchPutSets  = 200
+)
+
+// batchPutVia stores a's secret under batchPutItems credential ids of set
+// n (mod batchPutSets) of tenant in one BatchPutCredentials, without asking
+// the provider, and fails if any item did.
+func batchPutVia(ctx context.Context, creds credentialsv1.CredentialServiceClient, tenant string, a account, baseURL string, n int64) error {
+	req := &credentialsv1.BatchPutCredentialsRequest{TenantId: tenant, SkipValidation: true, Items: make([]*credentialsv1.BatchPutItem, batchPutItems)}
+	set := n % batchPutSets
+	for i := range req.Items {
+		one := putRequest(tenant, a, baseURL)
+		item := &credentialsv1.BatchPutItem{CredentialId: fmt.Sprintf("bulk-%03d-%03d", set, i)}
+		switch sec := one.GetSecret().(type) {
+		case *credentialsv1.PutCredentialRequest_Wialon:
+			item.Secret = &credentialsv1.BatchPutItem_Wialon{Wialon: sec.Wialon}
+		case *credentialsv1.PutCredentialRequest_Fleetup:
+			item.Secret = &credentialsv1.BatchPutItem_Fleetup{Fleetup: sec.Fleetup}
+		}
+		req.Items[i] = item
+	}
+	resp, err := creds.BatchPutCredentials(ctx, req)
+	if err != nil {
+		return fmt.Errorf("batch put: %w", err)
+	}
+	for _, r := range resp.GetResults() {
+		if e := r.GetError(); e != nil {
+			return fmt.Errorf("batch put %s: %s %s", r.GetCredentialId(), e.GetReason(), e.GetMessage())
+		}
+	}
+	return nil
 }

@@ -85,7 +85,7 @@ func WriteText(out io.Writer, rep *Report) error {
 	if c := rep.Control; c != nil {
 		fmt.Fprintf(out, "3. Control plane (transit: %s; batching of plain+batch and production: %s); medians over %d interleaved rounds; CPU = this process + redis + vault\n",
 			c.Transit, c.TransitBatch, c.Rounds)
-		p("operation\tvariant\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\tCPU µs/call\tvault CPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\tthr/plain\tthr/no-op\tthr/encrypt(1)\ttransit calls/call\titems/transit call\t\n")
+		p("operation\tvariant\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\tCPU µs/call\tvault CPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\tthr/plain\tthr/no-op\tthr/encrypt(1)\titems/encrypt(100)\ttransit calls/call\titems/transit call\t\n")
 		for _, r := range c.Rows {
 			opt := func(format string, x float64) string {
 				if x == 0 {
@@ -97,9 +97,9 @@ func WriteText(out io.Writer, rep *Report) error {
 			if base == "" {
 				base = "-"
 			}
-			p("%s\t%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%.0f\t%.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.Op, r.Variant, r.Callers, r.Summary.Throughput, r.ItemsPerSec,
+			p("%s\t%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%.0f\t%.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.Op, r.Variant, r.Callers, r.Summary.Throughput, r.ItemsPerSec,
 				r.Summary.P50ms, r.Summary.P99ms, r.Summary.totalCPU(), r.Summary.VaultCPUPerCallUs, r.Summary.Errors, base,
-				opt("%.2f", r.ThroughputVsBase), opt("%+.0f", r.AddedCPUVsBaseUs), opt("%.2f", r.ThroughputVsPlain), opt("%.2f", r.ThroughputVsNoop), opt("%.2f", r.ThroughputVsEncrypt1),
+				opt("%.2f", r.ThroughputVsBase), opt("%+.0f", r.AddedCPUVsBaseUs), opt("%.2f", r.ThroughputVsPlain), opt("%.2f", r.ThroughputVsNoop), opt("%.2f", r.ThroughputVsEncrypt1), opt("%.2f", r.ItemsVsEncryptBatch),
 				opt("%.2f", r.TransitCallsPerCall), opt("%.1f", r.ItemsPerTransitCall))
 		}
 		w.Flush()

@@ -64,6 +64,8 @@ const (
 	statusConflict = -1
 	statusReplay   = 2
 	statusRejected = 3
+	// statusScriptError: putBatchScript failed on one item.
+	statusScriptError = -2
 )
 
 // Fields of a request record beside the stored result.
@@ -82,55 +84,94 @@ const (
 // no request id: long enough for the client's own retry of that write.
 const autoRequestWindow = time.Minute
 
-// putScript creates or replaces a record in one step, so concurrent puts
+// putLua is putScript's body as a function of its keys and arguments, so
+// that putBatchScript runs the same code for each item.
+//
+// It creates or replaces a record in one step, so concurrent puts
 // serialize in Redis and every put gets its own version. A request seen
 // before returns its first result and changes nothing but a replay count,
 // so a second run of the same put (a retry after a lost reply) does not add
 // another version; counting is a write, so a WAIT after the replay also
 // waits for the first run's write to reach the replicas.
 //
-// KEYS[1] record, KEYS[2] tenant index, KEYS[3] request record.
-// ARGV[1] credential id, ARGV[2] create time for a new record,
-// ARGV[3] request hash, ARGV[4] request window (ms), ARGV[5] expected
-// version (” for any, '0' for none), ARGV[6..] the other field/value pairs.
-// Reply: {created (0|1), HGETALL of the stored record...} |
-// {2, HGETALL of the request record...} replay | {-1} version differs.
-var putScript = redis.NewScript(`
-local first = redis.call('HGETALL', KEYS[3])
-if #first > 0 then
-  -- A write, so a WAIT after the replay also covers the first run's write.
-  redis.call('HINCRBY', KEYS[3], '_replays', 1)
-  return {2, unpack(first)}
-end
-local created = 0
-local version = 1
-local createTime = ARGV[2]
-local old = redis.call('HMGET', KEYS[1], 'version', 'create_time')
-if ARGV[5] ~= '' and tonumber(old[1] or '0') ~= tonumber(ARGV[5]) then return {-1} end
-if old[1] then
-  version = tonumber(old[1]) + 1
-  createTime = old[2] or createTime
-  -- Start from an empty hash so no field of the old record survives.
-  redis.call('DEL', KEYS[1])
-else
-  created = 1
-end
-redis.call('HSET', KEYS[1], 'version', tostring(version), 'create_time', createTime, unpack(ARGV, 6))
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-local rec = redis.call('HGETALL', KEYS[1])
--- The first result, for a repeat of this request: the record's metadata
--- (its ciphertext is not needed to answer, and is not copied).
-local result = {'_request', ARGV[3], '_created', tostring(created)}
-for i = 1, #rec, 2 do
-  if rec[i] ~= 'ciphertext' then
-    result[#result + 1] = rec[i]
-    result[#result + 1] = rec[i + 1]
+// keys[1] record, keys[2] tenant index, keys[3] request record.
+// argv[1] credential id, argv[2] create time for a new record,
+// argv[3] request hash, argv[4] request window (ms), argv[5] expected
+// version (” for any, '0' for none), argv[6..] the other field/value pairs.
+// Reply: {created (0|1), version, create time} (the record is exactly
+// those two and argv[6..]) | {2, HGETALL of the request record...} replay |
+// {-1} version differs.
+const putLua = `
+local function put(keys, argv)
+  local first = redis.call('HGETALL', keys[3])
+  if #first > 0 then
+    -- A write, so a WAIT after the replay also covers the first run's write.
+    redis.call('HINCRBY', keys[3], '_replays', 1)
+    return {2, unpack(first)}
   end
+  local created = 0
+  local version = 1
+  local createTime = argv[2]
+  local old = redis.call('HMGET', keys[1], 'version', 'create_time')
+  if argv[5] ~= '' and tonumber(old[1] or '0') ~= tonumber(argv[5]) then return {-1} end
+  if old[1] then
+    version = tonumber(old[1]) + 1
+    createTime = old[2] or createTime
+    -- Start from an empty hash so no field of the old record survives.
+    redis.call('DEL', keys[1])
+  else
+    created = 1
+  end
+  redis.call('HSET', keys[1], 'version', tostring(version), 'create_time', createTime, unpack(argv, 6))
+  redis.call('ZADD', keys[2], 0, argv[1])
+  -- The first result, for a repeat of this request: the record's metadata
+  -- (its ciphertext is not needed to answer, and is not copied).
+  local result = {'_request', argv[3], '_created', tostring(created), 'version', tostring(version), 'create_time', createTime}
+  for i = 6, #argv, 2 do
+    if argv[i] ~= 'ciphertext' then
+      result[#result + 1] = argv[i]
+      result[#result + 1] = argv[i + 1]
+    end
+  end
+  redis.call('HSET', keys[3], unpack(result))
+  redis.call('PEXPIRE', keys[3], argv[4])
+  return {created, tostring(version), createTime}
 end
-redis.call('HSET', KEYS[3], unpack(result))
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-return {created, unpack(rec)}
+`
+
+// putScript puts one record (putLua).
+var putScript = redis.NewScript(putLua + `return put(KEYS, ARGV)`)
+
+// putBatchScript puts many records of one tenant (so one hash slot), each
+// as putScript would, in one script call: the per-call cost of a script is
+// paid once for all of them. Each item is applied by itself; one item's
+// outcome does not change another's.
+//
+// KEYS: putScript's three keys for each item, in order. ARGV: for each
+// item, the number of its arguments and then putScript's arguments.
+// Reply: putScript's reply for each item, in order, or {-2, error} for an
+// item the script failed on (what it wrote before failing stays written, as
+// with putScript).
+var putBatchScript = redis.NewScript(putLua + `
+local out = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local argv = {}
+  for i = 1, n do argv[i] = ARGV[a + i] end
+  -- An item the script fails on (a key of another type) fails alone.
+  local ok, res = pcall(put, {KEYS[k], KEYS[k + 1], KEYS[k + 2]}, argv)
+  if not ok then res = {-2, tostring(res)} end
+  out[#out + 1] = res
+  k, a = k + 3, a + n + 1
+end
+return out
 `)
+
+// putBatchSize is the most items one putBatchScript call carries: a script
+// blocks Redis while it runs, so a big batch goes as a few calls (in one
+// pipeline).
+const putBatchSize = 100
 
 // casFieldsScript sets fields of a record only if it is still at the
 // expected version (optimistic concurrency for validation and rewrap).
@@ -420,7 +461,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 	if err != nil {
 		return PutResult{}, err
 	}
-	return putResult(reply)
+	return putResult(reply, args)
 }
 
 // putCall is putScript's keys and arguments for putting c.
@@ -478,20 +519,37 @@ func (r *Redis) putCall(c Credential, opts PutOptions) ([]string, []any, error) 
 	return []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}, args, nil
 }
 
-// putResult reads putScript's reply.
-func putResult(reply []any) (PutResult, error) {
-	status, pairs, err := splitReply(reply)
+// putResult reads putScript's reply to a call with args: on a write, the
+// stored record is the fields args set, with the version and create time
+// the script chose.
+func putResult(reply []any, args []any) (PutResult, error) {
+	status, rest, err := splitReply(reply)
 	if err != nil {
 		return PutResult{}, err
 	}
-	if status == statusConflict {
+	var fields map[string]string
+	switch status {
+	case statusConflict:
 		return PutResult{}, ErrVersionConflict
+	case statusScriptError:
+		return PutResult{}, fmt.Errorf("store: redis: %s", strings.Join(rest, " "))
+	case statusReplay:
+		if fields, err = pairsToMap(rest); err != nil {
+			return PutResult{}, err
+		}
+	case statusOK, statusNotFound: // created, replaced
+		if len(rest) != 2 {
+			return PutResult{}, fmt.Errorf("store: put reply has %d values, want 2", len(rest))
+		}
+		fields = make(map[string]string, len(args)/2+2)
+		for i := putFieldsFrom; i+1 < len(args); i += 2 {
+			fields[args[i].(string)] = fmt.Sprint(args[i+1])
+		}
+		fields[fVersion], fields[fCreateTime] = rest[0], rest[1]
+	default:
+		return PutResult{}, fmt.Errorf("store: unexpected script status %d", status)
 	}
-	fields, err := pairsToMap(pairs)
-	if err != nil {
-		return PutResult{}, err
-	}
-	res := PutResult{Created: status == 1}
+	res := PutResult{Created: status == statusOK}
 	if status == statusReplay {
 		res.Replayed, res.RequestHash, res.Created = true, fields[rRequest], fields[rCreated] == "1"
 	}
@@ -499,24 +557,30 @@ func putResult(reply []any) (PutResult, error) {
 	return res, err
 }
 
-// PutCredentials implements Store: every item's putScript in one pipeline
-// per tenant (one round trip, and one WAIT for the replicas after all of
-// them), each item applied atomically by itself.
+// putFieldsFrom is where putScript's field/value pairs start in its
+// arguments (ARGV[6], 0-based 5).
+const putFieldsFrom = 5
+
+// PutCredentials implements Store: the items of one tenant (one hash
+// slot) go in putBatchScript calls of up to putBatchSize items, all in one
+// pipeline (one round trip, and one WAIT for the replicas after them), each
+// item applied atomically by itself.
 func (r *Redis) PutCredentials(ctx context.Context, items []PutItem) []PutItemResult {
 	out := make([]PutItemResult, len(items))
-	byTenant := map[string][]int{}
-	var tenants []string
-	calls := make([]struct {
+	type call struct {
 		keys []string
 		args []any
-	}, len(items))
+	}
+	calls := make([]call, len(items))
+	byTenant := map[string][]int{}
+	var tenants []string
 	for i, it := range items {
 		keys, args, err := r.putCall(it.Credential, it.Options)
 		if err != nil {
 			out[i].Err = err
 			continue
 		}
-		calls[i].keys, calls[i].args = keys, args
+		calls[i] = call{keys, args}
 		t := it.Credential.TenantID
 		if _, ok := byTenant[t]; !ok {
 			tenants = append(tenants, t)
@@ -525,30 +589,50 @@ func (r *Redis) PutCredentials(ctx context.Context, items []PutItem) []PutItemRe
 	}
 	for _, t := range tenants {
 		idx := byTenant[t]
-		replies := make([]*redis.Cmd, len(idx))
+		var chunks [][]int
+		for off := 0; off < len(idx); off += putBatchSize {
+			chunks = append(chunks, idx[off:min(off+putBatchSize, len(idx))])
+		}
+		replies := make([]*redis.Cmd, len(chunks))
 		err := r.durable(ctx, calls[idx[0]].keys[0], func(cl redis.Cmdable) error {
-			return runPipelined(ctx, cl, putScript, len(idx), func(k int) ([]string, []any) {
-				return calls[idx[k]].keys, calls[idx[k]].args
+			return runPipelined(ctx, cl, putBatchScript, len(chunks), func(c int) ([]string, []any) {
+				var keys []string
+				var args []any
+				for _, i := range chunks[c] {
+					keys = append(keys, calls[i].keys...)
+					args = append(append(args, len(calls[i].args)), calls[i].args...)
+				}
+				return keys, args
 			}, replies)
 		})
-		for k, i := range idx {
-			if replies[k] == nil { // never sent
-				out[i].Err = err
-				continue
+		for c, chunk := range chunks {
+			var each []any
+			var cerr error
+			switch {
+			case replies[c] == nil: // never sent
+				cerr = err
+			case replies[c].Err() != nil:
+				cerr = mapErr(replies[c].Err())
+			default:
+				if each, cerr = replies[c].Slice(); cerr == nil && len(each) != len(chunk) {
+					cerr = fmt.Errorf("store: %d replies for %d puts", len(each), len(chunk))
+				}
 			}
-			if rerr := replies[k].Err(); rerr != nil {
-				out[i].Err = mapErr(rerr)
-				continue
-			}
-			reply, rerr := replies[k].Slice()
-			if rerr != nil {
-				out[i].Err = mapErr(rerr)
-				continue
-			}
-			out[i].PutResult, out[i].Err = putResult(reply)
-			if out[i].Err == nil && err != nil {
-				// Written, but the replicas did not acknowledge it in time.
-				out[i].Err = err
+			for k, i := range chunk {
+				if cerr != nil {
+					out[i].Err = cerr
+					continue
+				}
+				reply, ok := each[k].([]any)
+				if !ok {
+					out[i].Err = fmt.Errorf("store: put reply is %T, not a list", each[k])
+					continue
+				}
+				out[i].PutResult, out[i].Err = putResult(reply, calls[i].args)
+				if out[i].Err == nil && err != nil {
+					// Written, but the replicas did not acknowledge it in time.
+					out[i].Err = err
+				}
 			}
 		}
 	}

@@ -183,3 +183,31 @@ func TestPutCredentialsOneRoundTrip(t *testing.T) {
 		})
 	}
 }
+
+// TestPutCredentialsItemFailsAlone: an item the script cannot write (its
+// record key holds another type) fails with an error of its own; the items
+// around it are written.
+func TestPutCredentialsItemFailsAlone(t *testing.T) {
+	for _, topo := range sessionTopologies() {
+		t.Run(topo.name, func(t *testing.T) {
+			client := topo.client(t)
+			prefix := testenv.RedisPrefix(t)
+			st := store.NewRedis(client, store.RedisOptions{Prefix: prefix})
+			ctx := t.Context()
+			if err := client.Set(ctx, prefix+":{tenant-x}:cred:broken", "not a hash", time.Minute).Err(); err != nil {
+				t.Fatal(err)
+			}
+			var items []store.PutItem
+			for _, id := range []string{"before", "broken", "after"} {
+				items = append(items, store.PutItem{Credential: store.Credential{TenantID: "tenant-x", CredentialID: id, Provider: store.ProviderWialon, Ciphertext: "vault:v1:x"}})
+			}
+			res := st.PutCredentials(ctx, items)
+			if res[0].Err != nil || res[2].Err != nil || !res[0].Created || !res[2].Created {
+				t.Errorf("items around the broken one: %+v, %+v", res[0], res[2])
+			}
+			if res[1].Err == nil || errors.Is(res[1].Err, store.ErrUnavailable) {
+				t.Errorf("the broken item: %v, want an error of its own", res[1].Err)
+			}
+		})
+	}
+}
