@@ -35,10 +35,11 @@ const (
 	PhaseAmplification = "amplification"
 	PhaseControl       = "control"
 	PhaseMemory        = "memory"
+	PhaseStreams       = "streams"
 )
 
 // AllPhases is every phase.
-var AllPhases = []string{PhaseOverhead, PhaseScaling, PhaseAmplification, PhaseControl, PhaseMemory}
+var AllPhases = []string{PhaseOverhead, PhaseScaling, PhaseAmplification, PhaseControl, PhaseMemory, PhaseStreams}
 
 // Options configure a run. DefaultOptions is the documented run.
 type Options struct {
@@ -74,6 +75,9 @@ type Options struct {
 	MemAccounts    int
 	MemHold        time.Duration
 	FleetbrokerBin string
+	// Streams is how many WatchPositions streams the streams phase opens
+	// on one gateway.
+	Streams int
 
 	// NoVault uses the dev keyring instead of Vault (no Vault figures, no
 	// memory phase).
@@ -127,6 +131,7 @@ func DefaultOptions() Options {
 		MemHandles:          10_000,
 		MemAccounts:         1_000,
 		MemHold:             6 * time.Second,
+		Streams:             20_000,
 		BaselineIdlePerHost: 1024,
 		TransitBatch:        transit.BatchOptions{MaxItems: transit.DefaultBatchMaxItems, MaxInFlight: transit.DefaultBatchMaxInFlight},
 	}
@@ -177,6 +182,8 @@ type Report struct {
 	// MemoryProduction is the same gateway at the production level.
 	MemoryProduction *MemoryReport `json:"memory_production,omitempty"`
 	MemoryError      string        `json:"memory_error,omitempty"`
+	// Streams is what open WatchPositions streams cost one gateway.
+	Streams *StreamsReport `json:"streams,omitempty"`
 	// Audit is what the production variants' audit trails hold at the end.
 	Audit   *AuditStats `json:"audit,omitempty"`
 	Targets []Target    `json:"targets"`
@@ -225,7 +232,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		"concurrency": opts.Concurrency, "open_loop_rate": opts.Rate, "sim_latency": opts.SimLatency.String(),
 		"scaling_max": opts.ScalingMax, "amp_lifetime": opts.AmpLifetime.String(), "amp_duration": opts.AmpDuration.String(),
 		"amp_interval": opts.AmpInterval.String(), "amp_callers": opts.AmpCallers, "amp_instances": opts.AmpInstances,
-		"mem_handles": opts.MemHandles, "mem_accounts": opts.MemAccounts, "vault": !opts.NoVault,
+		"mem_handles": opts.MemHandles, "mem_accounts": opts.MemAccounts, "streams": opts.Streams, "vault": !opts.NoVault,
 		"service_logs":        map[bool]string{true: "discarded", false: "JSON at info, encoded into io.Discard"}[opts.QuietServices],
 		"fleetup_rate_budget": unlimitedFleetUp, "gateway_idle_per_host": opts.GatewayIdlePerHost,
 		"baseline_idle_per_host": opts.BaselineIdlePerHost, "production_variants": !opts.NoProduction,
@@ -293,6 +300,11 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 		if rep.Memory, rep.MemoryProduction, err = runMemory(ctx, e, opts, memSim); err != nil {
 			rep.MemoryError = err.Error()
 			opts.progress("memory phase failed: " + err.Error())
+		}
+	}
+	if opts.has(PhaseStreams) {
+		if rep.Streams, err = runStreams(ctx, e, opts, memSim); err != nil {
+			return rep, fmt.Errorf("streams: %w", err)
 		}
 	}
 	rep.Audit = e.auditStats()
@@ -398,6 +410,17 @@ func targets(rep *Report) []Target {
 				})
 			}
 		}
+	}
+	if st := rep.Streams; st != nil {
+		out = append(out, Target{
+			Name: fmt.Sprintf("RSS per open WatchPositions stream, %d streams on one gateway", st.Streams),
+			Want: "≤ 24 KiB", Got: fmt.Sprintf("%.1f KiB (%.2f goroutines per stream, %d errors)", st.PerStreamKiB, st.GoroutinesPerStream, st.Errors),
+			Met: st.PerStreamKiB <= 24 && st.Errors == 0,
+		}, Target{
+			Name: "upstream polls per account per interval, every stream open",
+			Want: "1", Got: fmt.Sprintf("%.2f", st.PollsPerAccountPerInterval),
+			Met: st.PollsPerAccountPerInterval > 0.8 && st.PollsPerAccountPerInterval < 1.2,
+		})
 	}
 	if rep.Amplification != nil {
 		for _, r := range rep.Amplification.Rows {

@@ -115,6 +115,13 @@ func WriteText(out io.Writer, rep *Report) error {
 		fmt.Fprintf(out, "idle %.1f MiB, loaded %.1f MiB (max %.1f, VmHWM %.1f), ≤ %.2f KiB per handle; passes %s s; %d calls, %d errors\n\n",
 			mem.IdleRSSMiB, mem.LoadedRSSMiB, mem.MaxRSSMiB, mem.HWMMiB, mem.PerHandleKiB, formatFloats(mem.PassSeconds), mem.Calls, mem.Errors)
 	}
+	if st := rep.Streams; st != nil {
+		fmt.Fprintf(out, "6. Streams: %d WatchPositions streams (min_interval %.0fs) on one `fleetbroker gateway` over %d connections, %d handles, %d accounts, %d tenants\n",
+			st.Streams, st.IntervalS, st.Connections, st.Handles, st.Accounts, st.Tenants)
+		fmt.Fprintf(out, "VmRSS %.1f → %.1f MiB (VmHWM %.1f): %.1f KiB per stream (Go heap in use %.1f, stacks %.1f); goroutines %d → %d (%.2f per stream); opened in %.1fs; %.2f upstream polls per account per interval; %d messages, %d errors\n\n",
+			st.Before.RSSMiB, st.With.RSSMiB, st.HWMMiB, st.PerStreamKiB, st.HeapPerStreamKiB, st.StackPerStreamKiB, st.Before.Goroutines, st.With.Goroutines, st.GoroutinesPerStream,
+			st.OpenSeconds, st.PollsPerAccountPerInterval, st.Messages, st.Errors)
+	}
 	if rep.MemoryError != "" {
 		fmt.Fprintf(out, "4. Memory: not measured: %s\n\n", rep.MemoryError)
 	}
