@@ -69,6 +69,9 @@ type Options struct {
 	MemHold        time.Duration
 	FleetbrokerBin string
 
+	// Soak configures the soak phase (soak.go), run only when named.
+	Soak SoakOptions
+
 	// NoVault uses the dev keyring instead of Vault (no Vault figures, no
 	// memory phase).
 	NoVault bool
@@ -109,6 +112,7 @@ func DefaultOptions() Options {
 		MemAccounts:         1_000,
 		MemHold:             6 * time.Second,
 		BaselineIdlePerHost: 1024,
+		Soak:                DefaultSoakOptions(),
 	}
 }
 
@@ -155,6 +159,7 @@ type Report struct {
 	Control       *ControlReport `json:"control_plane,omitempty"`
 	Memory        *MemoryReport  `json:"memory,omitempty"`
 	MemoryError   string         `json:"memory_error,omitempty"`
+	Soak          *SoakReport    `json:"soak,omitempty"`
 	Targets       []Target       `json:"targets"`
 }
 
@@ -269,7 +274,12 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 			opts.progress("memory phase failed: " + err.Error())
 		}
 	}
-	rep.Targets = targets(rep)
+	if opts.has(PhaseSoak) {
+		if rep.Soak, err = runSoak(ctx, e, opts, hotSim); err != nil {
+			return rep, fmt.Errorf("soak: %w", err)
+		}
+	}
+	rep.Targets = append(targets(rep), soakTargets(rep.Soak)...)
 	return rep, ctx.Err()
 }
 
