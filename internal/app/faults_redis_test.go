@@ -175,7 +175,7 @@ func TestFaultRedisFrozen(t *testing.T) {
 		t.Errorf("after the thaw: SERVING after %s (credentials) and %s (gateway), first write after %s; want all ≤ %s",
 			credUp, gwUp, recovered, recoveryTarget)
 	}
-	if err := listUnits(ctx, st.telematics, warm); err != nil {
+	if err := listUnits(callCtx(t, 15*time.Second), st.telematics, warm); err != nil {
 		t.Errorf("gateway call after the thaw: %v", err)
 	}
 	acked := countAcked(results)
@@ -197,6 +197,11 @@ func TestFaultRedisFrozen(t *testing.T) {
 // retried with their request ids, are stored exactly once.
 func TestFaultSentinelFailover(t *testing.T) {
 	d := testenv.RedisSentinelFailover(t)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the Redis deployment at the end:\n%s", d.Describe(context.Background()))
+		}
+	})
 	st := newFaultStackOn(t, app.RedisConfig{Addrs: d.Addrs, MasterName: d.MasterName})
 	if !strings.Contains(st.logs.String(), "credential writes wait for one Redis replica") {
 		t.Fatalf("the credentials service does not wait for a replica under Sentinel:\n%s", st.logs.String())
@@ -233,7 +238,7 @@ func TestFaultSentinelFailover(t *testing.T) {
 			t.Errorf("credentials SERVING %s after the switch, want ≤ %s", up, recoveryTarget)
 		}
 	}
-	if err := listUnits(ctx, st.telematics, warm); err != nil {
+	if err := listUnits(callCtx(t, 15*time.Second), st.telematics, warm); err != nil {
 		t.Errorf("gateway call after the failover: %v", err)
 	}
 	// Acknowledged writes are on the promoted master itself, not only
@@ -245,13 +250,13 @@ func TestFaultSentinelFailover(t *testing.T) {
 			continue
 		}
 		key := st.prefix + ":{" + faultTenant + "}:cred:" + r.id
-		if n, err := master.Exists(ctx, key).Result(); err != nil || n != 1 {
+		if n, err := master.Exists(callCtx(t, 15*time.Second), key).Result(); err != nil || n != 1 {
 			t.Errorf("acknowledged write %s is not on the promoted master %s (%s: %d, %v)", r.id, promoted, key, n, err)
 		}
 	}
 	retried := st.retryRefused(t, results)
 	stored, _ := st.verifyWrites(t, results, false)
-	t.Logf("reliability: sentinel failover (master SIGKILLed, down-after 1s): writes refused with STORE_UNAVAILABLE+RetryInfo; switch %s after the crash; first write %s after the switch (outage %s); gateway calls %d answered, %d UNAVAILABLE+RetryInfo; %d acknowledged (WAIT 1) all on the promoted master; %d refused and retried with their request ids; %d stored exactly once",
+	t.Logf("reliability: sentinel failover (master SIGKILLed, down-after 3s): writes refused with STORE_UNAVAILABLE+RetryInfo; switch %s after the crash; first write %s after the switch (outage %s); gateway calls %d answered, %d UNAVAILABLE+RetryInfo; %d acknowledged (WAIT 1) all on the promoted master; %d refused and retried with their request ids; %d stored exactly once",
 		switchedAt.Sub(killedAt).Round(10*time.Millisecond), recovered.Round(10*time.Millisecond), outage.Round(10*time.Millisecond),
 		answered, refused, acked, retried, stored)
 }

@@ -74,8 +74,8 @@ type SoakReport struct {
 	Result  Result           `json:"result"`
 	Calls   map[string]int64 `json:"calls"`
 	Samples []SoakSample     `json:"samples"`
-	// Growth is, per process and measure, the median of the last samples
-	// over that of the first after the warm-up.
+	// Growth is, per process and measure, the floor of the last samples
+	// against that of the first after the warm-up.
 	Growth []SoakGrowth `json:"growth"`
 }
 
@@ -99,7 +99,8 @@ type SoakGrowth struct {
 	Flat  bool    `json:"flat"`
 }
 
-// soakWindow is how many samples make the first and the last figure.
+// soakWindow is the fewest samples that make the first and the last
+// figure (a tenth of the run, when that is more).
 const soakWindow = 3
 
 // soakFlat says how far a measure may grow and still be flat: a share
@@ -521,8 +522,10 @@ func scrapeGoroutines(ctx context.Context, metricsAddr string) (int, error) {
 	return 0, errors.New("no go_goroutines at " + metricsAddr)
 }
 
-// soakGrowth compares, per process and measure, the median of the first
-// samples after a tenth of the run (the warm-up) with that of the last.
+// soakGrowth compares, per process and measure, the floor (minimum) of
+// the samples right after the warm-up (the first tenth of the run) with
+// the floor of the last ones: a leak raises the floor, while calls in
+// flight and garbage not yet collected only raise single samples.
 func soakGrowth(samples []SoakSample) []SoakGrowth {
 	byProc := map[string][]SoakSample{}
 	var names []string
@@ -535,13 +538,13 @@ func soakGrowth(samples []SoakSample) []SoakGrowth {
 	var out []SoakGrowth
 	for _, name := range names {
 		ss := byProc[name]
+		window := max(len(ss)/10, soakWindow)
 		ss = ss[len(ss)/10:]
-		if len(ss) < 2*soakWindow {
+		if len(ss) < 2*window {
 			continue // too short a run to tell
 		}
 		for _, f := range soakFlat {
-			g := SoakGrowth{Process: name, Measure: f.measure,
-				First: medianSample(ss[:soakWindow], f.of), Last: medianSample(ss[len(ss)-soakWindow:], f.of)}
+			g := SoakGrowth{Process: name, Measure: f.measure, First: floorOf(ss[:window], f.of), Last: floorOf(ss[len(ss)-window:], f.of)}
 			g.Limit = g.First*(1+f.share) + f.allowance
 			g.Flat = g.Last <= g.Limit
 			out = append(out, g)
@@ -550,13 +553,12 @@ func soakGrowth(samples []SoakSample) []SoakGrowth {
 	return out
 }
 
-func medianSample(ss []SoakSample, of func(SoakSample) float64) float64 {
-	vs := make([]float64, len(ss))
-	for i, s := range ss {
-		vs[i] = of(s)
+func floorOf(ss []SoakSample, of func(SoakSample) float64) float64 {
+	low := of(ss[0])
+	for _, s := range ss[1:] {
+		low = min(low, of(s))
 	}
-	slices.Sort(vs)
-	return vs[len(vs)/2]
+	return low
 }
 
 // soakTargets are the soak's targets: no errors, and every measure flat.

@@ -14,9 +14,12 @@ import (
 
 // Failover timings of RedisSentinelFailover: a Sentinel deems the master
 // down after failoverDownAfter without an answer, so a failover completes
-// within a few seconds instead of Sentinel's default 30 s and more.
+// within a few seconds instead of Sentinel's default 30 s and more. One
+// second is too short on a busy machine: a Sentinel that has just switched
+// to the new master and not yet heard from it within that second deems it
+// down too and fails over a second time.
 const (
-	failoverDownAfter = time.Second
+	failoverDownAfter = 3 * time.Second
 	failoverTimeout   = 10 * time.Second
 )
 
@@ -34,7 +37,7 @@ type FailoverSentinel struct {
 }
 
 // RedisSentinelFailover starts a Sentinel deployment for t, stopped when t
-// ends, whose Sentinels declare the master down after one second.
+// ends, whose Sentinels declare the master down after three seconds.
 func RedisSentinelFailover(t testing.TB) *FailoverSentinel {
 	t.Helper()
 	d, g, err := startSentinelDeployment(sentinelLayout{replicas: 2, downAfter: failoverDownAfter, failoverTimeout: failoverTimeout})
@@ -153,4 +156,34 @@ func (s *FailoverSentinel) hasSyncedReplica(ctx context.Context, master string) 
 		return fmt.Errorf("%s has no replica online yet:\n%s", master, info)
 	}
 	return nil
+}
+
+// Describe reports each running node's replication state and each
+// Sentinel's view of the master, to explain a failed test.
+func (s *FailoverSentinel) Describe(ctx context.Context) string {
+	var b strings.Builder
+	s.mu.Lock()
+	nodes := make([]string, 0, len(s.procs))
+	logs := map[string]string{}
+	for addr, p := range s.procs {
+		nodes = append(nodes, addr)
+		logs[addr] = p.role + ":\n" + p.log.String()
+	}
+	s.mu.Unlock()
+	for _, addr := range nodes {
+		fmt.Fprintf(&b, "--- log of %s, %s\n", addr, logs[addr])
+	}
+	for _, addr := range nodes {
+		c := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, DialTimeout: time.Second, MaxRetries: -1})
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		info, err := c.Info(cctx, "replication").Result()
+		cancel()
+		_ = c.Close()
+		fmt.Fprintf(&b, "--- %s: %v\n%s\n", addr, err, info)
+	}
+	for _, addr := range s.Addrs {
+		m, err := s.masterBy(ctx, addr)
+		fmt.Fprintf(&b, "--- sentinel %s: master %s %v\n", addr, m, err)
+	}
+	return b.String()
 }
