@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -303,6 +304,7 @@ func (f *fleet) migrate(t *testing.T, rel release) int {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, rel.bin, "migrate", "--vault-addr", f.vault.Addr, "--redis-addr", f.redisAddr, "--redis-prefix", f.prefix)
 	cmd.Env = append(os.Environ(), "FLEETBROKER_VAULT_TOKEN="+f.credToken)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with the test binary
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("fleetbroker migrate: %v\n%s", err, out)

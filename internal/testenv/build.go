@@ -137,7 +137,9 @@ func removeBuilds() {
 
 // goBuild runs go build -o out pkg in dir.
 func goBuild(ctx context.Context, dir, pkg, out string) error {
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-o", out, pkg)
+	// No VCS stamp: the exported tree of a commit has no .git, and a
+	// checkout owned by another user makes git refuse to read it.
+	cmd := exec.CommandContext(ctx, goTool(), "build", "-buildvcs=false", "-o", out, pkg)
 	cmd.Dir = dir
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build %s in %s: %w\n%s", pkg, dir, err, msg)
