@@ -91,13 +91,13 @@ type fleet struct {
 	// metrics gives every replica a metrics listener (for sampling).
 	metrics bool
 
-	credLB                 *l4Balancer
-	credEndpoints, gwEndps *endpoints
-	creds, gateways        []*fleetReplica
-	credsConn, gwConn      *grpc.ClientConn
-	credsClient            credentialsv1.CredentialServiceClient
-	sessions               credentialsv1.SessionServiceClient
-	telematics             telematicsv1.TelematicsServiceClient
+	credLB                     *l4Balancer
+	credEndpoints, gwEndpoints *endpoints
+	creds, gateways            []*fleetReplica
+	credsConn, gwConn          *grpc.ClientConn
+	credsClient                credentialsv1.CredentialServiceClient
+	sessions                   credentialsv1.SessionServiceClient
+	telematics                 telematicsv1.TelematicsServiceClient
 }
 
 // fleetReplica is one pod: a fixed address and the process running there now.
@@ -132,7 +132,7 @@ func newFleet(t *testing.T, redisAddr string, rel release, policyFile string, cr
 
 	f.credLB = newL4Balancer(t)
 	f.credEndpoints = newEndpoints(t, "fleet-credentials")
-	f.gwEndps = newEndpoints(t, "fleet-gateway")
+	f.gwEndpoints = newEndpoints(t, "fleet-gateway")
 	for i := range 2 {
 		f.creds = append(f.creds, f.newReplica(t, fmt.Sprintf("credentials-%d", i)))
 		f.gateways = append(f.gateways, f.newReplica(t, fmt.Sprintf("gateway-%d", i)))
@@ -143,7 +143,7 @@ func newFleet(t *testing.T, redisAddr string, rel release, policyFile string, cr
 	for _, r := range f.gateways {
 		f.start(t, r, rel, gwArgs)
 	}
-	f.credsConn, f.gwConn = f.credEndpoints.conn, f.gwEndps.conn
+	f.credsConn, f.gwConn = f.credEndpoints.conn, f.gwEndpoints.conn
 	f.credsClient = credentialsv1.NewCredentialServiceClient(f.credsConn)
 	f.sessions = credentialsv1.NewSessionServiceClient(f.credsConn)
 	f.telematics = telematicsv1.NewTelematicsServiceClient(f.gwConn)
@@ -213,16 +213,17 @@ func (f *fleet) list(r *fleetReplica, ready bool) {
 		f.credEndpoints.set(r.addr, ready)
 		f.credLB.set(r.addr, ready)
 	} else {
-		f.gwEndps.set(r.addr, ready)
+		f.gwEndpoints.set(r.addr, ready)
 	}
 }
 
 // roll replaces the pod's process as a StatefulSet rolling update does: it
 // gets SIGTERM (after its preStop hook, if its release has one) and stops
 // being an endpoint fleetEndpointLag after its termination began, must
-// exit cleanly within the termination grace period, and its successor — rel with extra flags — is
-// started on the same address and listed once ready. It returns how long
-// the pod was out of the endpoints.
+// exit cleanly within the termination grace period, and its successor —
+// rel with extra flags — is started on the same address and listed once
+// ready. It returns how long the pod was out of service: from the start of
+// its termination to its successor's listing.
 func (f *fleet) roll(t *testing.T, r *fleetReplica, rel release, extra []string) time.Duration {
 	t.Helper()
 	out := time.Now()

@@ -171,7 +171,7 @@ func TestFaultRollingRestart(t *testing.T) {
 		t.Errorf("%d of %d calls failed during the rolling restart:\n%s", failed, calls, load.failures())
 	}
 	checked := f.verifyWrites(t, writes)
-	t.Logf("reliability: rolling restart of 2 gateways and 2 credentials replicas (SIGTERM, drain %s) under load: %d calls, %d failed; pods out of the endpoints for %v; %d acknowledged writes stored once",
+	t.Logf("reliability: rolling restart of 2 gateways and 2 credentials replicas (SIGTERM, drain %s) under load: %d calls, %d failed; pods out of service for %v; %d acknowledged writes stored once",
 		fleetDrainPeriod, calls, failed, outOfService, checked)
 }
 
