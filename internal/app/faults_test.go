@@ -95,7 +95,13 @@ type runningServer struct {
 
 func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 	t.Helper()
-	st := &faultStack{redisAddr: redisAddr, prefix: testenv.RedisPrefix(t), logs: &syncBuffer{}}
+	return newFaultStackOn(t, app.RedisConfig{Addrs: []string{redisAddr}})
+}
+
+// newFaultStackOn is newFaultStack on any Redis topology (Sentinel, say).
+func newFaultStackOn(t *testing.T, redisCfg app.RedisConfig) *faultStack {
+	t.Helper()
+	st := &faultStack{redisAddr: redisCfg.Addrs[0], prefix: testenv.RedisPrefix(t), logs: &syncBuffer{}}
 	st.vault = testenv.VaultFile(t)
 	st.vault.Init(t)
 	st.credToken, st.gwToken = setUpTransit(t, st.vault)
@@ -119,9 +125,11 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 			AuditLog:   filepath.Join(t.TempDir(), "audit.log"),
 		},
 		Vault:            app.VaultConfig{Addr: st.vault.Addr, Token: st.credToken, Key: "fleetbroker"},
-		Redis:            app.RedisConfig{Addrs: []string{redisAddr}},
+		Redis:            redisCfg,
 		RedisPrefix:      st.prefix,
 		AllowedUpstreams: st.simHost,
+		// --redis-wait-replicas' default: one replica where there are any.
+		RedisWaitReplicas: app.RedisWaitAuto,
 	}
 	st.credsAddr = st.serve(t, "credentials", func(ctx context.Context) (*server.Server, func(), error) {
 		return app.BuildCredentials(ctx, credCfg, logger)
@@ -134,7 +142,7 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 		CredentialsInsecure: true,
 		CredentialsAPIKey:   gatewayAPIKey,
 		Vault:               app.VaultConfig{Addr: st.vault.Addr, Token: st.gwToken, Key: "fleetbroker-gateway"},
-		Redis:               app.RedisConfig{Addrs: []string{redisAddr}},
+		Redis:               redisCfg,
 		RedisPrefix:         st.prefix,
 		AllowedUpstreams:    st.simHost,
 		FleetUpRate:         100,
@@ -487,7 +495,7 @@ func startWriter(st *faultStack) *writer {
 			}
 			r := writeResult{id: fmt.Sprintf("w-%d", i), token: randomToken(), start: time.Now()}
 			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-			_, r.err = st.putWialon(ctx, r.id, r.token, false)
+			_, r.err = st.putWialonOnce(ctx, r.id, r.token)
 			cancel()
 			r.end = time.Now()
 			w.mu.Lock()
