@@ -106,7 +106,7 @@ func newFaultStackOn(t *testing.T, redisCfg app.RedisConfig) *faultStack {
 	st.vault.Init(t)
 	st.credToken, st.gwToken = setUpTransit(t, st.vault)
 
-	st.sim = simulator.New(simulator.Config{Demo: true, Units: 3})
+	st.sim = simulator.New(withoutWialonLimits(simulator.Config{Demo: true, Units: 3}))
 	simServer := httptest.NewServer(st.sim.Handler())
 	t.Cleanup(simServer.Close)
 	st.simHost = strings.TrimPrefix(simServer.URL, "http://")
@@ -118,7 +118,11 @@ func newFaultStackOn(t *testing.T, redisCfg app.RedisConfig) *faultStack {
 	}
 	credCfg := app.CredentialsConfig{
 		HandleKeys: handleKeys,
-		Server:     server.Config{GracePeriod: 2 * time.Second},
+		// Every acknowledged write is checked by logging in with it: more
+		// logins a minute than Wialon allows an IP (see withoutWialonLimits).
+		WialonLoginLimit:       1_000_000,
+		WialonFailedLoginLimit: 1_000_000,
+		Server:                 server.Config{GracePeriod: 2 * time.Second},
 		Security: app.SecurityConfig{
 			Insecure:   true,
 			PolicyFile: "../../deploy/compose-policy.yaml",
@@ -170,6 +174,18 @@ func (st *faultStack) newGateway(t *testing.T) string {
 	return st.serve(t, "gateway", func(ctx context.Context) (*server.Server, func(), error) {
 		return app.BuildGateway(ctx, cfg, logger)
 	})
+}
+
+// withoutWialonLimits turns off the simulator's enforcement of Wialon's
+// per-session and per-IP limits: the fault suite checks every acknowledged
+// write by logging in with it, far more logins a minute than Wialon allows
+// one IP, and is about faults, not those limits — which have their own
+// tests through the gateway (services/gateway TestFortyHistoryLoadsShare…,
+// TestWialonLoginBudgetKeepsTheIPUnblocked).
+func withoutWialonLimits(cfg simulator.Config) simulator.Config {
+	cfg.WialonSessionRequests, cfg.WialonSessionHeavy = -1, -1
+	cfg.WialonLoginsPerMinute, cfg.WialonFailedLoginsPerMinute, cfg.WialonSessionsPerUserIP = -1, -1, -1
+	return cfg
 }
 
 // setUpTransit creates the two derived keys and a token per service with
