@@ -79,6 +79,9 @@ type Options struct {
 	// on one gateway.
 	Streams int
 
+	// Soak configures the soak phase (soak.go), run only when named.
+	Soak SoakOptions
+
 	// NoVault uses the dev keyring instead of Vault (no Vault figures, no
 	// memory phase).
 	NoVault bool
@@ -134,6 +137,7 @@ func DefaultOptions() Options {
 		Streams:             20_000,
 		BaselineIdlePerHost: 1024,
 		TransitBatch:        transit.BatchOptions{MaxItems: transit.DefaultBatchMaxItems, MaxInFlight: transit.DefaultBatchMaxInFlight},
+		Soak:                DefaultSoakOptions(),
 	}
 }
 
@@ -186,6 +190,7 @@ type Report struct {
 	Streams *StreamsReport `json:"streams,omitempty"`
 	// Audit is what the production variants' audit trails hold at the end.
 	Audit   *AuditStats `json:"audit,omitempty"`
+	Soak    *SoakReport `json:"soak,omitempty"`
 	Targets []Target    `json:"targets"`
 }
 
@@ -307,8 +312,13 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 			return rep, fmt.Errorf("streams: %w", err)
 		}
 	}
+	if opts.has(PhaseSoak) {
+		if rep.Soak, err = runSoak(ctx, e, opts, hotSim); err != nil {
+			return rep, fmt.Errorf("soak: %w", err)
+		}
+	}
 	rep.Audit = e.auditStats()
-	rep.Targets = targets(rep)
+	rep.Targets = append(targets(rep), soakTargets(rep.Soak)...)
 	return rep, ctx.Err()
 }
 
