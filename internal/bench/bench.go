@@ -383,6 +383,18 @@ func targets(rep *Report) []Target {
 				Name: fmt.Sprintf("throughput %s/%s vs bare, %d callers", row.Provider, v.name, row.Callers),
 				Want: "≥ 0.80", Got: fmt.Sprintf("%.3f", v.r.ThroughputVsBare), Met: v.r.ThroughputVsBare >= 0.8,
 			})
+			if v.name == varDistinct && len(v.s.Rounds) >= 5 {
+				out = append(out, Target{
+					Name: fmt.Sprintf("%s/%s vs bare by CPU per call (bare's ÷ the gateway's), %d callers, %d rounds", row.Provider, v.name, row.Callers, len(v.s.Rounds)),
+					Want: "≥ 0.97", Got: fmt.Sprintf("%.3f", v.r.ThroughputVsBareByCPU), Met: v.r.ThroughputVsBareByCPU >= 0.97,
+				})
+			}
+			if v.name == varDistinct && row.Callers == 1 && v.s.Rounds[0].Mode == "open" {
+				out = append(out, Target{
+					Name: fmt.Sprintf("added p50 %s/%s over bare, 1 caller, open loop", row.Provider, v.name),
+					Want: "≤ 0.1 ms", Got: fmt.Sprintf("%.3f ms", v.r.AddedP50VsBareMs), Met: v.r.AddedP50VsBareMs <= 0.1,
+				})
+			}
 			if row.Callers == 16 {
 				out = append(out, Target{
 					Name: fmt.Sprintf("added p50 %s/%s over direct, 16 callers", row.Provider, v.name),
