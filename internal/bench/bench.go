@@ -408,6 +408,14 @@ func targets(rep *Report) []Target {
 			if r.Callers != 16 {
 				continue
 			}
+			// Not in the switch below: IssueSession production also has
+			// the audit target.
+			if (r.Op == opIssue || r.Op == opResolve) && r.Variant == lvlProduction && r.ThroughputVsNoop > 0 {
+				out = append(out, Target{
+					Name: fmt.Sprintf("%s vs a no-op unary call, both production, 16 callers", r.Op),
+					Want: "≥ 0.50", Got: fmt.Sprintf("%.3f", r.ThroughputVsNoop), Met: r.ThroughputVsNoop >= 0.5,
+				})
+			}
 			switch {
 			case r.Op == opIssue && r.Variant == lvlProduction && r.Base == lvlLimits,
 				r.Op == opPut && r.Variant == credProductionNoBatch && r.Base == lvlLimits:
@@ -419,11 +427,6 @@ func targets(rep *Report) []Target {
 				out = append(out, Target{
 					Name: fmt.Sprintf("BatchPutCredentials %s items/s vs transit encrypt batch of 100, 16 callers", r.Variant),
 					Want: "≥ 0.50", Got: fmt.Sprintf("%.3f", r.ItemsVsEncryptBatch), Met: r.ItemsVsEncryptBatch >= 0.5,
-				})
-			case (r.Op == opIssue || r.Op == opResolve) && r.Variant == lvlProduction && r.ThroughputVsNoop > 0:
-				out = append(out, Target{
-					Name: fmt.Sprintf("%s vs a no-op unary call, both production, 16 callers", r.Op),
-					Want: "≥ 0.50", Got: fmt.Sprintf("%.3f", r.ThroughputVsNoop), Met: r.ThroughputVsNoop >= 0.5,
 				})
 			case r.Op == opPut && (r.Variant == lvlProduction || r.Variant == credPlainBatch) && r.ThroughputVsEncrypt1 > 0:
 				out = append(out, Target{
