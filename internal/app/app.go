@@ -165,7 +165,7 @@ func BuildCredentialsServers(ctx context.Context, cfg CredentialsConfig, logger 
 		return fail(err)
 	}
 	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), vaultReady(vault))
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), nil, true, nil, rdb, logger)
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(credentials.Actions, nil), nil, true, nil, rdb, cfg.RedisPrefix, logger)
 	if err != nil {
 		return fail(err)
 	}

@@ -147,7 +147,7 @@ func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
 	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
-		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), handleKeys, false, policy.Static(policy.AllowAll()), rdb, logger)
+		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), handleKeys, false, policy.Static(policy.AllowAll()), rdb, "fb", logger)
 	if err != nil {
 		return err
 	}

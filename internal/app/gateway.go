@@ -23,13 +23,13 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
@@ -170,7 +170,7 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (
 		return closers.fail(err)
 	}
 	cfg.HandleKeys = keys
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), keys, cfg.Security.TLSClientCA != "", src, rdb, logger)
+	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), keys, cfg.Security.TLSClientCA != "", src, rdb, cfg.RedisPrefix, logger)
 	if err != nil {
 		return closers.fail(err)
 	}

@@ -1,6 +1,7 @@
 package app
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,9 +16,9 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 )
 
 // SecurityConfig is how a service authenticates and limits its callers.
@@ -73,7 +74,7 @@ func (s *security) Close() {
 // returns the security wiring plus cfg completed with TLS and interceptors.
 // A nil policy source means the caller supplies one (dev: allow-all). rules
 // are the methods the server serves; every other method is refused.
-func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, handleKeys *handle.Keys, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, logger *slog.Logger) (*security, server.Config, error) {
+func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, handleKeys *handle.Keys, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, redisPrefix string, logger *slog.Logger) (*security, server.Config, error) {
 	out := &security{}
 	fail := func(err error) (*security, server.Config, error) {
 		out.Close()
@@ -118,7 +119,7 @@ func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz
 		return fail(fmt.Errorf("--trusted-header is only for --insecure behind a mesh sidecar"))
 	}
 	out.limits = &authz.RateLimits{
-		Limiter:      ratelimit.New(rdb, "fb:api:rl"),
+		Limiter:      ratelimit.New(rdb, cmp.Or(redisPrefix, "fb")+":api:rl"),
 		PerPrincipal: perSecond(sec.RateLimitPrincipal),
 		PerSession:   perSecond(sec.RateLimitSession),
 		PerTenant:    perSecond(sec.RateLimitTenant),

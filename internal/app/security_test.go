@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -102,6 +103,9 @@ type secureStack struct {
 	logs        *syncBuffer
 	sim         *simulator.Simulator
 	simURL      string
+	// prefix is the stack's --redis-prefix, in redis.
+	prefix string
+	redis  redis.UniversalClient
 }
 
 func startSecureStack(t *testing.T, rateLimitPrincipal int) *secureStack {
@@ -139,6 +143,7 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 	credCert, credKeyFile := st.pki.Issue(t, "credentials", testenv.IssueOptions{DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
 	gwCert, gwKeyFile := st.pki.Issue(t, "gateway", testenv.IssueOptions{URIs: []string{principalGateway}, DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
 	prefix := testenv.RedisPrefix(t)
+	st.prefix, st.redis = prefix, rs.Client(t)
 	handleKeys, err := handle.GenerateKeys()
 	if err != nil {
 		t.Fatal(err)
@@ -443,6 +448,46 @@ func TestRateLimitPerPrincipalTripsAndRecovers(t *testing.T) {
 		_, err := acme.ListCredentials(ctx, &credentialsv1.ListCredentialsRequest{TenantId: secTenantA})
 		return err == nil
 	})
+}
+
+// TestRateLimitBudgetsStayUnderTheirRedisPrefix: two deployments sharing
+// one Redis under different --redis-prefix values keep apart budgets. The
+// caller budgets used to live under a fixed "fb:api:rl", so a principal
+// limited by one deployment was limited by the other too.
+func TestRateLimitBudgetsStayUnderTheirRedisPrefix(t *testing.T) {
+	one, other := startSecureStack(t, 1), startSecureStack(t, 1) // each its own RedisPrefix
+	if one.prefix == other.prefix {
+		t.Fatalf("both stacks use prefix %q", one.prefix)
+	}
+	ctx := context.Background()
+	list := func(st *secureStack) error {
+		c := credentialsv1.NewCredentialServiceClient(st.dial(t, st.credsAddr, st.pki, principalAcme))
+		_, err := c.ListCredentials(ctx, &credentialsv1.ListCredentialsRequest{TenantId: secTenantA})
+		return err
+	}
+	spent := false
+	for range 10 {
+		err := list(one)
+		if status.Code(err) == codes.ResourceExhausted {
+			spent = true
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !spent {
+		t.Fatal("10 calls at once never hit a 1/s limit")
+	}
+	// Within the second acme's budget in the first deployment is spent,
+	// its budget in the other is untouched.
+	if err := list(other); err != nil {
+		t.Fatalf("a budget spent under prefix %s limited the deployment under %s: %v", one.prefix, other.prefix, err)
+	}
+	keys, err := one.redis.Keys(ctx, "rate:"+one.prefix+":*").Result()
+	if err != nil || len(keys) == 0 {
+		t.Fatalf("no rate-limit key under rate:%s:* (%v): the budgets are not kept under the deployment's prefix", one.prefix, err)
+	}
 }
 
 func TestPlaintextNeedsInsecure(t *testing.T) {

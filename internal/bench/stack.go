@@ -25,12 +25,12 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	allproviders "github.com/fleetbroker/fleetbroker/internal/provider/providers"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )

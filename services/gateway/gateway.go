@@ -32,9 +32,9 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 

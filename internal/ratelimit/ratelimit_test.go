@@ -213,7 +213,7 @@ func TestInvalidArguments(t *testing.T) {
 		account string
 		limit   Limit
 	}{
-		{"empty account", "", FleetUp},
+		{"empty account", "", PerSecond(1, 2)},
 		{"zero rate", "a", Limit{Rate: 0, Period: time.Second, Burst: 1}},
 		{"zero period", "a", Limit{Rate: 1, Burst: 1}},
 		{"zero burst", "a", Limit{Rate: 1, Period: time.Second}},

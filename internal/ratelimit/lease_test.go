@@ -11,7 +11,7 @@ func TestLeaseSize(t *testing.T) {
 		limit Limit
 		want  int
 	}{
-		{PerSecond(1, 2), 0},         // FleetUp's guidance: a round trip per request
+		{PerSecond(1, 2), 0},         // about 1/s (FleetUp's guidance): a round trip per request
 		{PerSecond(10, 10), 0},       // half a slot per lease window: no lease
 		{PerSecond(1000, 1000), 50},  // 50 ms worth
 		{PerSecond(1000, 5), 5},      // never more than the burst

@@ -1,12 +1,14 @@
-// Package ratelimit paces requests per upstream account across every gateway
-// replica. The state is one Redis key per account holding a GCRA
-// theoretical arrival time, updated atomically by a Lua script from
-// github.com/go-redis/redis_rate, so all replicas draw on one budget and a
-// replica that restarts loses nothing.
+// Package ratelimit is a request budget shared by every replica through
+// Redis: the gateway paces each upstream account with it (FleetUp's budget:
+// fleetup.DefaultAccountLimit), and the authorizer (internal/authz) limits
+// callers per principal, session and tenant. The state is one Redis key per
+// account holding a GCRA theoretical arrival time, updated atomically by a
+// Lua script from github.com/go-redis/redis_rate, so all replicas draw on
+// one budget and a replica that restarts loses nothing.
 //
-// FleetUp asks for about one request per second per account; Wialon limits
-// logins per IP and concurrent requests per session. Account names must not
-// be secrets: they appear in Redis key names and errors.
+// It knows no provider and no caller: budgets are named by their users.
+// Account names must not be secrets: they appear in Redis key names and
+// errors.
 //
 // Key layout (redis_rate adds its own "rate:" in front):
 //
@@ -39,11 +41,6 @@ type Limit struct {
 func PerSecond(rate, burst int) Limit {
 	return Limit{Rate: rate, Period: time.Second, Burst: burst}
 }
-
-// FleetUp is FleetUp's requested pace: about one request per second per
-// account, with a small burst so a caller's list-then-detail pair is not
-// spread over two seconds.
-var FleetUp = PerSecond(1, 2)
 
 func (l Limit) validate() error {
 	if l.Rate <= 0 || l.Period <= 0 || l.Burst <= 0 {
@@ -129,11 +126,10 @@ func (l *Limiter) keepLease(account string, slots int) {
 	ls.mu.Unlock()
 }
 
-// New returns a Limiter keeping its state in client under prefix.
+// New returns a Limiter keeping its state in client under prefix, which
+// names the budgets' owner (e.g. "fb:gw:rl"): two deployments sharing a
+// Redis share budgets exactly when their prefixes are equal.
 func New(client redis.UniversalClient, prefix string) *Limiter {
-	if prefix == "" {
-		prefix = "fb:gw:rl"
-	}
 	return &Limiter{rl: redis_rate.NewLimiter(client), client: client, prefix: prefix}
 }
 
