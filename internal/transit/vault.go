@@ -66,7 +66,9 @@ type VaultConfig struct {
 	Timeout time.Duration
 }
 
-func (c VaultConfig) validate() error {
+// Validate checks the settings without contacting Vault: an address, and
+// what the auth method needs (NewVault checks them too).
+func (c VaultConfig) Validate() error {
 	if c.Addr == "" {
 		return fmt.Errorf("vault transit: %w: address is required", ErrInvalid)
 	}
@@ -134,7 +136,7 @@ var _ Rotatable = (*Vault)(nil)
 // band (derived=true, type aes256-gcm96), and the service's policy needs no
 // rights on keys/. Dev and test setups call EnsureKey.
 func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*Vault, error) {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
