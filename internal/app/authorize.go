@@ -10,10 +10,8 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
-
-	"github.com/fleetbroker/fleetbroker/internal/server"
+	"github.com/fleetbroker/fleetbroker/internal/httpserve"
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 )
@@ -22,11 +20,9 @@ import (
 // credentials service: StartWialonAuthorization and the HTTP callback it
 // sends browsers to, served on a listener of its own.
 type AuthorizeConfig struct {
-	// Listen is the callback listener's address; empty turns the flow off.
+	// Listen is the callback listener's address; empty turns the flow off
+	// (unless Deps.AuthorizeListener is given).
 	Listen string
-	// Listener, if set, is served instead of listening on Listen (tests and
-	// dev, which must know the port before building).
-	Listener net.Listener
 	// PublicURL is the callback listener as browsers reach it (through the
 	// ingress), e.g. https://connect.example.com.
 	PublicURL string
@@ -45,7 +41,36 @@ type AuthorizeConfig struct {
 	TLSCert, TLSKey string
 }
 
-func (a AuthorizeConfig) enabled() bool { return a.Listen != "" || a.Listener != nil }
+func (a AuthorizeConfig) enabled(d Deps) bool { return a.Listen != "" || d.AuthorizeListener != nil }
+
+// validate checks the flow's settings when it is on (listener: a listener
+// is given): the URLs, the rights asked for, and TLS or --insecure.
+func (a AuthorizeConfig) validate(sec SecurityConfig, listener bool) error {
+	if a.Listen == "" && !listener {
+		return nil
+	}
+	var p problems
+	if urls, err := credentials.ParseReturnURLs(a.ReturnURLs); err != nil {
+		p.add(fmt.Errorf("--authorize-return-urls: %w", err))
+	} else if urls.Len() == 0 {
+		p.add(errors.New("--authorize-return-urls is required with --authorize-listen: the pages a finished flow may send the browser to"))
+	}
+	if _, err := credentials.ParsePublicURL(a.PublicURL); err != nil {
+		p.add(fmt.Errorf("--public-url: %w", err))
+	}
+	if _, err := wialon.ParseRights(a.AccessType, a.AllowFullAccess); err != nil {
+		p.add(fmt.Errorf("--wialon-access-type: %w", err))
+	}
+	if (a.TLSCert == "") != (a.TLSKey == "") {
+		p.add(errors.New("--authorize-tls-cert and --authorize-tls-key go together"))
+	}
+	if a.TLSCert == "" && sec.TLSCert == "" && !sec.Insecure {
+		p.add(errPlaintextCallback)
+	}
+	return p.err()
+}
+
+var errPlaintextCallback = errors.New("refusing to serve the authorization callback in plaintext: set --authorize-tls-cert and --authorize-tls-key (or --tls-cert and --tls-key), or --insecure behind a proxy that terminates TLS")
 
 // EventsConfig configures credential events and the periodic credential
 // check.
@@ -58,57 +83,14 @@ type EventsConfig struct {
 	CheckInterval time.Duration
 }
 
-// connectAndEvents builds the authorization flow's and the events'
-// configuration; both need the Redis client BuildCredentials opened (none:
-// both off).
-func (cfg CredentialsConfig) connectAndEvents(logger *slog.Logger) (*credentials.ConnectConfig, *credentials.Events, error) {
-	if cfg.RedisClient == nil {
-		return nil, nil, nil
+// SetDefaults fills the settings left empty.
+func (e *EventsConfig) SetDefaults() {
+	if e.ExpiryWarning <= 0 {
+		e.ExpiryWarning = credentials.DefaultExpiryWarning
 	}
-	var reg prometheus.Registerer
-	if cfg.Metrics != nil {
-		reg = cfg.Metrics.Registry()
+	if e.CheckInterval <= 0 {
+		e.CheckInterval = credentials.DefaultCredentialCheckInt
 	}
-	events, err := credentials.NewEvents(credentials.EventsConfig{
-		Client: cfg.RedisClient, Prefix: cfg.RedisPrefix, ExpiryWarning: cfg.Events.ExpiryWarning,
-		CheckInterval: cfg.Events.CheckInterval, Registerer: reg, Logger: logger,
-	})
-	if err != nil {
-		return nil, nil, err
-	}
-	a := cfg.Authorize
-	if !a.enabled() {
-		return nil, events, nil
-	}
-	returnURLs, err := credentials.ParseReturnURLs(a.ReturnURLs)
-	if err != nil {
-		return nil, nil, fmt.Errorf("--authorize-return-urls: %w", err)
-	}
-	return &credentials.ConnectConfig{
-		Client: cfg.RedisClient, Prefix: cfg.RedisPrefix, PublicURL: a.PublicURL, ClientID: a.ClientID,
-		AccessType: a.AccessType, AllowFullAccess: a.AllowFullAccess, ReturnURLs: returnURLs, LoginURL: a.LoginURL,
-		Audit: cfg.Audit, Registerer: reg,
-	}, events, nil
-}
-
-// CredentialsServers is what `fleetbroker credentials` serves: the gRPC
-// server, and beside it the callback listener and the service's background
-// work (ServeBeside).
-type CredentialsServers struct {
-	GRPC    *server.Server
-	Service *credentials.Service
-	// Authorize is the callback listener; nil when the flow is off.
-	Authorize *AuthorizeServer
-}
-
-// ServeBeside runs everything but the gRPC port until ctx ends.
-func (c *CredentialsServers) ServeBeside(ctx context.Context) error {
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return c.Service.RunBackground(ctx) })
-	if c.Authorize != nil {
-		g.Go(func() error { return c.Authorize.Serve(ctx) })
-	}
-	return g.Wait()
 }
 
 // AuthorizeServer is the HTTP(S) listener of the authorization callback.
@@ -116,27 +98,27 @@ type AuthorizeServer struct {
 	srv      *http.Server
 	listen   string
 	listener net.Listener
-	tls      *tls.Config
 	logger   *slog.Logger
 }
 
 // newAuthorizeServer serves handler with timeouts fit for a browser-facing
 // page and no request log: the callback's URL holds a token. tlsCfg nil
-// serves plaintext.
-func newAuthorizeServer(a AuthorizeConfig, handler http.Handler, tlsCfg *tls.Config, logger *slog.Logger) *AuthorizeServer {
-	return &AuthorizeServer{
-		srv: &http.Server{
-			Handler:           handler,
-			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       15 * time.Second,
-			WriteTimeout:      45 * time.Second, // a callback takes up to 30 s
-			IdleTimeout:       60 * time.Second,
-			MaxHeaderBytes:    16 << 10,
-			// net/http's own messages (TLS handshake errors) never quote a URL.
-			ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-		},
-		listen: a.Listen, listener: a.Listener, tls: tlsCfg, logger: logger,
+// serves plaintext; lis nil listens on listen when served.
+func newAuthorizeServer(listen string, lis net.Listener, handler http.Handler, tlsCfg *tls.Config, logger *slog.Logger) *AuthorizeServer {
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      45 * time.Second, // a callback takes up to 30 s
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		// net/http's own messages (TLS handshake errors) never quote a URL.
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
+	if tlsCfg != nil {
+		srv.TLSConfig = tlsCfg.Clone()
+	}
+	return &AuthorizeServer{srv: srv, listen: listen, listener: lis, logger: logger}
 }
 
 // Serve serves until ctx ends, then shuts down within 5 s.
@@ -148,38 +130,17 @@ func (a *AuthorizeServer) Serve(ctx context.Context) error {
 			return fmt.Errorf("--authorize-listen: listen on %s: %w", a.listen, err)
 		}
 	}
-	a.logger.Info("wialon authorization callback listening", "addr", lis.Addr().String(), "tls", a.tls != nil)
-	errc := make(chan error, 1)
-	go func() {
-		if a.tls != nil {
-			a.srv.TLSConfig = a.tls.Clone()
-			errc <- a.srv.ServeTLS(lis, "", "")
-			return
-		}
-		errc <- a.srv.Serve(lis)
-	}()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := a.srv.Shutdown(shutdownCtx); err != nil {
-		return err
-	}
-	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	a.logger.Info("wialon authorization callback listening", "addr", lis.Addr().String(), "tls", a.srv.TLSConfig != nil)
+	return httpserve.Serve(ctx, a.srv, lis)
 }
 
-// buildAuthorizeServer makes the callback listener of svc, with TLS like
-// the gRPC port's (its own certificate, or the gRPC port's; plaintext only
-// with --insecure), and pushes the certificate watcher's closer.
-func buildAuthorizeServer(cfg CredentialsConfig, svc *credentials.Service, logger *slog.Logger, closers *closeStack) (*AuthorizeServer, error) {
+// authorizeServer makes the callback listener of svc, with TLS like the
+// gRPC port's (its own certificate, or the gRPC port's; plaintext only
+// with --insecure), and pushes the certificate watcher's closer. It is nil
+// when the flow is off.
+func (b *builder) authorizeServer(cfg CredentialsConfig, svc *credentials.Service) (*AuthorizeServer, error) {
 	a := cfg.Authorize
-	if !a.enabled() {
+	if !a.enabled(b.d) {
 		return nil, nil
 	}
 	certFile, keyFile := a.TLSCert, a.TLSKey
@@ -189,14 +150,18 @@ func buildAuthorizeServer(cfg CredentialsConfig, svc *credentials.Service, logge
 	var tlsCfg *tls.Config
 	switch {
 	case certFile != "" || keyFile != "":
-		reloader, c, err := tlsutil.NewServerConfig(tlsutil.Files{CertFile: certFile, KeyFile: keyFile}, logger)
+		reloader, c, err := tlsutil.NewServerConfig(tlsutil.Files{CertFile: certFile, KeyFile: keyFile}, b.logger)
 		if err != nil {
 			return nil, fmt.Errorf("--authorize-tls-cert/--authorize-tls-key: %w", err)
 		}
-		closers.push(func() { _ = reloader.Close() })
+		b.closers.pushCloser(reloader)
 		tlsCfg = c
 	case !cfg.Security.Insecure:
-		return nil, errors.New("refusing to serve the authorization callback in plaintext: set --authorize-tls-cert and --authorize-tls-key (or --tls-cert and --tls-key), or --insecure behind a proxy that terminates TLS")
+		return nil, errPlaintextCallback
 	}
-	return newAuthorizeServer(a, svc.AuthorizeHandler(), tlsCfg, logger), nil
+	handler := svc.AuthorizeHandler()
+	if b.authorizeHandler != nil {
+		handler = b.authorizeHandler(handler)
+	}
+	return newAuthorizeServer(a.Listen, b.d.AuthorizeListener, handler, tlsCfg, b.logger), nil
 }

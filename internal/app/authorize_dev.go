@@ -62,22 +62,3 @@ Connect a Wialon account without copying a token (the simulator plays Wialon's l
   grpcurl -plaintext -d '{"tenant_id":"acme","credential_id":"wialon-main"}' %[1]s fleetbroker.credentials.v1.CredentialService/GetCredential
 `, grpcAddr, simURL, authURL, devReturnPath)
 }
-
-// devAuthorize binds dev's callback listener and configures the flow on
-// it; it returns the listener's URL ("" when off).
-func devAuthorize(cfg DevConfig, credCfg *CredentialsConfig) (string, error) {
-	if cfg.AuthorizeListen == "" {
-		return "", nil
-	}
-	lis, err := listenDev("--authorize-listen", cfg.AuthorizeListen, cfg.ListenAnywhere)
-	if err != nil {
-		return "", err
-	}
-	authURL := devAuthorizePublicURL(cfg.AuthorizeListen, lis)
-	credCfg.Authorize = AuthorizeConfig{
-		Listener:   lis,
-		PublicURL:  authURL,
-		ReturnURLs: joinList(cfg.AuthorizeReturnURLs, authURL+devReturnPath),
-	}
-	return authURL, nil
-}

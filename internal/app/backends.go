@@ -1,10 +1,10 @@
 package app
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -58,11 +58,6 @@ type RedisConfig struct {
 // plaintext.
 func (cfg RedisConfig) tlsConfig() (*tls.Config, error) {
 	if !cfg.TLS {
-		// A TLS file without TLS is a configuration mistake that would
-		// otherwise send the password in plaintext.
-		if cfg.TLSCAFile != "" || cfg.TLSCertFile != "" || cfg.TLSKeyFile != "" || cfg.TLSServerName != "" {
-			return nil, errors.New("redis: TLS files or server name given without TLS (--redis-tls)")
-		}
 		return nil, nil
 	}
 	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: cfg.TLSServerName}
@@ -75,9 +70,6 @@ func (cfg RedisConfig) tlsConfig() (*tls.Config, error) {
 		if !tc.RootCAs.AppendCertsFromPEM(pem) {
 			return nil, fmt.Errorf("redis: TLS CA: no PEM certificate in %s", cfg.TLSCAFile)
 		}
-	}
-	if (cfg.TLSCertFile == "") != (cfg.TLSKeyFile == "") {
-		return nil, errors.New("redis: set both the TLS client certificate and key, or neither")
 	}
 	if cfg.TLSCertFile != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
@@ -100,17 +92,14 @@ func (cfg RedisConfig) tlsConfig() (*tls.Config, error) {
 // each retry would stretch a call past its bound. Callers retry, with the
 // request id that makes a repeat harmless.
 func NewRedis(ctx context.Context, cfg RedisConfig) (redis.UniversalClient, error) {
-	if len(cfg.Addrs) == 0 {
-		return nil, fmt.Errorf("redis: no address configured (--redis-addr)")
+	if err := cfg.validate(); err != nil {
+		return nil, err
 	}
 	tlsConfig, err := cfg.tlsConfig()
 	if err != nil {
 		return nil, err
 	}
-	timeout := cfg.Timeout
-	if timeout <= 0 {
-		timeout = 2 * time.Second
-	}
+	timeout := cmp.Or(max(cfg.Timeout, 0), DefaultRedisTimeout)
 	client := redis.NewUniversalClient(&redis.UniversalOptions{
 		Addrs:        cfg.Addrs,
 		MasterName:   cfg.MasterName,
@@ -200,11 +189,8 @@ type VaultConfig = transit.VaultConfig
 
 // NewVault connects to Vault transit; the caller must Close it.
 func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*transit.Vault, error) {
-	if cfg.Addr == "" {
-		return nil, fmt.Errorf("vault: no address configured (--vault-addr)")
-	}
-	if cfg.Token == "" && (cfg.Auth.Method == "" || cfg.Auth.Method == transit.AuthToken) {
-		return nil, fmt.Errorf("vault: no token configured (--vault-token or FLEETBROKER_VAULT_TOKEN), and no --vault-auth-method to log in with")
+	if err := validateVault(cfg); err != nil {
+		return nil, err
 	}
 	v, err := transit.NewVault(ctx, cfg, logger)
 	if err != nil {
@@ -213,31 +199,34 @@ func NewVault(ctx context.Context, cfg VaultConfig, logger *slog.Logger) (*trans
 	return v, nil
 }
 
-// newProviders builds a process's provider registry from factories (nil:
+// newProviders builds a process's provider registry from d.Providers (nil:
 // every provider fleetbroker serves) on the one HTTP client shape for
-// provider calls: a timeout on every request, a transport that dials only
-// addresses the allow-list permits (checked on the address actually
-// dialed, so DNS cannot aim it at internal services), and latency/status
-// metrics by provider and endpoint in m (nil: not measured). The providers
-// share one transport, and so its connection pool. Egress proxies are not
-// supported: through one, the address check would see the proxy, not the
-// upstream.
+// provider calls: a timeout on every request, latency/status metrics by
+// provider and endpoint in d.Metrics (nil: not measured), and
+// d.UpstreamTransport, else a transport that dials only addresses the
+// allow-list permits (checked on the address actually dialed, so DNS cannot
+// aim it at internal services). The providers share one transport, and so
+// its connection pool. Egress proxies are not supported: through one, the
+// address check would see the proxy, not the upstream.
 //
 // rdb, if set, is where the providers keep what every replica of the
 // service shares (the credentials service's login budgets and refused
 // secrets), under prefix.
-func newProviders(factories []provider.Factory, timeout time.Duration, allow *upstream.AllowList, m *telemetry.Metrics, tuning provider.Tuning,
-	rdb redis.UniversalClient, prefix string, logger *slog.Logger) (*provider.Registry, error) {
+func newProviders(d Deps, timeout time.Duration, allow *upstream.AllowList, tuning provider.Tuning, rdb redis.UniversalClient, prefix string) (*provider.Registry, error) {
+	factories := d.Providers
 	if factories == nil {
 		factories = providers.All()
 	}
-	base := upstream.NewTransport(allow)
+	base := d.UpstreamTransport
+	if base == nil {
+		base = upstream.NewTransport(allow)
+	}
 	env := provider.Env{
 		HTTPClient: func(name string) *http.Client {
-			return &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, name, m)}
+			return &http.Client{Timeout: timeout, Transport: telemetry.InstrumentTransport(base, name, d.Metrics)}
 		},
 		Tuning:      tuning,
-		Logger:      logger,
+		Logger:      d.logger(),
 		Redis:       rdb,
 		RedisPrefix: prefix,
 	}

@@ -36,8 +36,8 @@ func TestDevConnectsWialon(t *testing.T) {
 	go func() {
 		runErr <- app.RunDev(ctx, app.DevConfig{
 			Listen: "127.0.0.1:0", SimulatorListen: "127.0.0.1:0", AuthorizeListen: "127.0.0.1:0",
-			FleetUpRate: 50, Out: out,
-		}, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+			FleetUpRate: 50,
+		}, out, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	}()
 	t.Cleanup(func() {
 		cancel()

@@ -19,12 +19,13 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/httpserve"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
+	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
-	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
@@ -41,19 +42,63 @@ type DevConfig struct {
 	// MetricsListen serves Prometheus metrics ("" to turn off).
 	MetricsListen string
 	// FleetUpRate is FleetUp requests per second per account (the
-	// simulator does not need FleetUp's 1/s guidance).
+	// simulator does not need FleetUp's 1/s guidance; default 50).
 	FleetUpRate int
 	// ListenAnywhere lets Listen and MetricsListen bind addresses other
 	// than loopback. Dev lets every caller do everything, so by default it
 	// refuses to be reachable from other machines.
 	ListenAnywhere bool
-	// Out receives the printed walkthrough (stdout).
-	Out io.Writer
 	// AuthorizeListen serves the Wialon authorization callback (default
-	// localhost:7403; empty: off); AuthorizeReturnURLs are return URLs
-	// allowed besides dev's own page.
+	// localhost:7403 on the command line; empty: off); AuthorizeReturnURLs
+	// are return URLs allowed besides dev's own page.
 	AuthorizeListen     string
 	AuthorizeReturnURLs string
+}
+
+// Defaults of `fleetbroker dev`.
+const (
+	DefaultDevListen          = "localhost:7400"
+	DefaultDevSimulatorListen = "localhost:7480"
+	DefaultDevMetricsListen   = "localhost:7490"
+	DefaultDevAuthorizeListen = "localhost:7403"
+	DefaultDevFleetUpRate     = 50
+)
+
+// SetDefaults fills the listeners every dev needs and the FleetUp rate;
+// an empty MetricsListen or AuthorizeListen stays off.
+func (cfg *DevConfig) SetDefaults() {
+	if cfg.Listen == "" {
+		cfg.Listen = DefaultDevListen
+	}
+	if cfg.SimulatorListen == "" {
+		cfg.SimulatorListen = DefaultDevSimulatorListen
+	}
+	if cfg.FleetUpRate <= 0 {
+		cfg.FleetUpRate = DefaultDevFleetUpRate
+	}
+}
+
+// Validate reports every problem at once, before anything listens: dev has
+// no caller authentication, so its ports stay on loopback unless
+// ListenAnywhere says otherwise.
+func (cfg DevConfig) Validate() error {
+	var p problems
+	if !cfg.ListenAnywhere {
+		p.add(checkLoopbackAddr("--listen", cfg.Listen))
+		if cfg.MetricsListen != "" {
+			p.add(checkLoopbackAddr("--metrics-listen", cfg.MetricsListen))
+		}
+		if cfg.AuthorizeListen != "" {
+			p.add(checkLoopbackAddr("--authorize-listen", cfg.AuthorizeListen))
+		}
+	}
+	if _, err := upstream.ParseAllowList(cfg.AllowedUpstreams); err != nil {
+		p.add(fmt.Errorf("--allowed-upstreams: %w", err))
+	}
+	if _, err := credentials.ParseReturnURLs(cfg.AuthorizeReturnURLs); err != nil {
+		p.add(fmt.Errorf("--authorize-return-urls: %w", err))
+	}
+	return p.err()
 }
 
 // Demo tenant and credential ids seeded by `fleetbroker dev`.
@@ -71,146 +116,213 @@ const devBanner = `
  gRPC with no caller authentication.
 ==========================================================================`
 
-// RunDev runs every service in one process on embedded defaults: an
-// in-process Redis-protocol server (so the real go-redis code runs), the dev
-// keyring in place of Vault, the simulator, and the gRPC services on one port.
-func RunDev(ctx context.Context, cfg DevConfig, logger *slog.Logger) error {
-	logger.Warn("fleetbroker dev: development mode, not for production: dev keyring instead of Vault, in-memory Redis, no TLS, no caller authentication")
-	if cfg.ListenAnywhere {
-		logger.Warn("fleetbroker dev: --dev-listen-anywhere: every machine that reaches these ports may read and write every credential")
-	}
-	fmt.Fprintln(cfg.Out, devBanner)
+// devParts are what dev hands the production builders instead of what
+// production dials and reads: an in-process Redis-protocol server (so the
+// real go-redis code runs), the dev keyring in place of Vault, handle keys
+// made at start, and a policy that lets everyone do everything.
+type devParts struct {
+	deps    Deps
+	closers closeStack
+}
 
+func newDevParts(ctx context.Context, logger *slog.Logger) (*devParts, error) {
+	p := &devParts{}
+	fail := func(err error) (*devParts, error) { p.closers.closeAll(); return nil, err }
 	mini, err := miniredis.Run()
 	if err != nil {
-		return fmt.Errorf("start in-process redis: %w", err)
+		return fail(fmt.Errorf("start in-process redis: %w", err))
 	}
-	defer mini.Close()
+	p.closers.push(mini.Close)
 	// The production client: every call bounded, no client retries.
 	rdb, err := NewRedis(ctx, RedisConfig{Addrs: []string{mini.Addr()}})
 	if err != nil {
-		return fmt.Errorf("in-process redis: %w", err)
+		return fail(fmt.Errorf("in-process redis: %w", err))
 	}
-	defer rdb.Close()
+	p.closers.push(func() { rdb.Close() })
 	metrics := telemetry.NewMetrics()
 	if err := instrumentRedis(rdb, metrics); err != nil {
-		return err
+		return fail(err)
 	}
 	keyring, err := transit.NewKeyring()
 	if err != nil {
-		return fmt.Errorf("dev keyring: %w", err)
+		return fail(fmt.Errorf("dev keyring: %w", err))
 	}
 	// Handle keys live as long as the process, like every handle it issues.
 	handleKeys, err := handle.GenerateKeys()
 	if err != nil {
-		return fmt.Errorf("dev handle keys: %w", err)
-	}
-
-	simLis, err := net.Listen("tcp", cfg.SimulatorListen)
-	if err != nil {
-		return fmt.Errorf("simulator: listen on %s: %w", cfg.SimulatorListen, err)
-	}
-	simAddr := displayAddr(cfg.SimulatorListen, simLis) // keep the name the user gave (localhost:7480)
-	simURL := "http://" + simAddr
-	grpcLis, err := listenDev("--listen", cfg.Listen, cfg.ListenAnywhere)
-	if err != nil {
-		simLis.Close()
-		return err
-	}
-	if cfg.MetricsListen != "" && !cfg.ListenAnywhere {
-		if err := checkLoopbackAddr("--metrics-listen", cfg.MetricsListen); err != nil {
-			simLis.Close()
-			grpcLis.Close()
-			return err
-		}
-	}
-
-	credCfg := CredentialsConfig{
-		AllowedUpstreams: joinList(cfg.AllowedUpstreams, simAddr+","+simLis.Addr().String()),
-		MaxSessionTTL:    cfg.MaxSessionTTL,
-		Metrics:          metrics,
-		HandleKeys:       handleKeys,
-		RedisClient:      rdb,
+		return fail(fmt.Errorf("dev handle keys: %w", err))
 	}
 	// Nothing in a fresh in-process Redis predates keyed handles: legacy
 	// ones are refused from the start, by both services.
-	credCfg.LegacyHandles = handle.NewLegacyWindow(rdb, "fb")
-	if _, err := credCfg.LegacyHandles.Close(ctx, 0); err != nil {
-		return fmt.Errorf("in-process redis: %w", err)
+	if _, err := handle.NewLegacyWindow(rdb, DefaultRedisPrefix).Close(ctx, 0); err != nil {
+		return fail(fmt.Errorf("in-process redis: %w", err))
 	}
-	authURL, err := devAuthorize(cfg, &credCfg)
-	if err != nil {
-		simLis.Close()
-		grpcLis.Close()
-		return err
+	p.deps = Deps{Logger: logger, Metrics: metrics, Transit: keyring, Redis: rdb, HandleKeys: handleKeys, Policy: policy.Static(policy.AllowAll())}
+	return p, nil
+}
+
+// services are the configurations dev builds the two services with: the
+// production ones with dev's settings, the simulator (at simAddrs) always
+// allowed, no TLS and an audit trail on stderr.
+func (cfg DevConfig) services(simAddrs, authURL string) (CredentialsConfig, GatewayConfig) {
+	allowed := joinList(cfg.AllowedUpstreams, simAddrs)
+	sec := SecurityConfig{Insecure: true, AuditLog: "-"}
+	cred := CredentialsConfig{
+		Server:           server.Config{Listen: cfg.Listen, Reflection: cfg.Reflection},
+		Security:         sec,
+		AllowedUpstreams: allowed,
+		MaxSessionTTL:    cfg.MaxSessionTTL,
 	}
+	if authURL != "" {
+		cred.Authorize = AuthorizeConfig{PublicURL: authURL, ReturnURLs: joinList(cfg.AuthorizeReturnURLs, authURL+devReturnPath)}
+	}
+	gw := GatewayConfig{
+		Security:         sec,
+		AllowedUpstreams: allowed,
+		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
+		FleetUpRate:      cfg.FleetUpRate,
+		FleetUpBurst:     cfg.FleetUpRate,
+	}
+	return cred, gw
+}
+
+// buildDev builds both services on one gRPC server with the production
+// builders: the gateway reaches the credentials service over gRPC on that
+// same port (d.CredentialsConn), exactly as it does when the two run apart.
+func buildDev(ctx context.Context, cred CredentialsConfig, gw GatewayConfig, d Deps) (*Built, error) {
+	cred.SetDefaults()
+	gw.SetDefaults()
+	if err := errors.Join(cred.validate(d), gw.validate(d)); err != nil {
+		return nil, err
+	}
+	b := newBuilder(d)
+	b.authorizeHandler = devAuthorizeHandler
 	// Dev runs without TLS and lets every caller do everything, as its
 	// banner says; the audit trail still runs, to stderr.
-	sec, srvCfg, err := buildSecurity(SecurityConfig{Insecure: true, AuditLog: "-"},
-		observed(server.Config{Reflection: cfg.Reflection, Logger: logger}, metrics), authz.Rules(credentials.Actions, gateway.SessionMethods), handleKeys, false, policy.Static(policy.AllowAll()), rdb, "fb", logger)
+	if err := b.loadFiles("", cred.Security, false); err != nil {
+		return b.fail(err)
+	}
+	if err := b.authorize(authz.Rules(credentials.Actions, gateway.SessionMethods), false, cred.RedisPrefix); err != nil {
+		return b.fail(err)
+	}
+	c, err := b.credentials(ctx, cred)
+	if err != nil {
+		return b.fail(err)
+	}
+	g, err := b.gateway(gw)
+	if err != nil {
+		return b.fail(err)
+	}
+	built, err := b.server(cred.Server, c, g)
+	if err != nil {
+		return b.fail(err)
+	}
+	return built, nil
+}
+
+// RunDev runs every service in one process on embedded defaults: the
+// production builders given dev's parts (devParts), the simulator, and the
+// gRPC services on one port. The walkthrough is printed to out.
+func RunDev(ctx context.Context, cfg DevConfig, out io.Writer, logger *slog.Logger) error {
+	cfg.SetDefaults()
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	logger.Warn("fleetbroker dev: development mode, not for production: dev keyring instead of Vault, in-memory Redis, no TLS, no caller authentication")
+	if cfg.ListenAnywhere {
+		logger.Warn("fleetbroker dev: --dev-listen-anywhere: every machine that reaches these ports may read and write every credential")
+	}
+	fmt.Fprintln(out, devBanner)
+
+	parts, err := newDevParts(ctx, logger)
 	if err != nil {
 		return err
 	}
-	defer sec.Close()
-	credCfg.Authorizer = sec.authorizer
-	credCfg.Audit = sec.audit
-	svc, err := NewCredentialsService(credCfg, store.NewRedis(rdb, store.RedisOptions{}), keyring, logger)
+	defer parts.closers.closeAll()
+	lis, err := listenAll(cfg)
 	if err != nil {
 		return err
 	}
-	// The gateway reaches the credentials service over gRPC on the same
-	// port, exactly as it does when the two run apart.
-	selfConn, err := grpc.NewClient(grpcLis.Addr().String(),
-		append(metrics.ClientDialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	defer lis.closeAll()
+	simAddr := displayAddr(cfg.SimulatorListen, lis.sim) // keep the name the user gave (localhost:7480)
+	simURL := "http://" + simAddr
+	var authURL string
+	if lis.authorize != nil {
+		authURL = devAuthorizePublicURL(cfg.AuthorizeListen, lis.authorize)
+		parts.deps.AuthorizeListener = lis.authorize
+	}
+	selfConn, err := grpc.NewClient(lis.grpc.Addr().String(),
+		append(parts.deps.Metrics.ClientDialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		return err
 	}
 	defer selfConn.Close()
-	gw, err := NewGatewayService(GatewayConfig{
-		AllowedUpstreams: credCfg.AllowedUpstreams,
-		HandleCacheTTL:   gateway.DefaultHandleCacheTTL,
-		HandleKeys:       handleKeys,
-		FleetUpRate:      cfg.FleetUpRate,
-		FleetUpBurst:     cfg.FleetUpRate,
-		Metrics:          metrics,
-	}, credentialsv1.NewSessionServiceClient(selfConn), rdb, keyring, logger)
+	parts.deps.CredentialsConn = selfConn
+	credCfg, gwCfg := cfg.services(simAddr+","+lis.sim.Addr().String(), authURL)
+	built, err := buildDev(ctx, credCfg, gwCfg, parts.deps)
 	if err != nil {
 		return err
 	}
-	defer gw.Close()
-	srv, err := server.New(srvCfg, svc.Register, gw.Register)
-	if err != nil {
-		return err
-	}
-	sec.checkRules(srv, logger)
+	defer built.Close()
 	sim := simulator.New(simulator.Config{Demo: true})
 	simServer := &http.Server{Handler: sim.Handler(), ReadHeaderTimeout: 5 * time.Second}
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return ServeHTTP(gctx, simServer, simLis) })
-	g.Go(func() error { return srv.ServeListener(gctx, grpcLis) })
-	g.Go(func() error { return svc.RunBackground(gctx) })
-	if credCfg.Authorize.enabled() {
-		authorize := newAuthorizeServer(credCfg.Authorize, devAuthorizeHandler(svc.AuthorizeHandler()), nil, logger)
-		g.Go(func() error { return authorize.Serve(gctx) })
-	}
+	g.Go(func() error { return httpserve.Serve(gctx, simServer, lis.sim) })
+	g.Go(func() error { return built.GRPC.ServeListener(gctx, lis.grpc) })
+	g.Go(func() error { return built.ServeBeside(gctx) })
 	if cfg.MetricsListen != "" {
-		g.Go(func() error { return telemetry.Serve(gctx, cfg.MetricsListen, metrics.Handler(), logger) })
+		g.Go(func() error { return telemetry.Serve(gctx, cfg.MetricsListen, parts.deps.Metrics.Handler(), logger) })
 	}
 	g.Go(func() error {
-		if err := seedDemo(gctx, grpcLis.Addr().String(), simURL); err != nil {
+		if err := seedDemo(gctx, lis.grpc.Addr().String(), simURL); err != nil {
 			return fmt.Errorf("seed demo tenant: %w", err)
 		}
 		// One write, so whoever waits for "is ready" reads all of it.
 		var walkthrough strings.Builder
-		printWalkthrough(&walkthrough, displayAddr(cfg.Listen, grpcLis), simURL)
+		printWalkthrough(&walkthrough, displayAddr(cfg.Listen, lis.grpc), simURL)
 		if authURL != "" {
-			printConnectWalkthrough(&walkthrough, displayAddr(cfg.Listen, grpcLis), simURL, authURL)
+			printConnectWalkthrough(&walkthrough, displayAddr(cfg.Listen, lis.grpc), simURL, authURL)
 		}
-		fmt.Fprint(cfg.Out, walkthrough.String())
+		fmt.Fprint(out, walkthrough.String())
 		return nil
 	})
 	return g.Wait()
+}
+
+// devListeners are dev's ports, bound before anything is built so the
+// printed addresses are the bound ones.
+type devListeners struct {
+	sim, grpc, authorize net.Listener
+}
+
+func listenAll(cfg DevConfig) (*devListeners, error) {
+	l := &devListeners{}
+	var err error
+	if l.sim, err = net.Listen("tcp", cfg.SimulatorListen); err != nil {
+		return nil, fmt.Errorf("simulator: listen on %s: %w", cfg.SimulatorListen, err)
+	}
+	if l.grpc, err = listenDev("--listen", cfg.Listen, cfg.ListenAnywhere); err != nil {
+		l.closeAll()
+		return nil, err
+	}
+	if cfg.AuthorizeListen != "" {
+		if l.authorize, err = listenDev("--authorize-listen", cfg.AuthorizeListen, cfg.ListenAnywhere); err != nil {
+			l.closeAll()
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// closeAll closes the listeners; those already served are closed again,
+// harmlessly.
+func (l *devListeners) closeAll() {
+	for _, lis := range []net.Listener{l.sim, l.grpc, l.authorize} {
+		if lis != nil {
+			_ = lis.Close()
+		}
+	}
 }
 
 // listenDev listens on addr, and unless anywhere is set refuses any bound
@@ -254,26 +366,6 @@ func checkLoopbackAddr(flagName, addr string) error {
 func errNotLoopback(flagName, addr string) error {
 	return fmt.Errorf("%s %s is not a loopback address: fleetbroker dev lets every caller do everything, without authentication; "+
 		"listen on localhost, or pass --dev-listen-anywhere if every machine that can reach it may read and write every credential", flagName, addr)
-}
-
-// ServeHTTP serves until ctx is done, then shuts down within 5 s.
-func ServeHTTP(ctx context.Context, srv *http.Server, lis net.Listener) error {
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(lis) }()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return err
-	}
-	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
 }
 
 // seedDemo stores the simulator's demo credentials through the public API,

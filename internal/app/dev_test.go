@@ -58,8 +58,7 @@ func TestRunDev(t *testing.T) {
 			SimulatorListen: "127.0.0.1:0",
 			Reflection:      true,
 			FleetUpRate:     50,
-			Out:             out,
-		}, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+		}, out, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	}()
 	returned := false
 	t.Cleanup(func() {

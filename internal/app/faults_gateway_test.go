@@ -54,7 +54,7 @@ func (st *faultStack) newGatewayWith(t *testing.T, adjust func(*app.GatewayConfi
 	adjust(&cfg)
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	addr := st.serve(t, "gateway", func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildGateway(ctx, cfg, logger)
+		return asServer(app.BuildGateway(ctx, cfg, app.Deps{Logger: logger, HandleKeys: st.handleKeys}))
 	})
 	conn := dialInsecure(t, addr)
 	waitServing(t, conn)

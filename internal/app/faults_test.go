@@ -75,6 +75,7 @@ type faultStack struct {
 	logs       *syncBuffer
 	credsAddr  string
 	gatewayCfg app.GatewayConfig
+	handleKeys *handle.Keys // --handle-key-file, shared by both services
 	servers    []*runningServer
 
 	creds      credentialsv1.CredentialServiceClient
@@ -106,13 +107,12 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 	st.simHost = strings.TrimPrefix(simServer.URL, "http://")
 	logger := slog.New(slog.NewJSONHandler(st.logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 
-	handleKeys, err := handle.GenerateKeys() // --handle-key-file, shared by both services
-	if err != nil {
+	var err error
+	if st.handleKeys, err = handle.GenerateKeys(); err != nil {
 		t.Fatal(err)
 	}
 	credCfg := app.CredentialsConfig{
-		HandleKeys: handleKeys,
-		Server:     server.Config{GracePeriod: 2 * time.Second},
+		Server: server.Config{GracePeriod: 2 * time.Second},
 		Security: app.SecurityConfig{
 			Insecure:   true,
 			PolicyFile: "../../deploy/compose-policy.yaml",
@@ -124,10 +124,9 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 		AllowedUpstreams: st.simHost,
 	}
 	st.credsAddr = st.serve(t, "credentials", func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildCredentials(ctx, credCfg, logger)
+		return asServer(app.BuildCredentials(ctx, credCfg, app.Deps{Logger: logger, HandleKeys: st.handleKeys}))
 	})
 	st.gatewayCfg = app.GatewayConfig{
-		HandleKeys:          handleKeys,
 		Server:              server.Config{GracePeriod: 2 * time.Second},
 		Security:            app.SecurityConfig{Insecure: true},
 		CredentialsAddr:     st.credsAddr,
@@ -160,7 +159,7 @@ func (st *faultStack) newGateway(t *testing.T) string {
 	// each pod has its own volume.
 	cfg.Security.AuditLog = filepath.Join(t.TempDir(), "audit.log")
 	return st.serve(t, "gateway", func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildGateway(ctx, cfg, logger)
+		return asServer(app.BuildGateway(ctx, cfg, app.Deps{Logger: logger, HandleKeys: st.handleKeys}))
 	})
 }
 

@@ -2,12 +2,11 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
@@ -18,8 +17,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
-	"github.com/fleetbroker/fleetbroker/internal/handle"
-	"github.com/fleetbroker/fleetbroker/internal/policy"
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
@@ -27,16 +25,18 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
-	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
-// GatewayConfig configures `fleetbroker gateway`.
+// GatewayConfig configures `fleetbroker gateway`: settings only, as flags
+// give them (the parts it is built from are Deps).
 type GatewayConfig struct {
 	Server   server.Config
 	Security SecurityConfig
+	// CredentialsAddr is the credentials service the gateway resolves handles with.
+	CredentialsAddr string
 	// CredentialsTLS is the gateway's own identity towards the credentials
 	// service (client cert and key) and the CA that signed its certificate;
 	// CredentialsServerName overrides the name checked in it.
@@ -48,28 +48,27 @@ type GatewayConfig struct {
 	// CredentialsAPIKey identifies the gateway to the credentials service
 	// where mTLS is not possible (sent as x-api-key).
 	CredentialsAPIKey string
-	// tenantLimit is the per-tenant request budget, set by RunGateway.
-	tenantLimit func(ctx context.Context, tenant string) error
-	// CredentialsAddr is the credentials service the gateway resolves handles with.
-	CredentialsAddr string
 	// Vault is used only for the token cache's data keys (datakey/wrapped
 	// and decrypt on its own key), never for customer secrets.
-	Vault            VaultConfig
-	Redis            RedisConfig
+	Vault VaultConfig
+	Redis RedisConfig
+	// RedisPrefix starts every key the gateway writes (default "fb"; the
+	// credentials service's, whose legacy handle window it reads).
 	RedisPrefix      string
 	AllowedUpstreams string
-	HandleCacheTTL   time.Duration
-	// HandleKeyFile holds the credentials service's handle keys, to
-	// refuse forged handles before resolving them; HandleKeys, when set,
-	// are used instead (tests, dev).
+	// HandleCacheTTL is how long a handle resolution is reused: 0 (the
+	// zero value, no reuse) to 5 s (the flag's default).
+	HandleCacheTTL time.Duration
+	// HandleKeyFile holds the credentials service's handle keys, to refuse
+	// forged handles before resolving them.
 	HandleKeyFile string
-	HandleKeys    *handle.Keys
 	// FleetUpRawPaths is the comma-separated allow-list of FleetUp paths
 	// CallProvider may reach (--fleetup-raw-paths); empty means
 	// fleetup.DefaultRawPaths.
 	FleetUpRawPaths string
 	// FleetUpRate is requests per second per FleetUp account, shared by all
-	// replicas; FleetUpBurst the burst above it.
+	// replicas (0: fleetup.DefaultAccountLimit); FleetUpBurst the burst
+	// above it.
 	FleetUpRate      int
 	FleetUpBurst     int
 	JWTSafetyMargin  time.Duration
@@ -94,13 +93,92 @@ type GatewayConfig struct {
 	// credentials are purged (0: gateway.DefaultPurgeInterval; negative:
 	// never, except through Service.PurgeRetired).
 	PurgeInterval time.Duration
-	// Providers are the providers served; nil means every one
-	// (providers.All). Tests add a fake here.
-	Providers []provider.Factory
 	// MetricsListen serves Prometheus metrics on a separate HTTP listener.
 	MetricsListen string
-	// Metrics records the gateway's metrics (set by RunGateway; nil: none).
-	Metrics *telemetry.Metrics
+}
+
+// SetDefaults fills the settings left empty with the defaults the flags
+// show, as far as an empty value is not itself a setting.
+func (cfg *GatewayConfig) SetDefaults() {
+	setServerDefaults(&cfg.Server, DefaultGatewayListen)
+	cfg.Security.SetDefaults()
+	setVaultDefaults(&cfg.Vault, DefaultGatewayTransitKey)
+	cfg.Redis.SetDefaults()
+	cfg.RedisPrefix = keyspace.Prefix(cfg.RedisPrefix)
+	if cfg.CredentialsAddr == "" {
+		cfg.CredentialsAddr = DefaultCredentialsAddr
+	}
+	if cfg.UpstreamTimeout <= 0 {
+		cfg.UpstreamTimeout = DefaultUpstreamTimeout
+	}
+}
+
+// Validate reports every problem of the configuration at once, without
+// reading a file or dialling anything.
+func (cfg GatewayConfig) Validate() error { return cfg.validate(Deps{}) }
+
+func (cfg GatewayConfig) validate(d Deps) error {
+	var p problems
+	// The gateway's callers are authorized by their handle: a policy is
+	// optional and only names API keys (for per-principal rate limits).
+	p.add(cfg.Security.validate(false))
+	if d.HandleKeys == nil && cfg.HandleKeyFile == "" {
+		p.add(errHandleKeyFileRequired)
+	}
+	if d.Transit == nil {
+		p.add(validateVault(cfg.Vault))
+	}
+	if d.Redis == nil {
+		p.add(cfg.Redis.validate())
+	}
+	if d.CredentialsConn == nil && !cfg.CredentialsInsecure && cfg.CredentialsTLS.CAFile == "" {
+		p.add(errors.New("--credentials-ca is required (or --credentials-insecure behind a mesh sidecar)"))
+	}
+	if _, err := upstream.ParseAllowList(cfg.AllowedUpstreams); err != nil {
+		p.add(fmt.Errorf("--allowed-upstreams: %w", err))
+	}
+	if cfg.HandleCacheTTL < 0 || cfg.HandleCacheTTL > gateway.MaxHandleCacheTTL {
+		p.add(fmt.Errorf("--handle-cache-ttl must be between 0 and %s: revocation takes effect within it", gateway.MaxHandleCacheTTL))
+	}
+	_, err := cfg.tuning()
+	p.add(err)
+	return p.err()
+}
+
+// tuning is what the gateway's flags tell the providers, checked.
+func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
+	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{},
+		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
+	var p problems
+	if cfg.FleetUpRate > 0 {
+		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
+	}
+	if cfg.FleetUpRawPaths != "" {
+		paths := strings.Split(cfg.FleetUpRawPaths, ",")
+		if _, err := fleetup.NewRawPaths(paths); err != nil {
+			p.add(fmt.Errorf("--fleetup-raw-paths: %w", err))
+		}
+		t.RawAllow[fleetup.Name] = paths
+	}
+	if cfg.WialonSessionRequests < 0 || cfg.WialonSessionHeavy < 0 || cfg.WialonLeaseTTL < 0 {
+		p.add(errors.New("--wialon-session-requests, --wialon-session-heavy and --wialon-lease-ttl must not be negative"))
+	}
+	if cfg.WialonLeaseTTL > 0 && cfg.WialonLeaseTTL < time.Second {
+		p.add(errors.New("--wialon-lease-ttl must be at least 1s (it is renewed every third of it)"))
+	}
+	if strings.TrimSpace(cfg.WialonRawServices) != "" {
+		var services []string
+		for _, svc := range strings.Split(cfg.WialonRawServices, ",") {
+			if svc = strings.TrimSpace(svc); svc != "" {
+				services = append(services, svc)
+			}
+		}
+		if err := wialon.CheckRawServices(services); err != nil {
+			p.add(fmt.Errorf("--wialon-raw-services: %w", err))
+		}
+		t.RawAllow[wialon.Name] = services
+	}
+	return t, p.err()
 }
 
 // tokenLocalTTL keeps a hot upstream token in the replica's memory this
@@ -109,85 +187,161 @@ type GatewayConfig struct {
 // most one failed upstream call here.
 const tokenLocalTTL = 500 * time.Millisecond
 
-// RunGateway serves the telematics gateway until ctx is done.
-func RunGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) error {
-	return runServer(ctx, "fleetbroker-gateway", cfg.MetricsListen, logger, func(m *telemetry.Metrics) (*server.Server, func(), error) {
-		cfg.Metrics = m
-		return BuildGateway(ctx, cfg, logger)
+// RunGateway serves `fleetbroker gateway` until ctx is done.
+func RunGateway(ctx context.Context, cfg GatewayConfig, d Deps) error {
+	return run(ctx, "fleetbroker-gateway", cfg.MetricsListen, d, func(d Deps) (*Built, error) {
+		return BuildGateway(ctx, cfg, d)
 	})
 }
 
-// BuildGateway builds the gateway's server and everything under it, in
-// order: Vault (data keys), Redis, the credentials client, security, the
-// service. The returned func releases them after serving.
-func BuildGateway(ctx context.Context, cfg GatewayConfig, logger *slog.Logger) (*server.Server, func(), error) {
-	var closers closeStack
-	if _, err := cfg.tuning(); err != nil {
-		return closers.fail(err) // checked before anything is dialed
+// BuildGateway builds `fleetbroker gateway`, in order: the configuration
+// is checked; the files are read (handle keys, TLS, policy, audit trail);
+// Vault (data keys only) and Redis are dialled, and the credentials
+// service's client made; then the authorizer, the service and its gRPC
+// server. Parts in d are used instead of being made. Close the Built after
+// serving.
+func BuildGateway(ctx context.Context, cfg GatewayConfig, d Deps) (*Built, error) {
+	cfg.SetDefaults()
+	if err := cfg.validate(d); err != nil {
+		return nil, err
 	}
-	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	b := newBuilder(d)
+	if err := b.loadFiles(cfg.HandleKeyFile, cfg.Security, false); err != nil {
+		return b.fail(err)
+	}
+	if err := b.dial(ctx, cfg.Vault, cfg.Redis); err != nil {
+		return b.fail(err)
+	}
+	if err := b.dialCredentials(cfg); err != nil {
+		return b.fail(err)
+	}
+	if err := b.authorize(authz.Rules(nil, gateway.SessionMethods), cfg.Security.TLSClientCA != "", cfg.RedisPrefix); err != nil {
+		return b.fail(err)
+	}
+	c, err := b.gateway(cfg)
 	if err != nil {
-		return closers.fail(err)
+		return b.fail(err)
 	}
-	cfg.HandleKeys = keys
-	vault, rdb, err := openBackends(ctx, cfg.Vault, cfg.Redis, cfg.Metrics, logger, &closers)
+	built, err := b.server(cfg.Server, c)
 	if err != nil {
-		return closers.fail(err)
+		return b.fail(err)
 	}
-	creds, closeCreds, err := credentialsTransport(cfg, logger)
+	return built, nil
+}
+
+// gateway builds the gateway service on the builder's parts, its callers'
+// tenant budgets those of the server's security.
+func (b *builder) gateway(cfg GatewayConfig) (component, error) {
+	svc, err := newGatewayService(cfg, b.d, b.sec.limits.LimitTenant)
 	if err != nil {
-		return closers.fail(err)
+		return component{}, err
 	}
-	closers.push(closeCreds)
-	opts := append([]grpc.DialOption{creds}, cfg.Metrics.ClientDialOptions()...)
+	b.closers.push(svc.Close)
+	// Readiness is Redis and reaching the credentials service: with Vault
+	// down the gateway still serves every account whose upstream session
+	// is cached, and a credentials service that answers (even NOT_SERVING,
+	// for its own Vault) still resolves handles.
+	return component{
+		register:  svc.Register,
+		readiness: []server.Check{redisReady(b.d.Redis), credentialsReady(b.d.CredentialsConn)},
+	}, nil
+}
+
+// NewGatewayService builds the gateway alone, for a server of the caller's
+// (in-process tests): on d's credentials connection, Redis (token cache,
+// locks and budgets), transit (data keys) and handle keys. Everything else
+// is built as BuildGateway builds it.
+func NewGatewayService(cfg GatewayConfig, d Deps) (*gateway.Service, error) {
+	cfg.SetDefaults()
+	if d.CredentialsConn == nil || d.Redis == nil || d.Transit == nil || d.HandleKeys == nil {
+		return nil, errors.New("gateway: a credentials connection, Redis, a transit and handle keys are required")
+	}
+	return newGatewayService(cfg, d, nil)
+}
+
+// newGatewayService builds the gateway on d; tenantLimit, if set, takes
+// one request of a tenant's budget per call.
+func newGatewayService(cfg GatewayConfig, d Deps, tenantLimit func(ctx context.Context, tenant string) error) (*gateway.Service, error) {
+	logger := d.logger()
+	allow, err := upstream.ParseAllowList(cfg.AllowedUpstreams)
+	if err != nil {
+		return nil, fmt.Errorf("--allowed-upstreams: %w", err)
+	}
+	tuning, err := cfg.tuning()
+	if err != nil {
+		return nil, err
+	}
+	reg, err := newProviders(d, cfg.UpstreamTimeout, allow, tuning, nil, "")
+	if err != nil {
+		return nil, err
+	}
+	svc, err := gateway.New(gateway.Config{
+		Sessions:       credentialsv1.NewSessionServiceClient(d.CredentialsConn),
+		Providers:      reg,
+		Cache:          tokencache.New(d.Redis, d.Transit, gateway.InstrumentTokenCache(tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger, LocalTTL: tokenLocalTTL}, d.Metrics)),
+		Limiter:        ratelimit.New(d.Redis, cfg.RedisPrefix+":gw:rl"),
+		Redis:          d.Redis,
+		RedisPrefix:    cfg.RedisPrefix,
+		Metrics:        d.Metrics,
+		AllowList:      allow,
+		HandleCacheTTL: cfg.HandleCacheTTL,
+		HandleKeys:     d.HandleKeys,
+		PurgeInterval:  cfg.PurgeInterval,
+		TenantLimit:    tenantLimit,
+		Logger:         logger,
+
+		MaxStreamsPerHandle: cfg.MaxStreamsPerHandle,
+		MaxStreamsPerTenant: cfg.MaxStreamsPerTenant,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	return svc, nil
+}
+
+// dialCredentials makes the client of the credentials service, unless one
+// was given: TLS 1.3 with the gateway's own certificate (or plaintext only
+// if asked), its API key, metrics and tracing, and a reconnect within a
+// second of the service's return.
+func (b *builder) dialCredentials(cfg GatewayConfig) error {
+	if b.d.CredentialsConn != nil {
+		return nil
+	}
+	creds, err := b.credentialsTransport(cfg)
+	if err != nil {
+		return err
+	}
+	opts := append([]grpc.DialOption{creds}, b.d.Metrics.ClientDialOptions()...)
 	if telemetry.TracingEnabled() {
 		opts = append(opts, telemetry.TracingDialOption())
 	}
 	if cfg.CredentialsAPIKey != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(apiKeyCredentials{key: cfg.CredentialsAPIKey, secure: !cfg.CredentialsInsecure}))
 	}
-	// Reconnect within a second of the credentials service's return, not
-	// after gRPC's default backoff of up to two minutes.
+	// gRPC's default backoff waits up to two minutes between redials.
 	opts = append(opts, grpc.WithConnectParams(credentialsConnectParams))
 	conn, err := grpc.NewClient(cfg.CredentialsAddr, opts...)
 	if err != nil {
-		return closers.fail(fmt.Errorf("credentials service client for %s: %w", cfg.CredentialsAddr, err))
+		return fmt.Errorf("credentials service client for %s: %w", cfg.CredentialsAddr, err)
 	}
-	closers.push(func() { conn.Close() })
-	// The gateway's own callers are authenticated by their handle; a policy
-	// is optional and only names API keys (for per-principal rate limits).
-	var src policy.Source = policy.Static(&policy.Policy{})
-	if cfg.Security.PolicyFile != "" {
-		src = nil
+	b.closers.push(func() { conn.Close() })
+	b.d.CredentialsConn = conn
+	return nil
+}
+
+// credentialsTransport is how the gateway dials the credentials service:
+// TLS 1.3 with its own client certificate, or plaintext only if asked.
+func (b *builder) credentialsTransport(cfg GatewayConfig) (grpc.DialOption, error) {
+	if cfg.CredentialsInsecure {
+		b.logger.Warn("dialing the credentials service in plaintext (--credentials-insecure): only safe behind a sidecar that originates mTLS")
+		return grpc.WithTransportCredentials(insecure.NewCredentials()), nil
 	}
-	// Readiness is Redis and reaching the credentials service: with Vault
-	// down the gateway still serves every account whose upstream session
-	// is cached, and a credentials service that answers (even NOT_SERVING,
-	// for its own Vault) still resolves handles.
-	srvCfg := observed(cfg.Server, cfg.Metrics, redisReady(rdb), credentialsReady(conn))
-	keys, err = loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
+	reloader, tlsCfg, err := tlsutil.NewClientConfig(cfg.CredentialsTLS, cfg.CredentialsServerName, b.logger)
 	if err != nil {
-		return closers.fail(err)
+		return nil, fmt.Errorf("credentials client TLS: %w", err)
 	}
-	cfg.HandleKeys = keys
-	sec, srvCfg, err := buildSecurity(cfg.Security, srvCfg, authz.Rules(nil, gateway.SessionMethods), keys, cfg.Security.TLSClientCA != "", src, rdb, cfg.RedisPrefix, logger)
-	if err != nil {
-		return closers.fail(err)
-	}
-	closers.push(sec.Close)
-	cfg.tenantLimit = sec.limits.LimitTenant
-	svc, err := NewGatewayService(cfg, credentialsv1.NewSessionServiceClient(conn), rdb, vault, logger)
-	if err != nil {
-		return closers.fail(err)
-	}
-	closers.push(svc.Close)
-	srvCfg.Logger = logger
-	srv, err := server.New(srvCfg, svc.Register)
-	if err != nil {
-		return closers.fail(err)
-	}
-	sec.checkRules(srv, logger)
-	return srv, closers.closeAll, nil
+	b.closers.pushCloser(reloader)
+	return grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)), nil
 }
 
 // credentialsConnectParams redial the credentials service at most a second
@@ -215,109 +369,6 @@ func credentialsReady(conn *grpc.ClientConn) server.Check {
 		}
 		return nil // any answer, SERVING or not, comes from a reachable service
 	}}
-}
-
-// credentialsTransport is how the gateway dials the credentials service:
-// TLS 1.3 with its own client certificate, or plaintext only if asked.
-func credentialsTransport(cfg GatewayConfig, logger *slog.Logger) (grpc.DialOption, func(), error) {
-	if cfg.CredentialsInsecure {
-		logger.Warn("dialing the credentials service in plaintext (--credentials-insecure): only safe behind a sidecar that originates mTLS")
-		return grpc.WithTransportCredentials(insecure.NewCredentials()), func() {}, nil
-	}
-	if cfg.CredentialsTLS.CAFile == "" {
-		return nil, nil, fmt.Errorf("--credentials-ca is required (or --credentials-insecure behind a mesh sidecar)")
-	}
-	reloader, tlsCfg, err := tlsutil.NewClientConfig(cfg.CredentialsTLS, cfg.CredentialsServerName, logger)
-	if err != nil {
-		return nil, nil, fmt.Errorf("credentials client TLS: %w", err)
-	}
-	return grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)), func() { _ = reloader.Close() }, nil
-}
-
-// NewGatewayService builds the gateway on a credentials client, a Redis
-// client (token cache and rate limits) and a transit (data keys).
-func NewGatewayService(cfg GatewayConfig, sessions credentialsv1.SessionServiceClient, rdb redis.UniversalClient, tr transit.Transit, logger *slog.Logger) (*gateway.Service, error) {
-	allow, err := upstream.ParseAllowList(cfg.AllowedUpstreams)
-	if err != nil {
-		return nil, fmt.Errorf("--allowed-upstreams: %w", err)
-	}
-	timeout := cfg.UpstreamTimeout
-	if timeout <= 0 {
-		timeout = 10 * time.Second
-	}
-	prefix := cfg.RedisPrefix
-	if prefix == "" {
-		prefix = "fb"
-	}
-	keys, err := loadHandleKeys(cfg.HandleKeys, cfg.HandleKeyFile)
-	if err != nil {
-		return nil, err
-	}
-	tuning, err := cfg.tuning()
-	if err != nil {
-		return nil, err
-	}
-	reg, err := newProviders(cfg.Providers, timeout, allow, cfg.Metrics, tuning, nil, "", logger)
-	if err != nil {
-		return nil, err
-	}
-	svc, err := gateway.New(gateway.Config{
-		Sessions:       sessions,
-		Providers:      reg,
-		Cache:          tokencache.New(rdb, tr, gateway.InstrumentTokenCache(tokencache.Options{Prefix: prefix + ":gw", Logger: logger, LocalTTL: tokenLocalTTL}, cfg.Metrics)),
-		Limiter:        ratelimit.New(rdb, prefix+":gw:rl"),
-		Redis:          rdb,
-		RedisPrefix:    prefix,
-		Metrics:        cfg.Metrics,
-		AllowList:      allow,
-		HandleCacheTTL: cfg.HandleCacheTTL,
-		HandleKeys:     keys,
-		PurgeInterval:  cfg.PurgeInterval,
-		TenantLimit:    cfg.tenantLimit,
-		Logger:         logger,
-
-		MaxStreamsPerHandle: cfg.MaxStreamsPerHandle,
-		MaxStreamsPerTenant: cfg.MaxStreamsPerTenant,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("gateway: %w", err)
-	}
-	return svc, nil
-}
-
-// tuning is what the gateway's flags tell the providers, checked.
-func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
-	t := provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin, RawAllow: map[string][]string{},
-		SessionLimits: provider.SessionLimits{Requests: cfg.WialonSessionRequests, Heavy: cfg.WialonSessionHeavy, LeaseTTL: cfg.WialonLeaseTTL}}
-	if cfg.FleetUpRate > 0 {
-		t.AccountLimit = provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}
-	}
-	if cfg.FleetUpRawPaths != "" {
-		paths := strings.Split(cfg.FleetUpRawPaths, ",")
-		if _, err := fleetup.NewRawPaths(paths); err != nil {
-			return t, fmt.Errorf("--fleetup-raw-paths: %w", err)
-		}
-		t.RawAllow[fleetup.Name] = paths
-	}
-	if cfg.WialonSessionRequests < 0 || cfg.WialonSessionHeavy < 0 || cfg.WialonLeaseTTL < 0 {
-		return t, fmt.Errorf("--wialon-session-requests, --wialon-session-heavy and --wialon-lease-ttl must not be negative")
-	}
-	if cfg.WialonLeaseTTL > 0 && cfg.WialonLeaseTTL < time.Second {
-		return t, fmt.Errorf("--wialon-lease-ttl must be at least 1s (it is renewed every third of it)")
-	}
-	if strings.TrimSpace(cfg.WialonRawServices) != "" {
-		var services []string
-		for _, svc := range strings.Split(cfg.WialonRawServices, ",") {
-			if svc = strings.TrimSpace(svc); svc != "" {
-				services = append(services, svc)
-			}
-		}
-		if err := wialon.CheckRawServices(services); err != nil {
-			return t, fmt.Errorf("--wialon-raw-services: %w", err)
-		}
-		t.RawAllow[wialon.Name] = services
-	}
-	return t, nil
 }
 
 // apiKeyCredentials sends the gateway's API key with every call to the

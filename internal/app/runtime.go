@@ -4,51 +4,139 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 
+	"github.com/fleetbroker/fleetbroker/internal/authz"
+	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
 
-// closeStack releases what a Build function opened, last opened first.
-type closeStack []func()
-
-func (c *closeStack) push(f func()) { *c = append(*c, f) }
-
-func (c *closeStack) closeAll() {
-	for i := len(*c) - 1; i >= 0; i-- {
-		(*c)[i]()
-	}
+// builder assembles one server from Deps, completing them as it goes: it
+// reads the files a config names, dials what is missing, and pushes a
+// closer for everything it opens.
+type builder struct {
+	d       Deps
+	logger  *slog.Logger
+	closers closeStack
+	sec     *security
+	// authorizeHandler wraps the authorization callback's handler (dev adds
+	// its stand-in return page); nil: none.
+	authorizeHandler func(http.Handler) http.Handler
 }
+
+func newBuilder(d Deps) *builder { return &builder{d: d, logger: d.logger()} }
 
 // fail releases everything opened so far and returns err.
-func (c *closeStack) fail(err error) (*server.Server, func(), error) {
-	c.closeAll()
-	return nil, nil, err
+func (b *builder) fail(err error) (*Built, error) {
+	b.closers.closeAll()
+	return nil, err
 }
 
-// openBackends connects to Vault and Redis, both measured in m (nil: not
-// measured) and Redis traced when tracing is on, and pushes their closers.
-func openBackends(ctx context.Context, vc VaultConfig, rc RedisConfig, m *telemetry.Metrics, logger *slog.Logger, closers *closeStack) (*transit.Vault, redis.UniversalClient, error) {
-	vc.OnCall = m.ObserveVault
-	vault, err := NewVault(ctx, vc, logger)
+// loadFiles reads the handle keys (unless given) and the security
+// settings' files: everything on disk, before anything is dialled.
+func (b *builder) loadFiles(handleKeyFile string, sec SecurityConfig, policyRequired bool) error {
+	if b.d.HandleKeys == nil {
+		keys, err := loadHandleKeys(handleKeyFile)
+		if err != nil {
+			return err
+		}
+		b.d.HandleKeys = keys
+	}
+	s, err := loadSecurity(sec, b.d, policyRequired, &b.closers)
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
-	closers.push(func() { vault.Close() })
-	rdb, err := NewRedis(ctx, rc)
+	b.sec = s
+	return nil
+}
+
+// dial connects to Vault and Redis unless they were given, measured in the
+// metrics (if any) and Redis traced when tracing is on.
+func (b *builder) dial(ctx context.Context, vc VaultConfig, rc RedisConfig) error {
+	if b.d.Transit == nil {
+		vc.OnCall = b.d.Metrics.ObserveVault
+		vault, err := NewVault(ctx, vc, b.logger)
+		if err != nil {
+			return err
+		}
+		b.closers.push(func() { vault.Close() })
+		b.d.Transit = vault
+	}
+	if b.d.Redis == nil {
+		rdb, err := NewRedis(ctx, rc)
+		if err != nil {
+			return err
+		}
+		b.closers.push(func() { rdb.Close() })
+		if err := instrumentRedis(rdb, b.d.Metrics); err != nil {
+			return err
+		}
+		b.d.Redis = rdb
+	}
+	return nil
+}
+
+// authorize makes the server's authorizer for rules (see security.authorize).
+func (b *builder) authorize(rules map[string]authz.Rule, requirePrincipal bool, prefix string) error {
+	return b.sec.authorize(rules, b.d.HandleKeys, requirePrincipal, b.d.Redis, prefix, b.logger)
+}
+
+// component is one service as a server carries it.
+type component struct {
+	register  func(*grpc.Server)
+	readiness []server.Check
+	beside    []func(context.Context) error
+}
+
+// server builds the gRPC server of comps on settings, with the security,
+// metrics, tracing and every component's readiness checks (each name once),
+// and the Built that serves it.
+func (b *builder) server(settings server.Config, comps ...component) (*Built, error) {
+	cfg := settings
+	cfg.Logger = b.logger
+	cfg.Metrics = b.d.Metrics
+	if telemetry.TracingEnabled() {
+		cfg.StatsHandler = telemetry.TracingServerHandler()
+	}
+	seen := map[string]bool{}
+	var register []func(*grpc.Server)
+	var beside []func(context.Context) error
+	for _, c := range comps {
+		register = append(register, c.register)
+		beside = append(beside, c.beside...)
+		for _, check := range c.readiness {
+			if !seen[check.Name] {
+				seen[check.Name] = true
+				cfg.Readiness = append(cfg.Readiness, check)
+			}
+		}
+	}
+	cfg = b.sec.serverConfig(cfg)
+	srv, err := server.New(cfg, register...)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	closers.push(func() { rdb.Close() })
-	if err := instrumentRedis(rdb, m); err != nil {
-		return nil, nil, err
+	b.sec.checkRules(srv, b.logger)
+	return &Built{GRPC: srv, beside: beside, closers: b.closers}, nil
+}
+
+// loadHandleKeys reads the handle keys in file.
+func loadHandleKeys(file string) (*handle.Keys, error) {
+	if file == "" {
+		return nil, errHandleKeyFileRequired
 	}
-	return vault, rdb, nil
+	k, err := handle.LoadKeys(file)
+	if err != nil {
+		return nil, fmt.Errorf("--handle-key-file: %w", err)
+	}
+	return k, nil
 }
 
 func instrumentRedis(rdb redis.UniversalClient, m *telemetry.Metrics) error {
@@ -63,17 +151,6 @@ func instrumentRedis(rdb redis.UniversalClient, m *telemetry.Metrics) error {
 	return nil
 }
 
-// observed completes a server config with metrics, tracing and the
-// readiness checks of the dependencies the service cannot work without.
-func observed(cfg server.Config, m *telemetry.Metrics, readiness ...server.Check) server.Config {
-	cfg.Metrics = m
-	if telemetry.TracingEnabled() {
-		cfg.StatsHandler = telemetry.TracingServerHandler()
-	}
-	cfg.Readiness = append(cfg.Readiness, readiness...)
-	return cfg
-}
-
 func redisReady(rdb redis.UniversalClient) server.Check {
 	return server.Check{Name: "redis", Check: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }}
 }
@@ -82,15 +159,15 @@ func redisReady(rdb redis.UniversalClient) server.Check {
 // encrypts and decrypts a fixed value — not only that Vault answers
 // sys/health: a Vault that lost the key (restored without it, a dev server
 // restarted) is up, unsealed and useless.
-func vaultReady(v *transit.Vault) server.Check {
-	return server.Check{Name: "vault", Check: func(ctx context.Context) error { return transit.ProbeEncrypt(ctx, v) }}
+func vaultReady(tr transit.Transit) server.Check {
+	return server.Check{Name: "vault", Check: func(ctx context.Context) error { return transit.ProbeEncrypt(ctx, tr) }}
 }
 
-// runServer sets up tracing (a no-op unless OTEL_EXPORTER_OTLP_ENDPOINT is
-// set), builds the server with a fresh metrics registry, and serves it, with
-// the Prometheus listener and whatever beside runs (after the build) beside
-// it, until ctx is done.
-func runServer(ctx context.Context, service, metricsListen string, logger *slog.Logger, build func(*telemetry.Metrics) (*server.Server, func(), error), beside ...func(context.Context) error) error {
+// run sets up tracing (a no-op unless OTEL_EXPORTER_OTLP_ENDPOINT is set),
+// builds with a fresh metrics registry (unless d has one), and serves the
+// gRPC port, what runs beside it and the Prometheus listener (if
+// metricsListen is set) until ctx is done.
+func run(ctx context.Context, service, metricsListen string, d Deps, build func(Deps) (*Built, error)) error {
 	stopTracing, err := telemetry.SetupTracing(ctx, service)
 	if err != nil {
 		return fmt.Errorf("tracing: %w", err)
@@ -100,19 +177,19 @@ func runServer(ctx context.Context, service, metricsListen string, logger *slog.
 		defer cancel()
 		_ = stopTracing(shutdownCtx)
 	}()
-	metrics := telemetry.NewMetrics()
-	srv, closeAll, err := build(metrics)
+	if d.Metrics == nil {
+		d.Metrics = telemetry.NewMetrics()
+	}
+	built, err := build(d)
 	if err != nil {
 		return err
 	}
-	defer closeAll()
+	defer built.Close()
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return srv.Serve(gctx) })
-	for _, f := range beside {
-		g.Go(func() error { return f(gctx) })
-	}
+	g.Go(func() error { return built.GRPC.Serve(gctx) })
+	g.Go(func() error { return built.ServeBeside(gctx) })
 	if metricsListen != "" {
-		g.Go(func() error { return telemetry.Serve(gctx, metricsListen, metrics.Handler(), logger) })
+		g.Go(func() error { return telemetry.Serve(gctx, metricsListen, d.Metrics.Handler(), d.logger()) })
 	}
 	return g.Wait()
 }

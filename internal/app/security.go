@@ -1,9 +1,8 @@
 package app
 
 import (
-	"cmp"
+	"crypto/tls"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -35,10 +34,6 @@ type SecurityConfig struct {
 	PolicyFile string
 	// AuditLog is the audit trail file; "-" means stderr.
 	AuditLog string
-	// AuditLogger, if set, is the audit trail instead of AuditLog's, and
-	// is not closed by the service: for benchmarks that measure what the
-	// trail costs (audit.Discard()). No flag sets it.
-	AuditLogger *audit.Logger
 	// TrustedHeader carries a principal set by a proxy in TrustedProxies
 	// (comma-separated CIDRs); only honoured with Insecure.
 	TrustedHeader  string
@@ -55,83 +50,88 @@ type SecurityConfig struct {
 	RateLimitTenant    int
 }
 
-// security is what SecurityConfig builds: the server settings and the
-// authorizer handlers use. Close releases watchers and files.
+// security is what a SecurityConfig builds for one server: its TLS, the
+// policy and audit trail, and the authorizer whose interceptors every call
+// passes.
 type security struct {
+	cfg        SecurityConfig
+	tls        *tls.Config // nil: plaintext (--insecure)
+	policy     policy.Source
+	audit      *audit.Logger
 	authorizer *authz.Authorizer
 	limits     *authz.RateLimits
-	audit      *audit.Logger
-	closers    []io.Closer
 }
 
-func (s *security) Close() {
-	for _, c := range s.closers {
-		_ = c.Close()
-	}
-}
-
-// buildSecurity loads TLS material, the policy and the audit log, and
-// returns the security wiring plus cfg completed with TLS and interceptors.
-// A nil policy source means the caller supplies one (dev: allow-all). rules
-// are the methods the server serves; every other method is refused.
-func buildSecurity(sec SecurityConfig, cfg server.Config, rules map[string]authz.Rule, handleKeys *handle.Keys, requirePrincipal bool, src policy.Source, rdb redis.UniversalClient, redisPrefix string, logger *slog.Logger) (*security, server.Config, error) {
-	out := &security{}
-	fail := func(err error) (*security, server.Config, error) {
-		out.Close()
-		return nil, cfg, err
-	}
+// loadSecurity reads the files sec names — the TLS material and the policy,
+// both watched from then on, and the audit trail — unless d holds the
+// policy or the trail. Without a policy file, the policy is empty when
+// policyRequired is false (the gateway's callers are authorized by their
+// handle). Closers are pushed onto closers.
+func loadSecurity(sec SecurityConfig, d Deps, policyRequired bool, closers *closeStack) (*security, error) {
+	logger := d.logger()
+	s := &security{cfg: sec, policy: d.Policy, audit: d.Audit}
 	if sec.TLSCert != "" || sec.TLSKey != "" {
 		reloader, tlsCfg, err := tlsutil.NewServerConfig(tlsutil.Files{CertFile: sec.TLSCert, KeyFile: sec.TLSKey, CAFile: sec.TLSClientCA, ClientCertOptional: sec.ClientCertOptional}, logger)
 		if err != nil {
-			return fail(fmt.Errorf("--tls-cert/--tls-key/--tls-client-ca: %w", err))
+			return nil, fmt.Errorf("--tls-cert/--tls-key/--tls-client-ca: %w", err)
 		}
-		out.closers = append(out.closers, reloader)
-		cfg.TLS = tlsCfg
-	} else if sec.TLSClientCA != "" {
-		return fail(fmt.Errorf("--tls-client-ca needs --tls-cert and --tls-key"))
+		closers.pushCloser(reloader)
+		s.tls = tlsCfg
 	}
-	cfg.Insecure = sec.Insecure
-	if src == nil {
-		if sec.PolicyFile == "" {
-			return fail(fmt.Errorf("--policy is required: it says which principal may do what for which tenant (see docs/security.md)"))
+	if s.policy == nil {
+		switch {
+		case sec.PolicyFile != "":
+			watcher, err := policy.Watch(sec.PolicyFile, logger)
+			if err != nil {
+				return nil, fmt.Errorf("--policy: %w", err)
+			}
+			closers.pushCloser(watcher)
+			s.policy = watcher
+		case policyRequired:
+			return nil, errPolicyRequired
+		default:
+			s.policy = policy.Static(&policy.Policy{})
 		}
-		watcher, err := policy.Watch(sec.PolicyFile, logger)
+	}
+	if s.audit == nil {
+		trail, err := openAudit(sec.AuditLog, logger)
 		if err != nil {
-			return fail(fmt.Errorf("--policy: %w", err))
+			return nil, err
 		}
-		out.closers = append(out.closers, watcher)
-		src = watcher
+		closers.pushCloser(trail)
+		s.audit = trail
 	}
-	auditLog := sec.AuditLogger
-	if auditLog == nil {
-		var err error
-		if auditLog, err = openAudit(sec.AuditLog, logger); err != nil {
-			return fail(err)
-		}
-		out.closers = append(out.closers, auditLog)
-	}
-	out.audit = auditLog
-	proxies, err := parsePrefixes(sec.TrustedProxies)
+	return s, nil
+}
+
+// authorize makes the authorizer of a server that serves rules (every
+// other method is refused), with caller budgets in rdb under prefix.
+// handleKeys check the handles of session-authorized methods.
+func (s *security) authorize(rules map[string]authz.Rule, handleKeys *handle.Keys, requirePrincipal bool, rdb redis.UniversalClient, prefix string, logger *slog.Logger) error {
+	proxies, err := parsePrefixes(s.cfg.TrustedProxies)
 	if err != nil {
-		return fail(fmt.Errorf("--trusted-proxies: %w", err))
+		return fmt.Errorf("--trusted-proxies: %w", err)
 	}
-	if sec.TrustedHeader != "" && !sec.Insecure {
-		return fail(fmt.Errorf("--trusted-header is only for --insecure behind a mesh sidecar"))
+	s.limits = &authz.RateLimits{
+		Limiter:      ratelimit.New(rdb, prefix+":api:rl"),
+		PerPrincipal: perSecond(s.cfg.RateLimitPrincipal),
+		PerSession:   perSecond(s.cfg.RateLimitSession),
+		PerTenant:    perSecond(s.cfg.RateLimitTenant),
 	}
-	out.limits = &authz.RateLimits{
-		Limiter:      ratelimit.New(rdb, cmp.Or(redisPrefix, "fb")+":api:rl"),
-		PerPrincipal: perSecond(sec.RateLimitPrincipal),
-		PerSession:   perSecond(sec.RateLimitSession),
-		PerTenant:    perSecond(sec.RateLimitTenant),
-	}
-	out.authorizer = authz.New(authz.Config{
-		Policy: src, Audit: auditLog, Logger: logger, Methods: rules, HandleKeys: handleKeys, Limits: out.limits,
-		RequirePrincipal: requirePrincipal, TrustedHeader: sec.TrustedHeader, TrustedProxies: proxies,
-		Cert: authn.CertOptions{AllowCN: sec.ClientCNPrincipals},
+	s.authorizer = authz.New(authz.Config{
+		Policy: s.policy, Audit: s.audit, Logger: logger, Methods: rules, HandleKeys: handleKeys, Limits: s.limits,
+		RequirePrincipal: requirePrincipal, TrustedHeader: s.cfg.TrustedHeader, TrustedProxies: proxies,
+		Cert: authn.CertOptions{AllowCN: s.cfg.ClientCNPrincipals},
 	})
-	cfg.Unary = append(cfg.Unary, out.authorizer.UnaryServerInterceptor())
-	cfg.Stream = append(cfg.Stream, out.authorizer.StreamServerInterceptor())
-	return out, cfg, nil
+	return nil
+}
+
+// serverConfig completes cfg with the TLS and the authorizer's interceptors.
+func (s *security) serverConfig(cfg server.Config) server.Config {
+	cfg.TLS, cfg.Insecure = s.tls, s.cfg.Insecure
+	cfg.Unary = append(cfg.Unary, s.authorizer.UnaryServerInterceptor())
+	cfg.Stream = append(cfg.Stream, s.authorizer.StreamServerInterceptor())
+	return cfg
 }
 
 // checkRules logs every method srv serves that has no authorization rule:

@@ -149,8 +149,7 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 		t.Fatal(err)
 	}
 	credCfg := app.CredentialsConfig{
-		HandleKeys: handleKeys,
-		Server:     server.Config{Reflection: true},
+		Server: server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: credCert, TLSKey: credKeyFile, TLSClientCA: st.pki.CAFile(),
 			PolicyFile: st.policyFile, AuditLog: st.auditFile,
@@ -162,10 +161,9 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 	}
 	adjust(&credCfg)
 	st.credsAddr = serveBuilt(t, func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildCredentials(ctx, credCfg, logger)
+		return asServer(app.BuildCredentials(ctx, credCfg, app.Deps{Logger: logger, HandleKeys: handleKeys}))
 	})
 	gwCfg := app.GatewayConfig{
-		HandleKeys:            handleKeys,
 		Security:              app.SecurityConfig{TLSCert: gwCert, TLSKey: gwKeyFile},
 		CredentialsAddr:       st.credsAddr,
 		CredentialsTLS:        tlsutil.Files{CAFile: st.pki.CAFile(), CertFile: gwCert, KeyFile: gwKeyFile},
@@ -177,9 +175,17 @@ func startSecureStackWith(t *testing.T, adjust func(*app.CredentialsConfig)) *se
 		FleetUpRate:           100,
 	}
 	st.gatewayAddr = serveBuilt(t, func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildGateway(ctx, gwCfg, logger)
+		return asServer(app.BuildGateway(ctx, gwCfg, app.Deps{Logger: logger, HandleKeys: handleKeys}))
 	})
 	return st
+}
+
+// asServer is what a Build returned, as serveBuilt takes it.
+func asServer(b *app.Built, err error) (*server.Server, func(), error) {
+	if err != nil {
+		return nil, nil, err
+	}
+	return b.GRPC, b.Close, nil
 }
 
 // serveBuilt serves a built server on a loopback port until the test ends.

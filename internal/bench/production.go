@@ -156,20 +156,23 @@ func (e *env) auditFile(name string) string {
 }
 
 // security is the SecurityConfig of a service built by app.Build* at level
-// (policy, limits or production), with the server certificate given.
-func (e *env) security(level, name, certFile, keyFile string) app.SecurityConfig {
+// (policy, limits or production), with the server certificate given, and
+// the Deps it is built with: below production, an audit trail that
+// discards (measuring what the trail costs).
+func (e *env) security(level, name, certFile, keyFile string) (app.SecurityConfig, app.Deps) {
 	sec := app.SecurityConfig{TLSCert: certFile, TLSKey: keyFile, TLSClientCA: e.pki.caFile, PolicyFile: e.policyFile}
+	d := app.Deps{Logger: e.log, HandleKeys: e.handleKeys}
 	switch level {
 	case lvlPolicy:
-		sec.AuditLogger = audit.Discard()
+		d.Audit = audit.Discard()
 	case lvlLimits:
-		sec.AuditLogger = audit.Discard()
+		d.Audit = audit.Discard()
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	case lvlProduction:
 		sec.AuditLog = e.auditFile(name)
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	}
-	return sec
+	return sec, d
 }
 
 // credentialsVariant returns the credentials service of v, starting it on
@@ -196,16 +199,17 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	if v.name == lvlPlain {
 		return &credsService{addr: e.credsAddr, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
 	}
-	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix, HandleKeys: e.handleKeys,
+	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix,
 		WialonLoginLimit: unlimitedWialonLogins}
+	inProcess := app.Deps{Logger: e.log, HandleKeys: e.handleKeys, Store: store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), Transit: e.credTr}
 	s := &credsService{}
 	switch v.level {
 	case lvlPlain: // plain+batch (plain itself is the env's own service)
 		s.batches = &batchCounter{}
 		opts := e.opts.TransitBatch
 		opts.OnBatch = s.batches.add
-		tr := transit.NewBatching(e.credTr.(transit.BatchingBackend), opts)
-		svc, err := app.NewCredentialsService(cfg, store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), tr, e.log)
+		inProcess.Transit = transit.NewBatching(e.credTr.(transit.BatchingBackend), opts)
+		svc, err := app.NewCredentialsService(cfg, inProcess)
 		if err != nil {
 			return nil, err
 		}
@@ -217,7 +221,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		svc, err := app.NewCredentialsService(cfg, store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), e.credTr, e.log)
+		svc, err := app.NewCredentialsService(cfg, inProcess)
 		if err != nil {
 			return nil, err
 		}
@@ -232,7 +236,8 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		cfg.Security = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
+		var d app.Deps
+		cfg.Security, d = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: credentialsKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
 		cfg.TransitBatch = transit.BatchOptions{MaxItems: 1}
@@ -240,7 +245,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 			cfg.TransitBatch = e.opts.TransitBatch
 		}
 		if s.addr, err = e.serveBuilt(ctx, func(ctx context.Context) (*server.Server, func(), error) {
-			return app.BuildCredentials(ctx, cfg, e.log)
+			return asServer(app.BuildCredentials(ctx, cfg, d))
 		}); err != nil {
 			return nil, err
 		}
@@ -297,6 +302,14 @@ func (e *env) serveTLS(certFile, keyFile string, register ...func(*grpc.Server))
 	return e.serveOn(func(ctx context.Context, lis net.Listener) error { return srv.ServeListener(ctx, lis) })
 }
 
+// asServer is what an app.Build* function returned, as serveBuilt takes it.
+func asServer(b *app.Built, err error) (*server.Server, func(), error) {
+	if err != nil {
+		return nil, nil, err
+	}
+	return b.GRPC, b.Close, nil
+}
+
 // serveBuilt serves a server made by an app.Build* function on loopback,
 // and releases what it opened after it stops.
 func (e *env) serveBuilt(ctx context.Context, build func(context.Context) (*server.Server, func(), error)) (string, error) {
@@ -326,7 +339,6 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 		return nil, err
 	}
 	cfg := app.GatewayConfig{
-		HandleKeys:            e.handleKeys,
 		CredentialsAddr:       creds.addr,
 		CredentialsTLS:        tlsutil.Files{CAFile: pki.caFile, CertFile: pki.gwCert, KeyFile: pki.gwKey},
 		CredentialsServerName: "localhost",
@@ -349,7 +361,7 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 			return nil, err
 		}
 		e.onClose(func() { rdb.Close() })
-		gw, err := app.NewGatewayService(cfg, credentialsv1.NewSessionServiceClient(conn), rdb, e.gwTr, e.log)
+		gw, err := app.NewGatewayService(cfg, app.Deps{Logger: e.log, HandleKeys: e.handleKeys, CredentialsConn: conn, Redis: rdb, Transit: e.gwTr})
 		if err != nil {
 			return nil, err
 		}
@@ -360,11 +372,12 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 		if e.vault == nil {
 			return nil, fmt.Errorf("the %s level is built by app.BuildGateway, which needs Vault (not -no-vault)", level)
 		}
-		cfg.Security = e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey)
+		var d app.Deps
+		cfg.Security, d = e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey)
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: gatewayKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
 		if addr, err = e.serveBuilt(ctx, func(ctx context.Context) (*server.Server, func(), error) {
-			return app.BuildGateway(ctx, cfg, e.log)
+			return asServer(app.BuildGateway(ctx, cfg, d))
 		}); err != nil {
 			return nil, err
 		}

@@ -23,15 +23,11 @@ import (
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
-	"github.com/fleetbroker/fleetbroker/internal/provider"
-	allproviders "github.com/fleetbroker/fleetbroker/internal/provider/providers"
-	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
-	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
 
@@ -172,9 +168,9 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 	if e.handleKeys, err = handle.GenerateKeys(); err != nil {
 		return nil, err
 	}
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, HandleKeys: e.handleKeys,
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second,
 		WialonLoginLimit: unlimitedWialonLogins},
-		store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), e.credTr, e.log)
+		app.Deps{Logger: e.log, HandleKeys: e.handleKeys, Store: store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), Transit: e.credTr})
 	if err != nil {
 		return nil, err
 	}
@@ -240,9 +236,9 @@ type gatewayOpts struct {
 	// prefix separates the token caches of different phases in Redis.
 	prefix          string
 	jwtSafetyMargin time.Duration
-	// idlePerHost > 0 builds the gateway like app.NewGatewayService but
-	// with this many idle upstream connections kept per host (the "after"
-	// of the connection-churn fix; see newTunedGateway).
+	// idlePerHost > 0 builds the gateway with an upstream transport that
+	// keeps this many idle connections per host (the "after" of the
+	// connection-churn fix; see tunedTransport).
 	idlePerHost int
 }
 
@@ -268,15 +264,14 @@ func (e *env) startGateway(ctx context.Context, o gatewayOpts) (telematicsv1.Tel
 		FleetUpBurst:     unlimitedFleetUp,
 		JWTSafetyMargin:  o.jwtSafetyMargin,
 		UpstreamTimeout:  10 * time.Second,
-		HandleKeys:       e.handleKeys,
 	}
-	sessions := credentialsv1.NewSessionServiceClient(credConn)
-	var gw *gateway.Service
+	d := app.Deps{Logger: e.log, HandleKeys: e.handleKeys, CredentialsConn: credConn, Redis: rdb, Transit: e.gwTr}
 	if o.idlePerHost > 0 {
-		gw, err = newTunedGateway(cfg, o.idlePerHost, sessions, rdb, e.gwTr, e.log)
-	} else {
-		gw, err = app.NewGatewayService(cfg, sessions, rdb, e.gwTr, e.log)
+		if d.UpstreamTransport, err = tunedTransport(e.allowed, o.idlePerHost); err != nil {
+			return nil, err
+		}
 	}
+	gw, err := app.NewGatewayService(cfg, d)
 	if err != nil {
 		return nil, err
 	}
@@ -291,40 +286,19 @@ func (e *env) startGateway(ctx context.Context, o gatewayOpts) (telematicsv1.Tel
 	return telematicsv1.NewTelematicsServiceClient(conn), nil
 }
 
-// newTunedGateway is app.NewGatewayService with one change: the upstream
-// transport keeps idlePerHost idle connections per host instead of Go's
-// default 2. It exists to measure that fix from outside the package; keep
-// it in step with app.NewGatewayService.
-func newTunedGateway(cfg app.GatewayConfig, idlePerHost int, sessions credentialsv1.SessionServiceClient, rdb redis.UniversalClient, tr transit.Transit, logger *slog.Logger) (*gateway.Service, error) {
-	allow, err := upstream.ParseAllowList(cfg.AllowedUpstreams)
+// tunedTransport is the gateway's upstream transport
+// (upstream.NewTransport on the allow-list) keeping idlePerHost idle
+// connections per host instead of Go's default 2: handed to the gateway
+// through app.Deps, it measures that fix from outside the package.
+func tunedTransport(allowed string, idlePerHost int) (*http.Transport, error) {
+	allow, err := upstream.ParseAllowList(allowed)
 	if err != nil {
 		return nil, err
 	}
 	t := upstream.NewTransport(allow)
 	t.MaxIdleConnsPerHost = idlePerHost
 	t.MaxIdleConns = max(t.MaxIdleConns, 4*idlePerHost)
-	hc := &http.Client{Timeout: cfg.UpstreamTimeout, Transport: t}
-	reg, err := provider.NewRegistry(provider.Env{
-		HTTPClient: func(string) *http.Client { return hc },
-		Tuning: provider.Tuning{SessionReuse: cfg.WialonSessionTTL, ExpiryMargin: cfg.JWTSafetyMargin,
-			AccountLimit: provider.Limit{Rate: cfg.FleetUpRate, Period: time.Second, Burst: max(cfg.FleetUpBurst, 1)}},
-		Logger: logger,
-	}, allproviders.All()...)
-	if err != nil {
-		return nil, err
-	}
-	return gateway.New(gateway.Config{
-		Sessions:       sessions,
-		Providers:      reg,
-		Cache:          tokencache.New(rdb, tr, tokencache.Options{Prefix: cfg.RedisPrefix + ":gw", Logger: logger}),
-		Limiter:        ratelimit.New(rdb, cfg.RedisPrefix+":gw:rl"),
-		Redis:          rdb,
-		RedisPrefix:    cfg.RedisPrefix,
-		AllowList:      allow,
-		HandleCacheTTL: cfg.HandleCacheTTL,
-		HandleKeys:     cfg.HandleKeys,
-		Logger:         logger,
-	})
+	return t, nil
 }
 
 // account is one upstream account in a simulator and the credential that

@@ -31,7 +31,7 @@ func Dev(t testing.TB) DevServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- app.RunDev(ctx, app.DevConfig{Listen: addr, SimulatorListen: simAddr, Out: io.Discard}, slog.New(slog.DiscardHandler))
+		done <- app.RunDev(ctx, app.DevConfig{Listen: addr, SimulatorListen: simAddr}, io.Discard, slog.New(slog.DiscardHandler))
 	}()
 	t.Cleanup(func() {
 		cancel()

@@ -114,22 +114,21 @@ func New(t testing.TB, opts Options) *Stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, HandleKeys: keys},
-		store.NewRedis(st.Redis, store.RedisOptions{Prefix: st.RedisPrefix}), credTransit, logger)
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second},
+		app.Deps{Logger: logger, Store: store.NewRedis(st.Redis, store.RedisOptions{Prefix: st.RedisPrefix}), Transit: credTransit, HandleKeys: keys})
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.CredConn = Serve(t, logger, credSvc.Register)
 	for range opts.Replicas {
 		gw, err := app.NewGatewayService(app.GatewayConfig{
-			HandleKeys:       keys,
 			RedisPrefix:      st.RedisPrefix,
 			AllowedUpstreams: allowed,
 			HandleCacheTTL:   opts.HandleCacheTTL,
 			FleetUpRate:      opts.FleetUpRate,
 			FleetUpBurst:     1,
 			UpstreamTimeout:  5 * time.Second,
-		}, credentialsv1.NewSessionServiceClient(st.CredConn), rs.Client(t), Vault(t, vs, gwKey), logger)
+		}, app.Deps{Logger: logger, CredentialsConn: st.CredConn, Redis: rs.Client(t), Transit: Vault(t, vs, gwKey), HandleKeys: keys})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +140,7 @@ func New(t testing.TB, opts Options) *Stack {
 }
 
 // Vault returns a transit client on key of vs, creating the key.
-func Vault(t testing.TB, vs testenv.VaultServer, key string) transit.Transit {
+func Vault(t testing.TB, vs testenv.VaultServer, key string) *transit.Vault {
 	t.Helper()
 	v, err := transit.NewVault(context.Background(), transit.VaultConfig{Addr: vs.Addr, Token: vs.RootToken, Key: key}, slog.New(slog.DiscardHandler))
 	if err != nil {

@@ -173,15 +173,13 @@ func (h *harness) start(t *testing.T, opts harnessOptions) {
 		AllowedUpstreams:           strings.TrimPrefix(h.simURL, "http://"),
 		MaxSessionTTL:              time.Hour,
 		UpstreamTimeout:            2 * time.Second,
-		HandleKeys:                 h.keys,
-		LegacyHandles:              handle.NewLegacyWindow(h.rdb, h.prefix),
 		WriteLegacyFormats:         opts.writeLegacy,
 		RefuseLegacyAssociatedData: opts.refuseLegacyAD,
 	}
 	for _, f := range opts.adjust {
 		f(&cfg)
 	}
-	svc, err := app.NewCredentialsService(cfg, h.store, h.transit, logger)
+	svc, err := app.NewCredentialsService(cfg, app.Deps{Logger: logger, Store: h.store, Transit: h.transit, HandleKeys: h.keys})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -30,6 +30,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
+	"github.com/fleetbroker/fleetbroker/internal/testserver"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
@@ -80,16 +81,15 @@ type stack struct {
 	credentials func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient
 }
 
-// countingSessions counts ResolveSession calls on their way to the
+// countResolves counts ResolveSession calls on their way to the
 // credentials service.
-type countingSessions struct {
-	credentialsv1.SessionServiceClient
-	n *atomic.Int64
-}
-
-func (c countingSessions) ResolveSession(ctx context.Context, in *credentialsv1.ResolveSessionRequest, opts ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
-	c.n.Add(1)
-	return c.SessionServiceClient.ResolveSession(ctx, in, opts...)
+func countResolves(n *atomic.Int64) grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if method == credentialsv1.SessionService_ResolveSession_FullMethodName {
+			n.Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
 }
 
 type stackOptions struct {
@@ -148,18 +148,20 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers,
-		HandleKeys: st.handleKeys, LegacyHandles: handle.NewLegacyWindow(st.redis, st.prefix)},
-		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+	credDeps := app.Deps{Logger: logger, Providers: opts.providers, HandleKeys: st.handleKeys,
+		Store: store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), Transit: credTransit}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second}, credDeps)
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.credSvc = credSvc
-	credConn := serve(t, logger, credSvc.Register)
+	credConn, dialCreds := testserver.ServeDial(t, logger, credSvc.Register)
 	st.credentials = func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient {
 		t.Helper()
-		cfg.AllowedUpstreams, cfg.UpstreamTimeout, cfg.HandleKeys = allowed, 5*time.Second, st.handleKeys
-		svc, err := app.NewCredentialsService(cfg, store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+		cfg.AllowedUpstreams, cfg.UpstreamTimeout = allowed, 5*time.Second
+		d := credDeps
+		d.Providers = nil
+		svc, err := app.NewCredentialsService(cfg, d)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -178,9 +180,8 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			UpstreamTimeout:  5 * time.Second,
 			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
 			WialonSessionTTL: opts.wialonSessionTTL,
-			Providers:        opts.providers,
-			HandleKeys:       st.handleKeys,
-		}, countingSessions{credentialsv1.NewSessionServiceClient(credConn), st.resolves}, rs.Client(t), newVault(t, vs, gwKey), logger)
+		}, app.Deps{Logger: logger, Providers: opts.providers, HandleKeys: st.handleKeys,
+			CredentialsConn: dialCreds(countResolves(st.resolves)), Redis: rs.Client(t), Transit: newVault(t, vs, gwKey)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -191,7 +192,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	return st
 }
 
-func newVault(t *testing.T, vs testenv.VaultServer, key string) transit.Transit {
+func newVault(t *testing.T, vs testenv.VaultServer, key string) *transit.Vault {
 	t.Helper()
 	v, err := transit.NewVault(context.Background(), transit.VaultConfig{Addr: vs.Addr, Token: vs.RootToken, Key: key}, slog.New(slog.DiscardHandler))
 	if err != nil {
