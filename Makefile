@@ -36,7 +36,7 @@ check-generated: generate
 ## test: every test, with the race detector, against real redis-server and Vault
 test: tools
 	@scripts/redis.sh
-	go test -race -count=1 ./...
+	go test -race -count=1 -timeout 20m ./...
 
 ## test-fuzz: run every fuzz target briefly (seed corpora under */testdata/fuzz)
 FUZZTIME ?= 10s

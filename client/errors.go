@@ -28,6 +28,12 @@ const (
 	// ReasonRateLimited: this caller's or tenant's budget at fleetbroker is
 	// spent; wait RetryDelay.
 	ReasonRateLimited = apierr.ReasonRateLimited
+	// ReasonCredentialsUnavailable: the gateway could not reach the
+	// credentials service to resolve the handle; wait RetryDelay.
+	ReasonCredentialsUnavailable = apierr.ReasonCredentialsUnavailable
+	// ReasonTooManyStreams: the handle or its tenant already holds the most
+	// WatchPositions streams allowed; close one before opening another.
+	ReasonTooManyStreams = apierr.ReasonTooManyStreams
 )
 
 // Reason returns err's ErrorInfo reason, or "" if it carries none.

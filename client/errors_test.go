@@ -37,6 +37,10 @@ func TestErrorHelpers(t *testing.T) {
 			want{reason: client.ReasonUpstreamRateLimited, retry: true, delay: 1500 * time.Millisecond}},
 		{"upstream down", apierr.Retryable(codes.Unavailable, apierr.ReasonUpstreamUnavailable, "down", time.Second),
 			want{reason: client.ReasonUpstreamUnavailable, retry: true, delay: time.Second}},
+		{"credentials service down", apierr.Retryable(codes.Unavailable, apierr.ReasonCredentialsUnavailable, "down", 2*time.Second),
+			want{reason: client.ReasonCredentialsUnavailable, retry: true, delay: 2 * time.Second}},
+		{"too many streams", apierr.New(codes.ResourceExhausted, apierr.ReasonTooManyStreams, "close one", nil),
+			want{reason: client.ReasonTooManyStreams}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			delay, retry := client.RetryDelay(tc.err)

@@ -8,6 +8,7 @@
 //	go run ./cmd/fleetbroker-bench                  # the documented run, ~5 min
 //	go run ./cmd/fleetbroker-bench -json > out.json # machine-readable
 //	go run ./cmd/fleetbroker-bench -phases overhead -duration 3s -cpuprofile cpu.out
+//	go run ./cmd/fleetbroker-bench -phases soak     # 10 min at 70 % of the peak: RSS, goroutines, FDs
 package main
 
 import (
@@ -36,7 +37,8 @@ func main() {
 func run() error {
 	opts := bench.DefaultOptions()
 	fs := flag.NewFlagSet("fleetbroker-bench", flag.ContinueOnError)
-	phases := fs.String("phases", strings.Join(bench.AllPhases, ","), "comma-separated phases to run: "+strings.Join(bench.AllPhases, ", "))
+	phases := fs.String("phases", strings.Join(bench.AllPhases, ","), "comma-separated phases to run: "+strings.Join(bench.AllPhases, ", ")+
+		"; and "+bench.PhaseSoak+" (not in the default run: 10 minutes at 70% of the measured peak)")
 	fs.DurationVar(&opts.Warmup, "warmup", opts.Warmup, "warm-up of each measurement (not recorded)")
 	fs.DurationVar(&opts.Duration, "duration", opts.Duration, "recorded time of each measurement")
 	fs.IntVar(&opts.Rounds, "rounds", opts.Rounds, "interleaved rounds of the overhead phase (medians are reported)")
@@ -56,7 +58,10 @@ func run() error {
 	fs.IntVar(&opts.MemHandles, "mem-handles", opts.MemHandles, "live handles in the memory phase")
 	fs.IntVar(&opts.MemAccounts, "mem-accounts", opts.MemAccounts, "cached accounts in the memory phase")
 	fs.DurationVar(&opts.MemHold, "mem-hold", opts.MemHold, "how long the memory phase keeps every handle warm")
-	fs.StringVar(&opts.FleetbrokerBin, "fleetbroker-bin", "", "fleetbroker binary for the memory phase (default: go build ./cmd/fleetbroker)")
+	fs.StringVar(&opts.FleetbrokerBin, "fleetbroker-bin", "", "fleetbroker binary for the memory and soak phases (default: go build ./cmd/fleetbroker)")
+	fs.DurationVar(&opts.Soak.Duration, "soak-duration", opts.Soak.Duration, "how long the soak phase runs at its target rate")
+	fs.DurationVar(&opts.Soak.Interval, "soak-interval", opts.Soak.Interval, "how often the soak phase samples each process's RSS, goroutines and open FDs")
+	fs.Float64Var(&opts.Soak.Share, "soak-share", opts.Soak.Share, "the soak's rate as a share of the peak it measures first")
 	fs.BoolVar(&opts.NoVault, "no-vault", false, "use the dev keyring instead of Vault (no Vault figures, no memory phase)")
 	fs.BoolVar(&opts.QuietServices, "quiet-services", false, "discard the services' logs instead of encoding them (JSON, info) into io.Discard")
 	fs.IntVar(&opts.BaselineIdlePerHost, "baseline-idle-per-host", opts.BaselineIdlePerHost, "keep-alive pool per host of the direct caller and the bare forwarder")
@@ -80,8 +85,8 @@ func run() error {
 	opts.Variants = splitList(*variants)
 	opts.ControlOps = splitList(*controlOps)
 	for _, p := range opts.Phases {
-		if !contains(bench.AllPhases, p) {
-			return fmt.Errorf("-phases: unknown phase %q (have %s)", p, strings.Join(bench.AllPhases, ", "))
+		if !contains(bench.AllPhases, p) && p != bench.PhaseSoak {
+			return fmt.Errorf("-phases: unknown phase %q (have %s, %s)", p, strings.Join(bench.AllPhases, ", "), bench.PhaseSoak)
 		}
 	}
 	var err error
@@ -100,6 +105,9 @@ func run() error {
 	}
 	if opts.TransitBatch.MaxItems < 1 || opts.TransitBatch.MaxInFlight < 1 || opts.TransitBatch.MaxWait < 0 {
 		return errors.New("-transit-batch-size and -transit-batch-calls must be at least 1, -transit-batch-wait not negative")
+	}
+	if opts.Soak.Duration <= 0 || opts.Soak.Interval <= 0 || opts.Soak.Share <= 0 || opts.Soak.Share > 1 {
+		return errors.New("-soak-duration and -soak-interval must be positive, -soak-share in (0, 1]")
 	}
 	if !*quiet {
 		opts.Progress = os.Stderr

@@ -96,12 +96,18 @@ type runningServer struct {
 
 func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 	t.Helper()
-	st := &faultStack{redisAddr: redisAddr, prefix: testenv.RedisPrefix(t), logs: &syncBuffer{}}
+	return newFaultStackOn(t, app.RedisConfig{Addrs: []string{redisAddr}})
+}
+
+// newFaultStackOn is newFaultStack on any Redis topology (Sentinel, say).
+func newFaultStackOn(t *testing.T, redisCfg app.RedisConfig) *faultStack {
+	t.Helper()
+	st := &faultStack{redisAddr: redisCfg.Addrs[0], prefix: testenv.RedisPrefix(t), logs: &syncBuffer{}}
 	st.vault = testenv.VaultFile(t)
 	st.vault.Init(t)
 	st.credToken, st.gwToken = setUpTransit(t, st.vault)
 
-	st.sim = simulator.New(simulator.Config{Demo: true, Units: 3})
+	st.sim = simulator.New(withoutWialonLimits(simulator.Config{Demo: true, Units: 3}))
 	simServer := httptest.NewServer(st.sim.Handler())
 	t.Cleanup(simServer.Close)
 	st.simHost = strings.TrimPrefix(simServer.URL, "http://")
@@ -112,16 +118,22 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 		t.Fatal(err)
 	}
 	credCfg := app.CredentialsConfig{
-		Server: server.Config{GracePeriod: 2 * time.Second},
+		// Every acknowledged write is checked by logging in with it: more
+		// logins a minute than Wialon allows an IP (see withoutWialonLimits).
+		WialonLoginLimit:       1_000_000,
+		WialonFailedLoginLimit: 1_000_000,
+		Server:                 server.Config{GracePeriod: 2 * time.Second},
 		Security: app.SecurityConfig{
 			Insecure:   true,
 			PolicyFile: "../../deploy/compose-policy.yaml",
 			AuditLog:   filepath.Join(t.TempDir(), "audit.log"),
 		},
 		Vault:            app.VaultConfig{Addr: st.vault.Addr, Token: st.credToken, Key: "fleetbroker"},
-		Redis:            app.RedisConfig{Addrs: []string{redisAddr}},
+		Redis:            redisCfg,
 		RedisPrefix:      st.prefix,
 		AllowedUpstreams: st.simHost,
+		// --redis-wait-replicas' default: one replica where there are any.
+		RedisWaitReplicas: app.RedisWaitAuto,
 	}
 	st.credsAddr = st.serve(t, "credentials", func(ctx context.Context) (*server.Server, func(), error) {
 		return asServer(app.BuildCredentials(ctx, credCfg, app.Deps{Logger: logger, HandleKeys: st.handleKeys}))
@@ -133,7 +145,7 @@ func newFaultStack(t *testing.T, redisAddr string) *faultStack {
 		CredentialsInsecure: true,
 		CredentialsAPIKey:   gatewayAPIKey,
 		Vault:               app.VaultConfig{Addr: st.vault.Addr, Token: st.gwToken, Key: "fleetbroker-gateway"},
-		Redis:               app.RedisConfig{Addrs: []string{redisAddr}},
+		Redis:               redisCfg,
 		RedisPrefix:         st.prefix,
 		AllowedUpstreams:    st.simHost,
 		FleetUpRate:         100,
@@ -161,6 +173,18 @@ func (st *faultStack) newGateway(t *testing.T) string {
 	return st.serve(t, "gateway", func(ctx context.Context) (*server.Server, func(), error) {
 		return asServer(app.BuildGateway(ctx, cfg, app.Deps{Logger: logger, HandleKeys: st.handleKeys}))
 	})
+}
+
+// withoutWialonLimits turns off the simulator's enforcement of Wialon's
+// per-session and per-IP limits: the fault suite checks every acknowledged
+// write by logging in with it, far more logins a minute than Wialon allows
+// one IP, and is about faults, not those limits — which have their own
+// tests through the gateway (services/gateway TestFortyHistoryLoadsShare…,
+// TestWialonLoginBudgetKeepsTheIPUnblocked).
+func withoutWialonLimits(cfg simulator.Config) simulator.Config {
+	cfg.WialonSessionRequests, cfg.WialonSessionHeavy = -1, -1
+	cfg.WialonLoginsPerMinute, cfg.WialonFailedLoginsPerMinute, cfg.WialonSessionsPerUserIP = -1, -1, -1
+	return cfg
 }
 
 // setUpTransit creates the two derived keys and a token per service with
@@ -486,7 +510,7 @@ func startWriter(st *faultStack) *writer {
 			}
 			r := writeResult{id: fmt.Sprintf("w-%d", i), token: randomToken(), start: time.Now()}
 			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-			_, r.err = st.putWialon(ctx, r.id, r.token, false)
+			_, r.err = st.putWialonOnce(ctx, r.id, r.token)
 			cancel()
 			r.end = time.Now()
 			w.mu.Lock()

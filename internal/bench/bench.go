@@ -75,6 +75,9 @@ type Options struct {
 	MemHold        time.Duration
 	FleetbrokerBin string
 
+	// Soak configures the soak phase (soak.go), run only when named.
+	Soak SoakOptions
+
 	// NoVault uses the dev keyring instead of Vault (no Vault figures, no
 	// memory phase).
 	NoVault bool
@@ -129,6 +132,7 @@ func DefaultOptions() Options {
 		MemHold:             6 * time.Second,
 		BaselineIdlePerHost: 1024,
 		TransitBatch:        transit.BatchOptions{MaxItems: transit.DefaultBatchMaxItems, MaxInFlight: transit.DefaultBatchMaxInFlight},
+		Soak:                DefaultSoakOptions(),
 	}
 }
 
@@ -179,6 +183,7 @@ type Report struct {
 	MemoryError      string        `json:"memory_error,omitempty"`
 	// Audit is what the production variants' audit trails hold at the end.
 	Audit   *AuditStats `json:"audit,omitempty"`
+	Soak    *SoakReport `json:"soak,omitempty"`
 	Targets []Target    `json:"targets"`
 }
 
@@ -295,8 +300,13 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 			opts.progress("memory phase failed: " + err.Error())
 		}
 	}
+	if opts.has(PhaseSoak) {
+		if rep.Soak, err = runSoak(ctx, e, opts, hotSim); err != nil {
+			return rep, fmt.Errorf("soak: %w", err)
+		}
+	}
 	rep.Audit = e.auditStats()
-	rep.Targets = targets(rep)
+	rep.Targets = append(targets(rep), soakTargets(rep.Soak)...)
 	return rep, ctx.Err()
 }
 

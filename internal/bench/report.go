@@ -118,6 +118,7 @@ func WriteText(out io.Writer, rep *Report) error {
 		fmt.Fprintf(out, "4. Memory: not measured: %s\n\n", rep.MemoryError)
 	}
 
+	writeSoakText(out, rep.Soak)
 	if len(rep.Targets) > 0 {
 		fmt.Fprintln(out, "Targets")
 		for _, t := range rep.Targets {

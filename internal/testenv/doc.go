@@ -2,9 +2,13 @@
 // against — a redis-server and a Vault dev server on loopback — once per test
 // binary. For fault tests it also starts, per test, servers the test may
 // break: a Vault server on file storage that can be stopped, sealed and
-// restarted (VaultFile), and a redis-server with AOF that can be killed and
-// restarted (RedisRestartable). A missing dependency is a test failure,
-// never a skip: in CI the dependency must be installed by .ci/run.
+// restarted (VaultFile); a redis-server with AOF that can be killed and
+// restarted (RedisRestartable); a Sentinel deployment whose master can be
+// crashed and failed over (RedisSentinelFailover); and fleetbroker itself
+// as child processes (StartProcess) from binaries of this working tree or of
+// an earlier release in git history (BuildWorkingTree, BuildAtCommit). A
+// missing dependency is a test failure, never a skip: in CI the dependency
+// must be installed by .ci/run.
 package testenv
 
 import (
@@ -18,5 +22,6 @@ func Main(m *testing.M) {
 	code := m.Run()
 	StopRedis()
 	StopVault()
+	removeBuilds()
 	os.Exit(code)
 }

@@ -37,7 +37,21 @@ func RedisSentinel(t testing.TB) RedisDeployment {
 	return redisSentinel.get(t)
 }
 
-func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
+func startRedisSentinel() (RedisDeployment, redisGroup, error) {
+	return startSentinelDeployment(sentinelLayout{replicas: 1})
+}
+
+// sentinelLayout shapes a Sentinel deployment.
+type sentinelLayout struct {
+	// replicas of the master (at least one).
+	replicas int
+	// downAfter is how long the master must not answer before a Sentinel
+	// deems it down; 0 keeps Sentinel's default (30 s). failoverTimeout
+	// bounds one failover (0: Sentinel's default, 3 min).
+	downAfter, failoverTimeout time.Duration
+}
+
+func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisGroup, err error) {
 	bin, err := redisBinary()
 	if err != nil {
 		return RedisDeployment{}, nil, err
@@ -73,17 +87,22 @@ func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
 		return RedisDeployment{}, g, err
 	}
 	masterHost, masterPort, _ := net.SplitHostPort(master.addr)
-	replica, err := start(redisSpec{
-		role: "replica",
-		args: func(dir string, ports []int) ([]string, error) {
-			return append(redisBaseArgs(dir),
-				"--port", strconv.Itoa(ports[0]),
-				"--replicaof", masterHost, masterPort,
-			), nil
-		},
-	})
-	if err != nil {
-		return RedisDeployment{}, g, err
+	var replicas []string
+	for i := range max(layout.replicas, 1) {
+		replica, err := start(redisSpec{
+			role: "replica " + strconv.Itoa(i+1),
+			args: func(dir string, ports []int) ([]string, error) {
+				return append(redisBaseArgs(dir),
+					"--port", strconv.Itoa(ports[0]),
+					"--replicaof", masterHost, masterPort,
+					"--repl-diskless-sync-delay", "0", // a replica promoted by a failover syncs the other at once
+				), nil
+			},
+		})
+		if err != nil {
+			return RedisDeployment{}, g, err
+		}
+		replicas = append(replicas, replica.addr)
 	}
 	for i := range redisSentinels {
 		s, err := start(redisSpec{
@@ -94,6 +113,12 @@ func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
 				conf := filepath.Join(dir, "sentinel.conf")
 				text := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %q\nsentinel monitor %s %s %s %d\n",
 					ports[0], dir, RedisSentinelMasterName, masterHost, masterPort, redisSentinelQuorum)
+				if layout.downAfter > 0 {
+					text += fmt.Sprintf("sentinel down-after-milliseconds %s %d\n", RedisSentinelMasterName, layout.downAfter.Milliseconds())
+				}
+				if layout.failoverTimeout > 0 {
+					text += fmt.Sprintf("sentinel failover-timeout %s %d\n", RedisSentinelMasterName, layout.failoverTimeout.Milliseconds())
+				}
 				if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
 					return nil, err
 				}
@@ -106,28 +131,31 @@ func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
 		d.Addrs = append(d.Addrs, s.addr)
 	}
 	d.MasterName = RedisSentinelMasterName
-	d.Nodes = []string{master.addr, replica.addr}
+	d.Nodes = append([]string{master.addr}, replicas...)
 
 	// A replica still syncing answers reads with an error, and Sentinels
 	// learn the replica from the master's INFO a moment after they start.
-	rc := redis.NewClient(&redis.Options{Addr: replica.addr, ContextTimeoutEnabled: true})
-	defer rc.Close()
-	if err := redisWaitFor(deadline, "the replica to sync", func(ctx context.Context) error {
-		info, err := rc.Info(ctx, "replication").Result()
+	for _, replica := range replicas {
+		rc := redis.NewClient(&redis.Options{Addr: replica, ContextTimeoutEnabled: true})
+		err := redisWaitFor(deadline, "replica "+replica+" to sync", func(ctx context.Context) error {
+			info, err := rc.Info(ctx, "replication").Result()
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(info, "master_link_status:up\r\n") {
+				return fmt.Errorf("replica not in sync:\n%s", info)
+			}
+			return nil
+		})
+		_ = rc.Close()
 		if err != nil {
-			return err
+			return RedisDeployment{}, g, err
 		}
-		if !strings.Contains(info, "master_link_status:up\r\n") {
-			return fmt.Errorf("replica not in sync:\n%s", info)
-		}
-		return nil
-	}); err != nil {
-		return RedisDeployment{}, g, err
 	}
 	for _, addr := range d.Addrs {
 		sc := redis.NewSentinelClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
-		err := redisWaitFor(deadline, "sentinel "+addr+" to know the master and its replica", func(ctx context.Context) error {
-			return redisSentinelReady(ctx, sc, master.addr, replica.addr)
+		err := redisWaitFor(deadline, "sentinel "+addr+" to know the master and its replicas", func(ctx context.Context) error {
+			return redisSentinelReady(ctx, sc, master.addr, replicas...)
 		})
 		_ = sc.Close()
 		if err != nil {
@@ -138,8 +166,8 @@ func startRedisSentinel() (d RedisDeployment, g redisGroup, err error) {
 }
 
 // redisSentinelReady tells whether the Sentinel reports master as the
-// master and lists replica as a healthy replica of it.
-func redisSentinelReady(ctx context.Context, sc *redis.SentinelClient, master, replica string) error {
+// master and lists every one of replicas as a healthy replica of it.
+func redisSentinelReady(ctx context.Context, sc *redis.SentinelClient, master string, replicas ...string) error {
 	addr, err := sc.GetMasterAddrByName(ctx, RedisSentinelMasterName).Result()
 	if err != nil {
 		return err
@@ -147,14 +175,20 @@ func redisSentinelReady(ctx context.Context, sc *redis.SentinelClient, master, r
 	if len(addr) != 2 || net.JoinHostPort(addr[0], addr[1]) != master {
 		return fmt.Errorf("sentinel reports master %v, want %s", addr, master)
 	}
-	replicas, err := sc.Replicas(ctx, RedisSentinelMasterName).Result()
+	known, err := sc.Replicas(ctx, RedisSentinelMasterName).Result()
 	if err != nil {
 		return err
 	}
-	for _, r := range replicas {
-		if r["name"] == replica && r["flags"] == "slave" {
-			return nil
+	healthy := map[string]bool{}
+	for _, r := range known {
+		if r["flags"] == "slave" {
+			healthy[r["name"]] = true
 		}
 	}
-	return fmt.Errorf("sentinel lists replicas %v, want %s with flags slave", replicas, replica)
+	for _, replica := range replicas {
+		if !healthy[replica] {
+			return fmt.Errorf("sentinel lists replicas %v, want %s with flags slave", known, replica)
+		}
+	}
+	return nil
 }
