@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 )
 
 // Files names the PEM files of one TLS identity.
@@ -42,10 +44,10 @@ type Files struct {
 // certificate, key and CA are reloaded when their files change; Close the
 // Reloader when the server is done.
 func NewServerConfig(f Files, logger *slog.Logger) (*Reloader, *tls.Config, error) {
-	return newServerConfig(f, logger, defaultWatch)
+	return newServerConfig(f, logger, filewatch.Default)
 }
 
-func newServerConfig(f Files, logger *slog.Logger, w watchOptions) (*Reloader, *tls.Config, error) {
+func newServerConfig(f Files, logger *slog.Logger, w filewatch.Options) (*Reloader, *tls.Config, error) {
 	if f.CertFile == "" || f.KeyFile == "" {
 		return nil, nil, errors.New("tls server: certificate and key files are required")
 	}
@@ -97,10 +99,10 @@ func requireClientCerts(cfg *tls.Config, r *Reloader) {
 // The trusted CAs are read once: a client picks up a rotated server CA on
 // restart, so rotate by adding the new CA to the bundle first.
 func NewClientConfig(f Files, serverName string, logger *slog.Logger) (*Reloader, *tls.Config, error) {
-	return newClientConfig(f, serverName, logger, defaultWatch)
+	return newClientConfig(f, serverName, logger, filewatch.Default)
 }
 
-func newClientConfig(f Files, serverName string, logger *slog.Logger, w watchOptions) (*Reloader, *tls.Config, error) {
+func newClientConfig(f Files, serverName string, logger *slog.Logger, w filewatch.Options) (*Reloader, *tls.Config, error) {
 	if (f.CertFile == "") != (f.KeyFile == "") {
 		return nil, nil, errors.New("tls client: set both the certificate and the key file, or neither")
 	}
