@@ -6,7 +6,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )

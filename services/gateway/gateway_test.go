@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"regexp"
 	"strings"
 	"sync"
@@ -16,26 +15,23 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
-	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
-	"github.com/fleetbroker/fleetbroker/internal/testserver"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -165,7 +161,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return credentialsv1.NewCredentialServiceClient(serve(t, logger, svc.Register))
+		return credentialsv1.NewCredentialServiceClient(testserver.Serve(t, logger, svc.Register))
 	}
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
@@ -187,7 +183,7 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 		}
 		t.Cleanup(gw.Close)
 		st.services = append(st.services, gw)
-		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(serve(t, logger, gw.Register)))
+		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(testserver.Serve(t, logger, gw.Register)))
 	}
 	return st
 }
@@ -203,28 +199,6 @@ func newVault(t *testing.T, vs testenv.VaultServer, key string) *transit.Vault {
 		t.Fatal(err)
 	}
 	return v
-}
-
-// serve runs services on a bufconn server and returns a client connection.
-func serve(t *testing.T, logger *slog.Logger, register ...func(*grpc.Server)) *grpc.ClientConn {
-	t.Helper()
-	srv, err := server.New(server.Config{Logger: logger, Insecure: true}, register...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis := bufconn.Listen(1 << 20)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.ServeListener(ctx, lis); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
 }
 
 func (st *stack) putWialon(t *testing.T, id string) {

@@ -17,7 +17,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 )
 

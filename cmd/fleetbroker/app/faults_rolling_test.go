@@ -155,7 +155,7 @@ func (f *fleet) verifyWrite(t *testing.T, r writeResult) error {
 // stored once.
 func TestFaultRollingRestart(t *testing.T) {
 	rel := thisRelease(t)
-	f := newFleet(t, testenv.Redis(t).Addr, rel, "../../deploy/compose-policy.yaml", nil, nil, false)
+	f := newFleet(t, testenv.Redis(t).Addr, rel, "../../../deploy/compose-policy.yaml", nil, nil, false)
 	load := startFleetLoad(f, f.seed(t, time.Hour), fleetReaders)
 	load.waitCalls(t, 100)
 	var outOfService []string

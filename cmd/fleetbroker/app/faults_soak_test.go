@@ -58,7 +58,7 @@ type soakSample struct {
 // writes, handles issued, used for a position stream and trips, and
 // revoked — and samples each process.
 func TestFaultSoak(t *testing.T) {
-	f := newFleet(t, testenv.Redis(t).Addr, thisRelease(t), "../../deploy/compose-policy.yaml", nil, nil, true)
+	f := newFleet(t, testenv.Redis(t).Addr, thisRelease(t), "../../../deploy/compose-policy.yaml", nil, nil, true)
 	load := startFleetLoad(f, f.seed(t, time.Hour), fleetReaders)
 	churn := startSessionChurn(f, load)
 

@@ -20,9 +20,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
@@ -154,8 +154,8 @@ func Vault(t testing.TB, vs testenv.VaultServer, key string) *transit.Vault {
 }
 
 // Serve runs services with the production server bootstrap (plaintext) on
-// a bufconn listener and returns a client connection to it; extra dial
-// options (a handle source, interceptors) are added to the connection.
+// a bufconn listener and returns a client connection to it: the one
+// in-process server helper of every package's tests.
 func Serve(t testing.TB, logger *slog.Logger, register ...func(*grpc.Server)) *grpc.ClientConn {
 	t.Helper()
 	conn, _ := ServeDial(t, logger, register...)
@@ -166,7 +166,15 @@ func Serve(t testing.TB, logger *slog.Logger, register ...func(*grpc.Server)) *g
 // connections of their own (with other dial options) to the same server.
 func ServeDial(t testing.TB, logger *slog.Logger, register ...func(*grpc.Server)) (*grpc.ClientConn, func(opts ...grpc.DialOption) *grpc.ClientConn) {
 	t.Helper()
-	srv, err := server.New(server.Config{Logger: logger, Insecure: true}, register...)
+	return ServeConfig(t, server.Config{Logger: logger}, register...)
+}
+
+// ServeConfig is ServeDial on the server settings cfg (reflection, say),
+// always plaintext: the bufconn listener has no TLS to terminate.
+func ServeConfig(t testing.TB, cfg server.Config, register ...func(*grpc.Server)) (*grpc.ClientConn, func(opts ...grpc.DialOption) *grpc.ClientConn) {
+	t.Helper()
+	cfg.Insecure = true
+	srv, err := server.New(cfg, register...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@ package app_test
 // and calls take to recover after the dependency returns (target ≤ 2 s),
 // that every acknowledged write is still there and applied exactly once,
 // and that no server stopped. The "reliability:" log lines are the numbers
-// in docs/reliability.md (go test -v -run TestFault ./internal/app).
+// in docs/reliability.md (go test -v -run TestFault ./cmd/fleetbroker/app).
 
 import (
 	"context"
@@ -35,10 +35,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
@@ -125,7 +125,7 @@ func newFaultStackOn(t *testing.T, redisCfg app.RedisConfig) *faultStack {
 		Server:                 server.Config{GracePeriod: 2 * time.Second},
 		Security: app.SecurityConfig{
 			Insecure:   true,
-			PolicyFile: "../../deploy/compose-policy.yaml",
+			PolicyFile: "../../../deploy/compose-policy.yaml",
 			AuditLog:   filepath.Join(t.TempDir(), "audit.log"),
 		},
 		Vault:            app.VaultConfig{Addr: st.vault.Addr, Token: st.credToken, Key: "fleetbroker"},
@@ -207,7 +207,7 @@ func setUpTransit(t *testing.T, vs *testenv.VaultFileServer) (credToken, gwToken
 		t.Fatal(err)
 	}
 	token := func(service string) string {
-		rules, err := os.ReadFile("../../deploy/vault/" + service + ".hcl")
+		rules, err := os.ReadFile("../../../deploy/vault/" + service + ".hcl")
 		if err != nil {
 			t.Fatal(err)
 		}
