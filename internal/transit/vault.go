@@ -232,17 +232,7 @@ func (v *Vault) Decrypt(ctx context.Context, tenant string, items []Item) ([][]b
 // two batch calls instead; the plaintext exists only in this process's
 // memory between the two calls and is zeroed afterwards.
 func (v *Vault) Rewrap(ctx context.Context, tenant string, items []Item) ([]string, error) {
-	const op = "rewrap"
-	plaintexts, err := v.decrypt(ctx, op, tenant, items)
-	if err != nil {
-		return nil, err
-	}
-	defer zeroAll(plaintexts)
-	fresh := make([]Item, len(items))
-	for i, it := range items {
-		fresh[i] = Item{AssociatedData: it.AssociatedData, Plaintext: plaintexts[i]}
-	}
-	return v.encrypt(ctx, op, tenant, fresh)
+	return rewrap(ctx, tenant, items, v.decrypt, v.encrypt)
 }
 
 func (v *Vault) encrypt(ctx context.Context, op, tenant string, items []Item) ([]string, error) {
