@@ -20,10 +20,8 @@ import (
 func credentialsFlags() (*flag.FlagSet, *app.CredentialsConfig, *logFlags, func()) {
 	fs := flag.NewFlagSet("credentials", flag.ContinueOnError)
 	cfg := &app.CredentialsConfig{}
-	addServerFlags(fs, &cfg.Server, app.DefaultCredentialsListen)
-	addDeadlineFlags(fs, &cfg.Server)
-	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, app.DefaultCredentialsMetricsListen)
-	addSecurityFlags(fs, &cfg.Security, "policy file (YAML or JSON) granting principals actions on tenants; required; reloaded on change")
+	addServingFlags(fs, &cfg.Server, &cfg.Security, &cfg.MetricsListen, app.DefaultCredentialsListen, app.DefaultCredentialsMetricsListen,
+		"policy file (YAML or JSON) granting principals actions on tenants; required; reloaded on change")
 	addVaultFlags(fs, &cfg.Vault, app.DefaultCredentialsTransitKey)
 	redis := addRedisFlags(fs, &cfg.RedisPrefix)
 	fs.StringVar(&cfg.AllowedUpstreams, "allowed-upstreams", "", "comma-separated host[:port] a credential's base_url may name (provider defaults are always allowed)")
@@ -209,10 +207,8 @@ func runMigrate(ctx context.Context, args []string) error {
 func gatewayFlags() (*flag.FlagSet, *app.GatewayConfig, *logFlags, func()) {
 	fs := flag.NewFlagSet("gateway", flag.ContinueOnError)
 	cfg := &app.GatewayConfig{}
-	addServerFlags(fs, &cfg.Server, app.DefaultGatewayListen)
-	addDeadlineFlags(fs, &cfg.Server)
-	addMeshFlags(fs, &cfg.Server, &cfg.MetricsListen, app.DefaultGatewayMetricsListen)
-	addSecurityFlags(fs, &cfg.Security, "optional policy file; the gateway uses only its api_keys (callers are authorized by their handle)")
+	addServingFlags(fs, &cfg.Server, &cfg.Security, &cfg.MetricsListen, app.DefaultGatewayListen, app.DefaultGatewayMetricsListen,
+		"optional policy file; the gateway uses only its api_keys (callers are authorized by their handle)")
 	fs.StringVar(&cfg.CredentialsAddr, "credentials-addr", app.DefaultCredentialsAddr, "address of the credentials service")
 	fs.StringVar(&cfg.CredentialsTLS.CAFile, "credentials-ca", "", "CA bundle that signed the credentials service's certificate")
 	fs.StringVar(&cfg.CredentialsTLS.CertFile, "credentials-cert", "", "the gateway's client certificate towards the credentials service (mTLS)")

@@ -49,6 +49,16 @@ func addLogFlags(fs *flag.FlagSet, format string) *logFlags {
 	return l
 }
 
+// addServingFlags adds the flags of every gRPC server subcommand: the
+// listener, deadlines and message size, the connection settings a mesh
+// needs, the metrics listener, and security (policyHelp describes --policy).
+func addServingFlags(fs *flag.FlagSet, srv *server.Config, sec *app.SecurityConfig, metricsListen *string, listen, metricsDefault, policyHelp string) {
+	addServerFlags(fs, srv, listen)
+	addDeadlineFlags(fs, srv)
+	addMeshFlags(fs, srv, metricsListen, metricsDefault)
+	addSecurityFlags(fs, sec, policyHelp)
+}
+
 func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
 	fs.StringVar(&cfg.Listen, "listen", listen, "gRPC listen address")
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")

@@ -192,25 +192,16 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) (*Buil
 	if err := cfg.validate(d); err != nil {
 		return nil, err
 	}
-	b := newBuilder(d)
-	if err := b.loadFiles(cfg.HandleKeyFile, cfg.Security, true); err != nil {
-		return b.fail(err)
-	}
-	if err := b.dial(ctx, cfg.Vault, cfg.Redis); err != nil {
-		return b.fail(err)
-	}
-	if err := b.authorize(authz.Rules(credentials.Actions, nil), true, cfg.RedisPrefix); err != nil {
-		return b.fail(err)
-	}
-	c, err := b.credentials(ctx, cfg)
-	if err != nil {
-		return b.fail(err)
-	}
-	built, err := b.server(cfg.Server, c)
-	if err != nil {
-		return b.fail(err)
-	}
-	return built, nil
+	return buildServer(ctx, d, serverPlan{
+		handleKeyFile: cfg.HandleKeyFile, security: cfg.Security, policyRequired: true,
+		vault: cfg.Vault, redis: cfg.Redis,
+		rules: authz.Rules(credentials.Actions, nil), requirePrincipal: true, prefix: cfg.RedisPrefix,
+		settings: cfg.Server,
+		components: func(b *builder) ([]component, error) {
+			c, err := b.credentials(ctx, cfg)
+			return []component{c}, err
+		},
+	})
 }
 
 // credentials builds the credentials service on the builder's parts — the

@@ -195,29 +195,24 @@ func buildDev(ctx context.Context, cred CredentialsConfig, gw GatewayConfig, d D
 	if err := errors.Join(cred.validate(d), gw.validate(d)); err != nil {
 		return nil, err
 	}
-	b := newBuilder(d)
-	b.authorizeHandler = devAuthorizeHandler
 	// Dev runs without TLS and lets every caller do everything, as its
-	// banner says; the audit trail still runs, to stderr.
-	if err := b.loadFiles("", cred.Security, false); err != nil {
-		return b.fail(err)
-	}
-	if err := b.authorize(authz.Rules(credentials.Actions, gateway.SessionMethods), false, cred.RedisPrefix); err != nil {
-		return b.fail(err)
-	}
-	c, err := b.credentials(ctx, cred)
-	if err != nil {
-		return b.fail(err)
-	}
-	g, err := b.gateway(gw)
-	if err != nil {
-		return b.fail(err)
-	}
-	built, err := b.server(cred.Server, c, g)
-	if err != nil {
-		return b.fail(err)
-	}
-	return built, nil
+	// banner says; the audit trail still runs, to stderr. Vault and Redis
+	// are d's: the dev keyring and the in-process Redis.
+	return buildServer(ctx, d, serverPlan{
+		security:         cred.Security,
+		rules:            authz.Rules(credentials.Actions, gateway.SessionMethods),
+		prefix:           cred.RedisPrefix,
+		settings:         cred.Server,
+		authorizeHandler: devAuthorizeHandler,
+		components: func(b *builder) ([]component, error) {
+			c, err := b.credentials(ctx, cred)
+			if err != nil {
+				return nil, err
+			}
+			g, err := b.gateway(gw)
+			return []component{c, g}, err
+		},
+	})
 }
 
 // RunDev runs every service in one process on embedded defaults: the

@@ -205,28 +205,21 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, d Deps) (*Built, error
 	if err := cfg.validate(d); err != nil {
 		return nil, err
 	}
-	b := newBuilder(d)
-	if err := b.loadFiles(cfg.HandleKeyFile, cfg.Security, false); err != nil {
-		return b.fail(err)
-	}
-	if err := b.dial(ctx, cfg.Vault, cfg.Redis); err != nil {
-		return b.fail(err)
-	}
-	if err := b.dialCredentials(cfg); err != nil {
-		return b.fail(err)
-	}
-	if err := b.authorize(authz.Rules(nil, gateway.SessionMethods), cfg.Security.TLSClientCA != "", cfg.RedisPrefix); err != nil {
-		return b.fail(err)
-	}
-	c, err := b.gateway(cfg)
-	if err != nil {
-		return b.fail(err)
-	}
-	built, err := b.server(cfg.Server, c)
-	if err != nil {
-		return b.fail(err)
-	}
-	return built, nil
+	return buildServer(ctx, d, serverPlan{
+		// The gateway's callers are authorized by their handle: no policy
+		// is required.
+		handleKeyFile: cfg.HandleKeyFile, security: cfg.Security,
+		vault: cfg.Vault, redis: cfg.Redis,
+		rules: authz.Rules(nil, gateway.SessionMethods), requirePrincipal: cfg.Security.TLSClientCA != "", prefix: cfg.RedisPrefix,
+		settings: cfg.Server,
+		components: func(b *builder) ([]component, error) {
+			if err := b.dialCredentials(cfg); err != nil {
+				return nil, err
+			}
+			c, err := b.gateway(cfg)
+			return []component{c}, err
+		},
+	})
 }
 
 // gateway builds the gateway service on the builder's parts, its callers'

@@ -36,59 +36,52 @@ func (cfg MaintenanceConfig) Validate() error {
 // RunRewrap rewraps every stored ciphertext under the newest transit key
 // version (after `vault write transit/keys/<key>/rotate`).
 func RunRewrap(ctx context.Context, cfg MaintenanceConfig, d Deps, progress func(credentials.RewrapProgress)) (credentials.RewrapProgress, error) {
-	var p credentials.RewrapProgress
-	err := withOfflineService(ctx, cfg, d, func(svc *credentials.Service) error {
-		var err error
-		p, err = svc.Rewrap(ctx, progress)
-		return err
+	return withOfflineService(ctx, cfg, d, func(svc *credentials.Service) (credentials.RewrapProgress, error) {
+		return svc.Rewrap(ctx, progress)
 	})
-	return p, err
 }
 
 // RunMigrate re-seals every secret stored with version 1 associated data
 // under version 2 (see credentials.Service.Migrate).
 func RunMigrate(ctx context.Context, cfg MaintenanceConfig, d Deps, progress func(credentials.MigrateProgress)) (credentials.MigrateProgress, error) {
-	var p credentials.MigrateProgress
-	err := withOfflineService(ctx, cfg, d, func(svc *credentials.Service) error {
-		var err error
-		p, err = svc.Migrate(ctx, progress)
-		return err
+	return withOfflineService(ctx, cfg, d, func(svc *credentials.Service) (credentials.MigrateProgress, error) {
+		return svc.Migrate(ctx, progress)
 	})
-	return p, err
 }
 
 // withOfflineService runs fn on a credentials service that serves no
 // calls, on the configured Vault and Redis (unless d holds them). It needs
 // no handle keys (it issues and checks no handle), so unless d has some it
 // gets throwaway ones; and it publishes no events.
-func withOfflineService(ctx context.Context, cfg MaintenanceConfig, d Deps, fn func(*credentials.Service) error) error {
+func withOfflineService[P any](ctx context.Context, cfg MaintenanceConfig, d Deps, fn func(*credentials.Service) (P, error)) (P, error) {
+	var none P
 	cfg.SetDefaults()
 	if err := cfg.Validate(); err != nil {
-		return err
+		return none, err
 	}
 	if d.HandleKeys == nil {
 		keys, err := handle.GenerateKeys()
 		if err != nil {
-			return err
+			return none, err
 		}
 		d.HandleKeys = keys
 	}
 	b := newBuilder(d)
 	defer b.closers.closeAll()
 	if err := b.dial(ctx, cfg.Vault, cfg.Redis); err != nil {
-		return err
+		return none, err
 	}
 	credCfg := CredentialsConfig{RedisPrefix: cfg.RedisPrefix, RedisWaitReplicas: cfg.RedisWaitReplicas, Redis: cfg.Redis}
 	credCfg.SetDefaults()
 	st, err := credentialStore(ctx, credCfg, b.d.Redis, b.logger)
 	if err != nil {
-		return err
+		return none, err
 	}
 	offline := b.d
 	offline.Store, offline.Redis = st, nil // the store's client only: no events, no connect flow
 	svc, err := newCredentialsService(credCfg, offline, b.d.Transit, nil)
 	if err != nil {
-		return err
+		return none, err
 	}
 	return fn(svc)
 }

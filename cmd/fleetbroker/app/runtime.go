@@ -127,6 +127,54 @@ func (b *builder) server(settings server.Config, comps ...component) (*Built, er
 	return &Built{GRPC: srv, beside: beside, closers: b.closers}, nil
 }
 
+// serverPlan is what one server build needs besides its Deps: the files to
+// read, the backends to dial, the authorization rules, and the components
+// to serve. Every server subcommand, dev included, builds through it.
+type serverPlan struct {
+	handleKeyFile  string
+	security       SecurityConfig
+	policyRequired bool
+	vault          VaultConfig
+	redis          RedisConfig
+	// rules are the methods served; requirePrincipal refuses calls without
+	// an identity; prefix holds the caller budgets.
+	rules            map[string]authz.Rule
+	requirePrincipal bool
+	prefix           string
+	settings         server.Config
+	// authorizeHandler wraps the authorization callback (dev); nil: none.
+	authorizeHandler func(http.Handler) http.Handler
+	// components builds the services on the prepared builder.
+	components func(*builder) ([]component, error)
+}
+
+// buildServer builds plan on d in the one visible order: the files are read
+// (handle keys, TLS, policy, audit trail), Vault and Redis dialled unless
+// given, the authorizer made, then the components and their gRPC server.
+// On failure everything opened so far is released.
+func buildServer(ctx context.Context, d Deps, plan serverPlan) (*Built, error) {
+	b := newBuilder(d)
+	b.authorizeHandler = plan.authorizeHandler
+	if err := b.loadFiles(plan.handleKeyFile, plan.security, plan.policyRequired); err != nil {
+		return b.fail(err)
+	}
+	if err := b.dial(ctx, plan.vault, plan.redis); err != nil {
+		return b.fail(err)
+	}
+	if err := b.authorize(plan.rules, plan.requirePrincipal, plan.prefix); err != nil {
+		return b.fail(err)
+	}
+	comps, err := plan.components(b)
+	if err != nil {
+		return b.fail(err)
+	}
+	built, err := b.server(plan.settings, comps...)
+	if err != nil {
+		return b.fail(err)
+	}
+	return built, nil
+}
+
 // loadHandleKeys reads the handle keys in file.
 func loadHandleKeys(file string) (*handle.Keys, error) {
 	if file == "" {
