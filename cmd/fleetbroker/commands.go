@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -87,16 +88,9 @@ func runCredentials(ctx context.Context, args []string) error {
 func runService(ctx context.Context, name string, fs *flag.FlagSet, logf *logFlags, finish func(), args []string, validate func() error,
 	build func(context.Context, app.Deps) (*app.Built, error), serve func(context.Context, app.Deps) error) error {
 	checkOnly := addCheckConfigFlag(fs)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	finish()
-	logger, err := newLogger(logf.format, logf.level)
+	logger, err := parseChecked(name, fs, args, logf, finish, validate)
 	if err != nil {
 		return err
-	}
-	if err := validate(); err != nil {
-		return fmt.Errorf("%s configuration:\n%w", name, err)
 	}
 	d := app.Deps{Logger: logger}
 	if *checkOnly {
@@ -125,17 +119,29 @@ func devFlags() (*flag.FlagSet, *app.DevConfig, *logFlags) {
 
 func runDev(ctx context.Context, args []string) error {
 	fs, cfg, logf := devFlags()
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	logger, err := newLogger(logf.format, logf.level)
+	logger, err := parseChecked("dev", fs, args, logf, func() {}, func() error { return cfg.Validate() })
 	if err != nil {
 		return err
 	}
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("dev configuration:\n%w", err)
-	}
 	return app.RunDev(ctx, *cfg, os.Stdout, logger)
+}
+
+// parseChecked parses args (with FLEETBROKER_* fallbacks), finishes the
+// config, makes the logger and checks the configuration as a whole: every
+// problem at once, before anything is read or dialled.
+func parseChecked(name string, fs *flag.FlagSet, args []string, logf *logFlags, finish func(), validate func() error) (*slog.Logger, error) {
+	if err := parse(fs, args); err != nil {
+		return nil, err
+	}
+	finish()
+	logger, err := newLogger(logf.format, logf.level)
+	if err != nil {
+		return nil, err
+	}
+	if err := validate(); err != nil {
+		return nil, fmt.Errorf("%s configuration:\n%w", name, err)
+	}
+	return logger, nil
 }
 
 // maintenanceFlags declares the flags of a maintenance command on the
@@ -157,16 +163,9 @@ func maintenanceFlags(name string) (*flag.FlagSet, *app.MaintenanceConfig, *logF
 // runs it with a logger.
 func runMaintenance(name string, args []string, run func(app.MaintenanceConfig, app.Deps) error) error {
 	fs, cfg, logf, finish := maintenanceFlags(name)
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	finish()
-	logger, err := newLogger(logf.format, logf.level)
+	logger, err := parseChecked(name, fs, args, logf, finish, func() error { return cfg.Validate() })
 	if err != nil {
 		return err
-	}
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("%s configuration:\n%w", name, err)
 	}
 	return run(*cfg, app.Deps{Logger: logger})
 }
