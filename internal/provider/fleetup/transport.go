@@ -240,17 +240,9 @@ func (c *Client) do(ctx context.Context, op, method, baseURL, p string, headers 
 	for k, v := range headers {
 		req.Header.Set(k, v)
 	}
-	resp, err := c.hc.Do(req)
+	resp, reply, err := upstream.Exchange(ctx, c.hc, req, providerName, op, maxReply)
 	if err != nil {
-		return nil, transportError(ctx, op, err)
-	}
-	defer resp.Body.Close()
-	reply, err := io.ReadAll(io.LimitReader(resp.Body, maxReply+1))
-	if err != nil {
-		return nil, transportError(ctx, op, err)
-	}
-	if len(reply) > maxReply {
-		return nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: op, Reason: "reply too large"}
+		return nil, err
 	}
 	out := &response{status: resp.StatusCode, body: reply}
 	if d, err := http.ParseTime(resp.Header.Get("Date")); err == nil {
@@ -306,12 +298,6 @@ func reason(reply []byte) string {
 // retryAfter is FleetUp's Retry-After; without one, its documented pace:
 // one request per second.
 func retryAfter(v string) time.Duration { return upstream.RetryAfter(v, time.Second) }
-
-// transportError classifies a failed round trip. The *url.Error wrapper is
-// dropped because its text repeats the request URL.
-func transportError(ctx context.Context, op string, err error) *upstream.Error {
-	return upstream.TransportError(ctx, providerName, op, err)
-}
 
 // ctxError reports the caller's cancellation or deadline as KindUnavailable
 // wrapping the context error, so errors.Is(err, context.Canceled) works.

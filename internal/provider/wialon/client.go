@@ -20,7 +20,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"io"
 	mrand "math/rand/v2"
 	"net/http"
 	"net/url"
@@ -353,17 +352,9 @@ func (c *Client) call(ctx context.Context, baseURL, sid, svc string, params []by
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
 
-	resp, err := c.hc.Do(req)
+	resp, body, err := upstream.Exchange(ctx, c.hc, req, providerName, svc, maxReply)
 	if err != nil {
-		return nil, transportError(ctx, svc, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxReply+1))
-	if err != nil {
-		return nil, transportError(ctx, svc, err)
-	}
-	if len(body) > maxReply {
-		return nil, &upstream.Error{Kind: upstream.KindInternal, Provider: providerName, Op: svc, Reason: "reply too large"}
+		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, statusError(svc, resp)

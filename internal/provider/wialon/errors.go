@@ -1,7 +1,6 @@
 package wialon
 
 import (
-	"context"
 	"net/http"
 	"strconv"
 	"time"
@@ -129,12 +128,6 @@ func statusError(svc string, resp *http.Response) *upstream.Error {
 
 // retryAfter is a Retry-After header of Wialon's HTTP front; 1 s without one.
 func retryAfter(v string) time.Duration { return upstream.RetryAfter(v, time.Second) }
-
-// transportError classifies a failed round trip. The *url.Error wrapper is
-// dropped because its text repeats the request URL.
-func transportError(ctx context.Context, svc string, err error) *upstream.Error {
-	return upstream.TransportError(ctx, providerName, svc, err)
-}
 
 // ctxError reports the caller's cancellation or deadline. It is
 // KindUnavailable (no answer was had) and wraps the context error, so
