@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -151,24 +150,4 @@ func RetryAfter(v string, fallback time.Duration) time.Duration {
 		}
 	}
 	return fallback
-}
-
-// Exchange sends req with hc and reads the reply, at most limit bytes, and
-// closes it: the one round trip of every provider client. A failed round
-// trip or read is a TransportError; a longer reply is KindInternal. The
-// reply's status and headers are in the returned response.
-func Exchange(ctx context.Context, hc *http.Client, req *http.Request, provider, op string, limit int64) (*http.Response, []byte, error) {
-	resp, err := hc.Do(req)
-	if err != nil {
-		return nil, nil, TransportError(ctx, provider, op, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
-	if err != nil {
-		return nil, nil, TransportError(ctx, provider, op, err)
-	}
-	if int64(len(body)) > limit {
-		return nil, nil, &Error{Kind: KindInternal, Provider: provider, Op: op, Reason: "reply too large"}
-	}
-	return resp, body, nil
 }

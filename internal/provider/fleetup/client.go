@@ -133,15 +133,7 @@ func WithClock(now func() time.Time) Option {
 // Go re-sends custom headers such as x-api-key to the redirect target, a
 // host the allow-list never approved.
 func New(hc *http.Client, opts ...Option) *Client {
-	var cp http.Client
-	if hc != nil {
-		cp = *hc
-	}
-	if cp.Timeout <= 0 {
-		cp.Timeout = DefaultTimeout
-	}
-	cp.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
-	c := &Client{hc: &cp, attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
+	c := &Client{hc: upstream.ClientCopy(hc, DefaultTimeout), attempts: 3, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
 		maxRetryAfter: DefaultMaxRetryAfter, now: time.Now}
 	for _, o := range opts {
 		o(c)

@@ -106,15 +106,7 @@ func WithRawServices(services []string) Option {
 // redirect would re-send the form — token or sid included — to a host the
 // allow-list never approved.
 func New(hc *http.Client, opts ...Option) *Client {
-	var cp http.Client
-	if hc != nil {
-		cp = *hc
-	}
-	if cp.Timeout <= 0 {
-		cp.Timeout = DefaultTimeout
-	}
-	cp.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
-	c := &Client{hc: &cp, attempts: DefaultAttempts, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
+	c := &Client{hc: upstream.ClientCopy(hc, DefaultTimeout), attempts: DefaultAttempts, minDelay: 50 * time.Millisecond, maxDelay: 200 * time.Millisecond,
 		limitAttempts: DefaultLimitAttempts, limitBase: 100 * time.Millisecond, limitMax: 2 * time.Second,
 		raw: rawPolicy{allowed: DefaultRawServices}}
 	for i := range c.loader {
