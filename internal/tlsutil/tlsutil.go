@@ -141,3 +141,30 @@ func loadCAs(caFile string) (*x509.CertPool, error) {
 	}
 	return pool, nil
 }
+
+// StaticClientConfig is a client TLS configuration read once from f (CA
+// bundle and, optionally, client certificate and key), for a client that
+// lives for one call (fleetbroker probe) or whose library takes a fixed
+// configuration (the Redis client). Without f.CAFile the system roots are
+// trusted. Errors name the file at fault, never its contents.
+func StaticClientConfig(f Files, serverName string, minVersion uint16) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: minVersion, ServerName: serverName}
+	if f.CAFile != "" {
+		pem, err := os.ReadFile(f.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("CA: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA: no PEM certificate in %s", f.CAFile)
+		}
+	}
+	if f.CertFile != "" || f.KeyFile != "" {
+		cert, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
+}
