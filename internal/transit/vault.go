@@ -196,11 +196,6 @@ func (v *Vault) Close() error {
 	return nil
 }
 
-// Logins is the number of successful logins with the configured auth
-// method so far, the one in NewVault included; always 0 for the token
-// method.
-func (v *Vault) Logins() int64 { return v.logins.Load() }
-
 // tokenInfo is the part of auth/token/lookup-self that renewal needs.
 type tokenInfo struct {
 	Renewable bool `json:"renewable"`

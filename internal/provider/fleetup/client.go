@@ -122,12 +122,6 @@ func WithMaxRetryAfter(d time.Duration) Option {
 	return func(c *Client) { c.maxRetryAfter = max(d, 0) }
 }
 
-// WithClock sets the clock used when FleetUp's reply carries no Date
-// (default time.Now).
-func WithClock(now func() time.Time) Option {
-	return func(c *Client) { c.now = now }
-}
-
 // New returns a client using a copy of hc (nil means a fresh client). The
 // copy gets DefaultTimeout if hc has none, and never follows redirects:
 // Go re-sends custom headers such as x-api-key to the redirect target, a
