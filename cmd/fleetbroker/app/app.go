@@ -86,6 +86,12 @@ type Deps struct {
 	// CredentialsConn reaches the credentials service for the gateway (nil:
 	// dialled at CredentialsAddr with the CredentialsTLS settings).
 	CredentialsConn *grpc.ClientConn
+	// BesideRegister registers more services on the credentials service's
+	// gRPC server, behind the same interceptors, and BesideActions maps
+	// their methods to the policy action a caller needs: the benchmark's
+	// no-op reference (cmd/fleetbroker-bench). No flag sets them.
+	BesideRegister func(*grpc.Server)
+	BesideActions  map[string]policy.Action
 }
 
 func (d Deps) logger() *slog.Logger {

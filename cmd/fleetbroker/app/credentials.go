@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc"
 
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
@@ -195,13 +196,31 @@ func BuildCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) (*Buil
 	return buildServer(ctx, d, serverPlan{
 		handleKeyFile: cfg.HandleKeyFile, security: cfg.Security, policyRequired: true,
 		vault: cfg.Vault, redis: cfg.Redis,
-		rules: authz.Rules(credentials.Actions, nil), requirePrincipal: true, prefix: cfg.RedisPrefix,
+		rules: credentialsRules(d), requirePrincipal: true, prefix: cfg.RedisPrefix,
 		settings: cfg.Server,
 		components: func(b *builder) ([]component, error) {
 			c, err := b.credentials(ctx, cfg)
 			return []component{c}, err
 		},
 	})
+}
+
+// credentialsRules are the credentials service's methods and the actions
+// they need, with those of d's services served beside it.
+func credentialsRules(d Deps) map[string]authz.Rule {
+	rules := authz.Rules(credentials.Actions, nil)
+	for m, a := range d.BesideActions {
+		rules[m] = authz.Rule{Action: a}
+	}
+	return rules
+}
+
+// withBeside registers register and then beside, if set.
+func withBeside(register, beside func(*grpc.Server)) func(*grpc.Server) {
+	if beside == nil {
+		return register
+	}
+	return func(s *grpc.Server) { register(s); beside(s) }
 }
 
 // credentials builds the credentials service on the builder's parts — the
@@ -229,7 +248,7 @@ func (b *builder) credentials(ctx context.Context, cfg CredentialsConfig) (compo
 	}
 	b.closers.push(startKeepAlive(svc, cfg.KeepAliveSweep))
 	c := component{
-		register:  svc.Register,
+		register:  withBeside(svc.Register, d.BesideRegister),
 		readiness: []server.Check{redisReady(d.Redis), vaultReady(d.Transit)},
 		beside:    []func(context.Context) error{svc.RunBackground},
 	}
