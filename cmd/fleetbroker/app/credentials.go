@@ -177,9 +177,7 @@ func batchedTransit(tr transit.Transit, opts transit.BatchOptions) (transit.Tran
 
 // RunCredentials serves `fleetbroker credentials` until ctx is done.
 func RunCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) error {
-	return run(ctx, "fleetbroker-credentials", cfg.MetricsListen, d, func(d Deps) (*Built, error) {
-		return BuildCredentials(ctx, cfg, d)
-	})
+	return runService(ctx, &cfg, d)
 }
 
 // BuildCredentials builds `fleetbroker credentials`, in order: the
@@ -189,20 +187,24 @@ func RunCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) error {
 // callback and the background work. Parts in d are used instead of being
 // made. Close the Built after serving.
 func BuildCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) (*Built, error) {
-	cfg.SetDefaults()
-	if err := cfg.validate(d); err != nil {
-		return nil, err
-	}
-	return buildServer(ctx, d, serverPlan{
+	return buildService(ctx, &cfg, d)
+}
+
+func (cfg *CredentialsConfig) serviceName() string { return "fleetbroker-credentials" }
+
+func (cfg *CredentialsConfig) metricsListen() string { return cfg.MetricsListen }
+
+func (cfg *CredentialsConfig) plan(ctx context.Context, d Deps) serverPlan {
+	return serverPlan{
 		handleKeyFile: cfg.HandleKeyFile, security: cfg.Security, policyRequired: true,
 		vault: cfg.Vault, redis: cfg.Redis,
 		rules: credentialsRules(d), requirePrincipal: true, prefix: cfg.RedisPrefix,
 		settings: cfg.Server,
 		components: func(b *builder) ([]component, error) {
-			c, err := b.credentials(ctx, cfg)
+			c, err := b.credentials(ctx, *cfg)
 			return []component{c}, err
 		},
-	})
+	}
 }
 
 // credentialsRules are the credentials service's methods and the actions

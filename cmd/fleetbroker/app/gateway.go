@@ -189,9 +189,7 @@ const tokenLocalTTL = 500 * time.Millisecond
 
 // RunGateway serves `fleetbroker gateway` until ctx is done.
 func RunGateway(ctx context.Context, cfg GatewayConfig, d Deps) error {
-	return run(ctx, "fleetbroker-gateway", cfg.MetricsListen, d, func(d Deps) (*Built, error) {
-		return BuildGateway(ctx, cfg, d)
-	})
+	return runService(ctx, &cfg, d)
 }
 
 // BuildGateway builds `fleetbroker gateway`, in order: the configuration
@@ -201,11 +199,15 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, d Deps) error {
 // server. Parts in d are used instead of being made. Close the Built after
 // serving.
 func BuildGateway(ctx context.Context, cfg GatewayConfig, d Deps) (*Built, error) {
-	cfg.SetDefaults()
-	if err := cfg.validate(d); err != nil {
-		return nil, err
-	}
-	return buildServer(ctx, d, serverPlan{
+	return buildService(ctx, &cfg, d)
+}
+
+func (cfg *GatewayConfig) serviceName() string { return "fleetbroker-gateway" }
+
+func (cfg *GatewayConfig) metricsListen() string { return cfg.MetricsListen }
+
+func (cfg *GatewayConfig) plan(_ context.Context, _ Deps) serverPlan {
+	return serverPlan{
 		// The gateway's callers are authorized by their handle: no policy
 		// is required.
 		handleKeyFile: cfg.HandleKeyFile, security: cfg.Security,
@@ -213,13 +215,13 @@ func BuildGateway(ctx context.Context, cfg GatewayConfig, d Deps) (*Built, error
 		rules: authz.Rules(nil, gateway.SessionMethods), requirePrincipal: cfg.Security.TLSClientCA != "", prefix: cfg.RedisPrefix,
 		settings: cfg.Server,
 		components: func(b *builder) ([]component, error) {
-			if err := b.dialCredentials(cfg); err != nil {
+			if err := b.dialCredentials(*cfg); err != nil {
 				return nil, err
 			}
-			c, err := b.gateway(cfg)
+			c, err := b.gateway(*cfg)
 			return []component{c}, err
 		},
-	})
+	}
 }
 
 // gateway builds the gateway service on the builder's parts, its callers'

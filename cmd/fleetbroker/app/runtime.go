@@ -127,6 +127,33 @@ func (b *builder) server(settings server.Config, comps ...component) (*Built, er
 	return &Built{GRPC: srv, beside: beside, closers: b.closers}, nil
 }
 
+// service is the configuration of a server subcommand: it fills its
+// defaults, checks itself against the parts given, and plans its build.
+type service interface {
+	SetDefaults()
+	validate(Deps) error
+	plan(context.Context, Deps) serverPlan
+	serviceName() string
+	metricsListen() string
+}
+
+// buildService fills cfg's defaults, checks it (every problem at once,
+// before anything is read or dialled) and builds its server.
+func buildService(ctx context.Context, cfg service, d Deps) (*Built, error) {
+	cfg.SetDefaults()
+	if err := cfg.validate(d); err != nil {
+		return nil, err
+	}
+	return buildServer(ctx, d, cfg.plan(ctx, d))
+}
+
+// runService builds cfg's server and serves it until ctx is done.
+func runService(ctx context.Context, cfg service, d Deps) error {
+	return run(ctx, cfg.serviceName(), cfg.metricsListen(), d, func(d Deps) (*Built, error) {
+		return buildService(ctx, cfg, d)
+	})
+}
+
 // serverPlan is what one server build needs besides its Deps: the files to
 // read, the backends to dial, the authorization rules, and the components
 // to serve. Every server subcommand, dev included, builds through it.
