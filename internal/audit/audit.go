@@ -6,17 +6,23 @@
 // intent record (PhaseIntent) before the handler touches Redis, Vault or a
 // provider, and an outcome record (PhaseOutcome) after. A call refused
 // before it runs (unauthenticated, denied, rate limited) has only an
-// outcome record. Callers make the intent durable first and refuse the call
-// when Record fails: the trail fails closed.
+// outcome record. Callers make the intent durable first (Record) and
+// refuse the call when that fails: the trail fails closed. The outcome is
+// written before the reply but not waited for (Append): the next group
+// commit makes it durable.
 //
 // The trail is append-only: a file is opened with O_APPEND and never
-// rewritten; the only truncation undoes a batch whose write or sync failed,
-// so a torn line never precedes later records. Record returns only once its
-// line is written and, for a file, synced to disk. Concurrent Records share
-// one write and one fsync (group commit): a call waits for at most the one
-// sync already running plus its own, whatever the load. Lines are written
-// whole and never interleave. One process writes a file: Open takes an
-// exclusive lock on it.
+// rewritten; the only truncation undoes records whose write or sync failed,
+// so a torn line never precedes later records. Every line is written to
+// the file (one write, whole lines, never interleaved) before Record or
+// Append returns, so a crash of the process loses nothing written; what
+// the sync adds is surviving a crash of the machine. Record also waits
+// until a sync covers its line. Syncs are shared (group commit): one runs
+// at a time, and each covers every line written before it started, so a
+// Record waits for at most the sync already running plus its own, whatever
+// the load. An Append'ed line is durable once the sync after it ends: the
+// one already running plus the next. One process writes a file: Open takes
+// an exclusive lock on it.
 //
 // An event carries identifiers and outcomes only: never a secret, a session
 // handle, an upstream token or a JWT. Callers pass session ids (safe to
@@ -31,10 +37,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -76,9 +84,17 @@ type Event struct {
 	// and path).
 	Provider string `json:"provider,omitempty"`
 	Target   string `json:"target,omitempty"`
-	Result   string `json:"result,omitempty"` // ResultOK, ResultDenied or ResultError
-	Code     string `json:"code,omitempty"`   // the gRPC code name, e.g. "PermissionDenied"
-	Reason   string `json:"reason,omitempty"` // an ErrorInfo reason or a short text
+	// Items is how many items a batch call (BatchPutCredentials) carries
+	// and CredentialIDs which, comma-separated in request order (ids never
+	// contain a comma); in its outcome, ItemsFailed is how many failed.
+	// Each item's own outcome is a record of its own, with its
+	// CredentialID and the call's RequestID.
+	Items         int    `json:"items,omitempty"`
+	CredentialIDs string `json:"credential_ids,omitempty"`
+	ItemsFailed   int    `json:"items_failed,omitempty"`
+	Result        string `json:"result,omitempty"` // ResultOK, ResultDenied or ResultError
+	Code          string `json:"code,omitempty"`   // the gRPC code name, e.g. "PermissionDenied"
+	Reason        string `json:"reason,omitempty"` // an ErrorInfo reason or a short text
 }
 
 // ErrClosed is returned by Record after Close.
@@ -88,37 +104,64 @@ var ErrClosed = errors.New("audit: log closed")
 type Logger struct {
 	sink    sink
 	discard bool
+	errLog  *slog.Logger // told about Append'ed records a failed sync lost
 
-	mu     sync.Mutex
-	cur    *batch // lines waiting for the writer; nil when none
+	syncs    atomic.Int64 // syncs run
+	synced   atomic.Int64 // lines they covered
+	syncTime atomic.Int64 // nanoseconds spent in them
+
+	mu     sync.Mutex // serializes writes; guards what follows
+	next   *group     // lines written since the running sync began; nil when none
 	closed bool
-	wake   chan struct{} // one token: cur has lines
+	wake   chan struct{} // one token: next has lines
 	stop   chan struct{}
 	done   chan struct{}
 }
 
-// batch is the lines of the Records that share one write and one sync.
-type batch struct {
-	buf  []byte
+// group is the lines one sync covers: written while the sync before it
+// ran (or nothing ran).
+type group struct {
 	done chan struct{}
 	err  error // set before done is closed
+	// lines counts its lines; appended those whose writers did not wait
+	// (Append).
+	lines, appended int
 }
 
-// sink is where lines go: a file we opened (synced, torn batches undone), or
+// sink is where lines go: a file we opened (synced, failures undone), or
 // any writer.
 type sink interface {
-	// commit writes buf whole and makes it durable, or fails and leaves
-	// no part of it behind where it can.
-	commit(buf []byte) error
+	// write writes one line whole, or fails and leaves no part of it
+	// behind where it can. It is called under Logger.mu.
+	write(line []byte) error
+	// written is the length written so far (under Logger.mu).
+	written() int64
+	// sync makes everything written durable; it runs outside Logger.mu,
+	// while later lines are written.
+	sync() error
+	// synced records that a sync covered everything up to n; undo cuts
+	// off everything written after the last synced length (both under
+	// Logger.mu).
+	synced(n int64)
+	undo()
 	close() error
-	// Durable reports whether commit syncs to stable storage.
+	// durable reports whether sync reaches stable storage.
 	durable() bool
+}
+
+// Option configures Open.
+type Option func(*Logger)
+
+// WithErrorLog makes the Logger report records it lost after Append
+// returned (a sync that failed cut them off again) on logger.
+func WithErrorLog(logger *slog.Logger) Option {
+	return func(l *Logger) { l.errLog = logger }
 }
 
 // Open appends to the audit file at path, creating it with mode 0600 if it
 // does not exist. An existing file keeps its content and its mode. It fails
 // if another process has the file open through Open.
-func Open(path string) (*Logger, error) {
+func Open(path string, opts ...Option) (*Logger, error) {
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600)
 	if err != nil {
 		return nil, err
@@ -132,14 +175,14 @@ func Open(path string) (*Logger, error) {
 		f.Close()
 		return nil, err
 	}
-	return start(&fileSink{f: f, size: fi.Size()}), nil
+	return start(&fileSink{f: f, size: fi.Size(), durableSize: fi.Size()}, opts...), nil
 }
 
-// New writes events to w, one Write call per batch, without syncing: for
+// New writes events to w, one Write call per line, without syncing: for
 // stderr, a pipe, or tests. A Write error still fails Record, but nothing
 // here can say whether the reader kept the line.
 func New(w io.Writer) *Logger {
-	return start(writerSink{w: w})
+	return start(&writerSink{w: w})
 }
 
 // Discard returns a Logger that drops every event.
@@ -147,8 +190,11 @@ func Discard() *Logger {
 	return &Logger{discard: true}
 }
 
-func start(s sink) *Logger {
-	l := &Logger{sink: s, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+func start(s sink, opts ...Option) *Logger {
+	l := &Logger{sink: s, errLog: slog.Default(), wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	for _, o := range opts {
+		o(l)
+	}
 	go l.run()
 	return l
 }
@@ -157,6 +203,19 @@ func start(s sink) *Logger {
 // storage (a file we sync), rather than handed to a writer.
 func (l *Logger) Durable() bool { return !l.discard && l.sink.durable() }
 
+// SyncStats are what a Logger's syncs did so far.
+type SyncStats struct {
+	Syncs int64         // syncs run
+	Lines int64         // lines they covered (group commit: Lines/Syncs per sync)
+	Time  time.Duration // time spent syncing
+}
+
+// SyncStats reports the Logger's syncs so far (none for a writer or
+// Discard), for metrics and the benchmark.
+func (l *Logger) SyncStats() SyncStats {
+	return SyncStats{Syncs: l.syncs.Load(), Lines: l.synced.Load(), Time: time.Duration(l.syncTime.Load())}
+}
+
 // Record writes e as one JSON line and returns once it is written and, for
 // a file opened by Open, synced. An error means the event is not on record;
 // callers refuse the call rather than run it (or reply) without a record.
@@ -164,58 +223,130 @@ func (l *Logger) Durable() bool { return !l.discard && l.sink.durable() }
 // ctx is not consulted: a call whose context is already cancelled (a caller
 // that gave up, a denied call) must still be recorded.
 func (l *Logger) Record(_ context.Context, e Event) error {
+	g, err := l.write(e, false)
+	if err != nil || g == nil {
+		return err
+	}
+	<-g.done
+	return g.err
+}
+
+// Append writes e as one JSON line and returns once it is written, without
+// waiting for the sync: the group commit under way when it returns, or the
+// next one, makes it durable. A crash of the process after Append loses
+// nothing; a crash of the machine before that sync ends can lose the line.
+// If that sync fails the line is cut off again and the loss is logged (see
+// WithErrorLog). An error means the line was not written.
+//
+// It is for records whose loss cannot be prevented by refusing anything:
+// a call's outcome, written after the call ran and whose intent is durable.
+func (l *Logger) Append(_ context.Context, e Event) error {
+	_, err := l.write(e, true)
+	return err
+}
+
+// write writes e's line and returns the group whose sync covers it (nil
+// when the sink does not sync, or nothing was written).
+func (l *Logger) write(e Event, appended bool) (*group, error) {
 	if l.discard {
-		return nil
+		return nil, nil
 	}
 	line, err := encode(e)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
-		return ErrClosed
+		return nil, ErrClosed
 	}
-	b := l.cur
-	if b == nil {
-		b = &batch{done: make(chan struct{})}
-		l.cur = b
+	if err := l.sink.write(line); err != nil {
+		l.mu.Unlock()
+		return nil, err
 	}
-	b.buf = append(b.buf, line...)
+	if !l.sink.durable() {
+		l.mu.Unlock()
+		return nil, nil
+	}
+	g := l.next
+	if g == nil {
+		g = &group{done: make(chan struct{})}
+		l.next = g
+	}
+	g.lines++
+	if appended {
+		g.appended++
+	}
 	l.mu.Unlock()
 	select {
 	case l.wake <- struct{}{}:
-	default: // the writer is already told
+	default: // the syncer is already told
 	}
-	<-b.done
-	return b.err
+	return g, nil
 }
 
-// run is the writer: it takes every line gathered while the previous batch
-// was being synced, and commits them together.
+// run is the syncer: it syncs every line written while the previous sync
+// ran, together.
 func (l *Logger) run() {
 	defer close(l.done)
 	for {
 		select {
 		case <-l.wake:
 		case <-l.stop:
-			l.flush() // Records that got in before Close
+			l.syncNext() // lines written before Close
 			return
 		}
-		l.flush()
+		l.syncNext()
 	}
 }
 
-func (l *Logger) flush() {
+// syncNext syncs the lines written so far. Lines written while it syncs
+// wait for the next one.
+func (l *Logger) syncNext() {
 	l.mu.Lock()
-	b := l.cur
-	l.cur = nil
+	g := l.next
+	l.next = nil
+	upTo := l.sink.written()
 	l.mu.Unlock()
-	if b == nil {
+	if g == nil {
 		return
 	}
-	b.err = l.sink.commit(b.buf)
-	close(b.done)
+	began := time.Now()
+	err := l.sink.sync()
+	l.syncTime.Add(int64(time.Since(began)))
+	l.syncs.Add(1)
+	l.synced.Add(int64(g.lines))
+	failed := []*group{g}
+	l.mu.Lock()
+	if err == nil {
+		l.sink.synced(upTo)
+	} else {
+		// What the failed sync was to cover may be gone: cut the file
+		// back to its last synced length, so no torn or unsynced line is
+		// left for later ones to follow. That also cuts off lines written
+		// since this sync began: their group fails too.
+		err = fmt.Errorf("audit: sync: %w", err)
+		l.sink.undo()
+		if l.next != nil {
+			failed = append(failed, l.next)
+			l.next = nil
+		}
+	}
+	l.mu.Unlock()
+	if err != nil {
+		lost := 0
+		for _, f := range failed {
+			lost += f.appended
+		}
+		if lost > 0 {
+			l.errLog.Error("audit records lost: the sync that was to make them durable failed, and they were cut off the file (outcome records of calls whose intent is on record)",
+				"records", lost, "error", err)
+		}
+	}
+	for _, f := range failed { // more than g only if the sync failed
+		f.err = err
+		close(f.done)
+	}
 }
 
 // encode renders e as a JSON line, redacting what must never be on record.
@@ -225,7 +356,7 @@ func encode(e Event) ([]byte, error) {
 	}
 	e.Time = e.Time.UTC()
 	for _, s := range []*string{&e.Phase, &e.RequestID, &e.Principal, &e.Via, &e.Peer, &e.Method, &e.Action, &e.TenantID,
-		&e.CredentialID, &e.SessionID, &e.Provider, &e.Target, &e.Result, &e.Code, &e.Reason} {
+		&e.CredentialID, &e.CredentialIDs, &e.SessionID, &e.Provider, &e.Target, &e.Result, &e.Code, &e.Reason} {
 		*s = redact(*s)
 	}
 	var buf bytes.Buffer
@@ -251,8 +382,8 @@ func redact(s string) string {
 	return secretLike.ReplaceAllLiteralString(s, "[redacted]")
 }
 
-// Close writes what was recorded before it, closes the file opened by Open,
-// and makes later Records fail with ErrClosed.
+// Close makes what was written before it durable, closes the file opened
+// by Open, and makes later Records and Appends fail with ErrClosed.
 func (l *Logger) Close() error {
 	if l.discard {
 		return nil
@@ -277,21 +408,18 @@ type file interface {
 	Close() error
 }
 
-// fileSink appends to a file and syncs each batch. size is the length of
-// the file up to the last committed batch.
+// fileSink appends to a file and syncs it. size is the length of the file
+// up to the last whole line written; durableSize up to the last sync.
 type fileSink struct {
-	f    file
-	size int64
+	f           file
+	size        int64
+	durableSize int64
 }
 
-func (s *fileSink) commit(buf []byte) error {
-	n, err := s.f.Write(buf)
-	if err == nil {
-		err = s.f.Sync()
-	}
+func (s *fileSink) write(line []byte) error {
+	n, err := s.f.Write(line)
 	if err != nil {
-		// Undo the batch, so no torn line is left for the next one to
-		// follow: its calls are refused, and its lines must not claim them.
+		// Cut the torn line off, so the next one does not follow it.
 		if n > 0 {
 			_ = s.f.Truncate(s.size)
 		}
@@ -301,17 +429,32 @@ func (s *fileSink) commit(buf []byte) error {
 	return nil
 }
 
+func (s *fileSink) written() int64 { return s.size }
+func (s *fileSink) sync() error    { return s.f.Sync() }
+func (s *fileSink) synced(n int64) { s.durableSize = max(s.durableSize, n) }
+
+func (s *fileSink) undo() {
+	if s.size > s.durableSize {
+		_ = s.f.Truncate(s.durableSize)
+		s.size = s.durableSize
+	}
+}
+
 func (s *fileSink) close() error  { return s.f.Close() }
 func (s *fileSink) durable() bool { return true }
 
 type writerSink struct{ w io.Writer }
 
-func (s writerSink) commit(buf []byte) error {
-	if _, err := s.w.Write(buf); err != nil {
+func (s *writerSink) write(line []byte) error {
+	if _, err := s.w.Write(line); err != nil {
 		return fmt.Errorf("audit: write: %w", err)
 	}
 	return nil
 }
 
-func (writerSink) close() error  { return nil }
-func (writerSink) durable() bool { return false }
+func (*writerSink) written() int64 { return 0 }
+func (*writerSink) sync() error    { return nil }
+func (*writerSink) synced(int64)   {}
+func (*writerSink) undo()          {}
+func (*writerSink) close() error   { return nil }
+func (*writerSink) durable() bool  { return false }

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -215,8 +216,8 @@ func TestConcurrentRecordsDoNotInterleave(t *testing.T) {
 	var w slowWriter
 	recordAll(New(&w))
 	checkLines("writer", w.buf.Bytes())
-	if w.writes < 1 || w.writes > n {
-		t.Errorf("%d events took %d Write calls; want between 1 and %d (batches)", n, w.writes, n)
+	if w.writes != n {
+		t.Errorf("%d events took %d Write calls; want one each", n, w.writes)
 	}
 }
 
@@ -311,51 +312,182 @@ func TestFailedBatchIsRefusedAndUndone(t *testing.T) {
 	}
 }
 
-// TestGroupCommit: Records that arrive while a sync runs share the next
-// write and sync, and each returns only after the sync that covers it.
+// lines counts the whole lines in f.
+func (f *fakeFile) lines() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return bytes.Count(f.data, []byte("\n"))
+}
+
+func (f *fakeFile) syncCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.syncs
+}
+
+// TestGroupCommit: Records that arrive while a sync runs are written at
+// once, share the next sync, and each returns only after the sync that
+// covers it.
 func TestGroupCommit(t *testing.T) {
 	f := &fakeFile{syncing: make(chan struct{}), release: make(chan struct{})}
 	l := start(&fileSink{f: f})
 	defer l.Close()
 	first := make(chan error, 1)
 	go func() { first <- l.Record(context.Background(), Event{RequestID: "first"}) }()
-	<-f.syncing // the first batch is being synced
+	<-f.syncing // the first line is being synced
 	const n = 20
 	done := make(chan error, n)
 	for i := range n {
 		go func() { done <- l.Record(context.Background(), Event{RequestID: fmt.Sprint("later-", i)}) }()
 	}
-	// Wait until all n lines are queued behind the running sync.
-	for {
-		l.mu.Lock()
-		queued := 0
-		if l.cur != nil {
-			queued = bytes.Count(l.cur.buf, []byte("\n"))
-		}
-		l.mu.Unlock()
-		if queued == n {
-			break
-		}
+	// Wait until all n lines are written behind the running sync.
+	for f.lines() != n+1 {
 		runtime.Gosched()
 	}
 	select {
 	case err := <-done:
 		t.Fatalf("a Record returned before its sync ran: %v", err)
+	case err := <-first:
+		t.Fatalf("the first Record returned before its sync ended: %v", err)
 	default:
 	}
 	f.release <- struct{}{}
 	if err := <-first; err != nil {
 		t.Fatal(err)
 	}
-	<-f.syncing // the second batch: everything else
+	<-f.syncing // the second sync: everything else
+	select {
+	case err := <-done:
+		t.Fatalf("a Record returned before the sync covering it ended: %v", err)
+	default:
+	}
 	f.release <- struct{}{}
 	for range n {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
 	}
-	if f.syncs != 2 {
-		t.Errorf("%d Records took %d syncs, want 2", n+1, f.syncs)
+	if got := f.syncCount(); got != 2 {
+		t.Errorf("%d Records took %d syncs, want 2", n+1, got)
+	}
+	if st := l.SyncStats(); st.Syncs != 2 || st.Lines != n+1 {
+		t.Errorf("SyncStats = %+v, want 2 syncs of %d lines", st, n+1)
+	}
+}
+
+// TestAppendDoesNotWaitForTheSync: an Append'ed line is in the file when
+// Append returns, while the sync that makes it durable still runs; the
+// next sync covers it, and a Record after it waits for that sync.
+func TestAppendDoesNotWaitForTheSync(t *testing.T) {
+	f := &fakeFile{syncing: make(chan struct{}), release: make(chan struct{})}
+	l := start(&fileSink{f: f})
+	defer l.Close()
+	if err := l.Append(context.Background(), Event{RequestID: "outcome-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(f.String(), `"outcome-1"`) {
+		t.Fatalf("Append returned before writing its line: %q", f.String())
+	}
+	<-f.syncing // its sync runs, and Append did not wait for it
+	if err := l.Append(context.Background(), Event{RequestID: "outcome-2"}); err != nil {
+		t.Fatal(err)
+	}
+	recorded := make(chan error, 1)
+	go func() { recorded <- l.Record(context.Background(), Event{RequestID: "intent-3"}) }()
+	for f.lines() != 3 {
+		runtime.Gosched()
+	}
+	f.release <- struct{}{} // the first sync ends
+	<-f.syncing             // the second covers outcome-2 and intent-3
+	select {
+	case err := <-recorded:
+		t.Fatalf("Record returned before the sync covering it: %v", err)
+	default:
+	}
+	f.release <- struct{}{}
+	if err := <-recorded; err != nil {
+		t.Fatal(err)
+	}
+	if got := f.syncCount(); got != 2 {
+		t.Errorf("syncs = %d, want 2", got)
+	}
+}
+
+// TestCloseSyncsAppendedLines: Close returns only after the lines
+// Append'ed before it are synced.
+func TestCloseSyncsAppendedLines(t *testing.T) {
+	f := &fakeFile{}
+	l := start(&fileSink{f: f})
+	for i := range 5 {
+		if err := l.Append(context.Background(), Event{RequestID: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if f.syncCount() == 0 || f.lines() != 5 {
+		t.Errorf("after Close: %d syncs, %d lines; want ≥ 1 sync of 5 lines", f.syncCount(), f.lines())
+	}
+	if err := l.Append(context.Background(), Event{}); err != ErrClosed {
+		t.Errorf("Append after Close = %v, want ErrClosed", err)
+	}
+}
+
+// TestFailedSyncCutsOffWhatItCovered: when a sync fails, the lines it was
+// to cover and those written since are cut off (no unsynced line is left
+// for later ones to follow), Records waiting for either fail, and lost
+// Append'ed lines are logged.
+func TestFailedSyncCutsOffWhatItCovered(t *testing.T) {
+	f := &fakeFile{syncing: make(chan struct{}), release: make(chan struct{})}
+	var logged bytes.Buffer
+	l := start(&fileSink{f: f}, WithErrorLog(slog.New(slog.NewJSONHandler(&logged, nil))))
+	defer l.Close()
+	go func() { _ = l.Record(context.Background(), Event{RequestID: "kept"}) }()
+	<-f.syncing
+	f.release <- struct{}{}
+	for f.syncCount() != 1 {
+		runtime.Gosched()
+	}
+	good := f.String()
+
+	f.mu.Lock()
+	f.syncErr = syscall.EIO
+	f.mu.Unlock()
+	if err := l.Append(context.Background(), Event{RequestID: "outcome-lost"}); err != nil {
+		t.Fatal(err)
+	}
+	<-f.syncing // the failing sync of outcome-lost
+	later := make(chan error, 1)
+	go func() { later <- l.Record(context.Background(), Event{RequestID: "intent-written-meanwhile"}) }()
+	for f.lines() != 3 {
+		runtime.Gosched()
+	}
+	f.release <- struct{}{}
+	if err := <-later; err == nil {
+		t.Fatal("a Record whose line the failed sync cut off succeeded")
+	}
+	if got := f.String(); got != good {
+		t.Errorf("a failed sync left %q behind", strings.TrimPrefix(got, good))
+	}
+	if !strings.Contains(logged.String(), `"records":1`) {
+		t.Errorf("the lost Append'ed line was not logged: %s", logged.String())
+	}
+
+	f.mu.Lock()
+	f.syncErr = nil
+	f.mu.Unlock()
+	go func() {
+		for range f.syncing {
+			f.release <- struct{}{}
+		}
+	}()
+	if err := l.Record(context.Background(), Event{RequestID: "after"}); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(f.String()), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], `"kept"`) || !strings.Contains(lines[1], `"after"`) {
+		t.Errorf("file after recovery:\n%s", f.String())
 	}
 }
 

@@ -4,8 +4,9 @@
 // tenant, or "authorized by the session handle the caller presents" — and
 // refuses every method that has no rule (deny by default). It takes the
 // caller's rate budgets, makes an intent record durable in the audit trail
-// before the handler runs (refusing the call when it cannot), and records
-// the outcome after.
+// before the handler runs (refusing the call when it cannot), and writes
+// the outcome before the reply, without waiting for its sync (the next
+// group commit makes it durable: see package audit).
 //
 // It never logs or records a secret, handle, JWT or API key.
 package authz
@@ -278,6 +279,9 @@ func (a *Authorizer) begin(ctx context.Context, method string, req any) (call, e
 	if r, ok := req.(interface{ GetCredentialId() string }); ok {
 		ev.CredentialID = r.GetCredentialId()
 	}
+	if ids, ok := batchItems(req); ok {
+		ev.Items, ev.CredentialIDs = len(ids), joinIDs(ids)
+	}
 	refuse := func(err error) (call, error) {
 		a.outcome(ctx, ev, err)
 		return call{}, err
@@ -432,14 +436,17 @@ func (a *Authorizer) intent(ctx context.Context, ev *audit.Event) error {
 	return nil
 }
 
-// outcome records how a call ended. It cannot undo the call, so a failure
-// here is logged, not returned: the intent is already on record.
+// outcome records how a call ended: written before the reply, durable
+// with the next group commit, not waited for — the call already ran and
+// its intent is durable, so waiting would refuse nothing and only delay
+// the reply. It cannot undo the call either, so a failure here is logged,
+// not returned.
 func (a *Authorizer) outcome(ctx context.Context, ev *audit.Event, err error) {
 	rec := *ev
 	rec.Phase = audit.PhaseOutcome
 	rec.RequestID = requestid.FromContext(ctx)
 	rec.Result, rec.Code, rec.Reason = result(err)
-	if rerr := a.cfg.Audit.Record(ctx, rec); rerr != nil {
+	if rerr := a.cfg.Audit.Append(ctx, rec); rerr != nil {
 		a.cfg.Logger.ErrorContext(ctx, "audit outcome not written", "error", rerr, "method", ev.Method, "code", rec.Code)
 	}
 }

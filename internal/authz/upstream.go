@@ -15,8 +15,8 @@ const ActionUpstreamLogin = "upstream.login"
 // AuditedMint wraps a function that logs in upstream (a Wialon token/login, a
 // FleetUp POST /token) for the session of the call in its context: an intent
 // record is made durable before mint runs — if it cannot be, mint does not
-// run and the call is refused with UNAVAILABLE — and the outcome is recorded
-// after. The records name the session, tenant, credential and provider,
+// run and the call is refused with UNAVAILABLE — and the outcome is written
+// after (durable with the next group commit, not waited for). The records name the session, tenant, credential and provider,
 // never the secret or the token. Outside a call the Authorizer let through
 // (tests that build a service without one), mint runs unaudited.
 func AuditedMint[F ~func(context.Context) (string, time.Duration, error)](provider string, mint F) F {
@@ -39,7 +39,7 @@ func AuditedMint[F ~func(context.Context) (string, time.Duration, error)](provid
 		if err != nil && rec.Reason == "" {
 			rec.Reason = "upstream login failed" // the error itself may name hosts; the log has it
 		}
-		if rerr := a.cfg.Audit.Record(ctx, rec); rerr != nil {
+		if rerr := a.cfg.Audit.Append(ctx, rec); rerr != nil {
 			a.cfg.Logger.ErrorContext(ctx, "audit outcome of upstream login not written", "error", rerr, "provider", provider)
 		}
 		return token, ttl, err

@@ -17,7 +17,8 @@ import (
 // which builds and runs the real binary, is left to the bench itself).
 func TestSmoke(t *testing.T) {
 	opts := DefaultOptions()
-	opts.Phases = []string{PhaseOverhead, PhaseAmplification, PhaseControl}
+	opts.Phases = []string{PhaseOverhead, PhaseAmplification, PhaseControl, PhaseStreams}
+	opts.Streams = 20 * streamsPerHandle * handlesPerAcct / 10 // two accounts
 	opts.Warmup, opts.Duration, opts.Rounds = 10*time.Millisecond, 60*time.Millisecond, 1
 	opts.Concurrency = []int{2}
 	opts.ControlConcurrency = []int{2}
@@ -84,9 +85,33 @@ func TestSmoke(t *testing.T) {
 		}
 	}
 	for _, v := range []string{lvlPlain, lvlTLS, lvlPolicy, lvlLimits, lvlProduction} {
-		if !seen[opIssue+"/"+v] || !seen[opResolve+"/"+v] {
-			t.Errorf("control: no IssueSession/ResolveSession rows for variant %s", v)
+		if !seen[opIssue+"/"+v] || !seen[opResolve+"/"+v] || !seen[opNoop+"/"+v] {
+			t.Errorf("control: no IssueSession/ResolveSession/no-op rows for variant %s", v)
 		}
+	}
+	for _, v := range []string{lvlPlain, lvlProduction} {
+		if !seen[opBatchPut+"/"+v] {
+			t.Errorf("control: no BatchPutCredentials row for variant %s", v)
+		}
+	}
+	for _, r := range rep.Control.Rows {
+		if (r.Op == opIssue || r.Op == opResolve) && r.ThroughputVsNoop <= 0 {
+			t.Errorf("control %s %s: no ratio to the no-op call", r.Op, r.Variant)
+		}
+		// A 60 ms window can end before a batch call completes (rate 0), so
+		// the ratio is only required where the call's rate was measured.
+		if r.Op == opBatchPut && ((r.ItemsVsEncryptBatch <= 0 && r.Summary.Throughput > 0) || r.ItemsPerCall != batchPutItems) {
+			t.Errorf("control %s %s: %d items per call, %.2f of transit's batch encrypt; want %d and a ratio", r.Op, r.Variant, r.ItemsPerCall, r.ItemsVsEncryptBatch, batchPutItems)
+		}
+		if r.Variant == lvlProduction && (r.Op == opIssue || r.Op == opPut) && r.AuditSyncsPerCall <= 0 {
+			t.Errorf("control %s %s: no audit group commit figures", r.Op, r.Variant)
+		}
+	}
+	// Every stream opened and got its first message, and an account's
+	// streams share one upstream poll per interval.
+	if st := rep.Streams; st == nil || st.Errors > 0 || st.Messages < int64(opts.Streams) || st.Accounts != 2 ||
+		st.PollsPerAccountPerInterval <= 0 || st.PollsPerAccountPerInterval > 1.5 || st.With.Goroutines <= st.Before.Goroutines {
+		t.Errorf("streams phase: %+v; want every stream's first message, no errors, 2 accounts, about 1 poll per account per interval", st)
 	}
 	// The production services kept an audit trail on disk: intent and
 	// outcome records of every call they served.
@@ -97,7 +122,7 @@ func TestSmoke(t *testing.T) {
 	if err := WriteText(&text, rep); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"Targets", "1b. Production wiring", "production-nobatch"} {
+	for _, want := range []string{"Targets", "1b. Production wiring", "production-nobatch", "6. Streams"} {
 		if !strings.Contains(text.String(), want) {
 			t.Errorf("text report has no %q:\n%s", want, text.String())
 		}

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
+	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
 
@@ -20,9 +21,15 @@ const cpTenant = "bench-cp"
 
 // Control-plane operations.
 const (
-	opIssue        = "IssueSession"
-	opResolve      = "ResolveSession"
-	opPut          = "PutCredential"
+	opIssue   = "IssueSession"
+	opResolve = "ResolveSession"
+	opPut     = "PutCredential"
+	// opNoop is a unary method that does nothing, through the same server,
+	// interceptors and TLS as the credentials service (noop.go).
+	opNoop = "no-op unary (reference)"
+	// opBatchPut is BatchPutCredentials of batchPutItems credentials with
+	// skip_validation, replacing a bounded set of credentials.
+	opBatchPut     = "BatchPutCredentials"
 	opRedisGet     = "redis GET (reference)"
 	opEncrypt1     = "transit encrypt (1 item/call)"
 	opEncryptBatch = "transit encrypt (batch of 100)"
@@ -61,6 +68,14 @@ type ControlRow struct {
 	AddedCPUVsBaseUs float64 `json:"added_cpu_vs_base_us,omitempty"`
 	// ThroughputVsPlain is over the plain variant of the same operation.
 	ThroughputVsPlain float64 `json:"throughput_vs_plain,omitempty"`
+	// ItemsVsEncryptBatch (BatchPutCredentials) is its items per second
+	// over transit's own batch-of-100 encrypt, at the same concurrency,
+	// paired by round: the bulk import target.
+	ItemsVsEncryptBatch float64 `json:"items_vs_transit_encrypt_batch,omitempty"`
+	// ThroughputVsNoop (IssueSession, ResolveSession) is over the no-op
+	// unary method served by the same variant, paired by round: the
+	// handles target.
+	ThroughputVsNoop float64 `json:"throughput_vs_noop,omitempty"`
 	// ThroughputVsEncrypt1 (PutCredential only) is over transit's
 	// single-item encrypt rate at the same concurrency, paired by round:
 	// the transit batching target.
@@ -71,6 +86,12 @@ type ControlRow struct {
 	// per request.
 	TransitCallsPerCall float64 `json:"transit_calls_per_call,omitempty"`
 	ItemsPerTransitCall float64 `json:"items_per_transit_call,omitempty"`
+	// At the production level, the audit trail's group commit over the
+	// measurements: records per fsync, fsyncs per call, and the mean time
+	// of one fsync.
+	AuditRecordsPerSync float64 `json:"audit_records_per_sync,omitempty"`
+	AuditSyncsPerCall   float64 `json:"audit_syncs_per_call,omitempty"`
+	AuditSyncMs         float64 `json:"audit_sync_ms,omitempty"`
 }
 
 // ControlReport is the control-plane phase.
@@ -135,7 +156,7 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 
 	// IssueSession and ResolveSession make no transit call: they run at
 	// the security levels only.
-	var rpcVariants, putVariants []string
+	var rpcVariants, putVariants, batchVariants []string
 	for _, v := range credsVariants {
 		if v.name != lvlPlain && (opts.NoProduction || (e.vault == nil && needsBuilders(v.level))) {
 			continue
@@ -143,6 +164,9 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 		putVariants = append(putVariants, v.name)
 		if v.name != credPlainBatch && v.name != credProductionNoBatch {
 			rpcVariants = append(rpcVariants, v.name)
+		}
+		if v.name == lvlPlain || v.name == lvlProduction {
+			batchVariants = append(batchVariants, v.name)
 		}
 	}
 	var seq atomic.Int64
@@ -171,6 +195,13 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				return err
 			}, nil
 		}},
+		{opNoop, 1, rpcVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error { return callNoop(ctx, s.conn) }, nil
+		}},
 		{opPut, 1, putVariants, func(v string) (Op, error) {
 			s, err := service(v)
 			if err != nil {
@@ -180,6 +211,15 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				b := a
 				b.credID = "put-" + strconv.FormatInt(seq.Add(1), 10)
 				return putVia(ctx, s.creds, cpTenant, b, sim.url)
+			}, nil
+		}},
+		{opBatchPut, batchPutItems, batchVariants, func(v string) (Op, error) {
+			s, err := service(v)
+			if err != nil {
+				return nil, err
+			}
+			return func(ctx context.Context, _ int) error {
+				return batchPutVia(ctx, s.creds, cpTenant, a, sim.url, seq.Add(1))
 			}, nil
 		}},
 		// A reference, not a fleetbroker call: what one Redis round trip
@@ -229,6 +269,7 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 	}
 	results := map[key][]measured{}
 	batching := map[key][2]int64{} // plain+batch PutCredential: transit calls, items
+	syncs := map[key]audit.SyncStats{}
 	built := map[key]Op{}
 	for round := range opts.Rounds {
 		for _, o := range ops {
@@ -251,11 +292,23 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 						s, _ := service(v)
 						counter = s.batches
 					}
+					var trail *audit.Logger
+					if v != refVariant && v != sealSequential && v != sealConcurrent {
+						s, _ := service(v)
+						trail = s.audit
+					}
 					calls0, items0 := counter.load()
+					sync0 := syncStats(trail)
 					m := measureLoad(ctx, opts.load(c), op, e.procs())
 					calls1, items1 := counter.load()
+					sync1 := syncStats(trail)
 					k.callers = c
 					results[k] = append(results[k], m)
+					st := syncs[k]
+					st.Syncs += sync1.Syncs - sync0.Syncs
+					st.Lines += sync1.Lines - sync0.Lines
+					st.Time += sync1.Time - sync0.Time
+					syncs[k] = st
 					if counter != nil {
 						b := batching[k]
 						b[0] += calls1 - calls0
@@ -285,6 +338,14 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 				if v != lvlPlain && len(plainSum.Rounds) > 0 {
 					row.ThroughputVsPlain = pairedThroughput(s, plainSum)
 				}
+				if o.name == opIssue || o.name == opResolve {
+					if n := summarize(results[key{opNoop, v, c}]); len(n.Rounds) > 0 {
+						row.ThroughputVsNoop = pairedThroughput(s, n)
+					}
+				}
+				if o.name == opBatchPut {
+					row.ItemsVsEncryptBatch = pairedThroughput(s, summarize(results[key{opEncryptBatch, refVariant, c}])) * float64(batchPutItems) / transitBatch
+				}
 				if o.name == opPut || o.name == opSeal {
 					row.ThroughputVsEncrypt1 = pairedThroughput(s, summarize(results[key{opEncrypt1, refVariant, c}]))
 				}
@@ -292,11 +353,16 @@ func runControl(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Contr
 					b := sum(sealSequential)
 					row.Base, row.ThroughputVsBase, row.AddedCPUVsBaseUs = sealSequential, pairedThroughput(s, b), pairedAddedCPU(s, b)
 				}
+				var total int64
+				for _, m := range s.Rounds {
+					total += m.TotalOps
+				}
+				if st := syncs[key{o.name, v, c}]; st.Syncs > 0 {
+					row.AuditRecordsPerSync = div(float64(st.Lines), float64(st.Syncs))
+					row.AuditSyncsPerCall = div(float64(st.Syncs), float64(total))
+					row.AuditSyncMs = div(float64(st.Time)/1e6, float64(st.Syncs))
+				}
 				if b := batching[key{o.name, v, c}]; b[0] > 0 {
-					var total int64
-					for _, m := range s.Rounds {
-						total += m.TotalOps
-					}
 					row.TransitCallsPerCall = div(float64(b[0]), float64(total))
 					row.ItemsPerTransitCall = div(float64(b[1]), float64(b[0]))
 				}
@@ -350,6 +416,51 @@ func (e *env) sealTransit() *transit.Batching {
 func putVia(ctx context.Context, creds credentialsv1.CredentialServiceClient, tenant string, a account, baseURL string) error {
 	if _, err := creds.PutCredential(ctx, putRequest(tenant, a, baseURL)); err != nil {
 		return fmt.Errorf("put credential %s/%s: %w", tenant, a.credID, err)
+	}
+	return nil
+}
+
+// syncStats reads a trail's sync statistics (zero for none).
+func syncStats(l *audit.Logger) audit.SyncStats {
+	if l == nil {
+		return audit.SyncStats{}
+	}
+	return l.SyncStats()
+}
+
+// batchPutItems is how many credentials each BatchPutCredentials of the
+// control phase carries, and batchPutSets how many distinct batches of
+// credentials it cycles through (replacing them), so Redis stays small.
+const (
+	batchPutItems = 100
+	batchPutSets  = 200
+)
+
+// batchPutVia stores a's secret under batchPutItems credential ids of set
+// n (mod batchPutSets) of tenant in one BatchPutCredentials, without asking
+// the provider, and fails if any item did.
+func batchPutVia(ctx context.Context, creds credentialsv1.CredentialServiceClient, tenant string, a account, baseURL string, n int64) error {
+	req := &credentialsv1.BatchPutCredentialsRequest{TenantId: tenant, SkipValidation: true, Items: make([]*credentialsv1.BatchPutItem, batchPutItems)}
+	set := n % batchPutSets
+	for i := range req.Items {
+		one := putRequest(tenant, a, baseURL)
+		item := &credentialsv1.BatchPutItem{CredentialId: fmt.Sprintf("bulk-%03d-%03d", set, i)}
+		switch sec := one.GetSecret().(type) {
+		case *credentialsv1.PutCredentialRequest_Wialon:
+			item.Secret = &credentialsv1.BatchPutItem_Wialon{Wialon: sec.Wialon}
+		case *credentialsv1.PutCredentialRequest_Fleetup:
+			item.Secret = &credentialsv1.BatchPutItem_Fleetup{Fleetup: sec.Fleetup}
+		}
+		req.Items[i] = item
+	}
+	resp, err := creds.BatchPutCredentials(ctx, req)
+	if err != nil {
+		return fmt.Errorf("batch put: %w", err)
+	}
+	for _, r := range resp.GetResults() {
+		if e := r.GetError(); e != nil {
+			return fmt.Errorf("batch put %s: %s %s", r.GetCredentialId(), e.GetReason(), e.GetMessage())
+		}
 	}
 	return nil
 }

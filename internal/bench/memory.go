@@ -86,7 +86,7 @@ func (e *env) gatewayArgs(ctx context.Context, level, addr string) ([]string, er
 	args := []string{"gateway", "--listen", addr, "--reflection=false",
 		"--vault-addr", e.vault.Addr, "--vault-transit-key", gatewayKey,
 		"--redis-addr", e.redis.Addr, "--redis-prefix", "fbbench-mem-" + level,
-		"--allowed-upstreams", e.allowed,
+		"--allowed-upstreams", e.allowed, "--handle-key-file", e.handleKeyFile,
 		"--fleetup-rate", strconv.Itoa(unlimitedFleetUp), "--fleetup-burst", strconv.Itoa(unlimitedFleetUp),
 		"--log-level", "warn"}
 	if level == lvlPlain {

@@ -361,6 +361,10 @@ type Ratios struct {
 	// AddedCPUVsBareUs is the CPU per call (this process + redis-server)
 	// above the bare forwarder's: the gateway's own cost.
 	AddedCPUVsBareUs float64 `json:"added_cpu_vs_bare_us"`
+	// ThroughputVsBareByCPU is the bare forwarder's CPU per call over the
+	// gateway's, paired by round: its throughput ratio were the machine
+	// given to each alone, steadier than rates on a shared host.
+	ThroughputVsBareByCPU float64 `json:"throughput_vs_bare_by_cpu"`
 }
 
 func ratios(gw, bare, direct Summary) Ratios {
@@ -381,7 +385,8 @@ func ratios(gw, bare, direct Summary) Ratios {
 		P50VsBare: paired(p50, bare), P50VsDirect: paired(p50, direct),
 		P99VsBare: paired(p99, bare), P99VsDirect: paired(p99, direct),
 		AddedP50VsDirectMs: paired(added, direct), AddedP50VsBareMs: paired(added, bare),
-		AddedCPUVsBareUs: paired(cpu, bare),
+		AddedCPUVsBareUs:      paired(cpu, bare),
+		ThroughputVsBareByCPU: paired(func(g, b measured) float64 { return div(b.totalCPU(), g.totalCPU()) }, bare),
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
+	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -107,12 +108,15 @@ var credsVariants = []credsVariant{
 // bench's caller, and as the gateway (ResolveSession).
 type credsService struct {
 	addr     string
+	conn     grpc.ClientConnInterface // as the bench's caller
 	creds    credentialsv1.CredentialServiceClient
 	sessions credentialsv1.SessionServiceClient
 	resolver credentialsv1.SessionServiceClient
 	// batches counts the transit calls and items of plain+batch, the one
 	// variant whose transit the bench builds itself.
 	batches *batchCounter
+	// audit is the production variants' audit trail (nil below).
+	audit *audit.Logger
 }
 
 // needsBuilders reports whether a level is built by app.Build*, which
@@ -159,7 +163,11 @@ func (e *env) auditFile(name string) string {
 // (policy, limits or production), with the server certificate given, and
 // the Deps it is built with: below production, an audit trail that
 // discards (measuring what the trail costs).
-func (e *env) security(level, name, certFile, keyFile string) (app.SecurityConfig, app.Deps) {
+//
+// At the production level the bench opens the audit file itself, exactly
+// as --audit-log would (audit.Open), so that it can read the trail's sync
+// statistics; it closes the file after the service has stopped.
+func (e *env) security(level, name, certFile, keyFile string) (app.SecurityConfig, app.Deps, error) {
 	sec := app.SecurityConfig{TLSCert: certFile, TLSKey: keyFile, TLSClientCA: e.pki.caFile, PolicyFile: e.policyFile}
 	d := app.Deps{Logger: e.log, HandleKeys: e.handleKeys}
 	switch level {
@@ -169,10 +177,15 @@ func (e *env) security(level, name, certFile, keyFile string) (app.SecurityConfi
 		d.Audit = audit.Discard()
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	case lvlProduction:
-		sec.AuditLog = e.auditFile(name)
+		l, err := audit.Open(e.auditFile(name), audit.WithErrorLog(e.log))
+		if err != nil {
+			return sec, d, err
+		}
+		e.onClose(func() { _ = l.Close() })
+		d.Audit = l
 		sec.RateLimitPrincipal, sec.RateLimitSession, sec.RateLimitTenant = benchRateLimit, benchRateLimit, benchRateLimit
 	}
-	return sec, d
+	return sec, d, nil
 }
 
 // credentialsVariant returns the credentials service of v, starting it on
@@ -197,7 +210,7 @@ func (e *env) credentialsVariant(ctx context.Context, v credsVariant) (*credsSer
 
 func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsService, error) {
 	if v.name == lvlPlain {
-		return &credsService{addr: e.credsAddr, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
+		return &credsService{addr: e.credsAddr, conn: e.credsConn, creds: e.creds, sessions: e.sessions, resolver: e.sessions}, nil
 	}
 	cfg := app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second, RedisPrefix: storePrefix,
 		WialonLoginLimit: unlimitedWialonLogins}
@@ -213,7 +226,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		if s.addr, err = e.serveGRPC(svc.Register); err != nil {
+		if s.addr, err = e.serveGRPC(svc.Register, registerNoop); err != nil {
 			return nil, err
 		}
 	case lvlTLS:
@@ -225,7 +238,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		if s.addr, err = e.serveTLS(pki.credsCert, pki.credsKey, svc.Register); err != nil {
+		if s.addr, err = e.serveTLS(pki.credsCert, pki.credsKey, svc.Register, registerNoop); err != nil {
 			return nil, err
 		}
 	default:
@@ -236,10 +249,17 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 		if err != nil {
 			return nil, err
 		}
-		var d app.Deps
-		cfg.Security, d = e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
+		sec, d, err := e.security(v.level, "credentials-"+v.name, pki.credsCert, pki.credsKey)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Security = sec
+		if v.level == lvlProduction {
+			s.audit = d.Audit
+		}
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: credentialsKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
+		d.BesideRegister, d.BesideActions = registerNoop, map[string]policy.Action{noopMethod: noopAction}
 		cfg.TransitBatch = transit.BatchOptions{MaxItems: 1}
 		if v.batch {
 			cfg.TransitBatch = e.opts.TransitBatch
@@ -258,6 +278,7 @@ func (e *env) startCredentials(ctx context.Context, v credsVariant) (*credsServi
 	if err != nil {
 		return nil, err
 	}
+	s.conn = caller
 	s.creds = credentialsv1.NewCredentialServiceClient(caller)
 	s.sessions = credentialsv1.NewSessionServiceClient(caller)
 	s.resolver = credentialsv1.NewSessionServiceClient(gw)
@@ -372,8 +393,11 @@ func (e *env) startGatewayAt(ctx context.Context, level string, o gatewayOpts) (
 		if e.vault == nil {
 			return nil, fmt.Errorf("the %s level is built by app.BuildGateway, which needs Vault (not -no-vault)", level)
 		}
-		var d app.Deps
-		cfg.Security, d = e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey)
+		sec, d, err := e.security(level, "gateway-"+o.prefix, pki.gwCert, pki.gwKey)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Security = sec
 		cfg.Vault = app.VaultConfig{Addr: e.vault.Addr, Token: e.vault.Token, Key: gatewayKey}
 		cfg.Redis = app.RedisConfig{Addrs: []string{e.redis.Addr}}
 		if addr, err = e.serveBuilt(ctx, func(ctx context.Context) (*server.Server, func(), error) {

@@ -85,7 +85,7 @@ func WriteText(out io.Writer, rep *Report) error {
 	if c := rep.Control; c != nil {
 		fmt.Fprintf(out, "3. Control plane (transit: %s; batching of plain+batch and production: %s); medians over %d interleaved rounds; CPU = this process + redis + vault\n",
 			c.Transit, c.TransitBatch, c.Rounds)
-		p("operation\tvariant\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\tCPU µs/call\tvault CPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\tthr/plain\tthr/encrypt(1)\ttransit calls/call\titems/transit call\t\n")
+		p("operation\tvariant\tcallers\tcalls/s\titems/s\tp50 ms\tp99 ms\tCPU µs/call\tvault CPU µs/call\terrors\tvs\tthr/vs\t+CPU µs vs\tthr/plain\tthr/no-op\tthr/encrypt(1)\titems/encrypt(100)\ttransit calls/call\titems/transit call\t\n")
 		for _, r := range c.Rows {
 			opt := func(format string, x float64) string {
 				if x == 0 {
@@ -97,13 +97,14 @@ func WriteText(out io.Writer, rep *Report) error {
 			if base == "" {
 				base = "-"
 			}
-			p("%s\t%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%.0f\t%.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.Op, r.Variant, r.Callers, r.Summary.Throughput, r.ItemsPerSec,
+			p("%s\t%s\t%d\t%.0f\t%.0f\t%.3f\t%.3f\t%.0f\t%.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.Op, r.Variant, r.Callers, r.Summary.Throughput, r.ItemsPerSec,
 				r.Summary.P50ms, r.Summary.P99ms, r.Summary.totalCPU(), r.Summary.VaultCPUPerCallUs, r.Summary.Errors, base,
-				opt("%.2f", r.ThroughputVsBase), opt("%+.0f", r.AddedCPUVsBaseUs), opt("%.2f", r.ThroughputVsPlain), opt("%.2f", r.ThroughputVsEncrypt1),
+				opt("%.2f", r.ThroughputVsBase), opt("%+.0f", r.AddedCPUVsBaseUs), opt("%.2f", r.ThroughputVsPlain), opt("%.2f", r.ThroughputVsNoop), opt("%.2f", r.ThroughputVsEncrypt1), opt("%.2f", r.ItemsVsEncryptBatch),
 				opt("%.2f", r.TransitCallsPerCall), opt("%.1f", r.ItemsPerTransitCall))
 		}
 		w.Flush()
 		fmt.Fprintln(out)
+		writeAuditSyncs(out, c.Rows)
 	}
 
 	for _, mem := range []*MemoryReport{rep.Memory, rep.MemoryProduction} {
@@ -113,6 +114,13 @@ func WriteText(out io.Writer, rep *Report) error {
 		fmt.Fprintf(out, "4. Memory (%s): `fleetbroker gateway` VmRSS, %d live handles, %d accounts in %d tenants\n", mem.Level, mem.Handles, mem.Accounts, mem.Tenants)
 		fmt.Fprintf(out, "idle %.1f MiB, loaded %.1f MiB (max %.1f, VmHWM %.1f), ≤ %.2f KiB per handle; passes %s s; %d calls, %d errors\n\n",
 			mem.IdleRSSMiB, mem.LoadedRSSMiB, mem.MaxRSSMiB, mem.HWMMiB, mem.PerHandleKiB, formatFloats(mem.PassSeconds), mem.Calls, mem.Errors)
+	}
+	if st := rep.Streams; st != nil {
+		fmt.Fprintf(out, "6. Streams: %d WatchPositions streams (min_interval %.0fs) on one `fleetbroker gateway` over %d connections, %d handles, %d accounts, %d tenants\n",
+			st.Streams, st.IntervalS, st.Connections, st.Handles, st.Accounts, st.Tenants)
+		fmt.Fprintf(out, "VmRSS %.1f → %.1f MiB (VmHWM %.1f): %.1f KiB per stream (Go heap in use %.1f, stacks %.1f); goroutines %d → %d (%.2f per stream); opened in %.1fs; %.2f upstream polls per account per interval; %d messages, %d errors\n\n",
+			st.Before.RSSMiB, st.With.RSSMiB, st.HWMMiB, st.PerStreamKiB, st.HeapPerStreamKiB, st.StackPerStreamKiB, st.Before.Goroutines, st.With.Goroutines, st.GoroutinesPerStream,
+			st.OpenSeconds, st.PollsPerAccountPerInterval, st.Messages, st.Errors)
 	}
 	if rep.MemoryError != "" {
 		fmt.Fprintf(out, "4. Memory: not measured: %s\n\n", rep.MemoryError)
@@ -175,4 +183,25 @@ func formatFloats(xs []float64) string {
 		parts[i] = fmt.Sprintf("%.2f", x)
 	}
 	return strings.Join(parts, ", ")
+}
+
+// writeAuditSyncs prints the production variants' group commit.
+func writeAuditSyncs(out io.Writer, rows []ControlRow) {
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	shown := false
+	for _, r := range rows {
+		if r.AuditSyncsPerCall == 0 {
+			continue
+		}
+		if !shown {
+			fmt.Fprintln(out, "3b. Audit trail (production variants): records per fsync, fsyncs per call, mean fsync")
+			fmt.Fprintf(w, "operation\tvariant\tcallers\trecords/fsync\tfsyncs/call\tfsync ms\t\n")
+			shown = true
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%.1f\t%.2f\t%.3f\t\n", r.Op, r.Variant, r.Callers, r.AuditRecordsPerSync, r.AuditSyncsPerCall, r.AuditSyncMs)
+	}
+	w.Flush()
+	if shown {
+		fmt.Fprintln(out)
+	}
 }

@@ -2,11 +2,15 @@ package bench
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -78,8 +82,11 @@ type env struct {
 	// handleKeys sign handles at the credentials service and check them at
 	// the gateways, as --handle-key-file does for the real binaries.
 	handleKeys *handle.Keys
+	// handleKeyFile holds them for the real binaries (--handle-key-file).
+	handleKeyFile string
 
 	credsAddr string
+	credsConn *grpc.ClientConn
 	creds     credentialsv1.CredentialServiceClient
 	sessions  credentialsv1.SessionServiceClient
 
@@ -165,22 +172,24 @@ func newEnv(ctx context.Context, opts Options, sims ...*simHTTP) (*env, error) {
 		hosts = append(hosts, s.hostPort)
 	}
 	e.allowed = strings.Join(hosts, ",")
-	if e.handleKeys, err = handle.GenerateKeys(); err != nil {
+	if e.handleKeys, e.handleKeyFile, err = newHandleKeyFile(); err != nil {
 		return nil, err
 	}
+	e.onClose(func() { os.RemoveAll(filepath.Dir(e.handleKeyFile)) })
 	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: e.allowed, UpstreamTimeout: 10 * time.Second,
 		WialonLoginLimit: unlimitedWialonLogins},
 		app.Deps{Logger: e.log, HandleKeys: e.handleKeys, Store: store.NewRedis(e.rdb, store.RedisOptions{Prefix: storePrefix}), Transit: e.credTr})
 	if err != nil {
 		return nil, err
 	}
-	if e.credsAddr, err = e.serveGRPC(credSvc.Register); err != nil {
+	if e.credsAddr, err = e.serveGRPC(credSvc.Register, registerNoop); err != nil {
 		return nil, err
 	}
 	conn, err := e.dial(e.credsAddr)
 	if err != nil {
 		return nil, err
 	}
+	e.credsConn = conn
 	e.creds = credentialsv1.NewCredentialServiceClient(conn)
 	e.sessions = credentialsv1.NewSessionServiceClient(conn)
 	ok = true
@@ -420,4 +429,27 @@ func upstreamClient(idlePerHost int) *http.Client {
 		MaxIdleConnsPerHost: idlePerHost,
 		IdleConnTimeout:     90 * time.Second,
 	}}
+}
+
+// newHandleKeyFile makes a handle key and writes it where the real
+// binaries read it (--handle-key-file: one base64 key per line).
+func newHandleKeyFile() (*handle.Keys, string, error) {
+	secret := make([]byte, 32)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, "", err
+	}
+	keys, err := handle.NewKeys(secret)
+	if err != nil {
+		return nil, "", err
+	}
+	dir, err := os.MkdirTemp("", "fleetbroker-bench-keys-")
+	if err != nil {
+		return nil, "", err
+	}
+	path := filepath.Join(dir, "handle-keys")
+	if err := os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(secret)+"\n"), 0o600); err != nil {
+		os.RemoveAll(dir)
+		return nil, "", err
+	}
+	return keys, path, nil
 }

@@ -111,6 +111,7 @@ type Batching struct {
 
 var (
 	_ Rotatable       = (*Batching)(nil)
+	_ Batcher         = (*Batching)(nil)
 	_ BatchingBackend = (*Vault)(nil)
 	_ BatchingBackend = (*Keyring)(nil)
 )
@@ -179,6 +180,35 @@ func (b *Batching) HMAC(ctx context.Context, data []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%s hmac: %w", batchingName, err)
 	}
 	return results[0].MAC, nil
+}
+
+// EncryptEach encrypts items of any tenants, each with its own result
+// (Batcher), sharing backend calls with concurrent callers: a call of at
+// least MaxItems items goes to the backend by itself.
+func (b *Batching) EncryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	if err := requireTenants(batchingName, "encrypt", items); err != nil {
+		return nil, err
+	}
+	return b.encrypt.do(ctx, items)
+}
+
+// DecryptEach decrypts items of any tenants, each with its own result
+// (Batcher), sharing backend calls with concurrent callers.
+func (b *Batching) DecryptEach(ctx context.Context, items []TenantItem) ([]ItemResult, error) {
+	if err := requireTenants(batchingName, "decrypt", items); err != nil {
+		return nil, err
+	}
+	return b.decrypt.do(ctx, items)
+}
+
+// HMACEach computes the MAC of each input, each with its own result
+// (Batcher), sharing backend calls with concurrent callers.
+func (b *Batching) HMACEach(ctx context.Context, inputs [][]byte) ([]ItemResult, error) {
+	items := make([]TenantItem, len(inputs))
+	for i, in := range inputs {
+		items[i] = TenantItem{Item: Item{Plaintext: in}}
+	}
+	return b.hmac.do(ctx, items)
 }
 
 // Rewrap goes to the backend unbatched: it is a bulk operation already.

@@ -569,3 +569,54 @@ func TestBatchingCopiesCallerBuffers(t *testing.T) {
 		t.Fatalf("neighbour: %v", err)
 	}
 }
+
+// The Batcher side of Batching (EncryptEach, DecryptEach, HMACEach: the
+// credentials service's BatchPutCredentials) answers item by item, mixes
+// tenants, agrees with its backend, and sends a call of at least MaxItems
+// items by itself.
+func TestBatchingEachAnswersItemByItem(t *testing.T) {
+	k := newKeyring(t)
+	g := newGated(k)
+	b := transit.NewBatching(g, transit.BatchOptions{MaxItems: 4})
+	ctx := t.Context()
+	items := []transit.TenantItem{
+		{Tenant: "tenant-a", Item: transit.Item{Plaintext: []byte("one"), AssociatedData: []byte("a/1")}},
+		{Tenant: "tenant-b", Item: transit.Item{Plaintext: []byte("two"), AssociatedData: []byte("b/2")}},
+	}
+	enc, err := b.EncryptEach(ctx, items)
+	if err != nil || len(enc) != 2 || enc[0].Err != nil || enc[1].Err != nil {
+		t.Fatalf("EncryptEach = %+v, %v", enc, err)
+	}
+	opened := []transit.TenantItem{
+		{Tenant: "tenant-a", Item: transit.Item{Ciphertext: enc[0].Ciphertext, AssociatedData: []byte("a/1")}},
+		{Tenant: "tenant-a", Item: transit.Item{Ciphertext: enc[1].Ciphertext, AssociatedData: []byte("b/2")}}, // wrong tenant
+	}
+	dec, err := b.DecryptEach(ctx, opened)
+	if err != nil || string(dec[0].Plaintext) != "one" || !errors.Is(dec[1].Err, transit.ErrDecrypt) || dec[1].Plaintext != nil {
+		t.Errorf("DecryptEach = %+v, %v; want the first item opened, the second ErrDecrypt alone", dec, err)
+	}
+	if _, err := b.EncryptEach(ctx, []transit.TenantItem{{Item: transit.Item{Plaintext: []byte("x")}}}); !errors.Is(err, transit.ErrInvalid) {
+		t.Errorf("EncryptEach with an empty tenant = %v, want ErrInvalid", err)
+	}
+	inputs := [][]byte{[]byte("m1"), []byte("m2"), []byte("m3"), []byte("m4"), []byte("m5")}
+	macs, err := b.HMACEach(ctx, inputs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := k.HMACEach(ctx, inputs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range inputs {
+		if macs[i].Err != nil || !bytes.Equal(macs[i].MAC, want[i].MAC) {
+			t.Errorf("HMACEach item %d = %+v, want the backend's MAC", i, macs[i])
+		}
+	}
+	var ops []string
+	for _, c := range g.callLog() {
+		ops = append(ops, fmt.Sprintf("%s/%d", c.op, c.items))
+	}
+	if want := []string{"encrypt/2", "decrypt/2", "hmac/5"}; !slices.Equal(ops, want) {
+		t.Errorf("backend calls %v, want %v (one each; the 5 MACs, above MaxItems, in one call of their own)", ops, want)
+	}
+}

@@ -20,6 +20,9 @@ import (
 // proxy cannot make the broker buffer an unbounded body.
 const maxVaultResponse = 64 << 20
 
+// vaultIdleConns is how many idle connections to Vault a client keeps.
+const vaultIdleConns = 64
+
 func newVaultClient(cfg VaultConfig) (*api.Client, error) {
 	conf := api.DefaultConfig()
 	if conf.Error != nil {
@@ -39,6 +42,14 @@ func newVaultClient(cfg VaultConfig) (*api.Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("vault transit: CA certificate: %w: %v", ErrInvalid, err)
 		}
+	}
+	// Keep a connection for every call that may run at once: the default
+	// pool keeps GOMAXPROCS+1 idle connections, so under load (batched
+	// transit calls, concurrent puts and batches) every call past that
+	// dialled a new connection and closed it after use.
+	if t, ok := conf.HttpClient.Transport.(*http.Transport); ok {
+		t.MaxIdleConnsPerHost = vaultIdleConns
+		t.MaxIdleConns = max(t.MaxIdleConns, vaultIdleConns)
 	}
 	client, err := api.NewClient(conf)
 	if err != nil {

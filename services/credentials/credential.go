@@ -92,23 +92,8 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		}
 		validation = v
 	}
-	now := s.cfg.Now()
-	rec := store.Credential{
-		TenantID:          tenantID,
-		CredentialID:      credentialID,
-		Provider:          sec.provider,
-		BaseURL:           sec.baseURL,
-		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
-		Labels:            opts.labels,
-		CreateTime:        now,
-		UpdateTime:        now,
-		ValidateTime:      validation.Time,
-		ValidationState:   validation.State,
-		ValidationMessage: validation.Message,
-		UpstreamUser:      validation.UpstreamUser,
-		TokenExpireTime:   opts.tokenExpireTime,
-		LastUsedTime:      validation.Time, // a validation logs in: zero when skipped
-	}
+	rec := s.newRecord(tenantID, credentialID, sec, opts.labels, validation)
+	rec.TokenExpireTime = opts.tokenExpireTime
 	if err := s.sealRecord(ctx, &rec, sec); err != nil {
 		return nil, s.toStatus(ctx, "put credential", err)
 	}
@@ -133,6 +118,26 @@ func (s *Service) put(ctx context.Context, tenantID, credentialID string, sec se
 		s.emitStored(ctx, stored, created)
 	}
 	return &credentialsv1.PutCredentialResponse{Credential: s.toProto(stored), Created: created}, nil
+}
+
+// newRecord is the record a put of sec stores, before it is sealed.
+func (s *Service) newRecord(tenantID, credentialID string, sec secret, labels map[string]string, validation store.Validation) store.Credential {
+	now := s.cfg.Now()
+	return store.Credential{
+		TenantID:          tenantID,
+		CredentialID:      credentialID,
+		Provider:          sec.provider,
+		BaseURL:           sec.baseURL,
+		FleetUpAccountID:  sec.p.Describe(sec.msg).AccountID,
+		Labels:            labels,
+		CreateTime:        now,
+		UpdateTime:        now,
+		ValidateTime:      validation.Time,
+		ValidationState:   validation.State,
+		ValidationMessage: validation.Message,
+		UpstreamUser:      validation.UpstreamUser,
+		LastUsedTime:      validation.Time, // a validation logs in: zero when skipped
+	}
 }
 
 // validate asks the provider about sec. A provider rejection is returned as

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -151,22 +152,62 @@ func (e *Events) channel() string { return e.cfg.Prefix + ":events:notify" }
 // Publish appends ev to its tenant's stream and wakes the tenant's watchers
 // on every replica.
 func (e *Events) Publish(ctx context.Context, ev Event) error {
-	key := e.streamKey(ev.TenantID)
-	if err := e.cfg.Client.XAdd(ctx, &redis.XAddArgs{
-		Stream: key, MaxLen: e.cfg.MaxLen, Approx: true, Values: ev.fields(),
-	}).Err(); err != nil {
-		return fmt.Errorf("publish %s event of %s/%s: %w", ev.Type, ev.TenantID, ev.CredentialID, err)
+	return e.PublishAll(ctx, []Event{ev})
+}
+
+// PublishAll publishes evs, in order: each is appended to its tenant's
+// stream, each stream's retention is renewed, and each tenant's watchers
+// on every replica are woken once. It takes one Redis round trip however
+// many events (two on a Cluster, where the notification must not overtake
+// the appends, which run on other nodes). An event that could not be
+// appended is reported in the error; the others are published.
+func (e *Events) PublishAll(ctx context.Context, evs []Event) error {
+	if len(evs) == 0 {
+		return nil
 	}
-	e.metrics.events.WithLabelValues(string(ev.Type)).Inc()
-	// A stream nobody writes to for Retention goes away with its tenant.
-	if err := e.cfg.Client.Expire(ctx, key, e.cfg.Retention).Err(); err != nil {
-		e.cfg.Logger.WarnContext(ctx, "credential event stream retention not set", "tenant_id", ev.TenantID, "error", err)
+	pipe := e.cfg.Client.Pipeline()
+	adds := make([]*redis.StringCmd, len(evs))
+	var tenants []string
+	for i, ev := range evs {
+		adds[i] = pipe.XAdd(ctx, &redis.XAddArgs{Stream: e.streamKey(ev.TenantID), MaxLen: e.cfg.MaxLen, Approx: true, Values: ev.fields()})
+		if !slices.Contains(tenants, ev.TenantID) {
+			tenants = append(tenants, ev.TenantID)
+		}
 	}
-	if err := e.cfg.Client.Publish(ctx, e.channel(), ev.TenantID).Err(); err != nil {
-		// Watchers still find the event at their next poll.
-		e.cfg.Logger.WarnContext(ctx, "credential event notification not sent", "tenant_id", ev.TenantID, "error", err)
+	expires := make([]*redis.BoolCmd, len(tenants))
+	for i, tenant := range tenants {
+		// A stream nobody writes to for Retention goes away with its tenant.
+		expires[i] = pipe.Expire(ctx, e.streamKey(tenant), e.cfg.Retention)
 	}
-	return nil
+	notify := pipe
+	if _, cluster := e.cfg.Client.(*redis.ClusterClient); cluster {
+		_, _ = pipe.Exec(ctx) // errors are read per command below
+		notify = e.cfg.Client.Pipeline()
+	}
+	pubs := make([]*redis.IntCmd, len(tenants))
+	for i, tenant := range tenants {
+		pubs[i] = notify.Publish(ctx, e.channel(), tenant)
+	}
+	_, _ = notify.Exec(ctx)
+	var errs []error
+	for i, c := range adds {
+		if err := c.Err(); err != nil {
+			ev := evs[i]
+			errs = append(errs, fmt.Errorf("publish %s event of %s/%s: %w", ev.Type, ev.TenantID, ev.CredentialID, err))
+			continue
+		}
+		e.metrics.events.WithLabelValues(string(evs[i].Type)).Inc()
+	}
+	for i, tenant := range tenants {
+		if err := expires[i].Err(); err != nil {
+			e.cfg.Logger.WarnContext(ctx, "credential event stream retention not set", "tenant_id", tenant, "error", err)
+		}
+		if err := pubs[i].Err(); err != nil {
+			// Watchers still find the events at their next poll.
+			e.cfg.Logger.WarnContext(ctx, "credential event notification not sent", "tenant_id", tenant, "error", err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Run keeps the replica's one subscription to the notification channel and
@@ -387,12 +428,16 @@ func (s *Service) emit(ctx context.Context, ev Event) {
 // emitStored announces a Put: CREATED or ROTATED, and EXPIRING at once for
 // a token that already expires within the warning window.
 func (s *Service) emitStored(ctx context.Context, rec store.Credential, created bool) {
-	typ := EventRotated
-	if created {
-		typ = EventCreated
-	}
-	s.emit(ctx, eventOf(typ, rec))
+	s.emit(ctx, storedEvent(rec, created))
 	s.warnIfExpiring(ctx, rec)
+}
+
+// storedEvent announces a Put: CREATED or ROTATED.
+func storedEvent(rec store.Credential, created bool) Event {
+	if created {
+		return eventOf(EventCreated, rec)
+	}
+	return eventOf(EventRotated, rec)
 }
 
 // emitRejected announces that the provider rejected rec's secret, once:

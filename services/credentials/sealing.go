@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"strconv"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -81,13 +83,24 @@ func (s *Service) seal(ctx context.Context, rec store.Credential, sec secret) (s
 
 // sealRecord seals sec for rec, whose routing fields (tenant, id,
 // provider, base URL, account id) must be set, and fills in its
-// ciphertext, associated data version and fingerprint.
+// ciphertext, associated data version and fingerprint. The encrypt and the
+// HMAC run at once (two transit calls, which batching shares with other
+// callers), so a put waits for one transit round trip, not two.
 func (s *Service) sealRecord(ctx context.Context, rec *store.Credential, sec secret) error {
-	ct, v, err := s.seal(ctx, *rec, sec)
-	if err != nil {
+	var (
+		ct string
+		v  int
+		fp string
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		fp, err = s.fingerprint(gctx, rec.TenantID, sec)
 		return err
+	})
+	ct, v, err := s.seal(gctx, *rec, sec)
+	if gerr := g.Wait(); err == nil {
+		err = gerr
 	}
-	fp, err := s.fingerprint(ctx, rec.TenantID, sec)
 	if err != nil {
 		return err
 	}
@@ -99,18 +112,32 @@ func (s *Service) sealRecord(ctx context.Context, rec *store.Credential, sec sec
 // 128 bits, so equal secrets within a tenant are recognizable but not
 // reversible.
 func (s *Service) fingerprint(ctx context.Context, tenantID string, sec secret) (string, error) {
-	plain, err := sec.plaintext()
+	in, err := fingerprintInput(tenantID, sec)
 	if err != nil {
 		return "", err
 	}
-	mac, err := s.cfg.Transit.HMAC(ctx, append([]byte(tenantID+"\x00"+sec.provider+"\x00"), plain...))
+	mac, err := s.cfg.Transit.HMAC(ctx, in)
 	if err != nil {
 		return "", fmt.Errorf("fingerprint secret: %w", err)
 	}
+	return fingerprintOf(mac), nil
+}
+
+// fingerprintInput is what a secret's fingerprint is the HMAC of.
+func fingerprintInput(tenantID string, sec secret) ([]byte, error) {
+	plain, err := sec.plaintext()
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte(tenantID+"\x00"+sec.provider+"\x00"), plain...), nil
+}
+
+// fingerprintOf renders a fingerprint HMAC, cut to 128 bits.
+func fingerprintOf(mac []byte) string {
 	if len(mac) > 16 {
 		mac = mac[:16]
 	}
-	return "hmac-sha256:" + hex.EncodeToString(mac), nil
+	return "hmac-sha256:" + hex.EncodeToString(mac)
 }
 
 // openItem is the transit item that opens rec's ciphertext.

@@ -164,6 +164,9 @@ var Actions = map[string]policy.Action{
 	// events handler checks the action on the tenant it names.
 	credentialsv1.CredentialService_StartWialonAuthorization_FullMethodName: policy.CredentialsWrite,
 	credentialsv1.CredentialService_WatchCredentialEvents_FullMethodName:    policy.CredentialsRead,
+
+	// Bulk import (batchput.go): every item belongs to the request's tenant.
+	credentialsv1.CredentialService_BatchPutCredentials_FullMethodName: policy.CredentialsWrite,
 }
 
 // Register adds both gRPC services to g.

@@ -52,14 +52,6 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 				"the policy does not let this caller grant scope "+sc+" on tenant "+req.GetTenantId(), map[string]string{"scope": sc})
 		}
 	}
-	rec, err := s.cfg.Store.GetCredential(ctx, req.GetTenantId(), req.GetCredentialId())
-	if err != nil {
-		return nil, s.toStatus(ctx, "issue session", err)
-	}
-	if rec.ValidationState == store.ValidationRejected {
-		return nil, apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialRejected,
-			"the provider rejected this credential; replace it with PutCredential before issuing sessions", nil)
-	}
 	h, hash, memo, err := s.newHandle(req.GetRequestId() != "")
 	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
@@ -73,8 +65,8 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 	sess := store.Session{
 		HandleHash:   hash,
 		SessionID:    sessionID,
-		TenantID:     rec.TenantID,
-		CredentialID: rec.CredentialID,
+		TenantID:     req.GetTenantId(),
+		CredentialID: req.GetCredentialId(),
 		Scopes:       scopes,
 		CreateTime:   now,
 		ExpireTime:   now.Add(ttl),
@@ -85,7 +77,14 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 		return nil, s.toStatus(ctx, "issue session", err)
 	}
 	idem.Memo = memo
+	// One store call checks that the credential exists and is not
+	// rejected, and registers and writes the session (one Redis round trip
+	// on a single node).
 	res, err := s.cfg.Store.CreateSession(ctx, sess, idem)
+	if errors.Is(err, store.ErrRejected) {
+		return nil, apierr.New(codes.FailedPrecondition, apierr.ReasonCredentialRejected,
+			"the provider rejected this credential; replace it with PutCredential before issuing sessions", nil)
+	}
 	if err != nil {
 		return nil, s.toStatus(ctx, "issue session", err)
 	}
@@ -101,7 +100,7 @@ func (c *sessionServer) IssueSession(ctx context.Context, req *credentialsv1.Iss
 		sess, sessionID = res.Session, res.Session.SessionID
 		authz.SetSubject(ctx, sess.TenantID, sess.CredentialID, sessionID)
 	}
-	s.cfg.Logger.InfoContext(ctx, "session issued", append(logAttrsSession(sessionID, rec.TenantID, rec.CredentialID), "ttl", ttl, "replayed", res.Replayed)...)
+	s.cfg.Logger.InfoContext(ctx, "session issued", append(logAttrsSession(sessionID, sess.TenantID, sess.CredentialID), "ttl", ttl, "replayed", res.Replayed)...)
 	return &credentialsv1.IssueSessionResponse{
 		Handle:     h,
 		SessionId:  sessionID,
@@ -207,7 +206,10 @@ func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.C
 	if err != nil {
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
-	sess, err := s.cfg.Store.GetSession(ctx, checked.Hash)
+	// The session and its credential in one read (one Redis round trip
+	// on a single node): the credential is not used before the session's
+	// binding and the caller's grant are checked.
+	sess, rec, err := s.cfg.Store.GetSessionCredential(ctx, checked.Hash)
 	if errors.Is(err, store.ErrNotFound) {
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
@@ -226,14 +228,10 @@ func (s *Service) resolve(ctx context.Context, h string) (store.Session, store.C
 	if err := s.cfg.Authorizer.Require(ctx, policy.SessionsResolve, sess.TenantID); err != nil {
 		return store.Session{}, store.Credential{}, err
 	}
-	rec, err := s.cfg.Store.GetCredential(ctx, sess.TenantID, sess.CredentialID)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && sess.CreateTime.Before(rec.CreateTime)) {
+	if rec == nil || sess.CreateTime.Before(rec.CreateTime) {
 		return store.Session{}, store.Credential{}, errSessionInvalid
 	}
-	if err != nil {
-		return store.Session{}, store.Credential{}, s.toStatus(ctx, "resolve session", err)
-	}
-	return sess, rec, nil
+	return sess, *rec, nil
 }
 
 // closeLegacyWindow records, once per replica and only if no replica did

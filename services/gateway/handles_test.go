@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -204,4 +205,27 @@ func TestEditedBaseURLSendsNothing(t *testing.T) {
 func codeOf(err error) codes.Code {
 	s, _ := status.FromError(err)
 	return s.Code()
+}
+
+// TestConcurrentLookupsShareOneResolution: calls and streams that present
+// one handle together, when the replica has no fresh resolution of it (its
+// streams revalidating as the cache entry expires), cost one ResolveSession
+// between them, not one each.
+func TestConcurrentLookupsShareOneResolution(t *testing.T) {
+	st := newStack(t, stackOptions{handleCacheTTL: gateway.DefaultHandleCacheTTL})
+	st.putWialon(t, "w")
+	ctx, _ := st.issue(t, "w")
+	before := st.resolves.Load()
+	var wg sync.WaitGroup
+	for range 32 {
+		wg.Go(func() {
+			if _, err := st.gateways[0].ListUnits(ctx, &telematicsv1.ListUnitsRequest{}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if n := st.resolves.Load() - before; n != 1 {
+		t.Fatalf("32 concurrent calls with one new handle cost %d ResolveSession calls, want 1", n)
+	}
 }

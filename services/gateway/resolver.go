@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/peer"
@@ -96,6 +97,8 @@ type resolver struct {
 	invalidRate  rate.Limit
 	invalidBurst int
 
+	flight singleflight.Group // remote resolutions under way, by handle hash
+
 	mu       sync.Mutex
 	entries  map[handle.Hash]resolved
 	negative map[handle.Hash]time.Time // expiry
@@ -145,22 +148,50 @@ func (r *resolver) lookup(ctx context.Context, h string, limited bool) (*session
 	if limited && r.exhausted(peerKey) {
 		return nil, errTooManyInvalid
 	}
-	resp, err := r.resolveRemote(ctx, h)
+	sess, err := r.resolveShared(ctx, checked.Hash, h)
 	if err != nil {
 		if status.Code(err) == codes.Unauthenticated {
-			r.rememberInvalid(checked.Hash, now)
 			return nil, r.invalid(peerKey, limited)
 		}
 		return nil, err
 	}
-	sess := &session{
-		handle: h, sessionID: resp.GetSessionId(), tenantID: resp.GetTenantId(), credentialID: resp.GetCredentialId(),
-		version: resp.GetCredentialVersion(), provider: resp.GetProvider(), scopes: resp.GetScopes(),
-		expireTime: resp.GetExpireTime().AsTime(), baseURL: resp.GetBaseUrl(),
-		generation: resp.GetCredentialGeneration(), account: resp.GetUpstreamAccount(),
-	}
-	r.store(checked.Hash, sess, now)
 	return sess, nil
+}
+
+// resolveShared asks the credentials service once for all concurrent
+// lookups of one handle (the streams of a handle revalidating together as
+// its resolution expires, a burst of calls), each caller waiting within its
+// own context. The call runs detached from the caller that started it, so
+// one leaving does not fail the rest, within resolveTimeout; it caches its
+// answer before the next lookup of the handle can start another.
+func (r *resolver) resolveShared(ctx context.Context, hash handle.Hash, h string) (*session, error) {
+	ch := r.flight.DoChan(string(hash[:]), func() (any, error) {
+		now := r.now()
+		resp, err := r.resolveRemote(context.WithoutCancel(ctx), h)
+		if err != nil {
+			if status.Code(err) == codes.Unauthenticated {
+				r.rememberInvalid(hash, now)
+			}
+			return nil, err
+		}
+		sess := &session{
+			handle: h, sessionID: resp.GetSessionId(), tenantID: resp.GetTenantId(), credentialID: resp.GetCredentialId(),
+			version: resp.GetCredentialVersion(), provider: resp.GetProvider(), scopes: resp.GetScopes(),
+			expireTime: resp.GetExpireTime().AsTime(), baseURL: resp.GetBaseUrl(),
+			generation: resp.GetCredentialGeneration(), account: resp.GetUpstreamAccount(),
+		}
+		r.store(hash, sess, now)
+		return sess, nil
+	})
+	select {
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*session), nil
+	}
 }
 
 // resolveRemote asks the credentials service, within the caller's budget

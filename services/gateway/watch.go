@@ -31,6 +31,12 @@ type hubs struct {
 }
 
 // hub polls one credential for its watchers and fans each result out.
+//
+// It also works out, once for all its watchers, what changed: every poll's
+// positions carry the hub's change number at which each last moved or got
+// a newer fix, so a watcher only remembers the change number it last sent
+// up to, not every position it sent (what kept each open stream's memory
+// in proportion to its units).
 type hub struct {
 	key      string
 	stop     context.CancelFunc
@@ -39,12 +45,29 @@ type hub struct {
 	// last is the newest successful poll, handed to a watcher that joins
 	// between polls so its first message does not wait a whole interval.
 	last *pollResult
+	// seq counts changes; marks is each unit's last position and the seq
+	// at which it changed, as of the last successful poll.
+	seq   uint64
+	marks map[string]mark
+}
+
+// mark is a unit's last position and when (in the hub's changes) it
+// changed.
+type mark struct {
+	pos *telematicsv1.Position
+	seq uint64
 }
 
 // watcher is one WatchPositions stream.
 type watcher struct {
 	sess     *session
 	interval time.Duration
+	// units are the unit ids the stream asked for (nil: all).
+	units map[string]bool
+	// sentSeq is the hub's change number up to which the stream has sent
+	// every change; sentAny whether it sent its first message.
+	sentSeq uint64
+	sentAny bool
 	// updates holds the newest poll result; an older one not yet taken is
 	// replaced, so a slow stream never holds up the poll or the others.
 	updates chan pollResult
@@ -54,8 +77,14 @@ type watcher struct {
 	values context.Context
 }
 
+// pollResult is one poll's answer as its watchers take it: every position,
+// the hub's change number at which each last changed (changed[i] for
+// positions[i]), and the hub's change number after the poll. It is shared
+// by every watcher and never modified.
 type pollResult struct {
 	positions []*telematicsv1.Position
+	changed   []uint64
+	seq       uint64
 	err       error
 }
 
@@ -128,6 +157,7 @@ func (h *hub) broadcast(r pollResult) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if r.err == nil {
+		h.markChanges(&r)
 		h.last = &r
 	}
 	for w := range h.watchers {
@@ -137,6 +167,31 @@ func (h *hub) broadcast(r pollResult) {
 		}
 		w.updates <- r
 	}
+}
+
+// markChanges numbers the positions of r that moved or have a newer fix
+// since the last successful poll, and fills in r's change numbers.
+func (h *hub) markChanges(r *pollResult) {
+	marks := make(map[string]mark, len(r.positions))
+	r.changed = make([]uint64, len(r.positions))
+	for i, p := range r.positions {
+		m, ok := h.marks[p.GetUnitId()]
+		if !ok || !samePosition(m.pos, p) {
+			h.seq++
+			m.seq = h.seq
+		}
+		m.pos = p
+		marks[p.GetUnitId()] = m
+		r.changed[i] = m.seq
+	}
+	h.marks = marks
+	r.seq = h.seq
+}
+
+// samePosition reports whether b has neither moved nor got a newer fix
+// than a.
+func samePosition(a, b *telematicsv1.Position) bool {
+	return a.GetTime().AsTime().Equal(b.GetTime().AsTime()) && a.GetLatitude() == b.GetLatitude() && a.GetLongitude() == b.GetLongitude()
 }
 
 // poll fetches the credential's latest positions every interval until the
@@ -182,6 +237,12 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 	if req.GetMinInterval() != nil {
 		w.interval = max(req.GetMinInterval().AsDuration(), minWatchInterval)
 	}
+	if ids := req.GetUnitIds(); len(ids) > 0 {
+		w.units = make(map[string]bool, len(ids))
+		for _, id := range ids {
+			w.units[id] = true
+		}
+	}
 	h := s.hubs.join(w)
 	defer s.hubs.leave(h, w)
 
@@ -190,8 +251,6 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 	// its unary calls.
 	recheck := time.NewTicker(max(s.cfg.HandleCacheTTL, 500*time.Millisecond))
 	defer recheck.Stop()
-	sent := map[string]*telematicsv1.Position{}
-	first := true
 	for {
 		select {
 		case <-ctx.Done():
@@ -208,11 +267,11 @@ func (s *Service) WatchPositions(req *telematicsv1.WatchPositionsRequest, stream
 				}
 				continue // transient: the next poll may succeed
 			}
-			changed := changedPositions(filterPositions(r.positions, req.GetUnitIds()), sent)
-			if len(changed) == 0 && !first {
+			changed := w.changes(r)
+			if len(changed) == 0 && w.sentAny {
 				continue
 			}
-			first = false
+			w.sentAny = true
 			if err := stream.Send(&telematicsv1.WatchPositionsResponse{Positions: changed}); err != nil {
 				return err
 			}
@@ -230,18 +289,18 @@ func endsWatch(err error) bool {
 	return true
 }
 
-// changedPositions returns the positions that differ from the last ones
-// sent, and records them as sent.
-func changedPositions(positions []*telematicsv1.Position, sent map[string]*telematicsv1.Position) []*telematicsv1.Position {
+// changes returns the positions of r the stream asked for that changed
+// since it last sent (all of them for its first message), and records r as
+// sent.
+func (w *watcher) changes(r pollResult) []*telematicsv1.Position {
 	var out []*telematicsv1.Position
-	for _, p := range positions {
-		prev, ok := sent[p.GetUnitId()]
-		if ok && prev.GetTime().AsTime().Equal(p.GetTime().AsTime()) && prev.GetLatitude() == p.GetLatitude() && prev.GetLongitude() == p.GetLongitude() {
+	for i, p := range r.positions {
+		if (w.sentAny && r.changed[i] <= w.sentSeq) || (w.units != nil && !w.units[p.GetUnitId()]) {
 			continue
 		}
-		sent[p.GetUnitId()] = p
 		out = append(out, p)
 	}
+	w.sentSeq = r.seq
 	return out
 }
 

@@ -52,6 +52,11 @@ func credentialsRPCs(simURL string) []credentialsRPC {
 			_, err := creds(c).PutCredential(ctx, WialonPut(TenantAcme, CredWialon, attackerToken, simURL))
 			return err
 		}},
+		{credentialsv1.CredentialService_BatchPutCredentials_FullMethodName, func(ctx context.Context, c *grpc.ClientConn, _ string) error {
+			_, err := creds(c).BatchPutCredentials(ctx, &credentialsv1.BatchPutCredentialsRequest{TenantId: TenantAcme, Items: []*credentialsv1.BatchPutItem{
+				{CredentialId: CredWialon, Secret: &credentialsv1.BatchPutItem_Wialon{Wialon: &credentialsv1.WialonSecret{Token: attackerToken, BaseUrl: simURL}}}}})
+			return err
+		}},
 		{credentialsv1.CredentialService_GetCredential_FullMethodName, func(ctx context.Context, c *grpc.ClientConn, _ string) error {
 			_, err := creds(c).GetCredential(ctx, &credentialsv1.GetCredentialRequest{TenantId: TenantAcme, CredentialId: CredWialon})
 			return err

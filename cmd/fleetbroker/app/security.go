@@ -159,7 +159,7 @@ func openAudit(path string, logger *slog.Logger) (*audit.Logger, error) {
 		logger.Warn("audit trail on stderr (--audit-log=-): records are written before each call runs, but not synced; a crash can lose the last ones. Use a file on a persistent volume where the trail must be durable")
 		return audit.New(os.Stderr), nil
 	}
-	l, err := audit.Open(path)
+	l, err := audit.Open(path, audit.WithErrorLog(logger))
 	if err != nil {
 		return nil, fmt.Errorf("--audit-log: %w", err)
 	}

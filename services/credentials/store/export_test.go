@@ -4,6 +4,7 @@ package store
 // that watch the commands the store sends.
 var DurableScriptHashes = map[string]string{
 	putScript.Hash():       "put",
+	putBatchScript.Hash():  "put batch",
 	deleteScript.Hash():    "delete",
 	casFieldsScript.Hash(): "cas",
 }

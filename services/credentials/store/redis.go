@@ -30,6 +30,13 @@ type RedisOptions struct {
 	// not acknowledge in time is reported as ErrUnavailable. It is applied
 	// all the same: retry it with the same request id.
 	WaitTimeout time.Duration
+	// OneSlotPerCall keeps every script and multi-key command within one
+	// hash slot, as on a Cluster, even through a single-node client. Off,
+	// a single node (or Sentinel's master) takes one script for what a
+	// Cluster needs two round trips for (CreateSession,
+	// GetSessionCredential). For a proxy that shards keys behind one
+	// address, and for the test that checks every command's slots.
+	OneSlotPerCall bool
 }
 
 // Redis is the Store on Redis: single node, Sentinel or Cluster.
@@ -43,6 +50,10 @@ type Redis struct {
 	prefix       string
 	waitReplicas int
 	waitTimeout  time.Duration
+	// oneNode: every key is on one Redis (a single node or Sentinel's
+	// master, and not OneSlotPerCall), so one script may touch keys of
+	// several slots.
+	oneNode bool
 }
 
 var _ Store = (*Redis)(nil)
@@ -61,7 +72,9 @@ func NewRedis(client redis.UniversalClient, opts RedisOptions) *Redis {
 	if wait <= 0 {
 		wait = time.Second
 	}
-	return &Redis{client: client, prefix: prefix, waitReplicas: max(opts.WaitReplicas, 0), waitTimeout: wait}
+	_, oneNode := client.(*redis.Client)
+	return &Redis{client: client, prefix: prefix, waitReplicas: max(opts.WaitReplicas, 0), waitTimeout: wait,
+		oneNode: oneNode && !opts.OneSlotPerCall}
 }
 
 // CountReplicas returns how many replicas the topology behind client has:

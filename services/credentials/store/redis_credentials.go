@@ -16,17 +16,35 @@ import (
 // PutCredential implements Store. A zero CreateTime or UpdateTime is set
 // to the current time; an empty Generation gets a fresh random one.
 func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error) {
-	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
+	keys, args, err := r.putCall(c, opts)
+	if err != nil {
 		return PutResult{}, err
+	}
+	var reply []any
+	err = r.durable(ctx, keys[0], func(cl redis.Cmdable) error {
+		var err error
+		reply, err = putScript.Run(ctx, cl, keys, args...).Slice()
+		return mapErr(err)
+	})
+	if err != nil {
+		return PutResult{}, err
+	}
+	return putResult(reply, args)
+}
+
+// putCall is putScript's keys and arguments for putting c.
+func (r *Redis) putCall(c Credential, opts PutOptions) ([]string, []any, error) {
+	if err := checkIDs(c.TenantID, c.CredentialID); err != nil {
+		return nil, nil, err
 	}
 	reqKey, window, err := r.requestKey(c.TenantID, "put", opts.Request.ID)
 	if err != nil {
-		return PutResult{}, err
+		return nil, nil, err
 	}
 	if c.Generation == "" {
 		gen, err := NewGeneration()
 		if err != nil {
-			return PutResult{}, err
+			return nil, nil, err
 		}
 		c.Generation = gen
 	}
@@ -39,7 +57,7 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 	}
 	labels, err := encodeLabels(c.Labels)
 	if err != nil {
-		return PutResult{}, err
+		return nil, nil, err
 	}
 	expected := ""
 	if opts.ExpectedVersion != nil {
@@ -66,34 +84,50 @@ func (r *Redis) PutCredential(ctx context.Context, c Credential, opts PutOptions
 		State: c.ValidationState, Message: c.ValidationMessage,
 		UpstreamUser: c.UpstreamUser, Time: c.ValidateTime,
 	})...)
-	keys := []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}
-	var reply []any
-	err = r.durable(ctx, keys[0], func(cl redis.Cmdable) error {
-		var err error
-		reply, err = putScript.Run(ctx, cl, keys, args...).Slice()
-		return mapErr(err)
-	})
+	return []string{r.credKey(c.TenantID, c.CredentialID), r.indexKey(c.TenantID), reqKey}, args, nil
+}
+
+// putResult reads putScript's reply to a call with args: on a write, the
+// stored record is the fields args set, with the version and create time
+// the script chose.
+func putResult(reply []any, args []any) (PutResult, error) {
+	status, rest, err := splitReply(reply)
 	if err != nil {
 		return PutResult{}, err
 	}
-	status, pairs, err := splitReply(reply)
-	if err != nil {
-		return PutResult{}, err
-	}
-	if status == statusConflict {
+	var fields map[string]string
+	switch status {
+	case statusConflict:
 		return PutResult{}, ErrVersionConflict
+	case statusScriptError:
+		return PutResult{}, fmt.Errorf("store: redis: %s", strings.Join(rest, " "))
+	case statusReplay:
+		if fields, err = pairsToMap(rest); err != nil {
+			return PutResult{}, err
+		}
+	case statusOK, statusNotFound: // created, replaced
+		if len(rest) != 2 {
+			return PutResult{}, fmt.Errorf("store: put reply has %d values, want 2", len(rest))
+		}
+		fields = make(map[string]string, len(args)/2+2)
+		for i := putFieldsFrom; i+1 < len(args); i += 2 {
+			fields[args[i].(string)] = fmt.Sprint(args[i+1])
+		}
+		fields[fVersion], fields[fCreateTime] = rest[0], rest[1]
+	default:
+		return PutResult{}, fmt.Errorf("store: unexpected script status %d", status)
 	}
-	fields, err := pairsToMap(pairs)
-	if err != nil {
-		return PutResult{}, err
-	}
-	res := PutResult{Created: status == 1}
+	res := PutResult{Created: status == statusOK}
 	if status == statusReplay {
 		res.Replayed, res.RequestHash, res.Created = true, fields[rRequest], fields[rCreated] == "1"
 	}
 	res.Credential, err = parseCredential(fields)
 	return res, err
 }
+
+// putFieldsFrom is where putScript's field/value pairs start in its
+// arguments (ARGV[6], 0-based 5).
+const putFieldsFrom = 5
 
 // GetCredential implements Store.
 func (r *Redis) GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error) {

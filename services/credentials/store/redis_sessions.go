@@ -13,11 +13,15 @@ import (
 
 // CreateSession implements Store.
 //
-// The session is registered with its credential (tenant slot) before its
-// own key is written (another slot): a failure in between leaves only a set
-// member without a key, which is harmless. A DeleteCredential running in
-// between can miss the new key; the service's check that the credential
-// still exists, and predates the session, covers that window.
+// On a single Redis (and Sentinel's master) one script does it all, in one
+// round trip: it checks the credential, registers the session with it and
+// writes the session key, atomically. On a Cluster the session key lives
+// in another slot than its credential, so the script registers the
+// session (tenant slot) and the key is written after it (another slot), in
+// a second round trip: a failure in between leaves only a set member
+// without a key, which is harmless. A DeleteCredential running in between
+// can miss the new key; the service's check that the credential still
+// exists, and predates the session, covers that window.
 //
 // A replayed request writes the first session's key again if it is still
 // listed with its credential (the first run may have stopped before
@@ -33,19 +37,24 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 	}
 	now := time.Now()
 	member := hex.EncodeToString(s.HandleHash[:])
+	key := r.sessionKey(s.HandleHash)
+	ttl := ceilMillis(s.ExpireTime.Sub(now))
 	keys := []string{r.credKey(s.TenantID, s.CredentialID), r.sessionSetKey(s.TenantID, s.CredentialID)}
-	args := []any{member, s.ExpireTime.UnixMilli(), now.UnixMilli()}
-	script := addSessionScript
+	args := []any{member, s.ExpireTime.UnixMilli(), now.UnixMilli(), req.Hash, 0, string(rec), req.Memo, "0", "0", ttl.Milliseconds()}
 	if req.ID != "" {
 		reqKey, window, err := r.requestKey(s.TenantID, "issue", req.ID)
 		if err != nil {
 			return SessionResult{}, err
 		}
 		keys = append(keys, reqKey)
-		args = append(args, req.Hash, window.Milliseconds(), string(rec), req.Memo)
-		script = issueScript
+		args[4], args[7] = window.Milliseconds(), "1"
 	}
-	reply, err := script.Run(ctx, r.client, keys, args...).Slice()
+	oneTrip := r.oneNode
+	if oneTrip {
+		keys = append(keys, key)
+		args[8] = "1"
+	}
+	reply, err := issueScript.Run(ctx, r.client, keys, args...).Slice()
 	if err != nil {
 		return SessionResult{}, mapErr(err)
 	}
@@ -57,7 +66,12 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 	switch status {
 	case statusNotFound:
 		return SessionResult{}, ErrNotFound
+	case statusRejected:
+		return SessionResult{}, ErrRejected
 	case statusOK:
+		if oneTrip {
+			return res, nil
+		}
 	case statusReplay:
 		first, err := pairsToMap(rest)
 		if err != nil {
@@ -73,11 +87,10 @@ func (r *Redis) CreateSession(ctx context.Context, s Session, req Request) (Sess
 		if first[rLive] != "1" {
 			return res, nil
 		}
+		key, ttl = r.sessionKey(res.Session.HandleHash), ceilMillis(res.Session.ExpireTime.Sub(now))
 	default:
 		return SessionResult{}, fmt.Errorf("store: unexpected script status %d", status)
 	}
-	ttl := ceilMillis(res.Session.ExpireTime.Sub(now))
-	key := r.sessionKey(res.Session.HandleHash)
 	if res.Replayed {
 		err = r.client.SetNX(ctx, key, rec, ttl).Err()
 	} else {
@@ -105,6 +118,67 @@ func (r *Redis) GetSession(ctx context.Context, handleHash [32]byte) (Session, e
 		return Session{}, mapErr(err)
 	}
 	return r.liveSession(raw)
+}
+
+// GetSessionCredential implements Store: in one round trip on a single
+// Redis (resolveScript), in two on a Cluster.
+func (r *Redis) GetSessionCredential(ctx context.Context, handleHash [32]byte) (Session, *Credential, error) {
+	if !r.oneNode {
+		s, err := r.GetSession(ctx, handleHash)
+		if err != nil {
+			return Session{}, nil, err
+		}
+		return r.sessionCredential(ctx, s)
+	}
+	reply, err := resolveScript.Run(ctx, r.client, []string{r.sessionKey(handleHash)}, r.prefix).Slice()
+	if err != nil {
+		return Session{}, nil, mapErr(err)
+	}
+	if len(reply) == 0 {
+		return Session{}, nil, ErrNotFound
+	}
+	followed, parts, err := splitReply(reply[1:])
+	if err != nil {
+		return Session{}, nil, err
+	}
+	raw, ok := reply[0].(string)
+	if !ok {
+		return Session{}, nil, fmt.Errorf("store: script reply element is %T, not a string", reply[0])
+	}
+	s, err := r.liveSession([]byte(raw))
+	if err != nil {
+		return Session{}, nil, err
+	}
+	if followed != 1 {
+		// The script could not follow the record (it does not decode as
+		// the script expects, or names ids the store refuses).
+		return r.sessionCredential(ctx, s)
+	}
+	if len(parts) == 0 {
+		return s, nil, nil
+	}
+	fields, err := pairsToMap(parts)
+	if err != nil {
+		return Session{}, nil, err
+	}
+	c, err := parseCredential(fields)
+	if err != nil {
+		return Session{}, nil, err
+	}
+	return s, &c, nil
+}
+
+// sessionCredential reads the credential a live session names: nil if it
+// is gone.
+func (r *Redis) sessionCredential(ctx context.Context, s Session) (Session, *Credential, error) {
+	c, err := r.GetCredential(ctx, s.TenantID, s.CredentialID)
+	if errors.Is(err, ErrNotFound) {
+		return s, nil, nil
+	}
+	if err != nil {
+		return Session{}, nil, err
+	}
+	return s, &c, nil
 }
 
 // DeleteSession implements Store. The session leaves its credential's set

@@ -149,6 +149,22 @@ type PutResult struct {
 	Created    bool
 }
 
+// PutItem is one credential of PutCredentials.
+type PutItem struct {
+	Credential Credential
+	Options    PutOptions
+}
+
+// PutItemResult is one item's outcome in PutCredentials: its PutResult, or
+// Err (ErrVersionConflict, ErrInvalidArgument, ErrUnavailable...) if it
+// was not written. An item the replicas did not acknowledge in time is
+// written, and has an Err wrapping ErrUnavailable: retry it with the same
+// request id.
+type PutItemResult struct {
+	PutResult
+	Err error
+}
+
 // DeleteResult is how many live sessions a DeleteCredential revoked.
 type DeleteResult struct {
 	Replay
@@ -176,6 +192,8 @@ var (
 	ErrNotFound = errors.New("store: not found")
 	// ErrVersionConflict: the credential changed since it was read.
 	ErrVersionConflict = errors.New("store: version conflict")
+	// ErrRejected: the credential's provider rejected it (CreateSession).
+	ErrRejected = errors.New("store: credential rejected by its provider")
 	// ErrInvalidArgument: an id the store cannot key safely (empty, or with
 	// ':', '{' or '}'), a page size ≤ 0, or a page token it did not make.
 	// The service validates ids first, so outside of page tokens this
@@ -194,6 +212,10 @@ type Store interface {
 	// record and whether it was created; a replay returns the first
 	// result, whose Credential has no Ciphertext.
 	PutCredential(ctx context.Context, c Credential, opts PutOptions) (PutResult, error)
+	// PutCredentials puts many credentials, sharing round trips: each item
+	// as PutCredential would, atomically by itself, with its own result
+	// (and nothing of an item that failed written).
+	PutCredentials(ctx context.Context, items []PutItem) []PutItemResult
 	GetCredential(ctx context.Context, tenantID, credentialID string) (Credential, error)
 	// ListCredentials pages through a tenant's credentials ordered by id.
 	// pageToken is opaque ("" for the first page); the returned token is ""
@@ -219,11 +241,17 @@ type Store interface {
 
 	// CreateSession stores s with a TTL until s.ExpireTime and adds it to
 	// its credential's session set; ErrNotFound if the credential does not
-	// exist. Only a request with an ID is remembered (a session write is
-	// idempotent by itself); its replay returns the first session and memo.
+	// exist, ErrRejected if its provider rejected it (its validation state
+	// is ValidationRejected). Only a request with an ID is remembered (a
+	// session write is idempotent by itself); its replay returns the first
+	// session and memo.
 	CreateSession(ctx context.Context, s Session, req Request) (SessionResult, error)
 	// GetSession returns the live session stored under handleHash.
 	GetSession(ctx context.Context, handleHash [32]byte) (Session, error)
+	// GetSessionCredential returns the live session stored under
+	// handleHash and the credential it names, read together (ErrNotFound
+	// if there is no live session; a nil credential if it is gone).
+	GetSessionCredential(ctx context.Context, handleHash [32]byte) (Session, *Credential, error)
 	// DeleteSession revokes the session stored under handleHash.
 	DeleteSession(ctx context.Context, handleHash [32]byte) (Session, error)
 }

@@ -763,6 +763,393 @@ func (x *PutCredentialResponse) GetCreated() bool {
 	return false
 }
 
+type BatchPutCredentialsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tenant every item belongs to.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The credentials to store: 1 to 1,000, each credential id once.
+	Items []*BatchPutItem `protobuf:"bytes,2,rep,name=items,proto3" json:"items,omitempty"`
+	// Store every item without asking the provider; validation_state is
+	// NOT_VALIDATED. Without it each secret is checked first, within the
+	// provider's login limits (Wialon: 120 logins a minute per egress
+	// address): items not checked within the call's deadline fail with
+	// RESOURCE_EXHAUSTED and store nothing.
+	SkipValidation bool `protobuf:"varint,3,opt,name=skip_validation,json=skipValidation,proto3" json:"skip_validation,omitempty"`
+	// Makes the call idempotent (AIP-155), item by item: a retry with the same
+	// request_id within 15 minutes returns the stored items' first results
+	// without storing them again, and tries the items that failed again.
+	// Reusing it for a different item is INVALID_ARGUMENT for that item.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchPutCredentialsRequest) Reset() {
+	*x = BatchPutCredentialsRequest{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchPutCredentialsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchPutCredentialsRequest) ProtoMessage() {}
+
+func (x *BatchPutCredentialsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchPutCredentialsRequest.ProtoReflect.Descriptor instead.
+func (*BatchPutCredentialsRequest) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *BatchPutCredentialsRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *BatchPutCredentialsRequest) GetItems() []*BatchPutItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+func (x *BatchPutCredentialsRequest) GetSkipValidation() bool {
+	if x != nil {
+		return x.SkipValidation
+	}
+	return false
+}
+
+func (x *BatchPutCredentialsRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// BatchPutItem is one credential of a BatchPutCredentialsRequest: the
+// fields of a PutCredentialRequest that differ per credential. Its secret
+// cases are PutCredentialRequest's, by the same names.
+type BatchPutItem struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	CredentialId string                 `protobuf:"bytes,1,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	// Types that are valid to be assigned to Secret:
+	//
+	//	*BatchPutItem_Wialon
+	//	*BatchPutItem_Fleetup
+	Secret isBatchPutItem_Secret `protobuf_oneof:"secret"`
+	Labels map[string]string     `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// As PutCredentialRequest.expected_version.
+	ExpectedVersion *int64 `protobuf:"varint,5,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *BatchPutItem) Reset() {
+	*x = BatchPutItem{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchPutItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchPutItem) ProtoMessage() {}
+
+func (x *BatchPutItem) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchPutItem.ProtoReflect.Descriptor instead.
+func (*BatchPutItem) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *BatchPutItem) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *BatchPutItem) GetSecret() isBatchPutItem_Secret {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+func (x *BatchPutItem) GetWialon() *WialonSecret {
+	if x != nil {
+		if x, ok := x.Secret.(*BatchPutItem_Wialon); ok {
+			return x.Wialon
+		}
+	}
+	return nil
+}
+
+func (x *BatchPutItem) GetFleetup() *FleetUpSecret {
+	if x != nil {
+		if x, ok := x.Secret.(*BatchPutItem_Fleetup); ok {
+			return x.Fleetup
+		}
+	}
+	return nil
+}
+
+func (x *BatchPutItem) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *BatchPutItem) GetExpectedVersion() int64 {
+	if x != nil && x.ExpectedVersion != nil {
+		return *x.ExpectedVersion
+	}
+	return 0
+}
+
+type isBatchPutItem_Secret interface {
+	isBatchPutItem_Secret()
+}
+
+type BatchPutItem_Wialon struct {
+	Wialon *WialonSecret `protobuf:"bytes,2,opt,name=wialon,proto3,oneof"`
+}
+
+type BatchPutItem_Fleetup struct {
+	Fleetup *FleetUpSecret `protobuf:"bytes,3,opt,name=fleetup,proto3,oneof"`
+}
+
+func (*BatchPutItem_Wialon) isBatchPutItem_Secret() {}
+
+func (*BatchPutItem_Fleetup) isBatchPutItem_Secret() {}
+
+type BatchPutCredentialsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per item, in request order.
+	Results       []*BatchPutResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchPutCredentialsResponse) Reset() {
+	*x = BatchPutCredentialsResponse{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchPutCredentialsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchPutCredentialsResponse) ProtoMessage() {}
+
+func (x *BatchPutCredentialsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchPutCredentialsResponse.ProtoReflect.Descriptor instead.
+func (*BatchPutCredentialsResponse) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *BatchPutCredentialsResponse) GetResults() []*BatchPutResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// BatchPutResult is one item's outcome: credential (and created) when it was
+// stored, error when it was not.
+type BatchPutResult struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	CredentialId string                 `protobuf:"bytes,1,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	Credential   *Credential            `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"`
+	// True when the credential did not exist before.
+	Created       bool       `protobuf:"varint,3,opt,name=created,proto3" json:"created,omitempty"`
+	Error         *ItemError `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchPutResult) Reset() {
+	*x = BatchPutResult{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchPutResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchPutResult) ProtoMessage() {}
+
+func (x *BatchPutResult) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchPutResult.ProtoReflect.Descriptor instead.
+func (*BatchPutResult) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *BatchPutResult) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *BatchPutResult) GetCredential() *Credential {
+	if x != nil {
+		return x.Credential
+	}
+	return nil
+}
+
+func (x *BatchPutResult) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
+func (x *BatchPutResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// ItemError is why one item of a batch was not stored: what PutCredential
+// would have answered for it.
+type ItemError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gRPC status code (google.rpc.Code), e.g. 9 FAILED_PRECONDITION.
+	Code int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	// The stable reason (as in ErrorInfo), e.g. CREDENTIAL_REJECTED.
+	Reason  string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Message string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// The request field at fault, for INVALID_ARGUMENT: items[<i>].<field>.
+	Field string `protobuf:"bytes,4,opt,name=field,proto3" json:"field,omitempty"`
+	// How long to wait before sending the item again, where waiting helps.
+	RetryAfter    *durationpb.Duration `protobuf:"bytes,5,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ItemError) Reset() {
+	*x = ItemError{}
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ItemError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ItemError) ProtoMessage() {}
+
+func (x *ItemError) ProtoReflect() protoreflect.Message {
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
+func (*ItemError) Descriptor() ([]byte, []int) {
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ItemError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *ItemError) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ItemError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ItemError) GetField() string {
+	if x != nil {
+		return x.Field
+	}
+	return ""
+}
+
+func (x *ItemError) GetRetryAfter() *durationpb.Duration {
+	if x != nil {
+		return x.RetryAfter
+	}
+	return nil
+}
+
 type GetCredentialRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TenantId      string                 `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
@@ -773,7 +1160,7 @@ type GetCredentialRequest struct {
 
 func (x *GetCredentialRequest) Reset() {
 	*x = GetCredentialRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[5]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -785,7 +1172,7 @@ func (x *GetCredentialRequest) String() string {
 func (*GetCredentialRequest) ProtoMessage() {}
 
 func (x *GetCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[5]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -798,7 +1185,7 @@ func (x *GetCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCredentialRequest.ProtoReflect.Descriptor instead.
 func (*GetCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{5}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetCredentialRequest) GetTenantId() string {
@@ -824,7 +1211,7 @@ type GetCredentialResponse struct {
 
 func (x *GetCredentialResponse) Reset() {
 	*x = GetCredentialResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[6]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -836,7 +1223,7 @@ func (x *GetCredentialResponse) String() string {
 func (*GetCredentialResponse) ProtoMessage() {}
 
 func (x *GetCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[6]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -849,7 +1236,7 @@ func (x *GetCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCredentialResponse.ProtoReflect.Descriptor instead.
 func (*GetCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{6}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetCredentialResponse) GetCredential() *Credential {
@@ -872,7 +1259,7 @@ type ListCredentialsRequest struct {
 
 func (x *ListCredentialsRequest) Reset() {
 	*x = ListCredentialsRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[7]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +1271,7 @@ func (x *ListCredentialsRequest) String() string {
 func (*ListCredentialsRequest) ProtoMessage() {}
 
 func (x *ListCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[7]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +1284,7 @@ func (x *ListCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*ListCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{7}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListCredentialsRequest) GetTenantId() string {
@@ -932,7 +1319,7 @@ type ListCredentialsResponse struct {
 
 func (x *ListCredentialsResponse) Reset() {
 	*x = ListCredentialsResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[8]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +1331,7 @@ func (x *ListCredentialsResponse) String() string {
 func (*ListCredentialsResponse) ProtoMessage() {}
 
 func (x *ListCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[8]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +1344,7 @@ func (x *ListCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*ListCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{8}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListCredentialsResponse) GetCredentials() []*Credential {
@@ -987,7 +1374,7 @@ type DeleteCredentialRequest struct {
 
 func (x *DeleteCredentialRequest) Reset() {
 	*x = DeleteCredentialRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[9]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1386,7 @@ func (x *DeleteCredentialRequest) String() string {
 func (*DeleteCredentialRequest) ProtoMessage() {}
 
 func (x *DeleteCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[9]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1399,7 @@ func (x *DeleteCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialRequest.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{9}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteCredentialRequest) GetTenantId() string {
@@ -1046,7 +1433,7 @@ type DeleteCredentialResponse struct {
 
 func (x *DeleteCredentialResponse) Reset() {
 	*x = DeleteCredentialResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[10]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1058,7 +1445,7 @@ func (x *DeleteCredentialResponse) String() string {
 func (*DeleteCredentialResponse) ProtoMessage() {}
 
 func (x *DeleteCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[10]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1071,7 +1458,7 @@ func (x *DeleteCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialResponse.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{10}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteCredentialResponse) GetRevokedSessions() int64 {
@@ -1091,7 +1478,7 @@ type ValidateCredentialRequest struct {
 
 func (x *ValidateCredentialRequest) Reset() {
 	*x = ValidateCredentialRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[11]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1490,7 @@ func (x *ValidateCredentialRequest) String() string {
 func (*ValidateCredentialRequest) ProtoMessage() {}
 
 func (x *ValidateCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[11]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1503,7 @@ func (x *ValidateCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateCredentialRequest.ProtoReflect.Descriptor instead.
 func (*ValidateCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{11}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ValidateCredentialRequest) GetTenantId() string {
@@ -1144,7 +1531,7 @@ type ValidateCredentialResponse struct {
 
 func (x *ValidateCredentialResponse) Reset() {
 	*x = ValidateCredentialResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[12]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1543,7 @@ func (x *ValidateCredentialResponse) String() string {
 func (*ValidateCredentialResponse) ProtoMessage() {}
 
 func (x *ValidateCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[12]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1556,7 @@ func (x *ValidateCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ValidateCredentialResponse.ProtoReflect.Descriptor instead.
 func (*ValidateCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{12}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ValidateCredentialResponse) GetCredential() *Credential {
@@ -1198,7 +1585,7 @@ type IssueSessionRequest struct {
 
 func (x *IssueSessionRequest) Reset() {
 	*x = IssueSessionRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[13]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1210,7 +1597,7 @@ func (x *IssueSessionRequest) String() string {
 func (*IssueSessionRequest) ProtoMessage() {}
 
 func (x *IssueSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[13]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1223,7 +1610,7 @@ func (x *IssueSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueSessionRequest.ProtoReflect.Descriptor instead.
 func (*IssueSessionRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{13}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *IssueSessionRequest) GetTenantId() string {
@@ -1276,7 +1663,7 @@ type IssueSessionResponse struct {
 
 func (x *IssueSessionResponse) Reset() {
 	*x = IssueSessionResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[14]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1288,7 +1675,7 @@ func (x *IssueSessionResponse) String() string {
 func (*IssueSessionResponse) ProtoMessage() {}
 
 func (x *IssueSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[14]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1301,7 +1688,7 @@ func (x *IssueSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueSessionResponse.ProtoReflect.Descriptor instead.
 func (*IssueSessionResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{14}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *IssueSessionResponse) GetHandle() string {
@@ -1341,7 +1728,7 @@ type RevokeSessionRequest struct {
 
 func (x *RevokeSessionRequest) Reset() {
 	*x = RevokeSessionRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[15]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1740,7 @@ func (x *RevokeSessionRequest) String() string {
 func (*RevokeSessionRequest) ProtoMessage() {}
 
 func (x *RevokeSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[15]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1753,7 @@ func (x *RevokeSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeSessionRequest.ProtoReflect.Descriptor instead.
 func (*RevokeSessionRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{15}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RevokeSessionRequest) GetHandle() string {
@@ -1385,7 +1772,7 @@ type RevokeSessionResponse struct {
 
 func (x *RevokeSessionResponse) Reset() {
 	*x = RevokeSessionResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[16]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1397,7 +1784,7 @@ func (x *RevokeSessionResponse) String() string {
 func (*RevokeSessionResponse) ProtoMessage() {}
 
 func (x *RevokeSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[16]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1410,7 +1797,7 @@ func (x *RevokeSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeSessionResponse.ProtoReflect.Descriptor instead.
 func (*RevokeSessionResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{16}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RevokeSessionResponse) GetSessionId() string {
@@ -1429,7 +1816,7 @@ type ResolveSessionRequest struct {
 
 func (x *ResolveSessionRequest) Reset() {
 	*x = ResolveSessionRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[17]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1441,7 +1828,7 @@ func (x *ResolveSessionRequest) String() string {
 func (*ResolveSessionRequest) ProtoMessage() {}
 
 func (x *ResolveSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[17]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1454,7 +1841,7 @@ func (x *ResolveSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveSessionRequest.ProtoReflect.Descriptor instead.
 func (*ResolveSessionRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{17}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ResolveSessionRequest) GetHandle() string {
@@ -1492,7 +1879,7 @@ type ResolveSessionResponse struct {
 
 func (x *ResolveSessionResponse) Reset() {
 	*x = ResolveSessionResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[18]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1891,7 @@ func (x *ResolveSessionResponse) String() string {
 func (*ResolveSessionResponse) ProtoMessage() {}
 
 func (x *ResolveSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[18]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1904,7 @@ func (x *ResolveSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveSessionResponse.ProtoReflect.Descriptor instead.
 func (*ResolveSessionResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{18}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ResolveSessionResponse) GetSessionId() string {
@@ -1602,7 +1989,7 @@ type ResolveSecretRequest struct {
 
 func (x *ResolveSecretRequest) Reset() {
 	*x = ResolveSecretRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[19]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1614,7 +2001,7 @@ func (x *ResolveSecretRequest) String() string {
 func (*ResolveSecretRequest) ProtoMessage() {}
 
 func (x *ResolveSecretRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[19]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1627,7 +2014,7 @@ func (x *ResolveSecretRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveSecretRequest.ProtoReflect.Descriptor instead.
 func (*ResolveSecretRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{19}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ResolveSecretRequest) GetHandle() string {
@@ -1656,7 +2043,7 @@ type ResolveSecretResponse struct {
 
 func (x *ResolveSecretResponse) Reset() {
 	*x = ResolveSecretResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[20]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +2055,7 @@ func (x *ResolveSecretResponse) String() string {
 func (*ResolveSecretResponse) ProtoMessage() {}
 
 func (x *ResolveSecretResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[20]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +2068,7 @@ func (x *ResolveSecretResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveSecretResponse.ProtoReflect.Descriptor instead.
 func (*ResolveSecretResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{20}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ResolveSecretResponse) GetSessionId() string {
@@ -1752,7 +2139,7 @@ type ReportRejectionRequest struct {
 
 func (x *ReportRejectionRequest) Reset() {
 	*x = ReportRejectionRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[21]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1764,7 +2151,7 @@ func (x *ReportRejectionRequest) String() string {
 func (*ReportRejectionRequest) ProtoMessage() {}
 
 func (x *ReportRejectionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[21]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1777,7 +2164,7 @@ func (x *ReportRejectionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRejectionRequest.ProtoReflect.Descriptor instead.
 func (*ReportRejectionRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{21}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReportRejectionRequest) GetHandle() string {
@@ -1809,7 +2196,7 @@ type ReportRejectionResponse struct {
 
 func (x *ReportRejectionResponse) Reset() {
 	*x = ReportRejectionResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[22]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +2208,7 @@ func (x *ReportRejectionResponse) String() string {
 func (*ReportRejectionResponse) ProtoMessage() {}
 
 func (x *ReportRejectionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[22]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +2221,7 @@ func (x *ReportRejectionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRejectionResponse.ProtoReflect.Descriptor instead.
 func (*ReportRejectionResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{22}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{27}
 }
 
 type MintUpstreamSessionRequest struct {
@@ -1850,7 +2237,7 @@ type MintUpstreamSessionRequest struct {
 
 func (x *MintUpstreamSessionRequest) Reset() {
 	*x = MintUpstreamSessionRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1862,7 +2249,7 @@ func (x *MintUpstreamSessionRequest) String() string {
 func (*MintUpstreamSessionRequest) ProtoMessage() {}
 
 func (x *MintUpstreamSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[23]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1875,7 +2262,7 @@ func (x *MintUpstreamSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintUpstreamSessionRequest.ProtoReflect.Descriptor instead.
 func (*MintUpstreamSessionRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{23}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *MintUpstreamSessionRequest) GetHandle() string {
@@ -1913,7 +2300,7 @@ type MintUpstreamSessionResponse struct {
 
 func (x *MintUpstreamSessionResponse) Reset() {
 	*x = MintUpstreamSessionResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1925,7 +2312,7 @@ func (x *MintUpstreamSessionResponse) String() string {
 func (*MintUpstreamSessionResponse) ProtoMessage() {}
 
 func (x *MintUpstreamSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[24]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1938,7 +2325,7 @@ func (x *MintUpstreamSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintUpstreamSessionResponse.ProtoReflect.Descriptor instead.
 func (*MintUpstreamSessionResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{24}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *MintUpstreamSessionResponse) GetSessionId() string {
@@ -1996,7 +2383,7 @@ type WialonUpstreamSession struct {
 
 func (x *WialonUpstreamSession) Reset() {
 	*x = WialonUpstreamSession{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2008,7 +2395,7 @@ func (x *WialonUpstreamSession) String() string {
 func (*WialonUpstreamSession) ProtoMessage() {}
 
 func (x *WialonUpstreamSession) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2021,7 +2408,7 @@ func (x *WialonUpstreamSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WialonUpstreamSession.ProtoReflect.Descriptor instead.
 func (*WialonUpstreamSession) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{25}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WialonUpstreamSession) GetEid() string {
@@ -2055,7 +2442,7 @@ type FleetUpUpstreamSession struct {
 
 func (x *FleetUpUpstreamSession) Reset() {
 	*x = FleetUpUpstreamSession{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2067,7 +2454,7 @@ func (x *FleetUpUpstreamSession) String() string {
 func (*FleetUpUpstreamSession) ProtoMessage() {}
 
 func (x *FleetUpUpstreamSession) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[26]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2080,7 +2467,7 @@ func (x *FleetUpUpstreamSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FleetUpUpstreamSession.ProtoReflect.Descriptor instead.
 func (*FleetUpUpstreamSession) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{26}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FleetUpUpstreamSession) GetJwt() string {
@@ -2115,7 +2502,7 @@ type ListRetiredGenerationsRequest struct {
 
 func (x *ListRetiredGenerationsRequest) Reset() {
 	*x = ListRetiredGenerationsRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2514,7 @@ func (x *ListRetiredGenerationsRequest) String() string {
 func (*ListRetiredGenerationsRequest) ProtoMessage() {}
 
 func (x *ListRetiredGenerationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[27]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2140,7 +2527,7 @@ func (x *ListRetiredGenerationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRetiredGenerationsRequest.ProtoReflect.Descriptor instead.
 func (*ListRetiredGenerationsRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{27}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListRetiredGenerationsRequest) GetTenantId() string {
@@ -2168,7 +2555,7 @@ type CredentialGeneration struct {
 
 func (x *CredentialGeneration) Reset() {
 	*x = CredentialGeneration{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2567,7 @@ func (x *CredentialGeneration) String() string {
 func (*CredentialGeneration) ProtoMessage() {}
 
 func (x *CredentialGeneration) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[28]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2580,7 @@ func (x *CredentialGeneration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialGeneration.ProtoReflect.Descriptor instead.
 func (*CredentialGeneration) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{28}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CredentialGeneration) GetCredentialId() string {
@@ -2221,7 +2608,7 @@ type ListRetiredGenerationsResponse struct {
 
 func (x *ListRetiredGenerationsResponse) Reset() {
 	*x = ListRetiredGenerationsResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2233,7 +2620,7 @@ func (x *ListRetiredGenerationsResponse) String() string {
 func (*ListRetiredGenerationsResponse) ProtoMessage() {}
 
 func (x *ListRetiredGenerationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[29]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2246,7 +2633,7 @@ func (x *ListRetiredGenerationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRetiredGenerationsResponse.ProtoReflect.Descriptor instead.
 func (*ListRetiredGenerationsResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{29}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListRetiredGenerationsResponse) GetRetired() []*CredentialGeneration {
@@ -2278,7 +2665,7 @@ type StartWialonAuthorizationRequest struct {
 
 func (x *StartWialonAuthorizationRequest) Reset() {
 	*x = StartWialonAuthorizationRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2290,7 +2677,7 @@ func (x *StartWialonAuthorizationRequest) String() string {
 func (*StartWialonAuthorizationRequest) ProtoMessage() {}
 
 func (x *StartWialonAuthorizationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[30]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2303,7 +2690,7 @@ func (x *StartWialonAuthorizationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartWialonAuthorizationRequest.ProtoReflect.Descriptor instead.
 func (*StartWialonAuthorizationRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{30}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StartWialonAuthorizationRequest) GetTenantId() string {
@@ -2362,7 +2749,7 @@ type StartWialonAuthorizationResponse struct {
 
 func (x *StartWialonAuthorizationResponse) Reset() {
 	*x = StartWialonAuthorizationResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2374,7 +2761,7 @@ func (x *StartWialonAuthorizationResponse) String() string {
 func (*StartWialonAuthorizationResponse) ProtoMessage() {}
 
 func (x *StartWialonAuthorizationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[31]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2387,7 +2774,7 @@ func (x *StartWialonAuthorizationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartWialonAuthorizationResponse.ProtoReflect.Descriptor instead.
 func (*StartWialonAuthorizationResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{31}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StartWialonAuthorizationResponse) GetAuthorizeUrl() string {
@@ -2427,7 +2814,7 @@ type CredentialEvent struct {
 
 func (x *CredentialEvent) Reset() {
 	*x = CredentialEvent{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2439,7 +2826,7 @@ func (x *CredentialEvent) String() string {
 func (*CredentialEvent) ProtoMessage() {}
 
 func (x *CredentialEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[32]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2452,7 +2839,7 @@ func (x *CredentialEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialEvent.ProtoReflect.Descriptor instead.
 func (*CredentialEvent) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{32}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CredentialEvent) GetEventId() string {
@@ -2531,7 +2918,7 @@ type WatchCredentialEventsRequest struct {
 
 func (x *WatchCredentialEventsRequest) Reset() {
 	*x = WatchCredentialEventsRequest{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2543,7 +2930,7 @@ func (x *WatchCredentialEventsRequest) String() string {
 func (*WatchCredentialEventsRequest) ProtoMessage() {}
 
 func (x *WatchCredentialEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[33]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2556,7 +2943,7 @@ func (x *WatchCredentialEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchCredentialEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchCredentialEventsRequest) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{33}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *WatchCredentialEventsRequest) GetTenantId() string {
@@ -2582,7 +2969,7 @@ type WatchCredentialEventsResponse struct {
 
 func (x *WatchCredentialEventsResponse) Reset() {
 	*x = WatchCredentialEventsResponse{}
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2594,7 +2981,7 @@ func (x *WatchCredentialEventsResponse) String() string {
 func (*WatchCredentialEventsResponse) ProtoMessage() {}
 
 func (x *WatchCredentialEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[34]
+	mi := &file_fleetbroker_credentials_v1_credentials_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2607,7 +2994,7 @@ func (x *WatchCredentialEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchCredentialEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchCredentialEventsResponse) Descriptor() ([]byte, []int) {
-	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{34}
+	return file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *WatchCredentialEventsResponse) GetEvent() *CredentialEvent {
@@ -2678,7 +3065,41 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
 	"credential\x12\x18\n" +
-	"\acreated\x18\x02 \x01(\bR\acreated\"\xaa\x01\n" +
+	"\acreated\x18\x02 \x01(\bR\acreated\"\x94\x03\n" +
+	"\x1aBatchPutCredentialsRequest\x12D\n" +
+	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12K\n" +
+	"\x05items\x18\x02 \x03(\v2(.fleetbroker.credentials.v1.BatchPutItemB\v\xbaH\b\x92\x01\x05\b\x01\x10\xe8\aR\x05items\x12'\n" +
+	"\x0fskip_validation\x18\x03 \x01(\bR\x0eskipValidation\x12H\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tB)\xbaH&\xd8\x01\x01r!\x18\x80\x012\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\trequestId:p\xbaHm\x1ak\n" +
+	"\fitems_unique\x12.credential ids must be distinct within a batch\x1a+this.items.map(i, i.credential_id).unique()\"\x8c\x04\n" +
+	"\fBatchPutItem\x12L\n" +
+	"\rcredential_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\x12B\n" +
+	"\x06wialon\x18\x02 \x01(\v2(.fleetbroker.credentials.v1.WialonSecretH\x00R\x06wialon\x12E\n" +
+	"\afleetup\x18\x03 \x01(\v2).fleetbroker.credentials.v1.FleetUpSecretH\x00R\afleetup\x12\x88\x01\n" +
+	"\x06labels\x18\x04 \x03(\v24.fleetbroker.credentials.v1.BatchPutItem.LabelsEntryB:\xbaH7\x9a\x014\x10 \")r'\x10\x01\x18?2!^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$*\x05r\x03\x18\x80\x02R\x06labels\x127\n" +
+	"\x10expected_version\x18\x05 \x01(\x03B\a\xbaH\x04\"\x02(\x00H\x01R\x0fexpectedVersion\x88\x01\x01\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0f\n" +
+	"\x06secret\x12\x05\xbaH\x02\b\x01B\x13\n" +
+	"\x11_expected_version\"c\n" +
+	"\x1bBatchPutCredentialsResponse\x12D\n" +
+	"\aresults\x18\x01 \x03(\v2*.fleetbroker.credentials.v1.BatchPutResultR\aresults\"\xd4\x01\n" +
+	"\x0eBatchPutResult\x12#\n" +
+	"\rcredential_id\x18\x01 \x01(\tR\fcredentialId\x12F\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\v2&.fleetbroker.credentials.v1.CredentialR\n" +
+	"credential\x12\x18\n" +
+	"\acreated\x18\x03 \x01(\bR\acreated\x12;\n" +
+	"\x05error\x18\x04 \x01(\v2%.fleetbroker.credentials.v1.ItemErrorR\x05error\"\xa3\x01\n" +
+	"\tItemError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12\x14\n" +
+	"\x05field\x18\x04 \x01(\tR\x05field\x12:\n" +
+	"\vretry_after\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"retryAfter\"\xaa\x01\n" +
 	"\x14GetCredentialRequest\x12D\n" +
 	"\ttenant_id\x18\x01 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\btenantId\x12L\n" +
 	"\rcredential_id\x18\x02 \x01(\tB'\xbaH$r\"\x10\x01\x18@2\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$R\fcredentialId\"_\n" +
@@ -2845,7 +3266,7 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x1dCREDENTIAL_EVENT_TYPE_ROTATED\x10\x02\x12!\n" +
 	"\x1dCREDENTIAL_EVENT_TYPE_DELETED\x10\x03\x12\"\n" +
 	"\x1eCREDENTIAL_EVENT_TYPE_REJECTED\x10\x04\x12\"\n" +
-	"\x1eCREDENTIAL_EVENT_TYPE_EXPIRING\x10\x052\xb3\a\n" +
+	"\x1eCREDENTIAL_EVENT_TYPE_EXPIRING\x10\x052\xbc\b\n" +
 	"\x11CredentialService\x12t\n" +
 	"\rPutCredential\x120.fleetbroker.credentials.v1.PutCredentialRequest\x1a1.fleetbroker.credentials.v1.PutCredentialResponse\x12y\n" +
 	"\rGetCredential\x120.fleetbroker.credentials.v1.GetCredentialRequest\x1a1.fleetbroker.credentials.v1.GetCredentialResponse\"\x03\x90\x02\x01\x12\x7f\n" +
@@ -2853,7 +3274,8 @@ const file_fleetbroker_credentials_v1_credentials_proto_rawDesc = "" +
 	"\x10DeleteCredential\x123.fleetbroker.credentials.v1.DeleteCredentialRequest\x1a4.fleetbroker.credentials.v1.DeleteCredentialResponse\x12\x83\x01\n" +
 	"\x12ValidateCredential\x125.fleetbroker.credentials.v1.ValidateCredentialRequest\x1a6.fleetbroker.credentials.v1.ValidateCredentialResponse\x12\x95\x01\n" +
 	"\x18StartWialonAuthorization\x12;.fleetbroker.credentials.v1.StartWialonAuthorizationRequest\x1a<.fleetbroker.credentials.v1.StartWialonAuthorizationResponse\x12\x8e\x01\n" +
-	"\x15WatchCredentialEvents\x128.fleetbroker.credentials.v1.WatchCredentialEventsRequest\x1a9.fleetbroker.credentials.v1.WatchCredentialEventsResponse0\x012\x91\a\n" +
+	"\x15WatchCredentialEvents\x128.fleetbroker.credentials.v1.WatchCredentialEventsRequest\x1a9.fleetbroker.credentials.v1.WatchCredentialEventsResponse0\x01\x12\x86\x01\n" +
+	"\x13BatchPutCredentials\x126.fleetbroker.credentials.v1.BatchPutCredentialsRequest\x1a7.fleetbroker.credentials.v1.BatchPutCredentialsResponse2\x91\a\n" +
 	"\x0eSessionService\x12q\n" +
 	"\fIssueSession\x12/.fleetbroker.credentials.v1.IssueSessionRequest\x1a0.fleetbroker.credentials.v1.IssueSessionResponse\x12t\n" +
 	"\rRevokeSession\x120.fleetbroker.credentials.v1.RevokeSessionRequest\x1a1.fleetbroker.credentials.v1.RevokeSessionResponse\x12|\n" +
@@ -2876,7 +3298,7 @@ func file_fleetbroker_credentials_v1_credentials_proto_rawDescGZIP() []byte {
 }
 
 var file_fleetbroker_credentials_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_fleetbroker_credentials_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
 	(Provider)(0),                            // 0: fleetbroker.credentials.v1.Provider
 	(ValidationState)(0),                     // 1: fleetbroker.credentials.v1.ValidationState
@@ -2887,113 +3309,129 @@ var file_fleetbroker_credentials_v1_credentials_proto_goTypes = []any{
 	(*Credential)(nil),                       // 6: fleetbroker.credentials.v1.Credential
 	(*PutCredentialRequest)(nil),             // 7: fleetbroker.credentials.v1.PutCredentialRequest
 	(*PutCredentialResponse)(nil),            // 8: fleetbroker.credentials.v1.PutCredentialResponse
-	(*GetCredentialRequest)(nil),             // 9: fleetbroker.credentials.v1.GetCredentialRequest
-	(*GetCredentialResponse)(nil),            // 10: fleetbroker.credentials.v1.GetCredentialResponse
-	(*ListCredentialsRequest)(nil),           // 11: fleetbroker.credentials.v1.ListCredentialsRequest
-	(*ListCredentialsResponse)(nil),          // 12: fleetbroker.credentials.v1.ListCredentialsResponse
-	(*DeleteCredentialRequest)(nil),          // 13: fleetbroker.credentials.v1.DeleteCredentialRequest
-	(*DeleteCredentialResponse)(nil),         // 14: fleetbroker.credentials.v1.DeleteCredentialResponse
-	(*ValidateCredentialRequest)(nil),        // 15: fleetbroker.credentials.v1.ValidateCredentialRequest
-	(*ValidateCredentialResponse)(nil),       // 16: fleetbroker.credentials.v1.ValidateCredentialResponse
-	(*IssueSessionRequest)(nil),              // 17: fleetbroker.credentials.v1.IssueSessionRequest
-	(*IssueSessionResponse)(nil),             // 18: fleetbroker.credentials.v1.IssueSessionResponse
-	(*RevokeSessionRequest)(nil),             // 19: fleetbroker.credentials.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),            // 20: fleetbroker.credentials.v1.RevokeSessionResponse
-	(*ResolveSessionRequest)(nil),            // 21: fleetbroker.credentials.v1.ResolveSessionRequest
-	(*ResolveSessionResponse)(nil),           // 22: fleetbroker.credentials.v1.ResolveSessionResponse
-	(*ResolveSecretRequest)(nil),             // 23: fleetbroker.credentials.v1.ResolveSecretRequest
-	(*ResolveSecretResponse)(nil),            // 24: fleetbroker.credentials.v1.ResolveSecretResponse
-	(*ReportRejectionRequest)(nil),           // 25: fleetbroker.credentials.v1.ReportRejectionRequest
-	(*ReportRejectionResponse)(nil),          // 26: fleetbroker.credentials.v1.ReportRejectionResponse
-	(*MintUpstreamSessionRequest)(nil),       // 27: fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	(*MintUpstreamSessionResponse)(nil),      // 28: fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	(*WialonUpstreamSession)(nil),            // 29: fleetbroker.credentials.v1.WialonUpstreamSession
-	(*FleetUpUpstreamSession)(nil),           // 30: fleetbroker.credentials.v1.FleetUpUpstreamSession
-	(*ListRetiredGenerationsRequest)(nil),    // 31: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	(*CredentialGeneration)(nil),             // 32: fleetbroker.credentials.v1.CredentialGeneration
-	(*ListRetiredGenerationsResponse)(nil),   // 33: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	(*StartWialonAuthorizationRequest)(nil),  // 34: fleetbroker.credentials.v1.StartWialonAuthorizationRequest
-	(*StartWialonAuthorizationResponse)(nil), // 35: fleetbroker.credentials.v1.StartWialonAuthorizationResponse
-	(*CredentialEvent)(nil),                  // 36: fleetbroker.credentials.v1.CredentialEvent
-	(*WatchCredentialEventsRequest)(nil),     // 37: fleetbroker.credentials.v1.WatchCredentialEventsRequest
-	(*WatchCredentialEventsResponse)(nil),    // 38: fleetbroker.credentials.v1.WatchCredentialEventsResponse
-	nil,                                      // 39: fleetbroker.credentials.v1.Credential.LabelsEntry
-	nil,                                      // 40: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
-	nil,                                      // 41: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),            // 42: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),              // 43: google.protobuf.Duration
-	(*anypb.Any)(nil),                        // 44: google.protobuf.Any
+	(*BatchPutCredentialsRequest)(nil),       // 9: fleetbroker.credentials.v1.BatchPutCredentialsRequest
+	(*BatchPutItem)(nil),                     // 10: fleetbroker.credentials.v1.BatchPutItem
+	(*BatchPutCredentialsResponse)(nil),      // 11: fleetbroker.credentials.v1.BatchPutCredentialsResponse
+	(*BatchPutResult)(nil),                   // 12: fleetbroker.credentials.v1.BatchPutResult
+	(*ItemError)(nil),                        // 13: fleetbroker.credentials.v1.ItemError
+	(*GetCredentialRequest)(nil),             // 14: fleetbroker.credentials.v1.GetCredentialRequest
+	(*GetCredentialResponse)(nil),            // 15: fleetbroker.credentials.v1.GetCredentialResponse
+	(*ListCredentialsRequest)(nil),           // 16: fleetbroker.credentials.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil),          // 17: fleetbroker.credentials.v1.ListCredentialsResponse
+	(*DeleteCredentialRequest)(nil),          // 18: fleetbroker.credentials.v1.DeleteCredentialRequest
+	(*DeleteCredentialResponse)(nil),         // 19: fleetbroker.credentials.v1.DeleteCredentialResponse
+	(*ValidateCredentialRequest)(nil),        // 20: fleetbroker.credentials.v1.ValidateCredentialRequest
+	(*ValidateCredentialResponse)(nil),       // 21: fleetbroker.credentials.v1.ValidateCredentialResponse
+	(*IssueSessionRequest)(nil),              // 22: fleetbroker.credentials.v1.IssueSessionRequest
+	(*IssueSessionResponse)(nil),             // 23: fleetbroker.credentials.v1.IssueSessionResponse
+	(*RevokeSessionRequest)(nil),             // 24: fleetbroker.credentials.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),            // 25: fleetbroker.credentials.v1.RevokeSessionResponse
+	(*ResolveSessionRequest)(nil),            // 26: fleetbroker.credentials.v1.ResolveSessionRequest
+	(*ResolveSessionResponse)(nil),           // 27: fleetbroker.credentials.v1.ResolveSessionResponse
+	(*ResolveSecretRequest)(nil),             // 28: fleetbroker.credentials.v1.ResolveSecretRequest
+	(*ResolveSecretResponse)(nil),            // 29: fleetbroker.credentials.v1.ResolveSecretResponse
+	(*ReportRejectionRequest)(nil),           // 30: fleetbroker.credentials.v1.ReportRejectionRequest
+	(*ReportRejectionResponse)(nil),          // 31: fleetbroker.credentials.v1.ReportRejectionResponse
+	(*MintUpstreamSessionRequest)(nil),       // 32: fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	(*MintUpstreamSessionResponse)(nil),      // 33: fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	(*WialonUpstreamSession)(nil),            // 34: fleetbroker.credentials.v1.WialonUpstreamSession
+	(*FleetUpUpstreamSession)(nil),           // 35: fleetbroker.credentials.v1.FleetUpUpstreamSession
+	(*ListRetiredGenerationsRequest)(nil),    // 36: fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	(*CredentialGeneration)(nil),             // 37: fleetbroker.credentials.v1.CredentialGeneration
+	(*ListRetiredGenerationsResponse)(nil),   // 38: fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	(*StartWialonAuthorizationRequest)(nil),  // 39: fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	(*StartWialonAuthorizationResponse)(nil), // 40: fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	(*CredentialEvent)(nil),                  // 41: fleetbroker.credentials.v1.CredentialEvent
+	(*WatchCredentialEventsRequest)(nil),     // 42: fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	(*WatchCredentialEventsResponse)(nil),    // 43: fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	nil,                                      // 44: fleetbroker.credentials.v1.Credential.LabelsEntry
+	nil,                                      // 45: fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	nil,                                      // 46: fleetbroker.credentials.v1.BatchPutItem.LabelsEntry
+	nil,                                      // 47: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),            // 48: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),              // 49: google.protobuf.Duration
+	(*anypb.Any)(nil),                        // 50: google.protobuf.Any
 }
 var file_fleetbroker_credentials_v1_credentials_proto_depIdxs = []int32{
 	0,  // 0: fleetbroker.credentials.v1.Credential.provider:type_name -> fleetbroker.credentials.v1.Provider
-	42, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
-	42, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
-	42, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
+	48, // 1: fleetbroker.credentials.v1.Credential.create_time:type_name -> google.protobuf.Timestamp
+	48, // 2: fleetbroker.credentials.v1.Credential.update_time:type_name -> google.protobuf.Timestamp
+	48, // 3: fleetbroker.credentials.v1.Credential.validate_time:type_name -> google.protobuf.Timestamp
 	1,  // 4: fleetbroker.credentials.v1.Credential.validation_state:type_name -> fleetbroker.credentials.v1.ValidationState
-	39, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
-	42, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
-	42, // 7: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
+	44, // 5: fleetbroker.credentials.v1.Credential.labels:type_name -> fleetbroker.credentials.v1.Credential.LabelsEntry
+	48, // 6: fleetbroker.credentials.v1.Credential.token_expire_time:type_name -> google.protobuf.Timestamp
+	48, // 7: fleetbroker.credentials.v1.Credential.last_use_time:type_name -> google.protobuf.Timestamp
 	4,  // 8: fleetbroker.credentials.v1.PutCredentialRequest.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
 	5,  // 9: fleetbroker.credentials.v1.PutCredentialRequest.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	40, // 10: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
+	45, // 10: fleetbroker.credentials.v1.PutCredentialRequest.labels:type_name -> fleetbroker.credentials.v1.PutCredentialRequest.LabelsEntry
 	6,  // 11: fleetbroker.credentials.v1.PutCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	6,  // 12: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	6,  // 13: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
-	6,  // 14: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
-	43, // 15: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
-	2,  // 16: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	42, // 17: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 18: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	0,  // 19: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
-	2,  // 20: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
-	42, // 21: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	4,  // 22: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
-	5,  // 23: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
-	42, // 24: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
-	44, // 25: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
-	32, // 26: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	32, // 27: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
-	43, // 28: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
-	41, // 29: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
-	42, // 30: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
-	3,  // 31: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
-	0,  // 32: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
-	42, // 33: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
-	42, // 34: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
-	36, // 35: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
-	7,  // 36: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
-	9,  // 37: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
-	11, // 38: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
-	13, // 39: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
-	15, // 40: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
-	34, // 41: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
-	37, // 42: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
-	17, // 43: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
-	19, // 44: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
-	21, // 45: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
-	23, // 46: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
-	25, // 47: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
-	27, // 48: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
-	31, // 49: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
-	8,  // 50: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
-	10, // 51: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
-	12, // 52: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
-	14, // 53: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
-	16, // 54: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
-	35, // 55: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
-	38, // 56: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
-	18, // 57: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
-	20, // 58: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
-	22, // 59: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
-	24, // 60: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
-	26, // 61: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
-	28, // 62: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
-	33, // 63: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
-	50, // [50:64] is the sub-list for method output_type
-	36, // [36:50] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	10, // 12: fleetbroker.credentials.v1.BatchPutCredentialsRequest.items:type_name -> fleetbroker.credentials.v1.BatchPutItem
+	4,  // 13: fleetbroker.credentials.v1.BatchPutItem.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 14: fleetbroker.credentials.v1.BatchPutItem.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	46, // 15: fleetbroker.credentials.v1.BatchPutItem.labels:type_name -> fleetbroker.credentials.v1.BatchPutItem.LabelsEntry
+	12, // 16: fleetbroker.credentials.v1.BatchPutCredentialsResponse.results:type_name -> fleetbroker.credentials.v1.BatchPutResult
+	6,  // 17: fleetbroker.credentials.v1.BatchPutResult.credential:type_name -> fleetbroker.credentials.v1.Credential
+	13, // 18: fleetbroker.credentials.v1.BatchPutResult.error:type_name -> fleetbroker.credentials.v1.ItemError
+	49, // 19: fleetbroker.credentials.v1.ItemError.retry_after:type_name -> google.protobuf.Duration
+	6,  // 20: fleetbroker.credentials.v1.GetCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 21: fleetbroker.credentials.v1.ListCredentialsResponse.credentials:type_name -> fleetbroker.credentials.v1.Credential
+	6,  // 22: fleetbroker.credentials.v1.ValidateCredentialResponse.credential:type_name -> fleetbroker.credentials.v1.Credential
+	49, // 23: fleetbroker.credentials.v1.IssueSessionRequest.ttl:type_name -> google.protobuf.Duration
+	2,  // 24: fleetbroker.credentials.v1.IssueSessionRequest.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	48, // 25: fleetbroker.credentials.v1.IssueSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 26: fleetbroker.credentials.v1.IssueSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	0,  // 27: fleetbroker.credentials.v1.ResolveSessionResponse.provider:type_name -> fleetbroker.credentials.v1.Provider
+	2,  // 28: fleetbroker.credentials.v1.ResolveSessionResponse.scopes:type_name -> fleetbroker.credentials.v1.Scope
+	48, // 29: fleetbroker.credentials.v1.ResolveSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	4,  // 30: fleetbroker.credentials.v1.ResolveSecretResponse.wialon:type_name -> fleetbroker.credentials.v1.WialonSecret
+	5,  // 31: fleetbroker.credentials.v1.ResolveSecretResponse.fleetup:type_name -> fleetbroker.credentials.v1.FleetUpSecret
+	48, // 32: fleetbroker.credentials.v1.MintUpstreamSessionResponse.expire_time:type_name -> google.protobuf.Timestamp
+	50, // 33: fleetbroker.credentials.v1.MintUpstreamSessionResponse.upstream_session:type_name -> google.protobuf.Any
+	37, // 34: fleetbroker.credentials.v1.ListRetiredGenerationsRequest.generations:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	37, // 35: fleetbroker.credentials.v1.ListRetiredGenerationsResponse.retired:type_name -> fleetbroker.credentials.v1.CredentialGeneration
+	49, // 36: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.duration:type_name -> google.protobuf.Duration
+	47, // 37: fleetbroker.credentials.v1.StartWialonAuthorizationRequest.labels:type_name -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest.LabelsEntry
+	48, // 38: fleetbroker.credentials.v1.StartWialonAuthorizationResponse.expire_time:type_name -> google.protobuf.Timestamp
+	3,  // 39: fleetbroker.credentials.v1.CredentialEvent.type:type_name -> fleetbroker.credentials.v1.CredentialEventType
+	0,  // 40: fleetbroker.credentials.v1.CredentialEvent.provider:type_name -> fleetbroker.credentials.v1.Provider
+	48, // 41: fleetbroker.credentials.v1.CredentialEvent.event_time:type_name -> google.protobuf.Timestamp
+	48, // 42: fleetbroker.credentials.v1.CredentialEvent.token_expire_time:type_name -> google.protobuf.Timestamp
+	41, // 43: fleetbroker.credentials.v1.WatchCredentialEventsResponse.event:type_name -> fleetbroker.credentials.v1.CredentialEvent
+	7,  // 44: fleetbroker.credentials.v1.CredentialService.PutCredential:input_type -> fleetbroker.credentials.v1.PutCredentialRequest
+	14, // 45: fleetbroker.credentials.v1.CredentialService.GetCredential:input_type -> fleetbroker.credentials.v1.GetCredentialRequest
+	16, // 46: fleetbroker.credentials.v1.CredentialService.ListCredentials:input_type -> fleetbroker.credentials.v1.ListCredentialsRequest
+	18, // 47: fleetbroker.credentials.v1.CredentialService.DeleteCredential:input_type -> fleetbroker.credentials.v1.DeleteCredentialRequest
+	20, // 48: fleetbroker.credentials.v1.CredentialService.ValidateCredential:input_type -> fleetbroker.credentials.v1.ValidateCredentialRequest
+	39, // 49: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:input_type -> fleetbroker.credentials.v1.StartWialonAuthorizationRequest
+	42, // 50: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:input_type -> fleetbroker.credentials.v1.WatchCredentialEventsRequest
+	9,  // 51: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:input_type -> fleetbroker.credentials.v1.BatchPutCredentialsRequest
+	22, // 52: fleetbroker.credentials.v1.SessionService.IssueSession:input_type -> fleetbroker.credentials.v1.IssueSessionRequest
+	24, // 53: fleetbroker.credentials.v1.SessionService.RevokeSession:input_type -> fleetbroker.credentials.v1.RevokeSessionRequest
+	26, // 54: fleetbroker.credentials.v1.SessionService.ResolveSession:input_type -> fleetbroker.credentials.v1.ResolveSessionRequest
+	28, // 55: fleetbroker.credentials.v1.SessionService.ResolveSecret:input_type -> fleetbroker.credentials.v1.ResolveSecretRequest
+	30, // 56: fleetbroker.credentials.v1.SessionService.ReportRejection:input_type -> fleetbroker.credentials.v1.ReportRejectionRequest
+	32, // 57: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:input_type -> fleetbroker.credentials.v1.MintUpstreamSessionRequest
+	36, // 58: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:input_type -> fleetbroker.credentials.v1.ListRetiredGenerationsRequest
+	8,  // 59: fleetbroker.credentials.v1.CredentialService.PutCredential:output_type -> fleetbroker.credentials.v1.PutCredentialResponse
+	15, // 60: fleetbroker.credentials.v1.CredentialService.GetCredential:output_type -> fleetbroker.credentials.v1.GetCredentialResponse
+	17, // 61: fleetbroker.credentials.v1.CredentialService.ListCredentials:output_type -> fleetbroker.credentials.v1.ListCredentialsResponse
+	19, // 62: fleetbroker.credentials.v1.CredentialService.DeleteCredential:output_type -> fleetbroker.credentials.v1.DeleteCredentialResponse
+	21, // 63: fleetbroker.credentials.v1.CredentialService.ValidateCredential:output_type -> fleetbroker.credentials.v1.ValidateCredentialResponse
+	40, // 64: fleetbroker.credentials.v1.CredentialService.StartWialonAuthorization:output_type -> fleetbroker.credentials.v1.StartWialonAuthorizationResponse
+	43, // 65: fleetbroker.credentials.v1.CredentialService.WatchCredentialEvents:output_type -> fleetbroker.credentials.v1.WatchCredentialEventsResponse
+	11, // 66: fleetbroker.credentials.v1.CredentialService.BatchPutCredentials:output_type -> fleetbroker.credentials.v1.BatchPutCredentialsResponse
+	23, // 67: fleetbroker.credentials.v1.SessionService.IssueSession:output_type -> fleetbroker.credentials.v1.IssueSessionResponse
+	25, // 68: fleetbroker.credentials.v1.SessionService.RevokeSession:output_type -> fleetbroker.credentials.v1.RevokeSessionResponse
+	27, // 69: fleetbroker.credentials.v1.SessionService.ResolveSession:output_type -> fleetbroker.credentials.v1.ResolveSessionResponse
+	29, // 70: fleetbroker.credentials.v1.SessionService.ResolveSecret:output_type -> fleetbroker.credentials.v1.ResolveSecretResponse
+	31, // 71: fleetbroker.credentials.v1.SessionService.ReportRejection:output_type -> fleetbroker.credentials.v1.ReportRejectionResponse
+	33, // 72: fleetbroker.credentials.v1.SessionService.MintUpstreamSession:output_type -> fleetbroker.credentials.v1.MintUpstreamSessionResponse
+	38, // 73: fleetbroker.credentials.v1.SessionService.ListRetiredGenerations:output_type -> fleetbroker.credentials.v1.ListRetiredGenerationsResponse
+	59, // [59:74] is the sub-list for method output_type
+	44, // [44:59] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_fleetbroker_credentials_v1_credentials_proto_init() }
@@ -3005,7 +3443,11 @@ func file_fleetbroker_credentials_v1_credentials_proto_init() {
 		(*PutCredentialRequest_Wialon)(nil),
 		(*PutCredentialRequest_Fleetup)(nil),
 	}
-	file_fleetbroker_credentials_v1_credentials_proto_msgTypes[20].OneofWrappers = []any{
+	file_fleetbroker_credentials_v1_credentials_proto_msgTypes[6].OneofWrappers = []any{
+		(*BatchPutItem_Wialon)(nil),
+		(*BatchPutItem_Fleetup)(nil),
+	}
+	file_fleetbroker_credentials_v1_credentials_proto_msgTypes[25].OneofWrappers = []any{
 		(*ResolveSecretResponse_Wialon)(nil),
 		(*ResolveSecretResponse_Fleetup)(nil),
 	}
@@ -3015,7 +3457,7 @@ func file_fleetbroker_credentials_v1_credentials_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fleetbroker_credentials_v1_credentials_proto_rawDesc), len(file_fleetbroker_credentials_v1_credentials_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   38,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -26,6 +26,7 @@ const (
 	CredentialService_ValidateCredential_FullMethodName       = "/fleetbroker.credentials.v1.CredentialService/ValidateCredential"
 	CredentialService_StartWialonAuthorization_FullMethodName = "/fleetbroker.credentials.v1.CredentialService/StartWialonAuthorization"
 	CredentialService_WatchCredentialEvents_FullMethodName    = "/fleetbroker.credentials.v1.CredentialService/WatchCredentialEvents"
+	CredentialService_BatchPutCredentials_FullMethodName      = "/fleetbroker.credentials.v1.CredentialService/BatchPutCredentials"
 )
 
 // CredentialServiceClient is the client API for CredentialService service.
@@ -62,6 +63,13 @@ type CredentialServiceClient interface {
 	// provider, and token expiring soon. Pass the last event_id seen as
 	// after_event_id to resume without missing events. Needs credentials.read.
 	WatchCredentialEvents(ctx context.Context, in *WatchCredentialEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchCredentialEventsResponse], error)
+	// BatchPutCredentials stores up to 1,000 credentials of one tenant in one
+	// call, for onboarding a customer base: each item as PutCredential would
+	// store it, sharing Vault and Redis round trips with the others. Every
+	// item gets a result of its own, in request order; an item that fails
+	// stores nothing, and does not stop the others. Needs credentials.write
+	// on tenant_id, which every item belongs to.
+	BatchPutCredentials(ctx context.Context, in *BatchPutCredentialsRequest, opts ...grpc.CallOption) (*BatchPutCredentialsResponse, error)
 }
 
 type credentialServiceClient struct {
@@ -151,6 +159,16 @@ func (c *credentialServiceClient) WatchCredentialEvents(ctx context.Context, in 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CredentialService_WatchCredentialEventsClient = grpc.ServerStreamingClient[WatchCredentialEventsResponse]
 
+func (c *credentialServiceClient) BatchPutCredentials(ctx context.Context, in *BatchPutCredentialsRequest, opts ...grpc.CallOption) (*BatchPutCredentialsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BatchPutCredentialsResponse)
+	err := c.cc.Invoke(ctx, CredentialService_BatchPutCredentials_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CredentialServiceServer is the server API for CredentialService service.
 // All implementations must embed UnimplementedCredentialServiceServer
 // for forward compatibility.
@@ -185,6 +203,13 @@ type CredentialServiceServer interface {
 	// provider, and token expiring soon. Pass the last event_id seen as
 	// after_event_id to resume without missing events. Needs credentials.read.
 	WatchCredentialEvents(*WatchCredentialEventsRequest, grpc.ServerStreamingServer[WatchCredentialEventsResponse]) error
+	// BatchPutCredentials stores up to 1,000 credentials of one tenant in one
+	// call, for onboarding a customer base: each item as PutCredential would
+	// store it, sharing Vault and Redis round trips with the others. Every
+	// item gets a result of its own, in request order; an item that fails
+	// stores nothing, and does not stop the others. Needs credentials.write
+	// on tenant_id, which every item belongs to.
+	BatchPutCredentials(context.Context, *BatchPutCredentialsRequest) (*BatchPutCredentialsResponse, error)
 	mustEmbedUnimplementedCredentialServiceServer()
 }
 
@@ -215,6 +240,9 @@ func (UnimplementedCredentialServiceServer) StartWialonAuthorization(context.Con
 }
 func (UnimplementedCredentialServiceServer) WatchCredentialEvents(*WatchCredentialEventsRequest, grpc.ServerStreamingServer[WatchCredentialEventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchCredentialEvents not implemented")
+}
+func (UnimplementedCredentialServiceServer) BatchPutCredentials(context.Context, *BatchPutCredentialsRequest) (*BatchPutCredentialsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BatchPutCredentials not implemented")
 }
 func (UnimplementedCredentialServiceServer) mustEmbedUnimplementedCredentialServiceServer() {}
 func (UnimplementedCredentialServiceServer) testEmbeddedByValue()                           {}
@@ -356,6 +384,24 @@ func _CredentialService_WatchCredentialEvents_Handler(srv interface{}, stream gr
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CredentialService_WatchCredentialEventsServer = grpc.ServerStreamingServer[WatchCredentialEventsResponse]
 
+func _CredentialService_BatchPutCredentials_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BatchPutCredentialsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CredentialServiceServer).BatchPutCredentials(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CredentialService_BatchPutCredentials_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CredentialServiceServer).BatchPutCredentials(ctx, req.(*BatchPutCredentialsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CredentialService_ServiceDesc is the grpc.ServiceDesc for CredentialService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -386,6 +432,10 @@ var CredentialService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "StartWialonAuthorization",
 			Handler:    _CredentialService_StartWialonAuthorization_Handler,
+		},
+		{
+			MethodName: "BatchPutCredentials",
+			Handler:    _CredentialService_BatchPutCredentials_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
