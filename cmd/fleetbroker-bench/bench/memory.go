@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 )
 
@@ -126,13 +127,13 @@ func measureMemory(ctx context.Context, e *env, opts Options, sim *simHTTP, bin,
 	if err != nil {
 		return nil, err
 	}
-	defer child.stop()
+	defer child.Stop()
 	conn, err := e.dialAs(addr, level, false)
 	if err != nil {
 		return nil, err
 	}
 	health := grpc_health_v1.NewHealthClient(conn)
-	if err := child.waitReady(30*time.Second, func() error {
+	if err := child.WaitReady(30*time.Second, func() error {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
 		defer cancel()
 		resp, err := health.Check(cctx, &grpc_health_v1.HealthCheckRequest{})
@@ -144,7 +145,7 @@ func measureMemory(ctx context.Context, e *env, opts Options, sim *simHTTP, bin,
 		return nil, err
 	}
 	time.Sleep(time.Second)
-	rss, _, err := readRSS(child.pid())
+	rss, _, err := readRSS(child.Pid())
 	if err != nil {
 		return nil, err
 	}
@@ -193,7 +194,7 @@ func measureMemory(ctx context.Context, e *env, opts Options, sim *simHTTP, bin,
 			return nil
 		})
 		rep.PassSeconds = append(rep.PassSeconds, time.Since(start).Seconds())
-		rss, hwm, err := readRSS(child.pid())
+		rss, hwm, err := readRSS(child.Pid())
 		if err != nil {
 			return nil, err
 		}
@@ -220,34 +221,13 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 // buildFleetbroker builds ./cmd/fleetbroker of the module the bench runs
 // in, into dir.
 func buildFleetbroker(ctx context.Context, dir string) (string, error) {
-	root, err := moduleRoot()
+	root, err := launch.ModuleRoot()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("%w: run the bench from the repository, or pass -fleetbroker-bin", err)
 	}
 	out := filepath.Join(dir, "fleetbroker")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/fleetbroker")
-	cmd.Dir = root
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build ./cmd/fleetbroker: %w\n%s", err, msg)
-	}
-	return out, nil
-}
-
-// moduleRoot finds the directory holding go.mod, from the working
-// directory up.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
+	if err := launch.GoBuild(ctx, root, "./cmd/fleetbroker", out); err != nil {
 		return "", err
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory: run the bench from the repository, or pass -fleetbroker-bin")
-		}
-		dir = parent
-	}
+	return out, nil
 }

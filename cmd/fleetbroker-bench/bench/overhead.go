@@ -258,9 +258,9 @@ func (m measured) totalCPU() float64 {
 type procs struct{ redis, vault int }
 
 func (e *env) procs() procs {
-	p := procs{redis: e.redis.p.pid()}
+	p := procs{redis: e.redis.pid()}
 	if e.vault != nil {
-		p.vault = e.vault.p.pid()
+		p.vault = e.vault.pid()
 	}
 	return p
 }

@@ -126,7 +126,7 @@ func runStreams(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Strea
 	if err != nil {
 		return nil, err
 	}
-	defer child.stop()
+	defer child.Stop()
 	conns := make([]*grpc.ClientConn, rep.Connections)
 	for i := range conns {
 		if conns[i], err = e.dial(addr); err != nil {
@@ -134,7 +134,7 @@ func runStreams(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Strea
 		}
 	}
 	health := grpc_health_v1.NewHealthClient(conns[0])
-	if err := child.waitReady(30*time.Second, func() error {
+	if err := child.WaitReady(30*time.Second, func() error {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
 		defer cancel()
 		resp, err := health.Check(cctx, &grpc_health_v1.HealthCheckRequest{})
@@ -181,7 +181,7 @@ func runStreams(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Strea
 		return nil, fmt.Errorf("warming the handles: %w", err)
 	}
 	time.Sleep(time.Second)
-	if rep.Before, err = gatewayFootprint(ctx, child.pid(), metricsAddr); err != nil {
+	if rep.Before, err = gatewayFootprint(ctx, child.Pid(), metricsAddr); err != nil {
 		return nil, err
 	}
 
@@ -238,10 +238,10 @@ func runStreams(ctx context.Context, e *env, opts Options, sim *simHTTP) (*Strea
 	time.Sleep(streamWindow)
 	polls1 := upstreamPolls(sim)
 	var hwm int64
-	if rep.With, err = gatewayFootprint(ctx, child.pid(), metricsAddr); err != nil {
+	if rep.With, err = gatewayFootprint(ctx, child.Pid(), metricsAddr); err != nil {
 		return nil, err
 	}
-	if _, hwm, err = readRSS(child.pid()); err == nil {
+	if _, hwm, err = readRSS(child.Pid()); err == nil {
 		rep.HWMMiB = mib(hwm)
 	}
 	stop()

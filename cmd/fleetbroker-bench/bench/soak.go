@@ -163,14 +163,14 @@ func runSoak(ctx context.Context, e *env, opts Options, sim *simHTTP) (*SoakRepo
 	if err != nil {
 		return nil, err
 	}
-	defer creds.p.stop()
+	defer creds.p.Stop()
 	gw, err := startSoakProc(ctx, e, bin, "gateway", files, files.gatewayKey,
 		"--credentials-addr", creds.addr, "--credentials-insecure", "--vault-transit-key", gatewayKey,
 		"--fleetup-rate", strconv.Itoa(unlimitedFleetUp), "--fleetup-burst", strconv.Itoa(unlimitedFleetUp))
 	if err != nil {
 		return nil, err
 	}
-	defer gw.p.stop()
+	defer gw.p.Stop()
 
 	credConn, err := e.dial(creds.addr)
 	if err != nil {
@@ -213,8 +213,8 @@ func runSoak(ctx context.Context, e *env, opts Options, sim *simHTTP) (*SoakRepo
 	wg.Wait()
 	rep.Calls = m.counts()
 	for _, p := range []*soakProc{creds, gw} {
-		if p.p.exited() {
-			return rep, fmt.Errorf("soak: %s exited during the soak; its output:\n%s", p.name, p.p.log)
+		if p.p.Exited() {
+			return rep, fmt.Errorf("soak: %s exited during the soak; its output:\n%s", p.name, p.p.Log)
 		}
 	}
 	rep.Growth = soakGrowth(rep.Samples)
@@ -287,11 +287,11 @@ func startSoakProc(ctx context.Context, e *env, bin, service string, files soakF
 	sp := &soakProc{name: service, addr: addr, metricsAddr: metricsAddr, p: p}
 	conn, err := e.dial(addr)
 	if err != nil {
-		p.stop()
+		p.Stop()
 		return nil, err
 	}
 	health := grpc_health_v1.NewHealthClient(conn)
-	if err := p.waitReady(60*time.Second, func() error {
+	if err := p.WaitReady(60*time.Second, func() error {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
 		defer cancel()
 		resp, err := health.Check(cctx, &grpc_health_v1.HealthCheckRequest{})
@@ -300,7 +300,7 @@ func startSoakProc(ctx context.Context, e *env, bin, service string, files soakF
 		}
 		return err
 	}); err != nil {
-		p.stop()
+		p.Stop()
 		return nil, err
 	}
 	return sp, nil
@@ -477,10 +477,10 @@ func sampleSoak(ctx context.Context, opts Options, procs []*soakProc, interval t
 	for {
 		for _, p := range procs {
 			s := SoakSample{ElapsedS: time.Since(start).Seconds(), Process: p.name}
-			if rss, _, err := readRSS(p.p.pid()); err == nil {
+			if rss, _, err := readRSS(p.p.Pid()); err == nil {
 				s.RSSMiB = mib(rss)
 			}
-			if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.p.pid())); err == nil {
+			if fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.p.Pid())); err == nil {
 				s.FDs = len(fds)
 			}
 			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
