@@ -77,7 +77,7 @@ func runCredentials(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := credentialsFlags()
 	return runService(ctx, "credentials", fs, logf, finish, args, func() error { return cfg.Validate() },
 		func(ctx context.Context, d app.Deps) (*app.Built, error) { return app.BuildCredentials(ctx, *cfg, d) },
-		func(ctx context.Context, d app.Deps) error { return app.RunCredentials(ctx, *cfg, d) })
+		func(ctx context.Context, d app.Deps) error { return app.Run(ctx, cfg, d) })
 }
 
 // runService is the one way a server subcommand starts: parse flags (with
@@ -243,7 +243,7 @@ func runGateway(ctx context.Context, args []string) error {
 	fs, cfg, logf, finish := gatewayFlags()
 	return runService(ctx, "gateway", fs, logf, finish, args, func() error { return cfg.Validate() },
 		func(ctx context.Context, d app.Deps) (*app.Built, error) { return app.BuildGateway(ctx, *cfg, d) },
-		func(ctx context.Context, d app.Deps) error { return app.RunGateway(ctx, *cfg, d) })
+		func(ctx context.Context, d app.Deps) error { return app.Run(ctx, cfg, d) })
 }
 
 // addCheckConfigFlag adds --check-config: build everything a server needs

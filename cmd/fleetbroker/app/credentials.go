@@ -79,6 +79,10 @@ type CredentialsConfig struct {
 	Events    EventsConfig
 }
 
+func (cfg *CredentialsConfig) serviceName() string { return "fleetbroker-credentials" }
+
+func (cfg *CredentialsConfig) metricsListen() string { return cfg.MetricsListen }
+
 // SetDefaults fills the settings left empty with the defaults the flags
 // show, as far as an empty value is not itself a setting.
 func (cfg *CredentialsConfig) SetDefaults() {
@@ -175,11 +179,6 @@ func batchedTransit(tr transit.Transit, opts transit.BatchOptions) (transit.Tran
 	return transit.NewBatching(backend, opts), nil
 }
 
-// RunCredentials serves `fleetbroker credentials` until ctx is done.
-func RunCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) error {
-	return runService(ctx, &cfg, d)
-}
-
 // BuildCredentials builds `fleetbroker credentials`, in order: the
 // configuration is checked; the files are read (handle keys, TLS, policy,
 // audit trail); Vault and Redis are dialled; then the authorizer, the
@@ -189,10 +188,6 @@ func RunCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) error {
 func BuildCredentials(ctx context.Context, cfg CredentialsConfig, d Deps) (*Built, error) {
 	return buildService(ctx, &cfg, d)
 }
-
-func (cfg *CredentialsConfig) serviceName() string { return "fleetbroker-credentials" }
-
-func (cfg *CredentialsConfig) metricsListen() string { return cfg.MetricsListen }
 
 func (cfg *CredentialsConfig) plan(ctx context.Context, d Deps) serverPlan {
 	return serverPlan{

@@ -97,6 +97,10 @@ type GatewayConfig struct {
 	MetricsListen string
 }
 
+func (cfg *GatewayConfig) serviceName() string { return "fleetbroker-gateway" }
+
+func (cfg *GatewayConfig) metricsListen() string { return cfg.MetricsListen }
+
 // SetDefaults fills the settings left empty with the defaults the flags
 // show, as far as an empty value is not itself a setting.
 func (cfg *GatewayConfig) SetDefaults() {
@@ -187,11 +191,6 @@ func (cfg GatewayConfig) tuning() (provider.Tuning, error) {
 // most one failed upstream call here.
 const tokenLocalTTL = 500 * time.Millisecond
 
-// RunGateway serves `fleetbroker gateway` until ctx is done.
-func RunGateway(ctx context.Context, cfg GatewayConfig, d Deps) error {
-	return runService(ctx, &cfg, d)
-}
-
 // BuildGateway builds `fleetbroker gateway`, in order: the configuration
 // is checked; the files are read (handle keys, TLS, policy, audit trail);
 // Vault (data keys only) and Redis are dialled, and the credentials
@@ -201,10 +200,6 @@ func RunGateway(ctx context.Context, cfg GatewayConfig, d Deps) error {
 func BuildGateway(ctx context.Context, cfg GatewayConfig, d Deps) (*Built, error) {
 	return buildService(ctx, &cfg, d)
 }
-
-func (cfg *GatewayConfig) serviceName() string { return "fleetbroker-gateway" }
-
-func (cfg *GatewayConfig) metricsListen() string { return cfg.MetricsListen }
 
 func (cfg *GatewayConfig) plan(_ context.Context, _ Deps) serverPlan {
 	return serverPlan{

@@ -127,9 +127,10 @@ func (b *builder) server(settings server.Config, comps ...component) (*Built, er
 	return &Built{GRPC: srv, beside: beside, closers: b.closers}, nil
 }
 
-// service is the configuration of a server subcommand: it fills its
-// defaults, checks itself against the parts given, and plans its build.
-type service interface {
+// Service is the configuration of a server subcommand (*CredentialsConfig,
+// *GatewayConfig): it fills its defaults, checks itself against the parts
+// given, and plans its build.
+type Service interface {
 	SetDefaults()
 	validate(Deps) error
 	plan(context.Context, Deps) serverPlan
@@ -139,7 +140,7 @@ type service interface {
 
 // buildService fills cfg's defaults, checks it (every problem at once,
 // before anything is read or dialled) and builds its server.
-func buildService(ctx context.Context, cfg service, d Deps) (*Built, error) {
+func buildService(ctx context.Context, cfg Service, d Deps) (*Built, error) {
 	cfg.SetDefaults()
 	if err := cfg.validate(d); err != nil {
 		return nil, err
@@ -147,8 +148,9 @@ func buildService(ctx context.Context, cfg service, d Deps) (*Built, error) {
 	return buildServer(ctx, d, cfg.plan(ctx, d))
 }
 
-// runService builds cfg's server and serves it until ctx is done.
-func runService(ctx context.Context, cfg service, d Deps) error {
+// Run builds the server of cfg (`fleetbroker credentials`, `fleetbroker
+// gateway`) and serves it until ctx is done.
+func Run(ctx context.Context, cfg Service, d Deps) error {
 	return run(ctx, cfg.serviceName(), cfg.metricsListen(), d, func(d Deps) (*Built, error) {
 		return buildService(ctx, cfg, d)
 	})
