@@ -5,7 +5,7 @@ TOOLS ?= $(HOME)/.cache/fleetbroker/tools
 export PATH := $(TOOLS)/bin:$(PATH)
 export FLEETBROKER_TOOLS := $(TOOLS)
 
-.PHONY: all tools generate lint breaking check-generated fmt vet test test-fuzz check
+.PHONY: all tools generate lint breaking check-generated fmt vet test test-fuzz check layering
 
 all: check test
 
@@ -37,6 +37,10 @@ check-generated: generate
 test: tools
 	@scripts/redis.sh
 	go test -race -count=1 -timeout 20m ./...
+
+## layering: no internal/ package depends on services/, cmd/ or test/ (go list -deps; test/layering)
+layering:
+	go test -count=1 ./test/layering/
 
 ## test-fuzz: run every fuzz target briefly (seed corpora under */testdata/fuzz)
 FUZZTIME ?= 10s

@@ -17,8 +17,8 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
-	"github.com/fleetbroker/fleetbroker/internal/testserver"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }

@@ -38,7 +38,7 @@ install_go protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc "$PR
 
 vault_target="$TOOLS/vault-$VAULT_VERSION"
 if [[ ! -x "$vault_target" ]]; then
-  echo "tools: building vault $VAULT_VERSION from tools/vault (about 10-15 minutes on 2 cores the first time)" >&2
+  echo "tools: building vault $VAULT_VERSION from tools/vault (the first time only: about 10-13 minutes on 2 cores)" >&2
   (cd "$ROOT/tools/vault" && go build -trimpath -o "$vault_target.tmp" . && mv "$vault_target.tmp" "$vault_target")
 fi
 ln -sf "$vault_target" "$BIN/vault"

@@ -24,7 +24,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/fleetbroker/fleetbroker/internal/bench"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker-bench/bench"
 )
 
 func main() {

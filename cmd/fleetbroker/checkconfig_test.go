@@ -58,3 +58,45 @@ func TestCheckConfig(t *testing.T) {
 		})
 	}
 }
+
+// TestConfigValidatedBeforeDialling is issue 12's "config first": a
+// subcommand whose settings are wrong says so — every problem at once —
+// even when Vault and Redis are unreachable, instead of failing on the
+// first dial. Nothing listens on 127.0.0.1:1, so any dial would fail with a
+// different error.
+func TestConfigValidatedBeforeDialling(t *testing.T) {
+	dead := []string{"--vault-addr=http://127.0.0.1:1", "--redis-addr=127.0.0.1:1", "--redis-timeout=200ms"}
+	t.Setenv("FLEETBROKER_VAULT_TOKEN", "not-a-real-token")
+	tests := []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"credentials without TLS or --insecure", []string{"credentials"},
+			[]string{"refusing to serve plaintext", "--policy is required", "--handle-key-file is required"}},
+		{"credentials --check-config without TLS", []string{"credentials", "--check-config"},
+			[]string{"refusing to serve plaintext"}},
+		{"gateway without TLS or --insecure", []string{"gateway"},
+			[]string{"refusing to serve plaintext", "--handle-key-file is required", "--credentials-ca is required"}},
+		{"rewrap with TLS files but no --redis-tls", []string{"rewrap", "--redis-tls-ca=/nonexistent"},
+			[]string{"--redis-tls"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := run(context.Background(), append(append([]string{}, tt.args...), dead...))
+			if err == nil {
+				t.Fatal("a broken configuration was accepted")
+			}
+			for _, want := range tt.want {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("error does not name %q:\n%v", want, err)
+				}
+			}
+			for _, dialled := range []string{"connection refused", "127.0.0.1:1"} {
+				if strings.Contains(err.Error(), dialled) {
+					t.Errorf("error comes from a dial (%q), not the configuration check:\n%v", dialled, err)
+				}
+			}
+		})
+	}
+}

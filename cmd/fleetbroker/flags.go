@@ -5,9 +5,8 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"time"
 
-	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 )
@@ -46,27 +45,37 @@ type logFlags struct{ format, level string }
 func addLogFlags(fs *flag.FlagSet, format string) *logFlags {
 	l := &logFlags{}
 	fs.StringVar(&l.format, "log-format", format, "log format: json or text")
-	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&l.level, "log-level", app.DefaultLogLevel, "log level: debug, info, warn or error")
 	return l
+}
+
+// addServingFlags adds the flags of every gRPC server subcommand: the
+// listener, deadlines and message size, the connection settings a mesh
+// needs, the metrics listener, and security (policyHelp describes --policy).
+func addServingFlags(fs *flag.FlagSet, srv *server.Config, sec *app.SecurityConfig, metricsListen *string, listen, metricsDefault, policyHelp string) {
+	addServerFlags(fs, srv, listen)
+	addDeadlineFlags(fs, srv)
+	addMeshFlags(fs, srv, metricsListen, metricsDefault)
+	addSecurityFlags(fs, sec, policyHelp)
 }
 
 func addServerFlags(fs *flag.FlagSet, cfg *server.Config, listen string) {
 	fs.StringVar(&cfg.Listen, "listen", listen, "gRPC listen address")
 	fs.BoolVar(&cfg.Reflection, "reflection", true, "serve gRPC reflection (for grpcurl)")
 	fs.DurationVar(&cfg.DrainPeriod, "drain-period", server.DefaultDrainPeriod, "on SIGTERM, how long health reports NOT_SERVING while calls are still served, before the listener closes")
-	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", 10*time.Second, "after the drain period, how long in-flight calls may finish")
+	fs.DurationVar(&cfg.GracePeriod, "shutdown-grace", server.DefaultGracePeriod, "after the drain period, how long in-flight calls may finish")
 }
 
 func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {
 	fs.StringVar(&cfg.Addr, "vault-addr", os.Getenv("VAULT_ADDR"), "Vault address (default $VAULT_ADDR)")
 	fs.StringVar(&cfg.Token, "vault-token", "", "Vault token (prefer the environment: FLEETBROKER_VAULT_TOKEN or VAULT_TOKEN)")
-	fs.StringVar(&cfg.Mount, "vault-transit-mount", "transit", "mount path of the transit engine")
+	fs.StringVar(&cfg.Mount, "vault-transit-mount", app.DefaultVaultMount, "mount path of the transit engine")
 	fs.StringVar(&cfg.Key, "vault-transit-key", key, "transit key name (derived=true)")
-	fs.DurationVar(&cfg.Timeout, "vault-timeout", 5*time.Second, "timeout of each Vault call")
+	fs.DurationVar(&cfg.Timeout, "vault-timeout", app.DefaultVaultTimeout, "timeout of each Vault call")
 	fs.StringVar(&cfg.Namespace, "vault-namespace", os.Getenv("VAULT_NAMESPACE"), "Vault Enterprise namespace (default $VAULT_NAMESPACE)")
 	fs.StringVar(&cfg.CACert, "vault-ca-cert", "", "CA bundle for TLS to Vault (default $VAULT_CACERT, else system roots)")
 	fs.StringVar(&cfg.TLSServerName, "vault-tls-server-name", "", "name expected in Vault's certificate (default: the host of --vault-addr)")
-	fs.StringVar(&cfg.Auth.Method, "vault-auth-method", "token", "how to log in to Vault: token, approle or kubernetes (renewed, and logged in again when renewal ends)")
+	fs.StringVar(&cfg.Auth.Method, "vault-auth-method", transit.AuthToken, "how to log in to Vault: token, approle or kubernetes (renewed, and logged in again when renewal ends)")
 	fs.StringVar(&cfg.Auth.RoleIDFile, "vault-approle-role-id-file", "", "approle: file holding the role_id")
 	fs.StringVar(&cfg.Auth.SecretIDFile, "vault-approle-secret-id-file", "", "approle: file holding the secret_id (or a wrapping token for it)")
 	fs.BoolVar(&cfg.Auth.SecretIDWrapped, "vault-approle-secret-id-wrapped", false, "approle: the secret_id file holds a response-wrapping token")
@@ -78,7 +87,7 @@ func addVaultFlags(fs *flag.FlagSet, cfg *app.VaultConfig, key string) {
 // vaultTokenFallback applies VAULT_TOKEN when neither the flag nor
 // FLEETBROKER_VAULT_TOKEN set a token; the token never appears in --help.
 func vaultTokenFallback(cfg *app.VaultConfig) {
-	if cfg.Auth.Method == "token" {
+	if cfg.Auth.Method == transit.AuthToken {
 		cfg.Auth.Method = "" // transit's default; keeps its check that no other method's settings are given
 	}
 	if cfg.Token == "" && cfg.Auth.Method == "" {
@@ -93,12 +102,12 @@ type redisFlags struct {
 
 func addRedisFlags(fs *flag.FlagSet, prefix *string) *redisFlags {
 	r := &redisFlags{}
-	fs.StringVar(&r.addrs, "redis-addr", "localhost:6379", "Redis address; several comma-separated addresses mean Cluster (or Sentinels with --redis-master-name)")
+	fs.StringVar(&r.addrs, "redis-addr", app.DefaultRedisAddr, "Redis address; several comma-separated addresses mean Cluster (or Sentinels with --redis-master-name)")
 	fs.StringVar(&r.cfg.MasterName, "redis-master-name", "", "Sentinel master name (enables Sentinel)")
 	fs.StringVar(&r.cfg.Username, "redis-username", "", "Redis ACL user name")
 	fs.StringVar(&r.cfg.Password, "redis-password", "", "Redis password (prefer FLEETBROKER_REDIS_PASSWORD)")
-	fs.DurationVar(&r.cfg.Timeout, "redis-timeout", 2*time.Second, "dial/read/write timeout of each Redis call")
-	fs.StringVar(prefix, "redis-prefix", "fb", "prefix of every Redis key")
+	fs.DurationVar(&r.cfg.Timeout, "redis-timeout", app.DefaultRedisTimeout, "dial/read/write timeout of each Redis call")
+	fs.StringVar(prefix, "redis-prefix", app.DefaultRedisPrefix, "prefix of every Redis key")
 	fs.BoolVar(&r.cfg.TLS, "redis-tls", false, "connect to Redis over TLS 1.2+ (every Cluster node, or the Sentinels and the master)")
 	fs.StringVar(&r.cfg.TLSCAFile, "redis-tls-ca", "", "PEM CA bundle that verifies Redis server certificates (default: system roots)")
 	fs.StringVar(&r.cfg.TLSCertFile, "redis-tls-cert", "", "PEM client certificate for Redis servers that check clients")
@@ -124,7 +133,7 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 	fs.BoolVar(&cfg.ClientCertOptional, "tls-client-cert-optional", false, "with --tls-client-ca: let clients without a certificate connect (API-key callers, probes); calls without an identity are still refused")
 	fs.BoolVar(&cfg.Insecure, "insecure", false, "serve plaintext (only behind a sidecar that terminates mTLS)")
 	fs.StringVar(&cfg.PolicyFile, "policy", "", policyHelp)
-	fs.StringVar(&cfg.AuditLog, "audit-log", "-", "audit trail file: an intent record is synced before each call runs (the call is refused with UNAVAILABLE when it cannot be) and an outcome after; - for stderr (written, not synced)")
+	fs.StringVar(&cfg.AuditLog, "audit-log", app.DefaultAuditLog, "audit trail file: an intent record is synced before each call runs (the call is refused with UNAVAILABLE when it cannot be) and an outcome after; - for stderr (written, not synced)")
 	fs.StringVar(&cfg.TrustedHeader, "trusted-header", "", "metadata carrying the caller's principal, set by a trusted proxy (with --insecure only); x-forwarded-client-cert is read as Envoy/Istio write it")
 	fs.StringVar(&cfg.TrustedProxies, "trusted-proxies", "", "comma-separated CIDRs whose --trusted-header is believed")
 	fs.BoolVar(&cfg.ClientCNPrincipals, "tls-client-cn-principals", false, "name a client certificate without URI or DNS SAN by its subject CN (principal cn:<CN>); off because any CA can put any text in a CN")
@@ -134,8 +143,8 @@ func addSecurityFlags(fs *flag.FlagSet, cfg *app.SecurityConfig, policyHelp stri
 }
 
 func addDeadlineFlags(fs *flag.FlagSet, cfg *server.Config) {
-	fs.DurationVar(&cfg.DefaultDeadline, "default-deadline", 30*time.Second, "deadline of a unary call whose caller set none")
-	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest inbound message in bytes")
+	fs.DurationVar(&cfg.DefaultDeadline, "default-deadline", server.DefaultDeadline, "deadline of a unary call whose caller set none")
+	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", server.DefaultMaxRecvMsgSize, "largest inbound message in bytes")
 	fs.IntVar(&cfg.MaxConcurrentStreams, "max-concurrent-streams", server.DefaultMaxConcurrentStreams, "calls and streams one client connection may have open at once; more wait for a free one (negative: no bound)")
 }
 

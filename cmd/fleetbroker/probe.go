@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,6 +14,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/fleetbroker/fleetbroker/internal/tlsutil"
 )
 
 // probeUnhealthy is the exit status of a failed probe. Docker's HEALTHCHECK
@@ -129,23 +130,9 @@ func probeCredentials(cfg *probeConfig) (credentials.TransportCredentials, error
 	if (cfg.certFile == "") != (cfg.keyFile == "") {
 		return nil, errors.New("set both --tls-cert and --tls-key, or neither")
 	}
-	tc := &tls.Config{MinVersion: tls.VersionTLS13, ServerName: cfg.serverName}
-	if cfg.caFile != "" {
-		pem, err := os.ReadFile(cfg.caFile)
-		if err != nil {
-			return nil, fmt.Errorf("--tls-ca: %w", err)
-		}
-		tc.RootCAs = x509.NewCertPool()
-		if !tc.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--tls-ca: no PEM certificate in %s", cfg.caFile)
-		}
-	}
-	if cfg.certFile != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.certFile, cfg.keyFile)
-		if err != nil {
-			return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
-		}
-		tc.Certificates = []tls.Certificate{cert}
+	tc, err := tlsutil.StaticClientConfig(tlsutil.Files{CAFile: cfg.caFile, CertFile: cfg.certFile, KeyFile: cfg.keyFile}, cfg.serverName, tls.VersionTLS13)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-ca/--tls-cert/--tls-key: %w", err)
 	}
 	return credentials.NewTLS(tc), nil
 }

@@ -7,7 +7,7 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/internal/httpserve"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )
 
@@ -15,11 +15,11 @@ func runSimulator(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("simulator", flag.ContinueOnError)
 	var listen string
 	cfg := simulator.Config{Demo: true}
-	fs.StringVar(&listen, "listen", ":7480", "HTTP listen address")
+	fs.StringVar(&listen, "listen", simulator.DefaultListen, "HTTP listen address")
 	fs.DurationVar(&cfg.Latency, "latency", 0, "added latency of every reply")
-	fs.DurationVar(&cfg.JWTLifetime, "jwt-lifetime", time.Hour, "lifetime of FleetUp JWTs")
-	fs.DurationVar(&cfg.WialonIdleTimeout, "wialon-idle-timeout", 5*time.Minute, "idle time after which a Wialon session answers error 1")
-	fs.IntVar(&cfg.Units, "units", 50, "units in the demo fleet")
+	fs.DurationVar(&cfg.JWTLifetime, "jwt-lifetime", simulator.DefaultJWTLifetime, "lifetime of FleetUp JWTs")
+	fs.DurationVar(&cfg.WialonIdleTimeout, "wialon-idle-timeout", simulator.DefaultWialonIdleTimeout, "idle time after which a Wialon session answers error 1")
+	fs.IntVar(&cfg.Units, "units", simulator.DefaultUnits, "units in the demo fleet")
 	fs.Float64Var(&cfg.Faults.ErrorRate, "fault-error-rate", 0, "fraction of replies that are 5xx")
 	fs.Float64Var(&cfg.Faults.RateLimitRate, "fault-rate-limit-rate", 0, "fraction of replies that are 429 / Wialon error 1003")
 	fs.Float64Var(&cfg.Faults.SlowRate, "fault-slow-rate", 0, "fraction of replies delayed by --fault-slow-delay")
@@ -40,5 +40,5 @@ func runSimulator(ctx context.Context, args []string) error {
 	}
 	logger.Info("simulator listening", "addr", lis.Addr().String())
 	srv := &http.Server{Handler: simulator.New(cfg).Handler(), ReadHeaderTimeout: 5 * time.Second}
-	return app.ServeHTTP(ctx, srv, lis)
+	return httpserve.Serve(ctx, srv, lis)
 }

@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/fleetbroker/fleetbroker/internal/testserver"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 // TestAgainstDev stores the simulator's demo token under a new id, the way

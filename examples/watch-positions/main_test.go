@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetbroker/fleetbroker/internal/testserver"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 // TestAgainstDev runs the example as its README line says, against

@@ -26,7 +26,6 @@ const (
 	ReasonSessionInvalid       = "SESSION_INVALID"
 	ReasonSessionNotFound      = "SESSION_NOT_FOUND"
 	ReasonScopeMissing         = "SCOPE_MISSING"
-	ReasonTTLTooLong           = "TTL_TOO_LONG"
 	ReasonUpstreamUnavailable  = "UPSTREAM_UNAVAILABLE"
 	ReasonUpstreamRateLimited  = "UPSTREAM_RATE_LIMITED"
 	ReasonUpstreamRefused      = "UPSTREAM_REFUSED"

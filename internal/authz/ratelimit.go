@@ -9,7 +9,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 )
 
 // RateLimits caps requests per authenticated principal, per session handle

@@ -5,12 +5,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"sync"
 	"sync/atomic"
-	"time"
 
-	"github.com/fsnotify/fsnotify"
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 )
 
 // Source gives the policy in force now. Handlers call Current on every
@@ -25,30 +22,18 @@ type Watcher struct {
 	current atomic.Pointer[Policy]
 
 	// Set only by Watch; a Static watcher has none of them.
-	path     string
-	format   string
-	logger   *slog.Logger
-	notify   *fsnotify.Watcher // nil when only polling
-	stop     chan struct{}
-	done     chan struct{}
-	stopOnce sync.Once
+	path   string
+	format string
+	logger *slog.Logger
+	files  *filewatch.Watcher
 
-	// Owned by the loop goroutine once it runs.
+	// Owned by the watch's goroutine once it runs.
 	seen    [sha256.Size]byte // digest of the last content looked at, valid or not
 	stamp   os.FileInfo       // the file's stat at that time; nil if it failed
 	readErr string            // the last read error reported, to report it once
 }
 
 var _ Source = (*Watcher)(nil)
-
-// watchOptions are the timings of a Watcher; tests shorten them.
-type watchOptions struct {
-	notify   bool          // use fsnotify; polling alone otherwise
-	poll     time.Duration // how often to stat the file, in case events are lost
-	debounce time.Duration // quiet time after an event before reading the file
-}
-
-var defaultWatchOptions = watchOptions{notify: true, poll: 5 * time.Second, debounce: 100 * time.Millisecond}
 
 // Static returns a Watcher that always serves p and never reloads, for tests
 // and `fleetbroker dev`. Close does nothing.
@@ -68,10 +53,10 @@ func Static(p *Policy) *Watcher {
 // (the error names the problem, never key material) and the last good
 // policy stays in force.
 func Watch(path string, logger *slog.Logger) (*Watcher, error) {
-	return watch(path, logger, defaultWatchOptions)
+	return watch(path, logger, filewatch.Default)
 }
 
-func watch(path string, logger *slog.Logger, opts watchOptions) (*Watcher, error) {
+func watch(path string, logger *slog.Logger, opts filewatch.Options) (*Watcher, error) {
 	format, err := FormatForPath(path)
 	if err != nil {
 		return nil, err
@@ -83,16 +68,16 @@ func watch(path string, logger *slog.Logger, opts watchOptions) (*Watcher, error
 		path:   path,
 		format: format,
 		logger: logger.With("path", path),
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
 	}
 	if err := w.loadInitial(); err != nil {
 		return nil, err
 	}
-	if opts.notify {
-		w.notify = w.startNotify()
-	}
-	go w.loop(opts)
+	// An event reads the file; a poll only when its stat changed.
+	w.files = filewatch.Start([]string{path}, opts, w.logger, "policy file", func(polled bool) {
+		if !polled || w.statChanged() {
+			w.reload()
+		}
+	})
 	return w, nil
 }
 
@@ -115,24 +100,6 @@ func (w *Watcher) loadInitial() error {
 	return nil
 }
 
-// startNotify watches the file's directory, not the file: a file replaced by
-// rename is a new inode that a watch on the old one would never report.
-// Without fsnotify the poll still notices changes, only later.
-func (w *Watcher) startNotify() *fsnotify.Watcher {
-	n, err := fsnotify.NewWatcher()
-	if err == nil {
-		err = n.Add(filepath.Dir(w.path))
-		if err != nil {
-			n.Close()
-		}
-	}
-	if err != nil {
-		w.logger.Warn("policy file: no change notifications, polling only", "error", err)
-		return nil
-	}
-	return n
-}
-
 // Current returns the policy in force. It never blocks.
 func (w *Watcher) Current() *Policy {
 	return w.current.Load()
@@ -140,55 +107,10 @@ func (w *Watcher) Current() *Policy {
 
 // Close stops watching; Current keeps returning the last good policy.
 func (w *Watcher) Close() error {
-	if w.stop == nil {
+	if w.files == nil {
 		return nil
 	}
-	w.stopOnce.Do(func() { close(w.stop) })
-	<-w.done
-	if w.notify != nil {
-		return w.notify.Close()
-	}
-	return nil
-}
-
-func (w *Watcher) loop(opts watchOptions) {
-	defer close(w.done)
-	var events <-chan fsnotify.Event
-	var errs <-chan error
-	if w.notify != nil {
-		events, errs = w.notify.Events, w.notify.Errors
-	}
-	poll := time.NewTicker(opts.poll)
-	defer poll.Stop()
-	// Writers often truncate, then write, or write in pieces: wait for the
-	// events to settle before reading, rather than parse a half-written file.
-	settle := time.NewTimer(opts.debounce)
-	settle.Stop()
-	defer settle.Stop()
-	for {
-		select {
-		case <-w.stop:
-			return
-		case _, ok := <-events:
-			if !ok {
-				events = nil
-				continue
-			}
-			settle.Reset(opts.debounce)
-		case err, ok := <-errs:
-			if !ok {
-				errs = nil
-				continue
-			}
-			w.logger.Warn("policy file: change notification error", "error", err)
-		case <-settle.C:
-			w.reload()
-		case <-poll.C:
-			if w.statChanged() {
-				w.reload()
-			}
-		}
-	}
+	return w.files.Close()
 }
 
 // statChanged reports whether the file looks different from when it was

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 )
 
@@ -61,7 +62,7 @@ func writeInPlace(t *testing.T, path, data string, mtime time.Time) {
 	}
 }
 
-func startWatch(t *testing.T, opts watchOptions, initial string) (*Watcher, string, *syncBuffer) {
+func startWatch(t *testing.T, opts filewatch.Options, initial string) (*Watcher, string, *syncBuffer) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "policy.yaml")
 	if err := os.WriteFile(path, []byte(initial), 0o600); err != nil {
@@ -96,9 +97,9 @@ func allows(w *Watcher, principal string) func() bool {
 // bad one is logged and leaves the last good policy in force, and a later
 // good change applies again.
 func TestWatchReloads(t *testing.T) {
-	for name, opts := range map[string]watchOptions{
-		"fsnotify": {notify: true, poll: time.Hour, debounce: 20 * time.Millisecond},
-		"poll":     {notify: false, poll: 20 * time.Millisecond},
+	for name, opts := range map[string]filewatch.Options{
+		"fsnotify": {Notify: true, Poll: time.Hour, Settle: 20 * time.Millisecond},
+		"poll":     {Notify: false, Poll: 20 * time.Millisecond},
 	} {
 		t.Run(name, func(t *testing.T) {
 			w, path, logs := startWatch(t, opts, grantYAML("alice"))
@@ -151,7 +152,7 @@ func TestWatchReloads(t *testing.T) {
 // once, not again on every poll or event that finds the same content
 // (here: its modification time touched).
 func TestWatchReportsBadVersionOnce(t *testing.T) {
-	w, path, logs := startWatch(t, watchOptions{notify: false, poll: 5 * time.Millisecond}, grantYAML("alice"))
+	w, path, logs := startWatch(t, filewatch.Options{Notify: false, Poll: 5 * time.Millisecond}, grantYAML("alice"))
 	replaceFile(t, path, "grants: [")
 	waitFor(t, "invalid policy logged", func() bool { return strings.Contains(logs.String(), "policy file invalid") })
 	for i := range 3 {
@@ -243,7 +244,7 @@ func TestWatchConfigMapSwap(t *testing.T) {
 	if err := os.Symlink(filepath.Join("..data", "policy.yaml"), path); err != nil {
 		t.Fatal(err)
 	}
-	w, err := watch(path, nil, watchOptions{notify: true, poll: time.Hour, debounce: 20 * time.Millisecond})
+	w, err := watch(path, nil, filewatch.Options{Notify: true, Poll: time.Hour, Settle: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

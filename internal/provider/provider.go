@@ -338,6 +338,10 @@ type LoginLimits struct {
 	RefusedTTL time.Duration
 }
 
+// DefaultUpstreamTimeout bounds each HTTP call to a provider when the
+// operator set no --upstream-timeout.
+const DefaultUpstreamTimeout = 10 * time.Second
+
 // Factory builds a provider for one process.
 type Factory func(Env) Provider
 
@@ -352,7 +356,7 @@ type Registry struct {
 // one name, or a provider with no name, are an error.
 func NewRegistry(env Env, factories ...Factory) (*Registry, error) {
 	if env.HTTPClient == nil {
-		env.HTTPClient = func(string) *http.Client { return &http.Client{Timeout: 10 * time.Second} }
+		env.HTTPClient = func(string) *http.Client { return &http.Client{Timeout: DefaultUpstreamTimeout} }
 	}
 	if env.Logger == nil {
 		env.Logger = slog.New(slog.DiscardHandler)

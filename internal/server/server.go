@@ -86,6 +86,15 @@ const (
 	// hold an unbounded number of handlers, and the per-handle and
 	// per-tenant stream limits of the gateway still apply within it.
 	DefaultMaxConcurrentStreams = 1000
+	// DefaultGracePeriod is how long shutdown lets in-flight calls finish
+	// after the drain period (--shutdown-grace).
+	DefaultGracePeriod = 10 * time.Second
+	// DefaultDeadline bounds a unary call whose caller set no deadline
+	// (--default-deadline).
+	DefaultDeadline = 30 * time.Second
+	// DefaultMaxRecvMsgSize is the largest inbound message, 1 MiB
+	// (--max-recv-msg-size).
+	DefaultMaxRecvMsgSize = 1 << 20
 )
 
 // LivenessService is a grpc.health.v1 service name that reports SERVING
@@ -198,13 +207,13 @@ func New(cfg Config, register ...func(*grpc.Server)) (*Server, error) {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.GracePeriod <= 0 {
-		cfg.GracePeriod = 10 * time.Second
+		cfg.GracePeriod = DefaultGracePeriod
 	}
 	if cfg.DefaultDeadline <= 0 {
-		cfg.DefaultDeadline = 30 * time.Second
+		cfg.DefaultDeadline = DefaultDeadline
 	}
 	if cfg.MaxRecvMsgSize <= 0 {
-		cfg.MaxRecvMsgSize = 1 << 20
+		cfg.MaxRecvMsgSize = DefaultMaxRecvMsgSize
 	}
 	if cfg.TLS == nil && !cfg.Insecure {
 		return nil, fmt.Errorf("refusing to serve plaintext: set --tls-cert and --tls-key, or --insecure behind a sidecar that terminates mTLS")

@@ -19,6 +19,7 @@ import (
 
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -927,22 +928,62 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
-// TestMetricsOff: without Config.Metrics nothing is recorded anywhere.
+// TestMetricsOff: without Config.Metrics the server records nothing
+// anywhere. A server without its own registry could only reach the
+// process-wide one (prometheus.DefaultRegisterer, where grpc-prometheus
+// and client_golang register by default), so that is where the off case
+// looks; the on case is the control that the same call and the same
+// gathering do show grpc_server_* series when the server has a registry.
 func TestMetricsOff(t *testing.T) {
-	m := telemetry.NewMetrics()
-	ts := startServer(t, server.Config{}, nil)
-	if _, err := credentialsv1.NewCredentialServiceClient(ts.conn).PutCredential(callCtx(t), validPut()); err != nil {
-		t.Fatalf("PutCredential: %v", err)
+	tests := []struct {
+		name       string
+		metrics    *telemetry.Metrics
+		gatherer   func(*telemetry.Metrics) prometheus.Gatherer
+		wantSeries bool
+	}{
+		{"off: nothing in the process-wide registry", nil,
+			func(*telemetry.Metrics) prometheus.Gatherer { return prometheus.DefaultGatherer }, false},
+		{"on: the server's registry counts the call", telemetry.NewMetrics(),
+			func(m *telemetry.Metrics) prometheus.Gatherer { return m.Registry() }, true},
 	}
-	families, err := m.Registry().Gather()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ts := startServer(t, server.Config{Metrics: tt.metrics}, nil)
+			if _, err := credentialsv1.NewCredentialServiceClient(ts.conn).PutCredential(callCtx(t), validPut()); err != nil {
+				t.Fatalf("PutCredential: %v", err)
+			}
+			if got := grpcServerSeries(t, tt.gatherer(tt.metrics)); (len(got) > 0) != tt.wantSeries {
+				t.Errorf("grpc_server_* series with values: %v, want some: %v", got, tt.wantSeries)
+			}
+		})
+	}
+	// Nothing else in this process may have put series there either.
+	if got := grpcServerSeries(t, prometheus.DefaultGatherer); len(got) > 0 {
+		t.Errorf("the process-wide registry holds %v", got)
+	}
+}
+
+// grpcServerSeries names the grpc_server_* families of g that hold a series
+// with a non-zero value (a handled or started call).
+func grpcServerSeries(t *testing.T, g prometheus.Gatherer) []string {
+	t.Helper()
+	families, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	var names []string
 	for _, f := range families {
-		if strings.HasPrefix(f.GetName(), "grpc_server_") && len(f.GetMetric()) > 0 {
-			t.Errorf("%s has series without Config.Metrics", f.GetName())
+		if !strings.HasPrefix(f.GetName(), "grpc_server_") {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if m.GetCounter().GetValue() > 0 || m.GetHistogram().GetSampleCount() > 0 || m.GetGauge().GetValue() > 0 {
+				names = append(names, f.GetName())
+				break
+			}
 		}
 	}
+	return names
 }
 
 // countingListener counts accepted connections.

@@ -189,8 +189,8 @@ func traceExemplar(ctx context.Context) prometheus.Labels {
 // is reported as Other.
 var (
 	providers = set("wialon", "fleetup")
-	// tokenKinds are tokencache.KindWialonEID and KindFleetUpJWT (this
-	// package does not import the gateway's cache).
+	// tokenKinds are wialon.TokenKind and fleetup.TokenKind (this package
+	// imports no provider).
 	tokenKinds = set("wialon-eid", "fleetup-jwt")
 	// upstreamErrorKinds are upstream.Kind's String values, plus the
 	// gateway's own rate budget.

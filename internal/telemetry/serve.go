@@ -2,12 +2,13 @@ package telemetry
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/httpserve"
 )
 
 // Timeouts of the metrics listener. A scrape is one small GET; anything
@@ -17,7 +18,6 @@ const (
 	metricsReadTimeout       = 10 * time.Second
 	metricsWriteTimeout      = 30 * time.Second
 	metricsIdleTimeout       = 2 * time.Minute
-	metricsShutdownTimeout   = 5 * time.Second
 )
 
 // Serve serves h over plain HTTP on addr (--metrics-listen, e.g. ":9090")
@@ -48,25 +48,8 @@ func ServeListener(ctx context.Context, lis net.Listener, h http.Handler, logger
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	logger.Info("metrics listening", "addr", lis.Addr().String())
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(lis) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("metrics: serve: %w", err)
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), metricsShutdownTimeout)
-	defer cancel()
-	err := srv.Shutdown(shutdownCtx)
-	if err != nil {
-		// Scrapes still running after the timeout: cut them.
-		_ = srv.Close()
-	}
-	if serveErr := <-errc; !errors.Is(serveErr, http.ErrServerClosed) {
-		err = errors.Join(err, serveErr)
-	}
-	if err != nil {
-		return fmt.Errorf("metrics: shutdown: %w", err)
+	if err := httpserve.Serve(ctx, srv, lis); err != nil {
+		return fmt.Errorf("metrics: %w", err)
 	}
 	logger.Info("metrics server stopped")
 	return nil

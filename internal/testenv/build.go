@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // buildTimeout bounds one go build: a cold build of the whole binary with
@@ -42,11 +44,11 @@ type buildResult struct {
 func BuildWorkingTree(t testing.TB, pkg string) string {
 	t.Helper()
 	return build(t, "tree:"+pkg, func(ctx context.Context, out string) error {
-		root, err := moduleRoot()
+		root, err := launch.ModuleRoot()
 		if err != nil {
 			return err
 		}
-		return goBuild(ctx, root, pkg, out)
+		return launch.GoBuild(ctx, root, pkg, out)
 	})
 }
 
@@ -59,7 +61,7 @@ func BuildWorkingTree(t testing.TB, pkg string) string {
 func BuildAtCommit(t testing.TB, commit, pkg string) string {
 	t.Helper()
 	return build(t, "commit:"+commit+":"+pkg, func(ctx context.Context, out string) error {
-		root, err := moduleRoot()
+		root, err := launch.ModuleRoot()
 		if err != nil {
 			return err
 		}
@@ -85,7 +87,7 @@ func BuildAtCommit(t testing.TB, commit, pkg string) string {
 		if err != nil {
 			return fmt.Errorf("git rev-parse --show-prefix: %w", err)
 		}
-		return goBuild(ctx, filepath.Join(src, strings.TrimSpace(string(top))), pkg, out)
+		return launch.GoBuild(ctx, filepath.Join(src, strings.TrimSpace(string(top))), pkg, out)
 	})
 }
 
@@ -133,30 +135,6 @@ func removeBuilds() {
 		builds.dir = ""
 		builds.done = map[string]*buildResult{}
 	}
-}
-
-// goBuild runs go build -o out pkg in dir.
-func goBuild(ctx context.Context, dir, pkg, out string) error {
-	// No VCS stamp: the exported tree of a commit has no .git, and a
-	// checkout owned by another user makes git refuse to read it.
-	cmd := exec.CommandContext(ctx, goTool(), "build", "-buildvcs=false", "-o", out, pkg)
-	cmd.Dir = dir
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build %s in %s: %w\n%s", pkg, dir, err, msg)
-	}
-	return nil
-}
-
-// goTool is the go command: on PATH (as it is for go test), else in
-// $GOROOT/bin.
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if root := os.Getenv("GOROOT"); root != "" {
-		return filepath.Join(root, "bin", "go")
-	}
-	return "go" // fails to start, with exec's message
 }
 
 // gitExport writes the tree of commit into dir (git archive, unpacked
@@ -210,24 +188,5 @@ func gitExport(ctx context.Context, root, commit, dir string) error {
 				return err
 			}
 		}
-	}
-}
-
-// moduleRoot is the directory holding go.mod, from the working directory
-// (a package directory under go test) up.
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory")
-		}
-		dir = parent
 	}
 }

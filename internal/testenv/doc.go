@@ -9,6 +9,10 @@
 // an earlier release in git history (BuildWorkingTree, BuildAtCommit). A
 // missing dependency is a test failure, never a skip: in CI the dependency
 // must be installed by .ci/run.
+//
+// The processes themselves are started by internal/testenv/launch, which
+// has no testing dependency and is shared with the benchmark; this package
+// adds the sharing per test binary and the test failures.
 package testenv
 
 import (

@@ -1,20 +1,18 @@
 package testenv
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // Process is a child process of one test — a fleetbroker binary, say —
@@ -29,7 +27,7 @@ type Process struct {
 	LogPath string
 
 	cmd  *exec.Cmd
-	done chan struct{}
+	done <-chan struct{}
 	err  error // cmd.Wait's result, set before done is closed
 
 	stopping sync.Once
@@ -39,30 +37,18 @@ type Process struct {
 // StartProcess starts cmd, whose Stdout and Stderr must be unset, for t.
 func StartProcess(t testing.TB, name string, cmd *exec.Cmd) *Process {
 	t.Helper()
-	p := &Process{Name: name, LogPath: filepath.Join(t.TempDir(), "output.log"), cmd: cmd, done: make(chan struct{})}
+	p := &Process{Name: name, LogPath: filepath.Join(t.TempDir(), "output.log"), cmd: cmd}
 	out, err := os.Create(p.LogPath)
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	defer out.Close() // the child has its own descriptor
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	// Fork from a thread that lives as long as the child: Pdeathsig fires
-	// when the forking thread exits (see redisProc.start).
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
+	exited, err := launch.Fork(cmd, func(waitErr error) { p.err = waitErr })
+	if err != nil {
 		t.Fatalf("testenv: start %s: %v", name, err)
 	}
+	p.done = exited
 	t.Cleanup(func() {
 		if !p.Exited() {
 			p.ended.Store(true)
@@ -141,49 +127,7 @@ func (p *Process) Kill(t testing.TB) {
 }
 
 // ProcStats is what the kernel reports of one process.
-type ProcStats struct {
-	RSS     int64 // resident memory, bytes (VmRSS)
-	FDs     int   // open file descriptors
-	Threads int
-}
+type ProcStats = launch.ProcStats
 
 // ReadProcStats samples process pid from /proc (Linux).
-func ReadProcStats(pid int) (ProcStats, error) {
-	var st ProcStats
-	dir := "/proc/" + strconv.Itoa(pid)
-	f, err := os.Open(dir + "/status")
-	if err != nil {
-		return st, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		name, value, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		fields := strings.Fields(value)
-		switch {
-		case name == "VmRSS" && len(fields) == 2 && fields[1] == "kB":
-			kb, err := strconv.ParseInt(fields[0], 10, 64)
-			if err != nil {
-				return st, fmt.Errorf("%s/status: %q: %w", dir, sc.Text(), err)
-			}
-			st.RSS = kb << 10
-		case name == "Threads" && len(fields) == 1:
-			st.Threads, _ = strconv.Atoi(fields[0])
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return st, err
-	}
-	if st.RSS == 0 {
-		return st, fmt.Errorf("%s/status has no VmRSS", dir)
-	}
-	fds, err := os.ReadDir(dir + "/fd")
-	if err != nil {
-		return st, err
-	}
-	st.FDs = len(fds)
-	return st, nil
-}
+func ReadProcStats(pid int) (ProcStats, error) { return launch.ReadProcStats(pid) }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // RedisCLIBinEnv names the environment variable that overrides the
@@ -42,7 +44,7 @@ func RedisShardedCluster(t testing.TB) RedisDeployment {
 }
 
 func startRedisShardedCluster() (d RedisDeployment, g redisGroup, err error) {
-	bin, err := redisBinary()
+	bin, err := launch.RedisBinary()
 	if err != nil {
 		return RedisDeployment{}, nil, err
 	}
@@ -54,16 +56,16 @@ func startRedisShardedCluster() (d RedisDeployment, g redisGroup, err error) {
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("redis cluster: %w; output of its servers:\n%s", err, g.logs())
-			g.stop()
+			g.Stop()
 			g = nil
 		}
 	}()
 	for i := range redisClusterMasters {
-		p, err := startRedisProc(bin, redisSpec{
-			role:  "cluster node " + strconv.Itoa(i+1),
-			ports: 2,
-			args: func(dir string, ports []int) ([]string, error) {
-				return append(redisBaseArgs(dir),
+		p, err := launch.StartRedis(bin, redisSpec{
+			Role:  "cluster node " + strconv.Itoa(i+1),
+			Ports: 2,
+			Args: func(dir string, ports []int) ([]string, error) {
+				return append(launch.RedisBaseArgs(dir),
 					"--port", strconv.Itoa(ports[0]),
 					"--cluster-enabled", "yes",
 					"--cluster-config-file", filepath.Join(dir, "nodes.conf"),
@@ -78,7 +80,7 @@ func startRedisShardedCluster() (d RedisDeployment, g redisGroup, err error) {
 			return RedisDeployment{}, g, err
 		}
 		g = append(g, p)
-		d.Addrs = append(d.Addrs, p.addr)
+		d.Addrs = append(d.Addrs, p.Addr)
 	}
 	d.Nodes = d.Addrs
 

@@ -44,10 +44,10 @@ func RedisSentinelFailover(t testing.TB) *FailoverSentinel {
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
-	t.Cleanup(g.stop)
+	t.Cleanup(g.Stop)
 	s := &FailoverSentinel{RedisDeployment: d, procs: map[string]*redisProc{}}
 	for _, p := range g {
-		s.procs[p.addr] = p
+		s.procs[p.Addr] = p
 	}
 	return s
 }
@@ -95,8 +95,8 @@ func (s *FailoverSentinel) KillMaster(t testing.TB) string {
 	if p == nil {
 		t.Fatalf("testenv: master %s is not a running node of this deployment", master)
 	}
-	_ = p.cmd.Process.Kill()
-	<-p.done
+	_ = p.Cmd.Process.Kill()
+	<-p.Done
 	return master
 }
 
@@ -167,7 +167,7 @@ func (s *FailoverSentinel) Describe(ctx context.Context) string {
 	logs := map[string]string{}
 	for addr, p := range s.procs {
 		nodes = append(nodes, addr)
-		logs[addr] = p.role + ":\n" + p.log.String()
+		logs[addr] = p.Role + ":\n" + p.Log.String()
 	}
 	s.mu.Unlock()
 	for _, addr := range nodes {

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // RedisProcess is a redis-server that belongs to one test, which may
@@ -27,7 +29,7 @@ type RedisProcess struct {
 // returned once it is in sync.
 func RedisOwn(t testing.TB, replicaOf ...string) *RedisProcess {
 	t.Helper()
-	bin, err := redisBinary()
+	bin, err := launch.RedisBinary()
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
@@ -36,10 +38,10 @@ func RedisOwn(t testing.TB, replicaOf ...string) *RedisProcess {
 	if len(replicaOf) > 0 {
 		role = "own replica of " + replicaOf[0]
 	}
-	p, err := startRedisProc(bin, redisSpec{
-		role: role,
-		args: func(dir string, ports []int) ([]string, error) {
-			args := append(redisBaseArgs(dir), "--port", strconv.Itoa(ports[0]), "--repl-diskless-sync-delay", "0")
+	p, err := launch.StartRedis(bin, redisSpec{
+		Role: role,
+		Args: func(dir string, ports []int) ([]string, error) {
+			args := append(launch.RedisBaseArgs(dir), "--port", strconv.Itoa(ports[0]), "--repl-diskless-sync-delay", "0")
 			if len(replicaOf) > 0 {
 				host, port, err := net.SplitHostPort(replicaOf[0])
 				if err != nil {
@@ -53,33 +55,33 @@ func RedisOwn(t testing.TB, replicaOf ...string) *RedisProcess {
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
-	r := &RedisProcess{Addr: p.addr, p: p}
+	r := &RedisProcess{Addr: p.Addr, p: p}
 	t.Cleanup(func() {
-		_ = p.cmd.Process.Signal(syscall.SIGCONT) // a frozen server cannot stop
-		p.stop()
+		_ = p.Cmd.Process.Signal(syscall.SIGCONT) // a frozen server cannot stop
+		p.Stop()
 	})
 	if len(replicaOf) > 0 {
 		// In sync means a write on the master has reached the replica: a
 		// master starts streaming to a freshly synced replica only after
 		// its first acknowledgement, up to a second after the sync.
-		rc := redis.NewClient(&redis.Options{Addr: p.addr, ContextTimeoutEnabled: true})
+		rc := redis.NewClient(&redis.Options{Addr: p.Addr, ContextTimeoutEnabled: true})
 		defer rc.Close()
 		mc := redis.NewClient(&redis.Options{Addr: replicaOf[0], ContextTimeoutEnabled: true})
 		defer mc.Close()
 		const probe = "testenv:replica-synced"
 		err := redisWaitFor(deadline, "the replica to sync", func(ctx context.Context) error {
-			if err := mc.Set(ctx, probe, p.addr, 0).Err(); err != nil {
+			if err := mc.Set(ctx, probe, p.Addr, 0).Err(); err != nil {
 				return err
 			}
 			got, err := rc.Get(ctx, probe).Result()
-			if err != nil || got != p.addr {
+			if err != nil || got != p.Addr {
 				info, _ := rc.Info(ctx, "replication").Result()
 				return fmt.Errorf("replica not in sync (%v):\n%s", err, info)
 			}
 			return mc.Del(ctx, probe).Err()
 		})
 		if err != nil {
-			t.Fatalf("testenv: %v; its output:\n%s", err, p.log)
+			t.Fatalf("testenv: %v; its output:\n%s", err, p.Log)
 		}
 	}
 	return r
@@ -89,7 +91,7 @@ func RedisOwn(t testing.TB, replicaOf ...string) *RedisProcess {
 // commands are accepted by the kernel, but nothing answers until Thaw.
 func (r *RedisProcess) Freeze(t testing.TB) {
 	t.Helper()
-	if err := r.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := r.p.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatalf("testenv: freeze %s: %v", r.Addr, err)
 	}
 }
@@ -97,7 +99,7 @@ func (r *RedisProcess) Freeze(t testing.TB) {
 // Thaw resumes a frozen server (SIGCONT).
 func (r *RedisProcess) Thaw(t testing.TB) {
 	t.Helper()
-	if err := r.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := r.p.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatalf("testenv: thaw %s: %v", r.Addr, err)
 	}
 }

@@ -5,11 +5,12 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // RestartableRedis is a redis-server of one test that the test can crash
@@ -30,13 +31,13 @@ type RestartableRedis struct {
 // RedisRestartable starts a redis-server for t, stopped when t ends.
 func RedisRestartable(t testing.TB) *RestartableRedis {
 	t.Helper()
-	bin, err := redisBinary()
+	bin, err := launch.RedisBinary()
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	r := &RestartableRedis{bin: bin, dir: t.TempDir()}
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(1)
+		ports, err := launch.FreePorts(1)
 		if err != nil {
 			t.Fatalf("testenv: %v", err)
 		}
@@ -54,31 +55,23 @@ func RedisRestartable(t testing.TB) *RestartableRedis {
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		if r.proc != nil {
-			r.proc.stop()
+			r.proc.Stop()
 		}
 	})
 	return r
 }
 
 func (r *RestartableRedis) start() error {
-	p := &redisProc{
-		role: "restartable redis-server",
-		addr: r.Addr,
-		// dir stays empty: stop must not remove the data directory.
-		log:  &tailBuffer{max: redisLogTail},
-		done: make(chan struct{}),
-	}
-	p.cmd = exec.Command(r.bin,
+	// Dir stays empty: Stop must not remove the data directory.
+	p, err := launch.NewRedisProc("restartable redis-server", r.Addr, "", exec.Command(r.bin,
 		"--bind", "127.0.0.1", "--port", strconv.Itoa(r.port), "--dir", r.dir,
 		"--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-		"--loglevel", "warning")
-	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.start(); err != nil {
+		"--loglevel", "warning"))
+	if err != nil {
 		return err
 	}
-	if err := p.waitReady(time.Now().Add(redisReadyTimeout), redisPing); err != nil {
-		p.stop()
+	if err := p.WaitReady(time.Now().Add(redisReadyTimeout), launch.RedisPing); err != nil {
+		p.Stop()
 		return err
 	}
 	r.mu.Lock()
@@ -98,8 +91,8 @@ func (r *RestartableRedis) Kill(t testing.TB) {
 	if p == nil {
 		t.Fatal("testenv: redis is not running")
 	}
-	_ = p.cmd.Process.Kill()
-	<-p.done
+	_ = p.Cmd.Process.Kill()
+	<-p.Done
 }
 
 // Start starts the killed server again on the same address and data.

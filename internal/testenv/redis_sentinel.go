@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 const (
@@ -52,7 +54,7 @@ type sentinelLayout struct {
 }
 
 func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisGroup, err error) {
-	bin, err := redisBinary()
+	bin, err := launch.RedisBinary()
 	if err != nil {
 		return RedisDeployment{}, nil, err
 	}
@@ -60,12 +62,12 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("redis sentinel: %w; output of its servers:\n%s", err, g.logs())
-			g.stop()
+			g.Stop()
 			g = nil
 		}
 	}()
 	start := func(spec redisSpec) (*redisProc, error) {
-		p, err := startRedisProc(bin, spec, deadline)
+		p, err := launch.StartRedis(bin, spec, deadline)
 		if err == nil {
 			g = append(g, p)
 		}
@@ -73,9 +75,9 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 	}
 
 	master, err := start(redisSpec{
-		role: "master",
-		args: func(dir string, ports []int) ([]string, error) {
-			return append(redisBaseArgs(dir),
+		Role: "master",
+		Args: func(dir string, ports []int) ([]string, error) {
+			return append(launch.RedisBaseArgs(dir),
 				"--port", strconv.Itoa(ports[0]),
 				// Sync a replica at once, not after the default 5 s
 				// wait for more replicas to share the transfer.
@@ -86,13 +88,13 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 	if err != nil {
 		return RedisDeployment{}, g, err
 	}
-	masterHost, masterPort, _ := net.SplitHostPort(master.addr)
+	masterHost, masterPort, _ := net.SplitHostPort(master.Addr)
 	var replicas []string
 	for i := range max(layout.replicas, 1) {
 		replica, err := start(redisSpec{
-			role: "replica " + strconv.Itoa(i+1),
-			args: func(dir string, ports []int) ([]string, error) {
-				return append(redisBaseArgs(dir),
+			Role: "replica " + strconv.Itoa(i+1),
+			Args: func(dir string, ports []int) ([]string, error) {
+				return append(launch.RedisBaseArgs(dir),
 					"--port", strconv.Itoa(ports[0]),
 					"--replicaof", masterHost, masterPort,
 					"--repl-diskless-sync-delay", "0", // a replica promoted by a failover syncs the other at once
@@ -102,14 +104,14 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 		if err != nil {
 			return RedisDeployment{}, g, err
 		}
-		replicas = append(replicas, replica.addr)
+		replicas = append(replicas, replica.Addr)
 	}
 	for i := range redisSentinels {
 		s, err := start(redisSpec{
-			role: "sentinel " + strconv.Itoa(i+1),
+			Role: "sentinel " + strconv.Itoa(i+1),
 			// A Sentinel takes its settings from a file it can rewrite:
 			// it records what it learns (replicas, peers, epochs) there.
-			args: func(dir string, ports []int) ([]string, error) {
+			Args: func(dir string, ports []int) ([]string, error) {
 				conf := filepath.Join(dir, "sentinel.conf")
 				text := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %q\nsentinel monitor %s %s %s %d\n",
 					ports[0], dir, RedisSentinelMasterName, masterHost, masterPort, redisSentinelQuorum)
@@ -128,10 +130,10 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 		if err != nil {
 			return RedisDeployment{}, g, err
 		}
-		d.Addrs = append(d.Addrs, s.addr)
+		d.Addrs = append(d.Addrs, s.Addr)
 	}
 	d.MasterName = RedisSentinelMasterName
-	d.Nodes = append([]string{master.addr}, replicas...)
+	d.Nodes = append([]string{master.Addr}, replicas...)
 
 	// A replica still syncing answers reads with an error, and Sentinels
 	// learn the replica from the master's INFO a moment after they start.
@@ -155,7 +157,7 @@ func startSentinelDeployment(layout sentinelLayout) (d RedisDeployment, g redisG
 	for _, addr := range d.Addrs {
 		sc := redis.NewSentinelClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
 		err := redisWaitFor(deadline, "sentinel "+addr+" to know the master and its replicas", func(ctx context.Context) error {
-			return redisSentinelReady(ctx, sc, master.addr, replicas...)
+			return redisSentinelReady(ctx, sc, master.Addr, replicas...)
 		})
 		_ = sc.Close()
 		if err != nil {

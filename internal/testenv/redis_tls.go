@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // RedisTLSUser is the ACL user of every RedisTLS server.
@@ -39,7 +41,7 @@ type RedisTLSServer struct {
 // milliseconds.
 func RedisTLS(t testing.TB) RedisTLSServer {
 	t.Helper()
-	bin, err := redisBinary()
+	bin, err := launch.RedisBinary()
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
@@ -51,9 +53,9 @@ func RedisTLS(t testing.TB) RedisTLSServer {
 	}
 	s := RedisTLSServer{PKI: pki, Username: RedisTLSUser, Password: hex.EncodeToString(secret)}
 	probeTLS := s.TLSConfig(t)
-	p, err := startRedisProc(bin, redisSpec{
-		role: "TLS redis-server",
-		args: func(dir string, ports []int) ([]string, error) {
+	p, err := launch.StartRedis(bin, redisSpec{
+		Role: "TLS redis-server",
+		Args: func(dir string, ports []int) ([]string, error) {
 			// The users go in a file, not the command line, where every
 			// local user could read the password in the process list.
 			conf := filepath.Join(dir, "redis.conf")
@@ -62,7 +64,7 @@ func RedisTLS(t testing.TB) RedisTLSServer {
 			if err := os.WriteFile(conf, []byte(acl), 0o600); err != nil {
 				return nil, err
 			}
-			return append([]string{conf}, append(redisBaseArgs(dir),
+			return append([]string{conf}, append(launch.RedisBaseArgs(dir),
 				"--port", "0",
 				"--tls-port", strconv.Itoa(ports[0]),
 				"--tls-cert-file", certFile,
@@ -71,8 +73,8 @@ func RedisTLS(t testing.TB) RedisTLSServer {
 				"--tls-auth-clients", "optional",
 			)...), nil
 		},
-		probe: func(addr string) error {
-			return redisProbe(func() (net.Conn, error) {
+		Probe: func(addr string) error {
+			return launch.RedisProbe(func() (net.Conn, error) {
 				return tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", addr, probeTLS)
 			}, s.Username, s.Password)
 		},
@@ -80,8 +82,8 @@ func RedisTLS(t testing.TB) RedisTLSServer {
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
-	t.Cleanup(p.stop)
-	s.Addr = p.addr
+	t.Cleanup(p.Stop)
+	s.Addr = p.Addr
 	return s
 }
 

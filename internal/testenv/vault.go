@@ -2,34 +2,22 @@ package testenv
 
 import (
 	"bytes"
-	"context"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
-	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // VaultBinEnv names the environment variable that points at a vault binary.
-const VaultBinEnv = "FLEETBROKER_VAULT_BIN"
+const VaultBinEnv = launch.VaultBinEnv
 
-// vaultStartTimeout bounds how long a dev server may take to answer
-// sys/health; a cold start under -race on a busy CI box takes a few seconds.
-const vaultStartTimeout = 60 * time.Second
+// vaultStartTimeout bounds how long a server may take to answer sys/health.
+const vaultStartTimeout = launch.VaultStartTimeout
 
 // VaultServer is a running Vault dev server with the transit engine mounted
 // at "transit/". It is shared by every test in the binary: use a fresh key
@@ -47,8 +35,7 @@ var vaultState struct {
 	once    sync.Once
 	server  VaultServer
 	err     error
-	cmd     *exec.Cmd
-	exited  chan struct{} // closed when cmd has been waited for
+	proc    *launch.VaultDev
 	logPath string
 	stopMu  sync.Mutex
 }
@@ -73,11 +60,11 @@ func Vault(t testing.TB) VaultServer {
 func StopVault() {
 	vaultState.stopMu.Lock()
 	defer vaultState.stopMu.Unlock()
-	if vaultState.cmd == nil {
+	if vaultState.proc == nil {
 		return
 	}
-	(&vaultProc{cmd: vaultState.cmd, exited: vaultState.exited}).stop()
-	vaultState.cmd = nil
+	vaultState.proc.Stop()
+	vaultState.proc = nil
 	_ = os.Remove(vaultState.logPath)
 }
 
@@ -91,7 +78,7 @@ func (VaultServer) NewKeyName(t testing.TB) string {
 	if len(name) > 48 {
 		name = name[len(name)-48:]
 	}
-	return "t-" + strings.Trim(name, "-") + "-" + vaultRandomHex(4)
+	return "t-" + strings.Trim(name, "-") + "-" + launch.RandomHex(4)
 }
 
 // VaultTLS starts a Vault dev server that serves only TLS (vault server
@@ -100,7 +87,7 @@ func (VaultServer) NewKeyName(t testing.TB) string {
 // directory. It takes a second or two to start.
 func VaultTLS(t testing.TB) VaultServer {
 	t.Helper()
-	bin, err := findVaultBinary()
+	bin, err := launch.VaultBinary()
 	if err != nil {
 		t.Fatalf("testenv: vault TLS dev server: %v", err)
 	}
@@ -115,10 +102,10 @@ func VaultTLS(t testing.TB) VaultServer {
 		if err != nil {
 			t.Fatalf("testenv: %v", err)
 		}
-		p, err := startVaultProc(bin, logFile, certDir)
+		p, err := launch.StartVaultDev(bin, logFile, certDir)
 		if err == nil {
-			t.Cleanup(p.stop)
-			return p.server
+			t.Cleanup(p.Stop)
+			return vaultServer(p)
 		}
 		if attempt == 3 {
 			t.Fatalf("testenv: vault TLS dev server: %v\n--- tail of %s ---\n%s", err, logFile.Name(), vaultLogTail(logFile.Name()))
@@ -127,7 +114,7 @@ func VaultTLS(t testing.TB) VaultServer {
 }
 
 func startVault() (VaultServer, error) {
-	bin, err := findVaultBinary()
+	bin, err := launch.VaultBinary()
 	if err != nil {
 		return VaultServer{}, err
 	}
@@ -141,10 +128,10 @@ func startVault() (VaultServer, error) {
 	// The free port can be taken between probing and Vault binding it, so
 	// retry a few times on a fresh port before giving up.
 	for attempt := 1; ; attempt++ {
-		p, err := startVaultProc(bin, logFile, "")
+		p, err := launch.StartVaultDev(bin, logFile, "")
 		if err == nil {
-			vaultState.cmd, vaultState.exited = p.cmd, p.exited
-			return p.server, nil
+			vaultState.proc = p
+			return vaultServer(p), nil
 		}
 		if attempt == 3 {
 			return VaultServer{}, fmt.Errorf("%w\n--- tail of %s ---\n%s", err, logFile.Name(), vaultLogTail(logFile.Name()))
@@ -152,77 +139,9 @@ func startVault() (VaultServer, error) {
 	}
 }
 
-// vaultProc is a started and ready dev server.
-type vaultProc struct {
-	server VaultServer
-	cmd    *exec.Cmd
-	exited chan struct{} // closed when cmd has been waited for
-}
-
-func (p *vaultProc) stop() {
-	_ = p.cmd.Process.Kill()
-	<-p.exited
-}
-
-// startVaultProc starts a dev server on a free loopback port, waits until
-// it is ready and mounts transit. A non-empty tlsDir makes it a -dev-tls
-// server writing its CA and certificate there.
-func startVaultProc(bin string, logFile *os.File, tlsDir string) (*vaultProc, error) {
-	port, err := vaultFreePort()
-	if err != nil {
-		return nil, err
-	}
-	hostPort := net.JoinHostPort("127.0.0.1", port)
-	srv := VaultServer{Addr: "http://" + hostPort, RootToken: "root-" + vaultRandomHex(16)}
-	args := []string{"server", "-dev",
-		"-dev-root-token-id=" + srv.RootToken,
-		"-dev-listen-address=" + hostPort,
-		"-dev-no-store-token", // never overwrite the developer's ~/.vault-token
-	}
-	if tlsDir != "" {
-		srv.Addr = "https://" + hostPort
-		srv.CACert = filepath.Join(tlsDir, "vault-ca.pem")
-		args = append(args, "-dev-tls", "-dev-tls-cert-dir="+tlsDir)
-	}
-
-	cmd := exec.Command(bin, args...)
-	cmd.Env = vaultChildEnv()
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	// Kill the server if the test binary dies without stopping it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	fmt.Fprintf(logFile, "--- %s (attempt on %s) ---\n", bin, hostPort)
-	p := &vaultProc{server: srv, cmd: cmd, exited: make(chan struct{})}
-	// Fork from a goroutine locked to its OS thread until the server exits:
-	// Pdeathsig fires when the forking *thread* ends, and the runtime ends
-	// a thread whose locked goroutine returns (RedisOwn's servers do, mid
-	// run), which would kill a server forked earlier on that thread.
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		// No UnlockOSThread: the thread exits with this goroutine, which
-		// only returns after the child is gone.
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		_ = cmd.Wait()
-		close(p.exited)
-	}()
-	if err := <-started; err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-
-	client, err := waitVaultReady(srv, p.exited)
-	if err != nil {
-		p.stop()
-		return nil, err
-	}
-	if err := vaultRequest(srv, client, http.MethodPost, "sys/mounts/transit", `{"type":"transit"}`); err != nil {
-		p.stop()
-		return nil, fmt.Errorf("enable transit: %w", err)
-	}
-	return p, nil
+// vaultServer is what the tests see of a dev server.
+func vaultServer(p *launch.VaultDev) VaultServer {
+	return VaultServer{Addr: p.Addr, RootToken: p.RootToken, CACert: p.CACert}
 }
 
 // VaultBinary returns the vault binary the dev servers run, for tests that
@@ -230,134 +149,11 @@ func startVaultProc(bin string, logFile *os.File, tlsDir string) (*vaultProc, er
 // there is none.
 func VaultBinary(t testing.TB) string {
 	t.Helper()
-	bin, err := findVaultBinary()
+	bin, err := launch.VaultBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
 	return bin
-}
-
-// findVaultBinary looks in $FLEETBROKER_VAULT_BIN, then PATH, then the
-// place `make tools` installs to.
-func findVaultBinary() (string, error) {
-	if bin := os.Getenv(VaultBinEnv); bin != "" {
-		if _, err := os.Stat(bin); err != nil {
-			return "", fmt.Errorf("%s=%s: %w (unset it to use the vault that `make tools` builds)", VaultBinEnv, bin, err)
-		}
-		return bin, nil
-	}
-	if bin, err := exec.LookPath("vault"); err == nil {
-		return bin, nil
-	}
-	var tried string
-	if home, err := os.UserHomeDir(); err == nil {
-		tried = filepath.Join(home, ".cache", "fleetbroker", "tools", "bin", "vault")
-		if _, err := os.Stat(tried); err == nil {
-			return tried, nil
-		}
-	}
-	return "", fmt.Errorf("no vault binary: set %s, put vault on PATH, or run `make tools` "+
-		"(builds Vault from tools/vault into %s)", VaultBinEnv, tried)
-}
-
-// vaultChildEnv drops VAULT_* variables so a developer's own Vault settings
-// cannot change how the dev server starts.
-func vaultChildEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "VAULT_") {
-			env = append(env, kv)
-		}
-	}
-	return env
-}
-
-// waitVaultReady polls sys/health until the server is initialized and
-// unsealed, the process exits, or vaultStartTimeout passes. It returns a
-// client that trusts the server.
-func waitVaultReady(srv VaultServer, exited <-chan struct{}) (*http.Client, error) {
-	deadline := time.Now().Add(vaultStartTimeout)
-	var client *http.Client
-	for {
-		if client == nil {
-			client, _ = vaultHTTPClient(srv) // a TLS server writes its CA as it starts
-		}
-		if client != nil && vaultHealthy(client, srv) {
-			return client, nil
-		}
-		select {
-		case <-exited:
-			return nil, errors.New("vault exited before it became ready")
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("vault not ready after %s", vaultStartTimeout)
-		}
-	}
-}
-
-// vaultHTTPClient returns a client for srv, trusting its CA if it has one.
-func vaultHTTPClient(srv VaultServer) (*http.Client, error) {
-	if srv.CACert == "" {
-		return &http.Client{}, nil
-	}
-	pem, err := os.ReadFile(srv.CACert)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("no certificate in %s", srv.CACert)
-	}
-	transport := http.DefaultTransport.(*http.Transport).Clone()
-	transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-	return &http.Client{Transport: transport}, nil
-}
-
-func vaultHealthy(client *http.Client, srv VaultServer) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.Addr+"/v1/sys/health", nil)
-	if err != nil {
-		return false
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return false
-	}
-	resp.Body.Close()
-	return resp.StatusCode == http.StatusOK
-}
-
-// vaultRequest sends one authenticated request with a JSON body.
-func vaultRequest(srv VaultServer, client *http.Client, method, path, body string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, srv.Addr+"/v1/"+path, strings.NewReader(body))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("X-Vault-Token", srv.RootToken)
-	resp, err := client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("%s %s: status %d: %s", method, path, resp.StatusCode, bytes.TrimSpace(msg))
-	}
-	return nil
-}
-
-func vaultFreePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	_, port, err := net.SplitHostPort(l.Addr().String())
-	return port, err
 }
 
 // vaultLogTail returns the last lines of the server log, for failure
@@ -375,10 +171,4 @@ func vaultLogTail(path string) string {
 		}
 	}
 	return string(data)
-}
-
-func vaultRandomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // never fails since Go 1.24
-	return hex.EncodeToString(b)
 }

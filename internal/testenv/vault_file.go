@@ -10,12 +10,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 )
 
 // VaultFileServer is a real `vault server` — not dev mode — on file storage
@@ -43,24 +45,24 @@ type VaultFileServer struct {
 // fileVaultProc is one run of the server process.
 type fileVaultProc struct {
 	cmd    *exec.Cmd
-	exited chan struct{}
+	exited <-chan struct{}
 }
 
 // VaultFile starts an uninitialized Vault server on file storage for t.
 func VaultFile(t testing.TB) *VaultFileServer {
 	t.Helper()
-	bin, err := findVaultBinary()
+	bin, err := launch.VaultBinary()
 	if err != nil {
 		t.Fatalf("testenv: vault file server: %v", err)
 	}
 	dir := t.TempDir()
 	s := &VaultFileServer{bin: bin, dir: dir, logPath: filepath.Join(dir, "vault.log")}
 	for attempt := 1; ; attempt++ {
-		port, err := vaultFreePort()
+		ports, err := launch.FreePorts(1)
 		if err != nil {
 			t.Fatalf("testenv: %v", err)
 		}
-		s.hostPort = net.JoinHostPort("127.0.0.1", port)
+		s.hostPort = net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0]))
 		s.Addr = "http://" + s.hostPort
 		if err = s.writeConfig(); err == nil {
 			err = s.start()
@@ -97,27 +99,14 @@ func (s *VaultFileServer) start() error {
 	}
 	defer logFile.Close() // the child has its own descriptor
 	cmd := exec.Command(s.bin, "server", "-config="+filepath.Join(s.dir, "vault.hcl"))
-	cmd.Env = vaultChildEnv()
+	cmd.Env = launch.VaultChildEnv()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	fmt.Fprintf(logFile, "--- %s on %s ---\n", s.bin, s.hostPort)
-	p := &fileVaultProc{cmd: cmd, exited: make(chan struct{})}
-	// Fork from a thread that lives as long as the child: Pdeathsig fires
-	// when the forking thread exits (see redisProc.start).
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		_ = cmd.Wait()
-		close(p.exited)
-	}()
-	if err := <-started; err != nil {
+	exited, err := launch.Fork(cmd, nil)
+	if err != nil {
 		return fmt.Errorf("start %s: %w", s.bin, err)
 	}
+	p := &fileVaultProc{cmd: cmd, exited: exited}
 	deadline := time.Now().Add(vaultStartTimeout)
 	for {
 		if _, err := s.sealStatus(); err == nil {
@@ -242,7 +231,7 @@ func (s *VaultFileServer) WaitActive(t testing.TB) {
 	t.Helper()
 	client := &http.Client{}
 	deadline := time.Now().Add(vaultStartTimeout)
-	for !vaultHealthy(client, VaultServer{Addr: s.Addr}) {
+	for !launch.VaultHealthy(client, s.Addr) {
 		if time.Now().After(deadline) {
 			t.Fatalf("testenv: vault not active after %s\n--- tail of %s ---\n%s", vaultStartTimeout, s.logPath, vaultLogTail(s.logPath))
 		}

@@ -11,30 +11,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
-	"slices"
-	"sync"
 	"sync/atomic"
-	"time"
 
-	"github.com/fsnotify/fsnotify"
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 )
-
-// watchOptions says how a Reloader notices changed files. Tests shorten it;
-// production uses defaultWatch.
-type watchOptions struct {
-	// fsnotify watches the files' directories for changes.
-	fsnotify bool
-	// poll re-checks the files regardless of events: a fallback for
-	// filesystems without notifications and for missed events.
-	poll time.Duration
-	// settle waits for a burst of events (a rename, a symlink swap, a
-	// certificate and its key written one after the other) to end before
-	// reading, so the files are read once and, ideally, as a consistent set.
-	settle time.Duration
-}
-
-var defaultWatch = watchOptions{fsnotify: true, poll: 5 * time.Second, settle: 100 * time.Millisecond}
 
 // Reloader keeps the TLS material of a configuration from NewServerConfig or
 // NewClientConfig in step with its files until Close.
@@ -42,17 +22,12 @@ type Reloader struct {
 	logger    *slog.Logger
 	keyPair   *material[tls.Certificate] // nil on a client without a certificate
 	clientCAs *material[x509.CertPool]   // nil unless a server verifies clients
-	watcher   *fsnotify.Watcher          // nil when polling only
-
-	stop      chan struct{}
-	done      chan struct{}
-	closeOnce sync.Once
-	closeErr  error
+	files     *filewatch.Watcher         // nil when there is nothing to watch
 }
 
 // newReloader loads every material once, failing if any does not load, and
 // then watches their files. Either material may be nil.
-func newReloader(logger *slog.Logger, w watchOptions, keyPair *material[tls.Certificate], clientCAs *material[x509.CertPool]) (*Reloader, error) {
+func newReloader(logger *slog.Logger, w filewatch.Options, keyPair *material[tls.Certificate], clientCAs *material[x509.CertPool]) (*Reloader, error) {
 	if logger == nil {
 		logger = slog.Default()
 	}
@@ -60,36 +35,32 @@ func newReloader(logger *slog.Logger, w watchOptions, keyPair *material[tls.Cert
 		logger:    logger,
 		keyPair:   keyPair,
 		clientCAs: clientCAs,
-		stop:      make(chan struct{}),
-		done:      make(chan struct{}),
 	}
 	for _, m := range r.materials() {
 		if _, err := m.refresh(); err != nil {
 			return nil, fmt.Errorf("load %s from %v: %w", m.kind(), m.files(), err)
 		}
 	}
-	if len(r.materials()) == 0 {
-		close(r.done) // nothing to watch
-		return r, nil
+	var files []string
+	for _, m := range r.materials() {
+		files = append(files, m.files()...)
 	}
-	if w.fsnotify {
-		r.watcher = r.watchDirs()
+	if len(files) == 0 {
+		return r, nil // nothing to watch
 	}
-	go r.run(w)
+	// Every check re-reads the files; it is cheap, and reloads only what
+	// changed (see refreshAll).
+	r.files = filewatch.Start(files, w, logger, "tls", func(bool) { r.refreshAll() })
 	return r, nil
 }
 
 // Close stops watching the files. The configuration keeps serving the
 // material loaded last. Close may be called more than once.
 func (r *Reloader) Close() error {
-	r.closeOnce.Do(func() {
-		close(r.stop)
-		<-r.done
-		if r.watcher != nil {
-			r.closeErr = r.watcher.Close()
-		}
-	})
-	return r.closeErr
+	if r.files == nil {
+		return nil
+	}
+	return r.files.Close()
 }
 
 // refresher is a material of any type, for the loop that refreshes them all.
@@ -109,70 +80,6 @@ func (r *Reloader) materials() []refresher {
 		ms = append(ms, r.clientCAs)
 	}
 	return ms
-}
-
-// watchDirs watches the directories holding the files, not the files:
-// editors and Kubernetes replace a file by renaming another over it (or by
-// swapping a symlinked directory), which a watch on the old file would not
-// see. Failing to watch is not fatal, since polling still runs.
-func (r *Reloader) watchDirs() *fsnotify.Watcher {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		r.logger.Warn("tls: cannot watch certificate files, polling only", "error", err)
-		return nil
-	}
-	var dirs []string
-	for _, m := range r.materials() {
-		for _, f := range m.files() {
-			dirs = append(dirs, filepath.Dir(f))
-		}
-	}
-	slices.Sort(dirs)
-	for _, dir := range slices.Compact(dirs) {
-		if err := w.Add(dir); err != nil {
-			r.logger.Warn("tls: cannot watch directory, polling only", "dir", dir, "error", err)
-		}
-	}
-	return w
-}
-
-// run reloads on file events and on every poll tick until Close. Any event
-// in a watched directory triggers a check, not only events naming the files:
-// a Kubernetes secret update renames "..data", never the file itself. The
-// check is cheap and reloads only if the files' contents changed.
-func (r *Reloader) run(w watchOptions) {
-	defer close(r.done)
-	var events <-chan fsnotify.Event
-	var errs <-chan error
-	if r.watcher != nil {
-		events, errs = r.watcher.Events, r.watcher.Errors
-	}
-	poll := time.NewTicker(w.poll)
-	defer poll.Stop()
-	settle := time.NewTimer(w.settle)
-	settle.Stop()
-	for {
-		select {
-		case <-r.stop:
-			return
-		case _, ok := <-events:
-			if !ok {
-				events = nil
-				continue
-			}
-			settle.Reset(w.settle)
-		case err, ok := <-errs:
-			if !ok {
-				errs = nil
-				continue
-			}
-			r.logger.Warn("tls: file watch error, polling still runs", "error", err)
-		case <-settle.C:
-			r.refreshAll()
-		case <-poll.C:
-			r.refreshAll()
-		}
-	}
 }
 
 // refreshAll reloads whatever changed. A failure keeps the material in use

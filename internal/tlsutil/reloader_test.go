@@ -9,11 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 )
 
 // pollOnly disables file notifications, so only polling can reload.
-var pollOnly = watchOptions{fsnotify: false, poll: 20 * time.Millisecond, settle: 10 * time.Millisecond}
+var pollOnly = filewatch.Options{Notify: false, Poll: 20 * time.Millisecond, Settle: 10 * time.Millisecond}
 
 func TestPollingReloadsWithoutNotifications(t *testing.T) {
 	pki := testenv.NewPKI(t)
@@ -51,7 +52,7 @@ func TestCloseStopsReloading(t *testing.T) {
 	}
 
 	pki.Issue(t, "server", testenv.IssueOptions{Server: true})
-	time.Sleep(10 * pollOnly.poll) // long enough for a running poll to notice
+	time.Sleep(10 * pollOnly.Poll) // long enough for a running poll to notice
 	if servedSerial(r) != before {
 		t.Error("certificate reloaded after Close")
 	}

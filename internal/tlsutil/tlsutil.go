@@ -17,6 +17,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+
+	"github.com/fleetbroker/fleetbroker/internal/filewatch"
 )
 
 // Files names the PEM files of one TLS identity.
@@ -42,10 +44,10 @@ type Files struct {
 // certificate, key and CA are reloaded when their files change; Close the
 // Reloader when the server is done.
 func NewServerConfig(f Files, logger *slog.Logger) (*Reloader, *tls.Config, error) {
-	return newServerConfig(f, logger, defaultWatch)
+	return newServerConfig(f, logger, filewatch.Default)
 }
 
-func newServerConfig(f Files, logger *slog.Logger, w watchOptions) (*Reloader, *tls.Config, error) {
+func newServerConfig(f Files, logger *slog.Logger, w filewatch.Options) (*Reloader, *tls.Config, error) {
 	if f.CertFile == "" || f.KeyFile == "" {
 		return nil, nil, errors.New("tls server: certificate and key files are required")
 	}
@@ -97,10 +99,10 @@ func requireClientCerts(cfg *tls.Config, r *Reloader) {
 // The trusted CAs are read once: a client picks up a rotated server CA on
 // restart, so rotate by adding the new CA to the bundle first.
 func NewClientConfig(f Files, serverName string, logger *slog.Logger) (*Reloader, *tls.Config, error) {
-	return newClientConfig(f, serverName, logger, defaultWatch)
+	return newClientConfig(f, serverName, logger, filewatch.Default)
 }
 
-func newClientConfig(f Files, serverName string, logger *slog.Logger, w watchOptions) (*Reloader, *tls.Config, error) {
+func newClientConfig(f Files, serverName string, logger *slog.Logger, w filewatch.Options) (*Reloader, *tls.Config, error) {
 	if (f.CertFile == "") != (f.KeyFile == "") {
 		return nil, nil, errors.New("tls client: set both the certificate and the key file, or neither")
 	}
@@ -138,4 +140,31 @@ func loadCAs(caFile string) (*x509.CertPool, error) {
 		return nil, fmt.Errorf("load CAs from %s: %w", caFile, err)
 	}
 	return pool, nil
+}
+
+// StaticClientConfig is a client TLS configuration read once from f (CA
+// bundle and, optionally, client certificate and key), for a client that
+// lives for one call (fleetbroker probe) or whose library takes a fixed
+// configuration (the Redis client). Without f.CAFile the system roots are
+// trusted. Errors name the file at fault, never its contents.
+func StaticClientConfig(f Files, serverName string, minVersion uint16) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: minVersion, ServerName: serverName}
+	if f.CAFile != "" {
+		pem, err := os.ReadFile(f.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("CA: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA: no PEM certificate in %s", f.CAFile)
+		}
+	}
+	if f.CertFile != "" || f.KeyFile != "" {
+		cert, err := tls.LoadX509KeyPair(f.CertFile, f.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
 }

@@ -8,3 +8,8 @@ func QueuedItems(b *Batching, op string) int {
 	defer c.mu.Unlock()
 	return c.queued
 }
+
+// Logins is the number of successful logins of v with the configured auth
+// method so far, the one in NewVault included; always 0 for the token
+// method.
+func (v *Vault) Logins() int64 { return v.logins.Load() }

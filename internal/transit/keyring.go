@@ -87,17 +87,7 @@ func (k *Keyring) Decrypt(ctx context.Context, tenant string, items []Item) ([][
 // Rewrap decrypts and re-encrypts each item under the newest version,
 // keeping its associated data.
 func (k *Keyring) Rewrap(ctx context.Context, tenant string, items []Item) ([]string, error) {
-	const op = "rewrap"
-	plaintexts, err := k.decrypt(ctx, op, tenant, items)
-	if err != nil {
-		return nil, err
-	}
-	defer zeroAll(plaintexts)
-	fresh := make([]Item, len(items))
-	for i, it := range items {
-		fresh[i] = Item{AssociatedData: it.AssociatedData, Plaintext: plaintexts[i]}
-	}
-	return k.encrypt(ctx, op, tenant, fresh)
+	return rewrap(ctx, tenant, items, k.decrypt, k.encrypt)
 }
 
 // GenerateDataKey returns a random 256-bit key and its wrapped form, bound

@@ -97,3 +97,23 @@ func requireTenant(impl, op, tenant string) error {
 	}
 	return nil
 }
+
+// rewrap decrypts items and seals them again under the newest key version
+// with the same associated data (both implementations' Rewrap). The
+// plaintexts exist only in this process's memory in between and are zeroed
+// afterwards.
+func rewrap(ctx context.Context, tenant string, items []Item,
+	decrypt func(ctx context.Context, op, tenant string, items []Item) ([][]byte, error),
+	encrypt func(ctx context.Context, op, tenant string, items []Item) ([]string, error)) ([]string, error) {
+	const op = "rewrap"
+	plaintexts, err := decrypt(ctx, op, tenant, items)
+	if err != nil {
+		return nil, err
+	}
+	defer zeroAll(plaintexts)
+	fresh := make([]Item, len(items))
+	for i, it := range items {
+		fresh[i] = Item{AssociatedData: it.AssociatedData, Plaintext: plaintexts[i]}
+	}
+	return encrypt(ctx, op, tenant, fresh)
+}

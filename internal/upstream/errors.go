@@ -7,7 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -121,4 +124,30 @@ func TransportError(ctx context.Context, provider, op string, err error) *Error 
 		return &Error{Kind: KindNotAllowed, Provider: provider, Op: op, Err: err}
 	}
 	return &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: err}
+}
+
+// ContextError reports the caller's cancellation or deadline: KindUnavailable
+// (no answer was had) wrapping the context error, so errors.Is(err,
+// context.DeadlineExceeded) works.
+func ContextError(provider, op string, err error) *Error {
+	return &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: err}
+}
+
+// Malformed reports a reply that could not be decoded.
+func Malformed(provider, op string, err error) *Error {
+	return &Error{Kind: KindInternal, Provider: provider, Op: op, Reason: "malformed reply", Err: err}
+}
+
+// RetryAfter reads a Retry-After header — whole seconds or an HTTP date —
+// capped at an hour; a missing, invalid or past value is fallback.
+func RetryAfter(v string, fallback time.Duration) time.Duration {
+	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && secs > 0 {
+		return time.Duration(min(secs, 3600)) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		if d := time.Until(t); d > 0 {
+			return min(d, time.Hour)
+		}
+	}
+	return fallback
 }

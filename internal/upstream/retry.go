@@ -1,90 +1,23 @@
 package upstream
 
 import (
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"math/rand/v2"
 	"net/url"
 	"strings"
-	"time"
 	"unicode"
 )
 
-// RetryPolicy bounds retries of idempotent upstream reads.
-type RetryPolicy struct {
-	Attempts           int
-	MinDelay, MaxDelay time.Duration
-}
-
-// minAttemptBudget is the least time Retry counts another attempt as
-// needing, however fast the last one failed.
-const minAttemptBudget = 50 * time.Millisecond
-
-// ErrOutOfTime is wrapped by the error Retry returns when it stopped
-// because the caller's deadline left no room for another attempt (or the
-// deadline cut the last one short): a caller with more time may try again,
-// where a caller that ran out of attempts has the upstream's verdict.
+// ErrOutOfTime is wrapped by the error of a retry loop that stopped because
+// the caller's deadline left no room for another attempt (or the deadline
+// cut the last one short): a caller with more time may try again, where a
+// caller that ran out of attempts has the upstream's verdict.
 var ErrOutOfTime = errors.New("no time left before the deadline for another attempt")
 
-// Retry runs f up to p.Attempts times while it fails with KindUnavailable,
-// pausing a jittered delay between tries (so replicas retrying together do
-// not hit the provider in step), and returns the value of the last try.
-// Each try returns its own value: nothing a failed try decoded can leak
-// into the result of the next. Only idempotent reads may use it.
-//
-// Retries are budgeted inside ctx's deadline: another try starts only if
-// the pause and a try as long as the last one took both fit before the
-// deadline. Otherwise the last failure is returned as it is (wrapping
-// ErrOutOfTime), so a slow upstream is reported as unavailable within the
-// caller's deadline instead of as the deadline itself.
-func Retry[T any](ctx context.Context, p RetryPolicy, provider, op string, f func() (T, error)) (T, error) {
-	var zero T
-	attempts := max(p.Attempts, 1)
-	var last time.Duration
-	for i := range attempts {
-		if i > 0 {
-			d := p.MinDelay
-			if span := p.MaxDelay - p.MinDelay; span > 0 {
-				d += rand.N(span)
-			}
-			t := time.NewTimer(d)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return zero, &Error{Kind: KindUnavailable, Provider: provider, Op: op, Err: ctx.Err()}
-			}
-		}
-		start := time.Now()
-		v, err := f()
-		last = time.Since(start)
-		if err == nil {
-			return v, nil
-		}
-		if KindOf(err) != KindUnavailable || i == attempts-1 {
-			return zero, err
-		}
-		if ctx.Err() != nil {
-			return zero, outOfTime{err}
-		}
-		if !fits(ctx, p.MaxDelay+max(last, minAttemptBudget)) {
-			return zero, outOfTime{err}
-		}
-	}
-	return zero, nil // unreachable: the last try returns
-}
-
-// fits reports whether need fits before ctx's deadline (always, without one).
-func fits(ctx context.Context, need time.Duration) bool {
-	deadline, ok := ctx.Deadline()
-	return !ok || time.Until(deadline) >= need
-}
-
 // OutOfTime marks err, a failure its caller did not try again for want of
-// time before the deadline, as ErrOutOfTime: for retry loops of their own
-// (Wialon's), so they report running out of time as Retry does.
+// time before the deadline, as ErrOutOfTime, so every provider's retry loop
+// reports running out of time alike.
 func OutOfTime(err error) error {
 	if err == nil || errors.Is(err, ErrOutOfTime) {
 		return err
@@ -92,7 +25,7 @@ func OutOfTime(err error) error {
 	return outOfTime{err}
 }
 
-// outOfTime is a failure Retry did not retry for want of time. It is the
+// outOfTime is a failure not retried for want of time. It is the
 // failure itself (errors.As finds its *Error) and ErrOutOfTime.
 type outOfTime struct{ err error }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/authn"
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/requestid"
 )
@@ -119,9 +120,7 @@ func newConnector(cfg ConnectConfig, providers *provider.Registry) (*connector, 
 	if cfg.Client == nil {
 		return nil, errors.New("wialon authorization: a Redis client is required")
 	}
-	if cfg.Prefix == "" {
-		cfg.Prefix = "fb"
-	}
+	cfg.Prefix = keyspace.Prefix(cfg.Prefix)
 	p, pages, err := connectorOf(providers)
 	if err != nil {
 		return nil, fmt.Errorf("wialon authorization: %w", err)
@@ -133,7 +132,7 @@ func newConnector(cfg ConnectConfig, providers *provider.Registry) (*connector, 
 	if cfg.ReturnURLs == nil || len(cfg.ReturnURLs.entries) == 0 {
 		return nil, errors.New("wialon authorization: the return URL allow-list is empty (--authorize-return-urls)")
 	}
-	public, err := parsePublicURL(cfg.PublicURL)
+	public, err := ParsePublicURL(cfg.PublicURL)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +154,9 @@ func newConnector(cfg ConnectConfig, providers *provider.Registry) (*connector, 
 	return c, nil
 }
 
-func parsePublicURL(raw string) (*url.URL, error) {
+// ParsePublicURL checks the callback listener's URL as browsers reach it
+// (--public-url): scheme://host[:port][/path], https unless on loopback.
+func ParsePublicURL(raw string) (*url.URL, error) {
 	u, err := url.Parse(strings.TrimRight(raw, "/"))
 	switch {
 	case raw == "":
@@ -199,6 +200,9 @@ func (c *connector) loginURL(baseURL, state, rights string, duration time.Durati
 type ReturnURLs struct {
 	entries []*url.URL
 }
+
+// Len is how many return URLs the list allows.
+func (r *ReturnURLs) Len() int { return len(r.entries) }
 
 // ParseReturnURLs parses a comma-separated allow-list.
 func ParseReturnURLs(list string) (*ReturnURLs, error) {

@@ -18,6 +18,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 )
@@ -113,9 +114,7 @@ func NewEvents(cfg EventsConfig) (*Events, error) {
 	if cfg.Client == nil {
 		return nil, errors.New("credential events: a Redis client is required")
 	}
-	if cfg.Prefix == "" {
-		cfg.Prefix = "fb"
-	}
+	cfg.Prefix = keyspace.Prefix(cfg.Prefix)
 	if strings.ContainsAny(cfg.Prefix, "{}") {
 		return nil, fmt.Errorf("credential events: prefix %q must not contain '{' or '}'", cfg.Prefix)
 	}

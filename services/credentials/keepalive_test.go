@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )

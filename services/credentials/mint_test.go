@@ -8,9 +8,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 )
 
 // issueResolved issues a handle for tenant/id and resolves it.

@@ -92,12 +92,16 @@ func (s *Service) sealRecord(ctx context.Context, rec *store.Credential, sec sec
 		v  int
 		fp string
 	)
-	g, gctx := errgroup.WithContext(ctx)
+	// Not errgroup.WithContext: a failed HMAC must not cancel the encrypt,
+	// whose own failure says more (a missing key is found by a check after
+	// the refused encrypt, which a cancelled context would cut short and
+	// report as Vault unavailable).
+	var g errgroup.Group
 	g.Go(func() (err error) {
-		fp, err = s.fingerprint(gctx, rec.TenantID, sec)
+		fp, err = s.fingerprint(ctx, rec.TenantID, sec)
 		return err
 	})
-	ct, v, err := s.seal(gctx, *rec, sec)
+	ct, v, err := s.seal(ctx, *rec, sec)
 	if gerr := g.Wait(); err == nil {
 		err = gerr
 	}

@@ -24,6 +24,7 @@ import (
 
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/policy"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
@@ -130,9 +131,7 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	if cfg.RedisPrefix == "" {
-		cfg.RedisPrefix = "fb"
-	}
+	cfg.RedisPrefix = keyspace.Prefix(cfg.RedisPrefix)
 	s := &Service{cfg: cfg}
 	if cfg.Connect != nil {
 		conn, err := newConnector(*cfg.Connect, cfg.Providers)

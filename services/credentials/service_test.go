@@ -13,16 +13,13 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
@@ -30,6 +27,7 @@ import (
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -173,34 +171,17 @@ func (h *harness) start(t *testing.T, opts harnessOptions) {
 		AllowedUpstreams:           strings.TrimPrefix(h.simURL, "http://"),
 		MaxSessionTTL:              time.Hour,
 		UpstreamTimeout:            2 * time.Second,
-		HandleKeys:                 h.keys,
-		LegacyHandles:              handle.NewLegacyWindow(h.rdb, h.prefix),
 		WriteLegacyFormats:         opts.writeLegacy,
 		RefuseLegacyAssociatedData: opts.refuseLegacyAD,
 	}
 	for _, f := range opts.adjust {
 		f(&cfg)
 	}
-	svc, err := app.NewCredentialsService(cfg, h.store, h.transit, logger)
+	svc, err := app.NewCredentialsService(cfg, app.Deps{Logger: logger, Store: h.store, Transit: h.transit, HandleKeys: h.keys})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(server.Config{Logger: logger, Reflection: true, Insecure: true}, svc.Register)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis := bufconn.Listen(1 << 20)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.ServeListener(ctx, lis); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn, _ := testserver.ServeConfig(t, server.Config{Logger: logger, Reflection: true}, svc.Register)
 	h.creds, h.sessions, h.svc = credentialsv1.NewCredentialServiceClient(conn), credentialsv1.NewSessionServiceClient(conn), svc
 	h.dump = dumpRedis(t, h.rdb, h.prefix)
 }

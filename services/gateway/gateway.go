@@ -14,7 +14,6 @@
 package gateway
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -29,12 +28,13 @@ import (
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 
@@ -135,6 +135,11 @@ type Service struct {
 	purgeDone sync.WaitGroup
 }
 
+// MaxHandleCacheTTL bounds --handle-cache-ttl (Config.HandleCacheTTL):
+// revocation must stay prompt. The composition root checks it before
+// building anything.
+const MaxHandleCacheTTL = maxHandleCacheTTL
+
 // New checks cfg and returns the gateway, with its periodic purge running
 // until Close.
 func New(cfg Config) (*Service, error) {
@@ -148,8 +153,8 @@ func New(cfg Config) (*Service, error) {
 		}
 		cfg.AllowList = allow
 	}
-	if cfg.HandleCacheTTL < 0 || cfg.HandleCacheTTL > maxHandleCacheTTL {
-		return nil, fmt.Errorf("gateway: handle cache TTL must be between 0 and %s", maxHandleCacheTTL)
+	if cfg.HandleCacheTTL < 0 || cfg.HandleCacheTTL > MaxHandleCacheTTL {
+		return nil, fmt.Errorf("gateway: handle cache TTL must be between 0 and %s", MaxHandleCacheTTL)
 	}
 	if cfg.PurgeInterval == 0 {
 		cfg.PurgeInterval = DefaultPurgeInterval
@@ -169,12 +174,13 @@ func New(cfg Config) (*Service, error) {
 	if cfg.MaxStreamsPerTenant == 0 {
 		cfg.MaxStreamsPerTenant = DefaultMaxStreamsPerTenant
 	}
+	cfg.RedisPrefix = keyspace.Prefix(cfg.RedisPrefix)
 	// The credentials service's statuses are made for the gateway, never
 	// for its callers: mark them as such (errors.go).
 	cfg.Sessions = remoteSessions{cfg.Sessions}
 	// Legacy (CRC32) handles pass until the credentials service records
 	// that they have all expired, under the same prefix as its own keys.
-	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cmp.Or(cfg.RedisPrefix, "fb"))}
+	verifier := handle.Verifier{Keys: cfg.HandleKeys, Legacy: handle.NewLegacyWindow(cfg.Redis, cfg.RedisPrefix)}
 	prefix := cfg.RedisPrefix + ":gw"
 	s := &Service{cfg: cfg, resolver: newResolver(cfg.Sessions, verifier, cfg.HandleCacheTTL, cfg.InvalidHandleRate, cfg.InvalidHandleBurst),
 		locks:  &sessionLock{client: cfg.Redis, prefix: prefix, ttl: sessionLockTTL},

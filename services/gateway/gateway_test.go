@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"regexp"
 	"strings"
 	"sync"
@@ -16,25 +15,23 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
-	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/internal/transit"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/credentials/store"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
+	"github.com/fleetbroker/fleetbroker/test/testserver"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -80,16 +77,15 @@ type stack struct {
 	credentials func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient
 }
 
-// countingSessions counts ResolveSession calls on their way to the
+// countResolves counts ResolveSession calls on their way to the
 // credentials service.
-type countingSessions struct {
-	credentialsv1.SessionServiceClient
-	n *atomic.Int64
-}
-
-func (c countingSessions) ResolveSession(ctx context.Context, in *credentialsv1.ResolveSessionRequest, opts ...grpc.CallOption) (*credentialsv1.ResolveSessionResponse, error) {
-	c.n.Add(1)
-	return c.SessionServiceClient.ResolveSession(ctx, in, opts...)
+func countResolves(n *atomic.Int64) grpc.DialOption {
+	return grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if method == credentialsv1.SessionService_ResolveSession_FullMethodName {
+			n.Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
 }
 
 type stackOptions struct {
@@ -148,22 +144,24 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second, Providers: opts.providers,
-		HandleKeys: st.handleKeys, LegacyHandles: handle.NewLegacyWindow(st.redis, st.prefix)},
-		store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+	credDeps := app.Deps{Logger: logger, Providers: opts.providers, HandleKeys: st.handleKeys,
+		Store: store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), Transit: credTransit}
+	credSvc, err := app.NewCredentialsService(app.CredentialsConfig{AllowedUpstreams: allowed, UpstreamTimeout: 5 * time.Second}, credDeps)
 	if err != nil {
 		t.Fatal(err)
 	}
 	st.credSvc = credSvc
-	credConn := serve(t, logger, credSvc.Register)
+	credConn, dialCreds := testserver.ServeDial(t, logger, credSvc.Register)
 	st.credentials = func(t *testing.T, cfg app.CredentialsConfig) credentialsv1.CredentialServiceClient {
 		t.Helper()
-		cfg.AllowedUpstreams, cfg.UpstreamTimeout, cfg.HandleKeys = allowed, 5*time.Second, st.handleKeys
-		svc, err := app.NewCredentialsService(cfg, store.NewRedis(st.redis, store.RedisOptions{Prefix: st.prefix}), credTransit, logger)
+		cfg.AllowedUpstreams, cfg.UpstreamTimeout = allowed, 5*time.Second
+		d := credDeps
+		d.Providers = nil
+		svc, err := app.NewCredentialsService(cfg, d)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return credentialsv1.NewCredentialServiceClient(serve(t, logger, svc.Register))
+		return credentialsv1.NewCredentialServiceClient(testserver.Serve(t, logger, svc.Register))
 	}
 	st.creds = credentialsv1.NewCredentialServiceClient(credConn)
 	st.sessions = credentialsv1.NewSessionServiceClient(credConn)
@@ -178,20 +176,19 @@ func newStack(t *testing.T, opts stackOptions) *stack {
 			UpstreamTimeout:  5 * time.Second,
 			PurgeInterval:    -1, // tests purge explicitly (PurgeRetired)
 			WialonSessionTTL: opts.wialonSessionTTL,
-			Providers:        opts.providers,
-			HandleKeys:       st.handleKeys,
-		}, countingSessions{credentialsv1.NewSessionServiceClient(credConn), st.resolves}, rs.Client(t), newVault(t, vs, gwKey), logger)
+		}, app.Deps{Logger: logger, Providers: opts.providers, HandleKeys: st.handleKeys,
+			CredentialsConn: dialCreds(countResolves(st.resolves)), Redis: rs.Client(t), Transit: newVault(t, vs, gwKey)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(gw.Close)
 		st.services = append(st.services, gw)
-		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(serve(t, logger, gw.Register)))
+		st.gateways = append(st.gateways, telematicsv1.NewTelematicsServiceClient(testserver.Serve(t, logger, gw.Register)))
 	}
 	return st
 }
 
-func newVault(t *testing.T, vs testenv.VaultServer, key string) transit.Transit {
+func newVault(t *testing.T, vs testenv.VaultServer, key string) *transit.Vault {
 	t.Helper()
 	v, err := transit.NewVault(context.Background(), transit.VaultConfig{Addr: vs.Addr, Token: vs.RootToken, Key: key}, slog.New(slog.DiscardHandler))
 	if err != nil {
@@ -202,28 +199,6 @@ func newVault(t *testing.T, vs testenv.VaultServer, key string) transit.Transit 
 		t.Fatal(err)
 	}
 	return v
-}
-
-// serve runs services on a bufconn server and returns a client connection.
-func serve(t *testing.T, logger *slog.Logger, register ...func(*grpc.Server)) *grpc.ClientConn {
-	t.Helper()
-	srv, err := server.New(server.Config{Logger: logger, Insecure: true}, register...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis := bufconn.Listen(1 << 20)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = srv.ServeListener(ctx, lis); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
 }
 
 func (st *stack) putWialon(t *testing.T, id string) {

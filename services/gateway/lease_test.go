@@ -10,6 +10,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
@@ -28,7 +29,7 @@ func leaseReplicasOn(t *testing.T, rs interface {
 	for i := range out {
 		out[i] = &sessionLeases{client: rs.Client(t), prefix: prefix, logger: slog.New(slog.DiscardHandler)}
 	}
-	return out, tokencache.Key{Tenant: "t", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: tokencache.KindWialonEID}
+	return out, tokencache.Key{Tenant: "t", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: wialon.TokenKind}
 }
 
 // Slots are counted across replicas: never more than the limit at once.

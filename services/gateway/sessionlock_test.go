@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
 	"github.com/fleetbroker/fleetbroker/internal/testenv"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
@@ -17,7 +18,7 @@ func TestSessionLockSerializesAcrossReplicas(t *testing.T) {
 		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
 		{client: rs.Client(t), prefix: prefix, ttl: 5 * time.Second},
 	}
-	key := tokencache.Key{Tenant: "t", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: tokencache.KindWialonEID}
+	key := tokencache.Key{Tenant: "t", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: wialon.TokenKind}
 	var inside, maxInside atomic.Int32
 	done := make(chan struct{})
 	for i := range 6 {

@@ -14,8 +14,8 @@ import (
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
 	"github.com/fleetbroker/fleetbroker/internal/authz"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
+	"github.com/fleetbroker/fleetbroker/internal/ratelimit"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
-	"github.com/fleetbroker/fleetbroker/services/gateway/ratelimit"
 	"github.com/fleetbroker/fleetbroker/services/gateway/tokencache"
 )
 

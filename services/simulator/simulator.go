@@ -31,6 +31,16 @@ import (
 	"time"
 )
 
+// Defaults of Config (and of `fleetbroker simulator`'s flags).
+const (
+	DefaultListen = ":7480"
+	// DefaultJWTLifetime is FleetUp's: an hour.
+	DefaultJWTLifetime = time.Hour
+	// DefaultWialonIdleTimeout is Wialon's: a session idle this long ends.
+	DefaultWialonIdleTimeout = 5 * time.Minute
+	DefaultUnits             = 50
+)
+
 // Demo credentials, registered when Config.Demo is true, so that
 // `fleetbroker dev` works with nothing configured. They open only the
 // simulator.
@@ -177,13 +187,13 @@ type account struct {
 // New returns a simulator with cfg's defaults filled in.
 func New(cfg Config) *Simulator {
 	if cfg.JWTLifetime <= 0 {
-		cfg.JWTLifetime = 3600 * time.Second
+		cfg.JWTLifetime = DefaultJWTLifetime
 	}
 	if cfg.WialonIdleTimeout <= 0 {
-		cfg.WialonIdleTimeout = 5 * time.Minute
+		cfg.WialonIdleTimeout = DefaultWialonIdleTimeout
 	}
 	if cfg.Units <= 0 {
-		cfg.Units = 50
+		cfg.Units = DefaultUnits
 	}
 	cfg.fillWialonLimits()
 	if cfg.Now == nil {

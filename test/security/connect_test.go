@@ -18,10 +18,10 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/requestid"
 	"github.com/fleetbroker/fleetbroker/internal/telemetry"
@@ -53,12 +53,12 @@ func startConnect(t *testing.T, opts Options) *connectStack {
 	cs := &connectStack{publicURL: "https://localhost:" + fmt.Sprint(lis.Addr().(*net.TCPAddr).Port), returnURL: ret.URL + "/settings/wialon", metrics: telemetry.NewMetrics()}
 	inner := opts.Credentials
 	opts.Credentials = func(c *app.CredentialsConfig) {
-		c.Authorize = app.AuthorizeConfig{Listener: lis, PublicURL: cs.publicURL, ReturnURLs: ret.URL + "/settings"}
-		c.Metrics = cs.metrics
+		c.Authorize = app.AuthorizeConfig{PublicURL: cs.publicURL, ReturnURLs: ret.URL + "/settings"}
 		if inner != nil {
 			inner(c)
 		}
 	}
+	opts.CredentialsDeps = func(d *app.Deps) { d.AuthorizeListener, d.Metrics = lis, cs.metrics }
 	cs.Stack = Start(t, opts)
 	roots := x509.NewCertPool()
 	pem, err := os.ReadFile(cs.PKI.CAFile())

@@ -2,7 +2,6 @@ package security_test
 
 import (
 	"context"
-	"log/slog"
 	"reflect"
 	"strings"
 	"testing"
@@ -11,9 +10,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/provider/fleetup"
 	"github.com/fleetbroker/fleetbroker/internal/provider/wialon"
@@ -28,10 +27,10 @@ import (
 // again and again; acme's calls must not lose a single slot to it.
 func TestFleetUpBudgetsAreNotKeyedByTypedAccounts(t *testing.T) {
 	const bogusSecret = "globex-bogus-secret-canary-5d1e"
-	s := Start(t, Options{Gateway: func(c *app.GatewayConfig) {
+	s := Start(t, Options{GatewayDeps: func(d *app.Deps) {
 		// Three slots and then one an hour: any slot the attacker spends
 		// from acme's budget shows as a refused acme call, with no timing.
-		c.Providers = []provider.Factory{wialon.NewProvider, func(env provider.Env) provider.Provider {
+		d.Providers = []provider.Factory{wialon.NewProvider, func(env provider.Env) provider.Provider {
 			env.Tuning.AccountLimit = provider.Limit{Rate: 1, Period: time.Hour, Burst: 3}
 			return fleetup.NewProvider(env)
 		}}
@@ -134,7 +133,7 @@ func TestFleetUpRawPassThroughIsAnAllowList(t *testing.T) {
 	t.Run("an operator cannot allow /token", func(t *testing.T) {
 		for _, list := range []string{"/token", "/devices,/TOKEN", "/devices/../token", "/token."} {
 			cfg := app.GatewayConfig{FleetUpRawPaths: list}
-			if _, _, err := app.BuildGateway(context.Background(), cfg, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "--fleetup-raw-paths") {
+			if _, err := app.BuildGateway(context.Background(), cfg, app.Deps{}); err == nil || !strings.Contains(err.Error(), "--fleetup-raw-paths") {
 				t.Errorf("--fleetup-raw-paths %q: %v, want refused", list, err)
 			}
 		}

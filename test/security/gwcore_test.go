@@ -22,10 +22,10 @@ import (
 	"google.golang.org/protobuf/encoding/prototext"
 
 	"github.com/fleetbroker/fleetbroker/client"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
 	"github.com/fleetbroker/fleetbroker/internal/apierr"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
 	"github.com/fleetbroker/fleetbroker/services/simulator"
 )

@@ -35,8 +35,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	credentialsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/credentials/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 	"github.com/fleetbroker/fleetbroker/internal/audit"
 	"github.com/fleetbroker/fleetbroker/internal/handle"
 	"github.com/fleetbroker/fleetbroker/internal/server"
@@ -113,6 +113,11 @@ type Options struct {
 	// services are built.
 	Credentials func(*app.CredentialsConfig)
 	Gateway     func(*app.GatewayConfig)
+	// CredentialsDeps adjusts the parts the credentials service is built
+	// with (a listener, metrics).
+	CredentialsDeps func(*app.Deps)
+	// GatewayDeps adjusts the parts the gateway is built with (providers).
+	GatewayDeps func(*app.Deps)
 	// NoSeed skips storing the seeded credentials.
 	NoSeed bool
 }
@@ -190,8 +195,7 @@ func Start(t *testing.T, opts Options) *Stack {
 		t.Fatal(err)
 	}
 	credCfg := app.CredentialsConfig{
-		HandleKeys: handleKeys,
-		Server:     server.Config{Reflection: true},
+		Server: server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: credCert, TLSKey: credKeyFile, TLSClientCA: s.PKI.CAFile(),
 			PolicyFile: s.PolicyFile, AuditLog: s.CredsAudit,
@@ -204,8 +208,12 @@ func Start(t *testing.T, opts Options) *Stack {
 	if opts.Credentials != nil {
 		opts.Credentials(&credCfg)
 	}
+	credDeps := app.Deps{Logger: logger, HandleKeys: handleKeys}
+	if opts.CredentialsDeps != nil {
+		opts.CredentialsDeps(&credDeps)
+	}
 	s.Credentials, s.CredsAddr = serve(t, func(ctx context.Context) (*server.Server, func(), error) {
-		built, closeAll, err := app.BuildCredentialsServers(ctx, credCfg, logger)
+		built, err := app.BuildCredentials(ctx, credCfg, credDeps)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -213,11 +221,10 @@ func Start(t *testing.T, opts Options) *Stack {
 		// work run beside the gRPC port until the test ends.
 		beside := make(chan struct{})
 		go func() { defer close(beside); _ = built.ServeBeside(ctx) }()
-		return built.GRPC, func() { <-beside; closeAll() }, nil
+		return built.GRPC, func() { <-beside; built.Close() }, nil
 	})
 	gwCfg := app.GatewayConfig{
-		HandleKeys: handleKeys,
-		Server:     server.Config{Reflection: true},
+		Server: server.Config{Reflection: true},
 		Security: app.SecurityConfig{
 			TLSCert: gwCert, TLSKey: gwKeyFile, TLSClientCA: s.PKI.CAFile(),
 			AuditLog: s.GatewayAudit,
@@ -234,8 +241,16 @@ func Start(t *testing.T, opts Options) *Stack {
 	if opts.Gateway != nil {
 		opts.Gateway(&gwCfg)
 	}
+	gwDeps := app.Deps{Logger: logger, HandleKeys: handleKeys}
+	if opts.GatewayDeps != nil {
+		opts.GatewayDeps(&gwDeps)
+	}
 	s.Gateway, s.GatewayAddr = serve(t, func(ctx context.Context) (*server.Server, func(), error) {
-		return app.BuildGateway(ctx, gwCfg, logger)
+		built, err := app.BuildGateway(ctx, gwCfg, gwDeps)
+		if err != nil {
+			return nil, nil, err
+		}
+		return built.GRPC, built.Close, nil
 	})
 	if !opts.NoSeed {
 		s.seed(t)

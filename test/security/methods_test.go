@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fleetbroker/fleetbroker/internal/app"
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	"github.com/fleetbroker/fleetbroker/internal/server"
 	"github.com/fleetbroker/fleetbroker/services/credentials"
 	"github.com/fleetbroker/fleetbroker/services/gateway"
@@ -78,7 +78,7 @@ func TestDevRefusesNonLoopback(t *testing.T) {
 			errc := make(chan error, 1)
 			go func() {
 				errc <- app.RunDev(ctx, app.DevConfig{Listen: tt.listen, SimulatorListen: "127.0.0.1:0", MetricsListen: tt.metrics,
-					ListenAnywhere: tt.anywhere, FleetUpRate: 50, Out: out}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+					ListenAnywhere: tt.anywhere, FleetUpRate: 50}, out, slog.New(slog.NewTextHandler(io.Discard, nil)))
 			}()
 			if tt.wantErr != "" {
 				err := <-errc

@@ -8,8 +8,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fleetbroker/fleetbroker/cmd/fleetbroker/app"
 	telematicsv1 "github.com/fleetbroker/fleetbroker/gen/go/fleetbroker/telematics/v1"
-	"github.com/fleetbroker/fleetbroker/internal/app"
 )
 
 // TestAnonymousCallersShareNoBudget is finding 5: on a gateway without

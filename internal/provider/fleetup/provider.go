@@ -24,12 +24,16 @@ const (
 	// DefaultExpiryMargin: a JWT is dropped this long before its exp, so it
 	// is minted again ahead of expiry, never used stale.
 	DefaultExpiryMargin = 2 * time.Minute
+	// DefaultAccountRate and DefaultAccountBurst are FleetUp's requested
+	// pace: about one request per second per account, with a small burst
+	// so a caller's list-then-detail pair is not spread over two seconds
+	// (--fleetup-rate, --fleetup-burst).
+	DefaultAccountRate  = 1
+	DefaultAccountBurst = 2
 )
 
-// DefaultAccountLimit is FleetUp's requested pace: about one request per
-// second per account, with a small burst so a caller's list-then-detail
-// pair is not spread over two seconds.
-var DefaultAccountLimit = provider.Limit{Rate: 1, Period: time.Second, Burst: 2}
+// DefaultAccountLimit is the budget of an account when the operator set none.
+var DefaultAccountLimit = provider.Limit{Rate: DefaultAccountRate, Period: time.Second, Burst: DefaultAccountBurst}
 
 // Provider is FleetUp behind the provider seam.
 type Provider struct {

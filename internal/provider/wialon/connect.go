@@ -97,6 +97,12 @@ func exceedsAccess(got, asked int64) bool {
 // ParseRights implements provider.Connector: "" is online tracking (0x100),
 // the least a read-only integration needs; -1 needs allowUnlimited.
 func (p *Provider) ParseRights(rights string, allowUnlimited bool) (string, error) {
+	return ParseRights(rights, allowUnlimited)
+}
+
+// ParseRights reads the rights a connect flow asks for (--wialon-access-type)
+// and returns them as login.html takes them; see Provider.ParseRights.
+func ParseRights(rights string, allowUnlimited bool) (string, error) {
 	t := int64(AccessOnlineTracking)
 	if strings.TrimSpace(rights) != "" {
 		var err error

@@ -14,6 +14,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/fleetbroker/fleetbroker/internal/keyspace"
 	"github.com/fleetbroker/fleetbroker/internal/provider"
 	"github.com/fleetbroker/fleetbroker/internal/upstream"
 )
@@ -123,9 +124,7 @@ func newLoginGuard(env provider.Env) *loginGuard {
 	l := env.Tuning.LoginLimits
 	g := &loginGuard{rdb: env.Redis, prefix: env.RedisPrefix, group: l.EgressGroup,
 		succeeded: l.Succeeded, failed: l.Failed, refusedTTL: l.RefusedTTL, local: newLocalLogins()}
-	if g.prefix == "" {
-		g.prefix = "fb"
-	}
+	g.prefix = keyspace.Prefix(g.prefix)
 	if g.group == "" {
 		g.group = DefaultEgressGroup
 	}

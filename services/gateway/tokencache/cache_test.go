@@ -69,12 +69,12 @@ func TestGetOrMintKeysAreIndependent(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		c := replicas(t, b, newTransit(t), 1, Options{})[0]
 		keys := []Key{
-			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
-			{Tenant: "acme", Credential: "c1", Generation: "g2", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
-			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://other.example", Kind: KindFleetUpJWT},
-			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindWialonEID},
-			{Tenant: "acme", Credential: "c2", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
-			{Tenant: "globex", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: jwtKind},
+			{Tenant: "acme", Credential: "c1", Generation: "g2", BaseURL: "https://up.example", Kind: jwtKind},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://other.example", Kind: jwtKind},
+			{Tenant: "acme", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: eidKind},
+			{Tenant: "acme", Credential: "c2", Generation: "g1", BaseURL: "https://up.example", Kind: jwtKind},
+			{Tenant: "globex", Credential: "c1", Generation: "g1", BaseURL: "https://up.example", Kind: jwtKind},
 		}
 		m := newMinter("tok")
 		seen := map[string]Key{}
@@ -104,7 +104,7 @@ func TestGetOrMintRemintsAfterTTL(t *testing.T) {
 		caches := replicas(t, b, newTransit(t), 2, Options{})
 		m := newMinter("eid")
 		m.ttl = time.Second
-		key := Key{Tenant: "acme", Credential: "wialon-1", Generation: "g3", BaseURL: "https://up.example", Kind: KindWialonEID}
+		key := Key{Tenant: "acme", Credential: "wialon-1", Generation: "g3", BaseURL: "https://up.example", Kind: eidKind}
 
 		get := func(c *Cache, want string) {
 			t.Helper()

@@ -134,7 +134,7 @@ func newMinter(name string) *minter {
 }
 
 func testKey(tenant, credential string) Key {
-	return Key{Tenant: tenant, Credential: credential, Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT}
+	return Key{Tenant: tenant, Credential: credential, Generation: "g1", BaseURL: "https://up.example", Kind: jwtKind}
 }
 
 // totalStats sums the counters of several replicas.
@@ -210,3 +210,9 @@ func allValues(t *testing.T, c redis.UniversalClient) map[string]string {
 	}
 	return out
 }
+
+// Token kinds as providers name theirs; the cache treats every kind alike.
+const (
+	eidKind = "wialon-eid"
+	jwtKind = "fleetup-jwt"
+)

@@ -8,12 +8,6 @@ import (
 	"strings"
 )
 
-// Token kinds the gateway caches.
-const (
-	KindWialonEID  = "wialon-eid"
-	KindFleetUpJWT = "fleetup-jwt"
-)
-
 // ErrInvalidKey means a Key that cannot be turned into a Redis key name
 // safely: an empty field, or one containing ':', '{' or '}'.
 var ErrInvalidKey = errors.New("tokencache: invalid key")
@@ -32,7 +26,8 @@ type Key struct {
 	// BaseURL is the upstream the token belongs to. Only its SHA-256 is
 	// part of the Redis key name (and so of the value's associated data).
 	BaseURL string
-	// Kind is KindWialonEID, KindFleetUpJWT or another provider's token kind.
+	// Kind is the provider's token kind (provider.Provider's TokenKind:
+	// wialon.TokenKind, fleetup.TokenKind); the cache knows no provider.
 	Kind string
 }
 

@@ -14,7 +14,7 @@ func TestLocalTTL(t *testing.T) {
 		ctx := context.Background()
 		c := replicas(t, b, newTransit(t), 1, Options{LocalTTL: 300 * time.Millisecond})[0]
 		m := &minter{name: "local", ttl: time.Minute}
-		key := Key{Tenant: "acme", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: KindFleetUpJWT}
+		key := Key{Tenant: "acme", Credential: "c", Generation: "g1", BaseURL: "https://up.example", Kind: jwtKind}
 		first, err := c.GetOrMint(ctx, key, m.mint)
 		if err != nil {
 			t.Fatal(err)
