@@ -74,7 +74,12 @@ func TestVaultKeepsItsConnections(t *testing.T) {
 	burst()
 	before := conns.Load()
 	burst()
-	if opened := conns.Load() - before; opened > 2 {
-		t.Errorf("the second burst of 24 concurrent calls opened %d new connections (the first %d); want them reused", opened, before)
+	// A busy machine may finish some of the first burst's calls before
+	// others start, so it can open fewer than 24 connections and the second
+	// burst then needs more. What must not happen is the default transport's
+	// behaviour: keeping 2 idle connections and opening ~22 again. So the
+	// two bursts together may open at most 24 (+2 for timing), not more.
+	if total := conns.Load(); total > 24+2 {
+		t.Errorf("two bursts of 24 concurrent calls opened %d connections (the first %d); want the first burst's reused", total, before)
 	}
 }
