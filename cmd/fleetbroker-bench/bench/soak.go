@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -10,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +18,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health/grpc_health_v1"
@@ -499,27 +499,8 @@ func sampleSoak(ctx context.Context, opts Options, procs []*soakProc, interval t
 
 // scrapeGoroutines reads go_goroutines from a process's metrics listener.
 func scrapeGoroutines(ctx context.Context, metricsAddr string) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+metricsAddr+"/metrics", nil)
-	if err != nil {
-		return 0, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "go_goroutines "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int(f), err
-		}
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, errors.New("no go_goroutines at " + metricsAddr)
+	g, err := launch.ScrapeMetric(ctx, metricsAddr, "go_goroutines")
+	return int(g), err
 }
 
 // soakGrowth compares, per process and measure, the floor (minimum) of

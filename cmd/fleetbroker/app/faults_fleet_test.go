@@ -12,11 +12,9 @@ package app_test
 // callers balance each call over the listed endpoints, as a mesh does.
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -25,11 +23,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fleetbroker/fleetbroker/internal/testenv/launch"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -606,24 +605,6 @@ func (l *fleetLoad) waitCalls(t *testing.T, n int) {
 
 // scrapeGoroutines reads go_goroutines from a replica's metrics listener.
 func scrapeGoroutines(ctx context.Context, metricsAddr string) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+metricsAddr+"/metrics", nil)
-	if err != nil {
-		return 0, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "go_goroutines "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int(f), err
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, errors.New("no go_goroutines in " + metricsAddr + "/metrics")
+	g, err := launch.ScrapeMetric(ctx, metricsAddr, "go_goroutines")
+	return int(g), err
 }
